@@ -1,0 +1,220 @@
+//! The run config: TOML with every knob, unknown keys rejected by name, `key=value` overrides.
+
+use crate::adapters::AdapterConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Seeds the adapter init, dropout and data order.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Where the run directory is written.
+    pub output_dir: String,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub adapter: AdapterConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A built-in preset (`tiny`), a local directory, or a Hugging Face Hub repo id.
+    pub source: String,
+    /// Hub revision (branch, tag or commit).
+    #[serde(default = "default_revision")]
+    pub revision: String,
+    /// A tokenizer.json to use instead of the model's own.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// Compute dtype of the frozen base: `f32` (CPU default), `bf16`, `f16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `{"messages": [...]}` jsonl.
+    pub train: String,
+    /// Optional held-out jsonl, evaluated every `train.eval_every` steps and at the end.
+    #[serde(default)]
+    pub eval: Option<String>,
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Global-norm clipping threshold; 0 turns clipping off.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    #[serde(default = "default_warmup_ratio")]
+    pub warmup_ratio: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Write a metrics line every this many steps.
+    #[serde(default = "default_one")]
+    pub log_every: usize,
+    /// Evaluate on `data.eval` every this many steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+fn default_revision() -> String {
+    "main".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_max_seq_len() -> usize {
+    512
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_max_grad_norm() -> f64 {
+    0.3
+}
+fn default_warmup_ratio() -> f64 {
+    0.03
+}
+fn default_batch_size() -> usize {
+    16
+}
+fn default_one() -> usize {
+    1
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: default_lr(),
+            weight_decay: 0.0,
+            betas: default_betas(),
+            eps: default_eps(),
+            max_grad_norm: default_max_grad_norm(),
+            warmup_ratio: default_warmup_ratio(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads `path` and applies `key=value` overrides (dotted keys, TOML values; a bare word is
+    /// taken as a string).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| located(path, &text, &e))?;
+        let cfg: RunConfig = if overrides.is_empty() {
+            // Straight from the text, so an error points at its line.
+            toml::from_str(&text).map_err(|e| located(path, &text, &e))?
+        } else {
+            for o in overrides {
+                apply_override(&mut table, o)?;
+            }
+            table.try_into().map_err(|e: toml::de::Error| {
+                anyhow::anyhow!("{} (with --set overrides): {}", path.display(), e.message())
+            })?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.adapter.validate()?;
+        if self.train.steps == 0 {
+            bail!("train.steps must be at least 1");
+        }
+        if self.train.batch_size == 0 {
+            bail!("train.batch_size must be at least 1");
+        }
+        if self.data.max_seq_len < 2 {
+            bail!("data.max_seq_len must be at least 2");
+        }
+        if !(0.0..1.0).contains(&self.optim.warmup_ratio) {
+            bail!("optim.warmup_ratio must be in [0, 1)");
+        }
+        crate::source::parse_dtype(&self.model.dtype)?;
+        Ok(())
+    }
+
+    /// The resolved config as TOML, for the run directory.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+}
+
+/// Sets `a.b.c = value` in `table`; the key must name a known section path (typos are caught
+/// by the struct's unknown-field check afterwards).
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment:?}: expected key=value, e.g. optim.lr=1e-4"))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    // A TOML value if it parses as one (numbers, booleans, arrays, quoted strings), else a string.
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {assignment:?}: empty key segment");
+    }
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .with_context(|| format!("--set {key}: `{p}` is a value, not a section"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// `file:line:column: message` for a TOML error.
+fn located(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message())
+        }
+        None => anyhow::anyhow!("{}: {}", path.display(), e.message()),
+    }
+}

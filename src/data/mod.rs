@@ -1,0 +1,4 @@
+//! Instruction data: chat encoding and batching.
+
+pub mod batch;
+pub mod chat;

@@ -1,0 +1,412 @@
+//! Resolving a Hugging Face Hub model id to a local snapshot directory.
+//!
+//! Downloads go through `hf-hub` into the standard Hub cache layout
+//! (`<cache>/models--org--name/{blobs,refs,snapshots/<commit>}`), so models already
+//! downloaded by Python tools are reused and vice versa.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::anyhow;
+use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
+use hf_hub::{Cache, Repo, RepoType};
+
+const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+const CONFIG: &str = "config.json";
+const TOKENIZER: &str = "tokenizer.json";
+const SINGLE: &str = "model.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+
+/// Where and how to reach the Hub.
+///
+/// `from_env()` reads HF_ENDPOINT (default https://huggingface.co), HF_TOKEN (falling back
+/// to the token file that `huggingface-cli login` writes under HF_HOME), HF_HOME /
+/// HF_HUB_CACHE for the cache dir (standard locations, so files downloaded by Python tools
+/// are reused), HF_HUB_OFFLINE=1.
+#[derive(Clone)]
+pub struct HubOptions {
+    /// Base URL of the Hub, without a trailing slash.
+    pub endpoint: String,
+    /// Hub cache directory (the one holding `models--org--name` folders).
+    pub cache_dir: PathBuf,
+    /// Access token sent as `Authorization: Bearer`, needed for gated and private repos.
+    pub token: Option<String>,
+    /// Use only what is already in `cache_dir`; never touch the network.
+    pub offline: bool,
+    /// Show download progress bars on stderr.
+    pub progress: bool,
+}
+
+// Written by hand so that logging the options never leaks the token.
+impl fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("endpoint", &self.endpoint)
+            .field("cache_dir", &self.cache_dir)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("offline", &self.offline)
+            .field("progress", &self.progress)
+            .finish()
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+// Same spellings as huggingface_hub's `_is_true`, so one HF_HUB_OFFLINE works for both.
+fn env_flag(name: &str) -> bool {
+    env_var(name).is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
+}
+
+impl HubOptions {
+    /// Options from the same environment variables huggingface_hub (Python) reads.
+    pub fn from_env() -> Self {
+        // Resolved like huggingface_hub does, so both tools share one cache and one login.
+        let hf_home = env_var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            let xdg = env_var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    std::env::home_dir()
+                        .unwrap_or_else(|| PathBuf::from("."))
+                        .join(".cache")
+                });
+            xdg.join("huggingface")
+        });
+        let cache_dir = env_var("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| hf_home.join("hub"));
+        let token_file = env_var("HF_TOKEN_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| hf_home.join("token"));
+        let token = env_var("HF_TOKEN")
+            .or_else(|| std::fs::read_to_string(token_file).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        let endpoint = env_var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        HubOptions {
+            // hf-hub appends "/{repo}/resolve/…" verbatim; a trailing slash would double it.
+            endpoint: endpoint.trim().trim_end_matches('/').to_string(),
+            cache_dir,
+            token,
+            offline: env_flag("HF_HUB_OFFLINE"),
+            progress: !env_flag("HF_HUB_DISABLE_PROGRESS_BARS"),
+        }
+    }
+}
+
+/// True when `s` looks like a Hub repo id ("org/name", no path that exists locally) rather
+/// than a local directory.
+pub fn looks_like_repo_id(s: &str) -> bool {
+    // An existing path always wins, so a local "org/name" directory is never shadowed.
+    if s.is_empty() || Path::new(s).exists() {
+        return false;
+    }
+    let mut parts = s.split('/');
+    let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    // The Hub's own naming rules; they also reject "./x", "../x", "~/x" and "C:\x".
+    let valid = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 96
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !p.starts_with(['-', '.'])
+            && !p.ends_with(['-', '.'])
+            && !p.contains("--")
+            && !p.contains("..")
+    };
+    valid(org) && valid(name)
+}
+
+/// Makes the files of a LLaMA-family model repo available locally and returns the snapshot
+/// directory that holds them: config.json, tokenizer.json (optional: absent is fine, return
+/// without it), and the weights: model.safetensors, or model.safetensors.index.json plus
+/// every shard it names.
+///
+/// Files already in the cache are not downloaded again (so a cached branch such as "main"
+/// is not re-checked for new commits; pass a commit hash to pin one); in offline mode only
+/// the cache is used (clear error naming the missing file if absent).
+pub fn fetch_model(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::Result<PathBuf> {
+    let revision = if revision.is_empty() {
+        "main"
+    } else {
+        revision
+    };
+    let endpoint = opts.endpoint.trim_end_matches('/').to_string();
+    let api = if opts.offline {
+        None
+    } else {
+        // from_cache rather than ApiBuilder::new: new() panics without a home directory and
+        // reads ~/.cache/huggingface/token behind our back; the token is set explicitly.
+        let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
+            .with_endpoint(endpoint.clone())
+            .with_token(opts.token.clone())
+            .with_progress(opts.progress)
+            .with_user_agent("prolora", env!("CARGO_PKG_VERSION"))
+            .build()
+            .map_err(|e| {
+                anyhow!("cannot set up an HTTPS client for {endpoint} ({e}): set HF_HUB_OFFLINE=1 to use the local cache, or pass a local model directory")
+            })?;
+        Some(api.repo(Repo::with_revision(
+            repo_id.to_string(),
+            RepoType::Model,
+            revision.to_string(),
+        )))
+    };
+    let f = Fetcher {
+        repo_id,
+        revision,
+        endpoint,
+        opts,
+        api,
+    };
+
+    // A cached file can sit in an older snapshot than one downloaded just now (the branch
+    // moved upstream); the caller needs a single directory, so re-resolve once from the
+    // newest commit, which re-downloading config.json makes the cached one.
+    for attempt in 0..2 {
+        if attempt == 1 {
+            f.download(CONFIG)?
+                .ok_or_else(|| f.not_found(404, "config.json is missing"))?;
+        }
+        let files = f.resolve_all()?;
+        let snapshot = snapshot_of(&files[0].1, &files[0].0);
+        if files
+            .iter()
+            .all(|(name, path)| *path == snapshot.join(name))
+        {
+            return Ok(snapshot);
+        }
+    }
+    Err(anyhow!(
+        "revision {revision} of {repo_id} changed on {} while downloading: run the command again",
+        f.endpoint
+    ))
+}
+
+struct Fetcher<'a> {
+    repo_id: &'a str,
+    revision: &'a str,
+    endpoint: String,
+    opts: &'a HubOptions,
+    api: Option<ApiRepo>,
+}
+
+impl Fetcher<'_> {
+    /// (file name in the repo, local path) of every file the model needs, config.json first.
+    fn resolve_all(&self) -> anyhow::Result<Vec<(String, PathBuf)>> {
+        let (repo_id, revision) = (self.repo_id, self.revision);
+        let mut files = Vec::new();
+        let config = self
+            .fetch(CONFIG)?
+            .ok_or_else(|| self.absent(CONFIG, || self.not_found(404, "config.json is missing")))?;
+        files.push((CONFIG.to_string(), config));
+        if let Some(tok) = self.fetch(TOKENIZER)? {
+            files.push((TOKENIZER.to_string(), tok));
+        }
+
+        // Probe the cache for both layouts before the network, so a cached sharded model
+        // costs no request (and no 404 for the single file).
+        let single = match self.cached(SINGLE) {
+            Some(p) => Some(p),
+            None if self.cached(INDEX).is_some() => None,
+            None => self.fetch(SINGLE)?,
+        };
+        if let Some(single) = single {
+            files.push((SINGLE.to_string(), single));
+            return Ok(files);
+        }
+        let index = self.fetch(INDEX)?.ok_or_else(|| {
+            self.absent("model.safetensors (or model.safetensors.index.json)", || {
+                anyhow!(
+                    "model repo {repo_id} (revision {revision}) has neither model.safetensors nor model.safetensors.index.json (HTTP 404): prolora needs safetensors weights and does not support .bin (PyTorch) checkpoints, so convert the model to safetensors or pick a repo that ships them"
+                )
+            })
+        })?;
+        for shard in shard_names(&index, repo_id)? {
+            let path = self.fetch(&shard)?.ok_or_else(|| {
+                self.absent(&shard, || {
+                    anyhow!(
+                        "model repo {repo_id} (revision {revision}) lists shard {shard} in model.safetensors.index.json but the file does not exist (HTTP 404): the repo is incomplete, so pick another revision"
+                    )
+                })
+            })?;
+            files.push((shard, path));
+        }
+        files.push((INDEX.to_string(), index));
+        Ok(files)
+    }
+
+    /// The cached copy of `file`, else (online) a fresh download; `None` when the file does not
+    /// exist upstream (online) or is not cached (offline).
+    fn fetch(&self, file: &str) -> anyhow::Result<Option<PathBuf>> {
+        match self.cached(file) {
+            Some(path) => Ok(Some(path)),
+            None => self.download(file),
+        }
+    }
+
+    // Our own lookup instead of hf-hub's CacheRepo::get: that one does not trim the ref file
+    // and misses Python's layout for commit-hash revisions (no refs/<hash> file).
+    fn cached(&self, file: &str) -> Option<PathBuf> {
+        let repo_dir = self
+            .opts
+            .cache_dir
+            .join(format!("models--{}", self.repo_id.replace('/', "--")));
+        let commit = match std::fs::read_to_string(repo_dir.join("refs").join(self.revision)) {
+            Ok(c) => c.trim().to_string(),
+            Err(_) if is_commit_hash(self.revision) => self.revision.to_string(),
+            Err(_) => return None,
+        };
+        let path = repo_dir.join("snapshots").join(commit).join(file);
+        path.is_file().then_some(path)
+    }
+
+    fn download(&self, file: &str) -> anyhow::Result<Option<PathBuf>> {
+        let Some(api) = &self.api else {
+            return Ok(None);
+        };
+        match api.download(file) {
+            Ok(path) => Ok(Some(path)),
+            Err(e) => self.map_error(file, e),
+        }
+    }
+
+    /// Turns an hf-hub error into one actionable sentence; `Ok(None)` for "file not in repo".
+    fn map_error(&self, file: &str, err: ApiError) -> anyhow::Result<Option<PathBuf>> {
+        let (repo_id, revision, endpoint) = (self.repo_id, self.revision, &self.endpoint);
+        let ureq_err = match err {
+            ApiError::RequestError(e) => *e,
+            ApiError::TooManyRetries(inner) => return self.map_error(file, *inner),
+            ApiError::MissingHeader(h) | ApiError::InvalidHeader(h) => {
+                return Err(anyhow!(
+                    "{endpoint} did not answer like the Hugging Face Hub for {file} of {repo_id} (header {h} missing or invalid): check HF_ENDPOINT, or pass a local model directory"
+                ));
+            }
+            ApiError::ParseIntError(_) => {
+                return Err(anyhow!(
+                    "{endpoint} did not answer like the Hugging Face Hub for {file} of {repo_id} (header Content-Range invalid): check HF_ENDPOINT, or pass a local model directory"
+                ));
+            }
+            other => {
+                let repo_dir = self
+                    .opts
+                    .cache_dir
+                    .join(format!("models--{}", repo_id.replace('/', "--")));
+                return Err(anyhow!(
+                    "could not store {file} of {repo_id} in the cache ({other}): check that {} is writable and has free space, or delete {} to start that model over",
+                    self.opts.cache_dir.display(),
+                    repo_dir.display()
+                ));
+            }
+        };
+        // hf-hub does not re-export ureq, so its error is taken apart through methods.
+        let detail = ureq_err.to_string();
+        let Some(response) = ureq_err.into_response() else {
+            return Err(anyhow!(
+                "cannot reach {endpoint} to download {file} of {repo_id} ({detail}): check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only the local cache, or pass a local model directory"
+            ));
+        };
+        let status = response.status();
+        // The Hub says which thing is missing; 401 also covers repos that do not exist,
+        // because anonymous requests must not learn whether a private repo exists.
+        let code = response.header("x-error-code").unwrap_or("").to_string();
+        match (status, code.as_str()) {
+            (401 | 403 | 404, "RepoNotFound" | "RevisionNotFound") => Err(self.not_found(status, &code)),
+            (401 | 403, _) => {
+                let url = format!("{endpoint}/{repo_id}");
+                let tokens = format!("{endpoint}/settings/tokens");
+                Err(if self.opts.token.is_some() {
+                    anyhow!(
+                        "{repo_id} is gated or private (HTTP {status}) and the token in use has no access to it: accept its license on {url} with the account that owns the token, or set HF_TOKEN to a valid access token ({tokens})"
+                    )
+                } else {
+                    anyhow!(
+                        "{repo_id} is gated or private (HTTP {status}): accept its license on {url} and set HF_TOKEN to an access token ({tokens})"
+                    )
+                })
+            }
+            (404, _) => Ok(None),
+            _ => Err(anyhow!(
+                "{endpoint} answered HTTP {status} for {file} of {repo_id} (revision {revision}): try again later, or set HF_HUB_OFFLINE=1 to use only the local cache, or pass a local model directory"
+            )),
+        }
+    }
+
+    fn not_found(&self, status: u16, why: &str) -> anyhow::Error {
+        let (repo_id, revision, endpoint) = (self.repo_id, self.revision, &self.endpoint);
+        let hint = if status == 401 && self.opts.token.is_none() {
+            ", or set HF_TOKEN if the repo is private"
+        } else {
+            ""
+        };
+        anyhow!(
+            "model repo {repo_id} (revision {revision}) not found on {endpoint} (HTTP {status}, {why}): check the id and revision{hint}"
+        )
+    }
+
+    /// The error for a missing file: `online` when the Hub said 404, else the offline one.
+    fn absent(&self, what: &str, online: impl FnOnce() -> anyhow::Error) -> anyhow::Error {
+        if self.api.is_some() {
+            return online();
+        }
+        anyhow!(
+            "{what} of model repo {} (revision {}) is not in the Hugging Face cache {} and offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE to download it, or pass a local model directory",
+            self.repo_id,
+            self.revision,
+            self.opts.cache_dir.display()
+        )
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SafetensorsIndex {
+    weight_map: std::collections::HashMap<String, String>,
+}
+
+/// The distinct shard files named by a safetensors index, in a stable order.
+fn shard_names(index: &Path, repo_id: &str) -> anyhow::Result<BTreeSet<String>> {
+    let parsed = std::fs::read_to_string(index)
+        .map_err(anyhow::Error::from)
+        .and_then(|s| Ok(serde_json::from_str::<SafetensorsIndex>(&s)?));
+    let parsed = parsed.map_err(|e| {
+        anyhow!(
+            "model.safetensors.index.json of {repo_id} at {} is unreadable ({e}): delete it from the cache to download it again",
+            index.display()
+        )
+    })?;
+    let shards: BTreeSet<String> = parsed.weight_map.into_values().collect();
+    // Shard names become paths under the snapshot; a hostile index must not escape it.
+    for shard in &shards {
+        let safe = Path::new(shard)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+        if !safe || shard.contains('\\') {
+            return Err(anyhow!(
+                "model.safetensors.index.json of {repo_id} names the shard {shard:?}, which is not a plain relative path: refusing to download it, so pick another repo or revision"
+            ));
+        }
+    }
+    Ok(shards)
+}
+
+fn is_commit_hash(rev: &str) -> bool {
+    rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The snapshot directory of `path`, the local copy of the repo file `name`.
+fn snapshot_of(path: &Path, name: &str) -> PathBuf {
+    let mut dir = path.to_path_buf();
+    for _ in Path::new(name).components() {
+        dir.pop();
+    }
+    dir
+}

@@ -1,0 +1,13 @@
+//! prolora: QLoRA-style finetuning of LLaMA-family models with LoRA-family adapters.
+
+pub mod adapters;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod hub;
+pub mod loss;
+pub mod model;
+pub mod source;
+pub mod train;

@@ -1,0 +1,296 @@
+//! The LLaMA decoder, written for training: every op in the path has a backward, frozen
+//! weights take no gradient, and adapters plug into the seven linears of each block.
+//!
+//! Matches transformers' `LlamaForCausalLM` (eager attention): RMSNorm, RoPE (rotate-half),
+//! grouped-query attention with a causal mask, SwiGLU MLP, tied or untied head.
+
+use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
+use super::frozen::FrozenLinear;
+use super::weights::WeightSource;
+use crate::adapters::{Adapter, Ctx};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var, D};
+
+/// A frozen linear, optionally with an adapter whose output is added to it.
+pub struct Linear {
+    base: FrozenLinear,
+    adapter: Option<Box<dyn Adapter>>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.adapter {
+            Some(a) => y + a.delta(x, ctx)?,
+            None => Ok(y),
+        }
+    }
+}
+
+/// RMSNorm from composed ops (candle's fused `rms_norm` has no backward).
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    x.broadcast_div(&rms)?.broadcast_mul(weight)
+}
+
+/// `x · cos + rotate_half(x) · sin` over the last axis, cos/sin of shape (t, head_dim).
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Repeats each key/value head `n` times, as transformers' `repeat_kv`.
+fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, hd) = x.dims4()?;
+    Tensor::cat(&vec![&x; n], 2)?.reshape((b, kv * n, t, hd))
+}
+
+pub struct Block {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    /// The seven linears in BLOCK_LINEARS order.
+    linears: Vec<Linear>,
+}
+
+impl Block {
+    fn linear(&self, module: &str) -> &Linear {
+        let i = BLOCK_LINEARS
+            .iter()
+            .position(|m| *m == module)
+            .expect("a block linear");
+        &self.linears[i]
+    }
+}
+
+/// Rotary tables for one sequence length.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: FrozenLinear,
+    inv_freq: Vec<f64>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from `weights` (names as in transformers' checkpoints), in `dtype`.
+    pub fn load(
+        cfg: &LlamaConfig,
+        weights: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = weights.get("model.embed_tokens.weight", &[v, d], dtype, device)?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let input_norm =
+                weights.get(&format!("{p}.input_layernorm.weight"), &[d], dtype, device)?;
+            let post_attention_norm = weights.get(
+                &format!("{p}.post_attention_layernorm.weight"),
+                &[d],
+                dtype,
+                device,
+            )?;
+            let mut linears = Vec::with_capacity(BLOCK_LINEARS.len());
+            for m in BLOCK_LINEARS {
+                let (o, i) = cfg.linear_shape(m).expect("a block linear");
+                let w = weights.get(
+                    &format!("{p}.{}.weight", linear_path(m)),
+                    &[o, i],
+                    dtype,
+                    device,
+                )?;
+                linears.push(Linear {
+                    base: FrozenLinear::new(w),
+                    adapter: None,
+                });
+            }
+            blocks.push(Block {
+                input_norm,
+                post_attention_norm,
+                linears,
+            });
+        }
+        let norm = weights.get("model.norm.weight", &[d], dtype, device)?;
+        let lm_head = if cfg.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            FrozenLinear::new(embed.clone())
+        } else {
+            FrozenLinear::new(weights.get("lm_head.weight", &[v, d], dtype, device)?)
+        };
+        Ok(Self {
+            inv_freq: cfg.rope_inv_freq(),
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Attaches an adapter to every linear for which `make(layer, module, (out, in))` returns one.
+    pub fn attach<F>(&mut self, mut make: F) -> Result<()>
+    where
+        F: FnMut(usize, &str, (usize, usize)) -> Result<Option<Box<dyn Adapter>>>,
+    {
+        for (l, block) in self.blocks.iter_mut().enumerate() {
+            for (m, lin) in BLOCK_LINEARS.iter().zip(block.linears.iter_mut()) {
+                lin.adapter = make(l, m, lin.base.dims())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every trainable tensor with its PEFT name
+    /// (`base_model.model.model.layers.{l}.self_attn.q_proj.lora_A.weight`, …).
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (l, block) in self.blocks.iter().enumerate() {
+            for (m, lin) in BLOCK_LINEARS.iter().zip(block.linears.iter()) {
+                if let Some(a) = &lin.adapter {
+                    let prefix = format!("base_model.model.model.layers.{l}.{}", linear_path(m));
+                    for (name, var) in a.params() {
+                        out.push((format!("{prefix}.{name}"), var));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Rotary cos/sin tables for positions 0..t.
+    pub fn rope(&self, t: usize) -> candle_core::Result<Rope> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * 2 * half);
+        let mut sin = Vec::with_capacity(t * 2 * half);
+        for pos in 0..t {
+            for _ in 0..2 {
+                for f in &self.inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let shape = (t, 2 * half);
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?,
+            sin: Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?,
+        })
+    }
+
+    /// Token embeddings of `ids` (b, t) → (b, t, d).
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// One decoder block: (b, t, d) → (b, t, d).
+    pub fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        rope: &Rope,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Tensor> {
+        let block = &self.blocks[l];
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+
+        let h = rms_norm(x, &block.input_norm, cfg.rms_norm_eps)?;
+        let heads = |m: &str, n: usize| -> candle_core::Result<Tensor> {
+            block
+                .linear(m)
+                .forward(&h, ctx)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = apply_rope(&heads("q_proj", nh)?, &rope.cos, &rope.sin)?;
+        let k = apply_rope(&heads("k_proj", nkv)?, &rope.cos, &rope.sin)?;
+        let v = heads("v_proj", nkv)?;
+        let k = repeat_kv(k, nh / nkv)?;
+        let v = repeat_kv(v, nh / nkv)?;
+
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.broadcast_add(&causal_mask(t, self.dtype, &self.device)?)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attn = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, nh * hd))?;
+        let x = (x + block.linear("o_proj").forward(&attn, ctx)?)?;
+
+        let h = rms_norm(&x, &block.post_attention_norm, cfg.rms_norm_eps)?;
+        let gate = block.linear("gate_proj").forward(&h, ctx)?.silu()?;
+        let up = block.linear("up_proj").forward(&h, ctx)?;
+        let mlp = block.linear("down_proj").forward(&(gate * up)?, ctx)?;
+        x + mlp
+    }
+
+    /// The final norm: hidden states ready for the head.
+    pub fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Normalised hidden states of the last layer, (b, t) ids → (b, t, d).
+    pub fn hidden(&self, ids: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let rope = self.rope(t)?;
+        let mut x = self.embed(ids)?;
+        for l in 0..self.blocks.len() {
+            x = self.block(l, &x, &rope, ctx)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Vocabulary logits for hidden states (…, d) → (…, vocab).
+    pub fn head(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        self.lm_head.forward(h)
+    }
+
+    /// Full logits (b, t, vocab), as transformers' forward.
+    pub fn logits(&self, ids: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        self.head(&self.hidden(ids, ctx)?)
+    }
+}
+
+/// (t, t) additive mask: 0 on and below the diagonal, −∞ above.
+fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
+}

@@ -1,0 +1,10 @@
+//! The base model: its config, weights and the decoder.
+
+pub mod config;
+pub mod frozen;
+pub mod llama;
+pub mod preset;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use llama::Llama;

@@ -1,0 +1,142 @@
+//! Where a model comes from: a built-in preset, a local directory, or a Hub repo id (resolved
+//! to its directory in the standard Hugging Face cache).
+
+use crate::hub;
+use crate::model::preset::{self, LLAMA2_TOKENIZER_JSON};
+use crate::model::weights::{RandomWeights, SafetensorsWeights};
+use crate::model::{Llama, LlamaConfig};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+/// Base weights of a preset are fixed, like a downloaded checkpoint: the run seed only touches
+/// the adapters and the data order.
+const PRESET_WEIGHT_SEED: u64 = 0;
+
+pub enum Origin {
+    Preset(String),
+    Dir(PathBuf),
+}
+
+/// A model whose config is known and whose weights can be loaded.
+pub struct ModelSource {
+    pub origin: Origin,
+    pub config: LlamaConfig,
+}
+
+impl ModelSource {
+    /// Resolves `spec`: a preset name, an existing directory, or `org/name` on the Hub.
+    pub fn resolve(spec: &str, revision: &str) -> Result<Self> {
+        if let Some(config) = preset::preset(spec) {
+            return Ok(Self {
+                origin: Origin::Preset(spec.to_string()),
+                config,
+            });
+        }
+        let path = Path::new(spec);
+        let dir = if path.is_dir() {
+            path.to_path_buf()
+        } else if path.exists() {
+            bail!("model {spec}: is a file; pass the directory that holds config.json and the safetensors weights");
+        } else if hub::looks_like_repo_id(spec) {
+            hub::fetch_model(spec, revision, &hub::HubOptions::from_env())?
+        } else {
+            bail!(
+                "model {spec}: no such directory, not a preset ({}) and not a Hub repo id (org/name)",
+                preset::PRESETS.join(", ")
+            );
+        };
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            bail!(
+                "{}: no config.json (is this a transformers model directory?)",
+                dir.display()
+            );
+        }
+        Ok(Self {
+            config: LlamaConfig::from_file(&config_path)?,
+            origin: Origin::Dir(dir),
+        })
+    }
+
+    /// Loads the frozen base model in `dtype`.
+    pub fn load(&self, dtype: DType, device: &Device) -> Result<Llama> {
+        match &self.origin {
+            Origin::Preset(name) => {
+                if !preset::has_weights(name) {
+                    bail!(
+                        "preset {name} describes a shape only (for `prolora params` and benchmarks); \
+                         train or evaluate it from a checkpoint directory or Hub id instead"
+                    );
+                }
+                Llama::load(
+                    &self.config,
+                    &RandomWeights::new(PRESET_WEIGHT_SEED),
+                    dtype,
+                    device,
+                )
+            }
+            Origin::Dir(dir) => Llama::load(
+                &self.config,
+                &SafetensorsWeights::from_dir(dir)?,
+                dtype,
+                device,
+            ),
+        }
+    }
+
+    /// The model's tokenizer, or `override_path` when given.
+    pub fn tokenizer(&self, override_path: Option<&Path>) -> Result<Tokenizer> {
+        if let Some(p) = override_path {
+            return load_tokenizer(p);
+        }
+        match &self.origin {
+            Origin::Preset(_) => Tokenizer::from_bytes(LLAMA2_TOKENIZER_JSON)
+                .map_err(|e| anyhow::anyhow!("built-in tokenizer: {e}")),
+            Origin::Dir(dir) => {
+                let p = dir.join("tokenizer.json");
+                if !p.exists() {
+                    bail!(
+                        "{}: no tokenizer.json; pass one with --tokenizer (or model.tokenizer in the config)",
+                        dir.display()
+                    );
+                }
+                load_tokenizer(&p)
+            }
+        }
+    }
+
+    /// A short name for logs and adapter_config.json.
+    pub fn name(&self) -> String {
+        match &self.origin {
+            Origin::Preset(n) => n.clone(),
+            Origin::Dir(d) => d.display().to_string(),
+        }
+    }
+}
+
+fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))
+}
+
+/// `f32`, `bf16`, `f16` or `f64`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        "f64" | "float64" => DType::F64,
+        other => bail!("unknown dtype {other:?} (use f32, bf16, f16 or f64)"),
+    })
+}
+
+/// The compute device: CUDA when built with it and available, else the CPU.
+pub fn device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    if candle_core::utils::cuda_is_available() {
+        return Ok(Device::new_cuda(0)?);
+    }
+    Ok(Device::Cpu)
+}

@@ -1,0 +1,203 @@
+//! The decoder against transformers' `LlamaForCausalLM`, and its gradients against finite
+//! differences. Goldens: scripts/reference/make_goldens.py.
+
+use candle_core::{DType, Device, Tensor};
+use prolora::adapters::{peft, AdapterConfig, Ctx};
+use prolora::data::batch::Batch;
+use prolora::data::chat::Encoded;
+use prolora::loss::summed_loss;
+use prolora::model::weights::RandomWeights;
+use prolora::model::{Llama, LlamaConfig};
+use prolora::source::ModelSource;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::path::PathBuf;
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// Max |ours − golden| of the logits of a transformers-written model.
+fn logits_error(dir: &str) -> f32 {
+    let dir = fixture(dir);
+    let source = ModelSource::resolve(dir.to_str().unwrap(), "main").unwrap();
+    let model = source.load(DType::F32, &Device::Cpu).unwrap();
+    let golden =
+        candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
+    let ours = model.logits(&ids, &Ctx::eval()).unwrap();
+    let diff = (ours - &golden["logits"]).unwrap().abs().unwrap();
+    let err = diff
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!("{}: max |Δlogit| = {err:e}", dir.display());
+    err
+}
+
+#[test]
+fn logits_match_transformers_gqa_untied_sharded() {
+    let err = logits_error("llama-gqa");
+    assert!(err < 1e-4, "max |Δlogit| = {err}");
+}
+
+#[test]
+fn logits_match_transformers_tied_bf16_old_config_layout() {
+    let err = logits_error("llama-tied");
+    assert!(err < 1e-4, "max |Δlogit| = {err}");
+}
+
+#[test]
+fn both_config_layouts_are_read() {
+    let new = LlamaConfig::from_file(&fixture("llama-gqa/config.json")).unwrap();
+    assert_eq!(
+        (new.rope_theta, new.num_key_value_heads, new.head_dim),
+        (50000.0, 2, 16)
+    );
+    assert!(!new.tie_word_embeddings);
+    let old = LlamaConfig::from_file(&fixture("llama-tied/config.json")).unwrap();
+    assert_eq!(
+        (old.rope_theta, old.rms_norm_eps, old.head_dim),
+        (25000.0, 1e-6, 12)
+    );
+    assert!(old.tie_word_embeddings);
+}
+
+/// Loss over the reference's own encoded examples, with PEFT's adapter attached.
+fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("peft-lora/expected.json")).unwrap())
+            .unwrap();
+    let examples: Vec<Encoded> = expected["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| Encoded {
+            input_ids: serde_json::from_value(e["input_ids"].clone()).unwrap(),
+            labels: serde_json::from_value(e["labels"].clone()).unwrap(),
+        })
+        .collect();
+    let source = ModelSource::resolve(fixture("peft-lora/base").to_str().unwrap(), "main").unwrap();
+    let mut model = source.load(DType::F32, &Device::Cpu).unwrap();
+    if with_adapter {
+        peft::load_into(&fixture("peft-lora/adapter"), &mut model).unwrap();
+    }
+    let (loss, tokens) = prolora::eval::evaluate(&model, &examples, 4).unwrap();
+    (loss, tokens, expected)
+}
+
+#[test]
+fn loss_with_peft_written_lora_equals_pytorch_peft() {
+    let (loss, tokens, expected) = peft_loss(true);
+    let want = expected["loss"].as_f64().unwrap();
+    assert_eq!(tokens as u64, expected["tokens"].as_u64().unwrap());
+    assert!(
+        ((loss - want) / want).abs() < 1e-4,
+        "loss {loss} vs PEFT {want}"
+    );
+    // The adapter really changes the result: the base loss differs by far more than the tolerance.
+    let (base, _, expected) = peft_loss(false);
+    let want_base = expected["loss_base"].as_f64().unwrap();
+    assert!(
+        ((base - want_base) / want_base).abs() < 1e-4,
+        "base loss {base} vs {want_base}"
+    );
+    assert!((loss - base).abs() > 1e-3);
+}
+
+/// A tiny f64 model with LoRA everywhere and non-zero B, so every adapter tensor has a gradient.
+fn tiny_f64_model() -> Llama {
+    let cfg = LlamaConfig::from_json(
+        r#"{"vocab_size": 11, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
+            "rope_theta": 100.0, "tie_word_embeddings": false}"#,
+    )
+    .unwrap();
+    let mut model = Llama::load(&cfg, &RandomWeights::new(3), DType::F64, &Device::Cpu).unwrap();
+    let adapter = AdapterConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        ..Default::default()
+    };
+    let mut rng = StdRng::seed_from_u64(7);
+    model
+        .attach(|_, _, shape| {
+            Ok(Some(adapter.build(
+                shape,
+                DType::F64,
+                &Device::Cpu,
+                &mut rng,
+            )?))
+        })
+        .unwrap();
+    for (name, var) in model.trainable() {
+        if name.ends_with("lora_B.weight") {
+            let v: Vec<f64> = prolora::adapters::uniform(var.elem_count(), 0.5, &mut rng)
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    model
+}
+
+#[test]
+fn adapter_gradients_match_central_finite_differences() {
+    let model = tiny_f64_model();
+    let examples = [
+        Encoded {
+            input_ids: vec![1, 5, 7, 3, 9, 2],
+            labels: vec![-100, -100, 7, 3, 9, 2],
+        },
+        Encoded {
+            input_ids: vec![1, 4, 4, 10],
+            labels: vec![-100, -100, -100, 10],
+        },
+    ];
+    let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
+    let ctx = Ctx::eval();
+    let loss = |m: &Llama| {
+        let (sum, n) = summed_loss(m, &batch, &ctx).unwrap();
+        sum.to_scalar::<f64>().unwrap() / n as f64
+    };
+    let (sum, n) = summed_loss(&model, &batch, &ctx).unwrap();
+    let grads = (sum / n as f64).unwrap().backward().unwrap();
+    let eps = 1e-6;
+    let mut checked = 0;
+    for (name, var) in model.trainable() {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
+        // A few entries of every tensor, spread over it.
+        for &i in &[0, base.len() / 2, base.len() - 1] {
+            let probe = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&model)
+            };
+            let numeric = (probe(eps) - probe(-eps)) / (2.0 * eps);
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let tol = 1e-6 + 1e-5 * numeric.abs();
+            assert!(
+                (grad[i] - numeric).abs() < tol,
+                "{name}[{i}]: backprop {} vs finite difference {numeric}",
+                grad[i]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * 2 * 7 * 3);
+}
