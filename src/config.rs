@@ -136,16 +136,27 @@ impl RunConfig {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| located(path, &text, &e))?;
         let cfg: RunConfig = if overrides.is_empty() {
             // Straight from the text, so an error points at its line.
             toml::from_str(&text).map_err(|e| located(path, &text, &e))?
         } else {
+            let mut table: toml::Table =
+                toml::from_str(&text).map_err(|e| located(path, &text, &e))?;
             for o in overrides {
                 apply_override(&mut table, o)?;
             }
-            table.try_into().map_err(|e: toml::de::Error| {
-                anyhow::anyhow!("{} (with --set overrides): {}", path.display(), e.message())
+            // Re-parse the merged table as text so the error can name the key it is about.
+            let merged = toml::to_string(&table)?;
+            toml::from_str(&merged).map_err(|e| {
+                let key = e
+                    .span()
+                    .map(|s| key_at(&merged, s.start))
+                    .unwrap_or_default();
+                anyhow::anyhow!(
+                    "{} (with --set overrides): {key}{}",
+                    path.display(),
+                    e.message()
+                )
             })?
         };
         cfg.validate()?;
@@ -206,6 +217,23 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     Ok(())
 }
 
+/// The dotted key (`train.steps: `) of the line holding byte `offset` of a TOML text.
+fn key_at(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let Some((key, _)) = line.split_once('=') else {
+        return String::new();
+    };
+    let section = before[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
+        .map(|s| format!("{s}."))
+        .unwrap_or_default();
+    format!("{section}{}: ", key.trim())
+}
+
 /// `file:line:column: message` for a TOML error.
 fn located(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
     match e.span() {
@@ -213,7 +241,8 @@ fn located(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message())
+            let key = key_at(text, span.start);
+            anyhow::anyhow!("{}:{line}:{col}: {key}{}", path.display(), e.message())
         }
         None => anyhow::anyhow!("{}: {}", path.display(), e.message()),
     }

@@ -134,6 +134,12 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
         .expect("a valid template"),
     );
 
+    if let Some(eval_set) = &eval_set {
+        // The base model's loss: what the adapter improves on.
+        let (eval_loss, eval_tokens) = evaluate(&model, eval_set, cfg.train.batch_size)?;
+        log(json!({"step": 0, "eval_loss": eval_loss, "eval_tokens": eval_tokens}))?;
+    }
+
     let started = Instant::now();
     let mut tokens_seen = 0usize;
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);

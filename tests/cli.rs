@@ -1,0 +1,247 @@
+//! The binary as a user runs it: the demo trains, eval reproduces PyTorch+PEFT, bad input gives
+//! one clear line and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn prolora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(args)
+        .current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must fail; returns its error line after checking the shape of the failure.
+fn error_of(args: &[&str]) -> String {
+    let o = prolora(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    lines[0].to_string()
+}
+
+fn fixture(rel: &str) -> String {
+    root()
+        .join("tests/fixtures")
+        .join(rel)
+        .display()
+        .to_string()
+}
+
+fn json_of(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", stderr(o));
+    serde_json::from_slice(&o.stdout).expect("one JSON object on stdout")
+}
+
+#[test]
+fn eval_of_peft_adapter_equals_pytorch() {
+    let out = json_of(&prolora(&[
+        "eval",
+        "--model",
+        &fixture("peft-lora/base"),
+        "--adapter",
+        &fixture("peft-lora/adapter"),
+        "--data",
+        &fixture("peft-lora/data.jsonl"),
+        "--max-seq-len",
+        "64",
+        "--json",
+    ]));
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("peft-lora/expected.json")).unwrap())
+            .unwrap();
+    let (ours, want) = (
+        out["loss"].as_f64().unwrap(),
+        expected["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        ((ours - want) / want).abs() < 1e-4,
+        "loss {ours} vs PyTorch+PEFT {want}"
+    );
+    assert_eq!(out["tokens"], expected["tokens"]);
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn demo_config_trains_loss_decreases_and_the_adapter_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let o = prolora(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        &format!("output_dir={}", run.display()),
+        "--set",
+        "train.steps=40",
+        "--set",
+        "train.eval_every=0",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "metrics.jsonl",
+        "config.toml",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing from the run dir");
+    }
+    let lines = metrics(&run);
+    let train_steps = lines.iter().filter(|l| l.get("loss").is_some()).count();
+    assert_eq!(train_steps, 40);
+    let evals: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l["eval_loss"].as_f64())
+        .collect();
+    let (before, after) = (evals[0], *evals.last().unwrap());
+    assert!(after < before - 0.3, "eval loss {before} → {after}");
+
+    // The resolved config records the overrides.
+    let snapshot = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(snapshot.contains("steps = 40"), "{snapshot}");
+    let adapter_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(adapter_cfg["peft_type"], "LORA");
+    assert_eq!(adapter_cfg["r"], 8);
+
+    // Reloading the saved adapter reproduces the trainer's final eval loss.
+    let out = json_of(&prolora(&[
+        "eval",
+        "--model",
+        "tiny",
+        "--adapter",
+        run.to_str().unwrap(),
+        "--data",
+        "data/sample_chat_eval.jsonl",
+        "--max-seq-len",
+        "128",
+        "--json",
+    ]));
+    let reloaded = out["loss"].as_f64().unwrap();
+    assert!((reloaded - after).abs() < 1e-5, "{reloaded} vs {after}");
+
+    let o = prolora(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--adapter",
+        run.to_str().unwrap(),
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn missing_model_dir_names_it() {
+    let err = error_of(&[
+        "eval",
+        "--model",
+        "no/such/dir",
+        "--data",
+        "data/sample_chat_eval.jsonl",
+    ]);
+    assert!(err.contains("no/such/dir"), "{err}");
+}
+
+#[test]
+fn malformed_config_json_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("config.json"), "{\"vocab_size\": 12,").unwrap();
+    let dir = tmp.path().display().to_string();
+    let err = error_of(&[
+        "eval",
+        "--model",
+        &dir,
+        "--data",
+        "data/sample_chat_eval.jsonl",
+    ]);
+    assert!(err.contains("config.json"), "{err}");
+}
+
+#[test]
+fn bad_jsonl_lines_name_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+    let not_json = tmp.path().join("not_json.jsonl");
+    std::fs::write(&not_json, format!("{good}\n{good}\n{{oops\n")).unwrap();
+    let no_messages = tmp.path().join("no_messages.jsonl");
+    std::fs::write(&no_messages, format!("{good}\n{{\"prompt\": \"x\"}}\n")).unwrap();
+    let err = error_of(&[
+        "eval",
+        "--model",
+        "tiny",
+        "--data",
+        not_json.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not_json.jsonl:3:"), "{err}");
+    let err = error_of(&[
+        "eval",
+        "--model",
+        "tiny",
+        "--data",
+        no_messages.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("no_messages.jsonl:2:") && err.contains("messages"),
+        "{err}"
+    );
+
+    // The trainer reads its data before loading the model and fails the same way.
+    let err = error_of(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        &format!("data.train={}", not_json.display()),
+        "--set",
+        &format!("output_dir={}", tmp.path().join("run").display()),
+    ]);
+    assert!(err.contains("not_json.jsonl:3:"), "{err}");
+}
+
+#[test]
+fn unknown_config_key_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("typo.toml");
+    let demo = std::fs::read_to_string(root().join("configs/demo.toml")).unwrap();
+    std::fs::write(&cfg, demo.replace("max_grad_norm", "max_grad_nrom")).unwrap();
+    let err = error_of(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        err.contains("max_grad_nrom") && err.contains("typo.toml:"),
+        "{err}"
+    );
+
+    let err = error_of(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        "optim.learning_rate=1e-3",
+    ]);
+    assert!(err.contains("learning_rate"), "{err}");
+}
