@@ -74,6 +74,35 @@ fn eval_of_peft_adapter_equals_pytorch() {
     assert_eq!(out["tokens"], expected["tokens"]);
 }
 
+#[test]
+fn our_adapter_loads_in_peft_with_the_same_loss() {
+    // tests/fixtures/our-lora/adapter was written by `prolora train`; the loss is PEFT's
+    // (scripts/reference/check_our_adapter.py).
+    let out = json_of(&prolora(&[
+        "eval",
+        "--model",
+        &fixture("peft-lora/base"),
+        "--adapter",
+        &fixture("our-lora/adapter"),
+        "--data",
+        &fixture("peft-lora/data.jsonl"),
+        "--max-seq-len",
+        "64",
+        "--json",
+    ]));
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("our-lora/expected.json")).unwrap())
+            .unwrap();
+    let (ours, want) = (
+        out["loss"].as_f64().unwrap(),
+        expected["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        ((ours - want) / want).abs() < 1e-4,
+        "loss {ours} vs PEFT {want}"
+    );
+}
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()

@@ -33,7 +33,8 @@ pub fn save(dir: &Path, model: &Llama, cfg: &AdapterConfig, base_model: &str) ->
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": cfg.rank,
-        "lora_alpha": cfg.alpha,
+        // PEFT types lora_alpha as an int; keep whole numbers integral.
+        "lora_alpha": if cfg.alpha.fract() == 0.0 { json!(cfg.alpha as i64) } else { json!(cfg.alpha) },
         "lora_dropout": cfg.dropout,
         "target_modules": cfg.targets,
         "bias": "none",
