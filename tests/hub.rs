@@ -599,3 +599,68 @@ fn repo_ids_versus_local_paths() {
         assert!(!looks_like_repo_id(s), "{s:?}");
     }
 }
+
+/// The whole user path: `prolora eval --model org/name` downloads a gated model through the
+/// Hub protocol (HF_ENDPOINT, HF_TOKEN from the environment) and evaluates it.
+#[test]
+fn cli_eval_downloads_a_gated_model_and_matches_pytorch() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-lora");
+    let file = |name: &str| std::fs::read(base.join("base").join(name)).unwrap();
+    let hub = FakeHub::start(vec![FakeRepo {
+        id: "acme/peft-base",
+        token: Some("hf_cli_token"),
+        files: vec![
+            ("config.json", file("config.json")),
+            ("tokenizer.json", file("tokenizer.json")),
+            ("model.safetensors", file("model.safetensors")),
+        ],
+    }]);
+    let cache = tempfile::tempdir().unwrap();
+    let run = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_prolora"));
+        cmd.args(["eval", "--model", "acme/peft-base", "--adapter"])
+            .arg(base.join("adapter"))
+            .arg("--data")
+            .arg(base.join("data.jsonl"))
+            .args(["--max-seq-len", "64", "--json"])
+            .env("HF_ENDPOINT", hub.endpoint())
+            .env("HF_HOME", cache.path())
+            .env("HF_HUB_CACHE", cache.path().join("hub"))
+            .env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN");
+        if let Some(t) = token {
+            cmd.env("HF_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+
+    let denied = run(None);
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(!denied.status.success());
+    assert!(
+        err.contains("HTTP 401") && err.contains("HF_TOKEN") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let ok = run(Some("hf_cli_token"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("expected.json")).unwrap())
+            .unwrap();
+    let (ours, want) = (
+        out["loss"].as_f64().unwrap(),
+        expected["loss"].as_f64().unwrap(),
+    );
+    assert!(((ours - want) / want).abs() < 1e-4, "loss {ours} vs {want}");
+    assert!(cache
+        .path()
+        .join("hub/models--acme--peft-base/snapshots")
+        .is_dir());
+}
