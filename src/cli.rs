@@ -32,14 +32,21 @@ pub enum Command {
 #[derive(Args)]
 pub struct TrainArgs {
     /// The run config (see configs/).
-    #[arg(long, short)]
-    pub config: PathBuf,
+    #[arg(long, short, required_unless_present = "resume")]
+    pub config: Option<PathBuf>,
     /// Override a config key, e.g. --set optim.lr=1e-4 --set seed=2 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// No progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     pub quiet: bool,
+    /// Continue the run in this directory from its newest checkpoint (the config defaults to
+    /// the run's own config.toml).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "overwrite")]
+    pub resume: Option<PathBuf>,
+    /// Replace a finished or checkpointed run in output_dir instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// How to get the base model (shared by eval and generate).
@@ -101,8 +108,35 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let cfg = RunConfig::load(&args.config, &args.overrides)?;
-    let s = crate::train::train(&cfg, !args.quiet)?;
+    let (cfg, start) = match &args.resume {
+        Some(run_dir) => {
+            let saved = run_dir.join("config.toml");
+            let path = args.config.clone().unwrap_or_else(|| saved.clone());
+            let mut cfg = RunConfig::load(&path, &args.overrides)?;
+            cfg.output_dir = run_dir.display().to_string();
+            let previous = RunConfig::load(&saved, &[])?;
+            if let Some(key) = cfg.first_difference(&previous) {
+                bail!(
+                    "--resume {}: the config differs from the run's config.toml at `{key}`; resume with the same settings",
+                    run_dir.display()
+                );
+            }
+            (cfg, crate::train::Start::Resume)
+        }
+        None => {
+            let path = args
+                .config
+                .as_ref()
+                .expect("clap requires --config without --resume");
+            let start = if args.overwrite {
+                crate::train::Start::Overwrite
+            } else {
+                crate::train::Start::Fresh
+            };
+            (RunConfig::load(path, &args.overrides)?, start)
+        }
+    };
+    let s = crate::train::train(&cfg, start, !args.quiet)?;
     println!(
         "done: {} steps, loss {:.4} → {:.4}{}; adapter in {}",
         s.steps,

@@ -48,6 +48,10 @@ pub struct DataConfig {
     pub eval: Option<String>,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
+    /// `shuffle` (a seeded permutation each epoch) or `file` (strict file order, for parity
+    /// checks against another trainer).
+    #[serde(default = "default_order")]
+    pub order: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -73,8 +77,25 @@ pub struct OptimConfig {
 pub struct TrainConfig {
     /// Optimizer steps.
     pub steps: usize,
+    /// Examples per optimizer step.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Examples per forward/backward pass; gradients of `batch_size / micro_batch_size` passes
+    /// are accumulated (default: the whole batch at once).
+    #[serde(default)]
+    pub micro_batch_size: Option<usize>,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Checkpoints kept on disk (older ones are removed after a newer one is complete).
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// On a non-finite loss or gradient: `stop` (keeping the last checkpoint) or `skip` the step.
+    #[serde(default = "default_on_nonfinite")]
+    pub on_nonfinite: String,
     /// Write a metrics line every this many steps.
     #[serde(default = "default_one")]
     pub log_every: usize,
@@ -115,6 +136,15 @@ fn default_batch_size() -> usize {
 }
 fn default_one() -> usize {
     1
+}
+fn default_order() -> String {
+    "shuffle".into()
+}
+fn default_keep_last() -> usize {
+    2
+}
+fn default_on_nonfinite() -> String {
+    "stop".into()
 }
 
 impl Default for OptimConfig {
@@ -171,6 +201,25 @@ impl RunConfig {
         if self.train.batch_size == 0 {
             bail!("train.batch_size must be at least 1");
         }
+        let micro = self.micro_batch_size();
+        if micro == 0 || self.train.batch_size % micro != 0 {
+            bail!(
+                "train.micro_batch_size ({micro}) must divide train.batch_size ({})",
+                self.train.batch_size
+            );
+        }
+        if !matches!(self.data.order.as_str(), "shuffle" | "file") {
+            bail!(
+                "data.order = {:?}: use \"shuffle\" or \"file\"",
+                self.data.order
+            );
+        }
+        if !matches!(self.train.on_nonfinite.as_str(), "stop" | "skip") {
+            bail!(
+                "train.on_nonfinite = {:?}: use \"stop\" or \"skip\"",
+                self.train.on_nonfinite
+            );
+        }
         if self.data.max_seq_len < 2 {
             bail!("data.max_seq_len must be at least 2");
         }
@@ -181,9 +230,45 @@ impl RunConfig {
         Ok(())
     }
 
+    /// Examples per forward/backward pass.
+    pub fn micro_batch_size(&self) -> usize {
+        self.train.micro_batch_size.unwrap_or(self.train.batch_size)
+    }
+
     /// The resolved config as TOML, for the run directory.
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// The first dotted key whose value differs from `other` (output_dir aside), if any.
+    pub fn first_difference(&self, other: &RunConfig) -> Option<String> {
+        fn walk(prefix: &str, a: &toml::Value, b: &toml::Value) -> Option<String> {
+            match (a, b) {
+                (toml::Value::Table(ta), toml::Value::Table(tb)) => {
+                    let mut keys: Vec<&String> = ta.keys().chain(tb.keys()).collect();
+                    keys.sort();
+                    keys.dedup();
+                    keys.into_iter().find_map(|k| {
+                        let path = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        match (ta.get(k), tb.get(k)) {
+                            (Some(x), Some(y)) => walk(&path, x, y),
+                            _ => Some(path),
+                        }
+                    })
+                }
+                _ => (a != b).then(|| prefix.to_string()),
+            }
+        }
+        let as_value = |c: &RunConfig| {
+            let mut c = c.clone();
+            c.output_dir.clear();
+            toml::Value::try_from(c).ok()
+        };
+        walk("", &as_value(self)?, &as_value(other)?)
     }
 }
 

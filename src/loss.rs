@@ -7,12 +7,22 @@ use crate::model::Llama;
 use candle_core::{DType, Result, Tensor, D};
 
 /// The summed token loss of a batch (a scalar tensor that back-propagates) and how many label
-/// tokens it covers. Only the rows that predict a label go through the vocabulary head: the
-/// same numbers as projecting every position, without the wasted work.
+/// tokens it covers.
 pub fn summed_loss(model: &Llama, batch: &Batch, ctx: &Ctx) -> Result<(Tensor, usize)> {
+    let hidden = model.hidden(&batch.input_ids(model.device())?, ctx)?;
+    summed_loss_of_hidden(model, &hidden, batch)
+}
+
+/// The same from the normalised last hidden states (b, t, d). Only the rows that predict a
+/// label go through the vocabulary head: the same numbers as projecting every position,
+/// without the wasted work.
+pub fn summed_loss_of_hidden(
+    model: &Llama,
+    hidden: &Tensor,
+    batch: &Batch,
+) -> Result<(Tensor, usize)> {
     let (rows, targets) = batch.prediction_rows();
     let device = model.device();
-    let hidden = model.hidden(&batch.input_ids(device)?, ctx)?;
     let d = hidden.dim(D::Minus1)?;
     let n = rows.len();
     let rows = Tensor::from_vec(rows, n, device)?;

@@ -2,16 +2,16 @@
 //! differences. Goldens: scripts/reference/make_goldens.py.
 
 use candle_core::{DType, Device, Tensor};
-use prolora::adapters::{peft, AdapterConfig, Ctx};
+use prolora::adapters::{peft, Ctx};
 use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
 use prolora::loss::summed_loss;
-use prolora::model::weights::RandomWeights;
 use prolora::model::{Llama, LlamaConfig};
 use prolora::source::ModelSource;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use std::path::PathBuf;
+
+mod common;
+use common::tiny_f64_model;
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -108,45 +108,6 @@ fn loss_with_peft_written_lora_equals_pytorch_peft() {
         "base loss {base} vs {want_base}"
     );
     assert!((loss - base).abs() > 1e-3);
-}
-
-/// A tiny f64 model with LoRA everywhere and non-zero B, so every adapter tensor has a gradient.
-fn tiny_f64_model() -> Llama {
-    let cfg = LlamaConfig::from_json(
-        r#"{"vocab_size": 11, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
-            "rope_theta": 100.0, "tie_word_embeddings": false}"#,
-    )
-    .unwrap();
-    let mut model = Llama::load(&cfg, &RandomWeights::new(3), DType::F64, &Device::Cpu).unwrap();
-    let adapter = AdapterConfig {
-        rank: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        ..Default::default()
-    };
-    let mut rng = StdRng::seed_from_u64(7);
-    model
-        .attach(|_, _, shape| {
-            Ok(Some(adapter.build(
-                shape,
-                DType::F64,
-                &Device::Cpu,
-                &mut rng,
-            )?))
-        })
-        .unwrap();
-    for (name, var) in model.trainable() {
-        if name.ends_with("lora_B.weight") {
-            let v: Vec<f64> = prolora::adapters::uniform(var.elem_count(), 0.5, &mut rng)
-                .into_iter()
-                .map(f64::from)
-                .collect();
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    model
 }
 
 #[test]

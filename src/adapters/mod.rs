@@ -19,19 +19,43 @@ pub use lora::Lora;
 /// What the forward pass needs beyond the input: whether this is training (dropout on) and the
 /// seeded generator that makes dropout reproducible.
 pub struct Ctx {
+    seed: Option<u64>,
     dropout_rng: Option<RefCell<StdRng>>,
+}
+
+/// A well-mixed 64-bit value from two (SplitMix64's finaliser), for deriving independent seeds.
+pub fn mix_seed(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b
+        .wrapping_add(0x9e37_79b9_7f4a_7c15)
+        .wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Ctx {
     /// Evaluation: dropout is the identity.
     pub fn eval() -> Self {
-        Self { dropout_rng: None }
+        Self {
+            seed: None,
+            dropout_rng: None,
+        }
     }
 
-    /// Training: dropout masks drawn from a generator seeded with `seed`.
+    /// Training: dropout masks drawn from generators derived from `seed`.
     pub fn train(seed: u64) -> Self {
         Self {
+            seed: Some(seed),
             dropout_rng: Some(RefCell::new(StdRng::seed_from_u64(seed))),
+        }
+    }
+
+    /// The context of decoder layer `l`: its own generator, so recomputing one layer (activation
+    /// checkpointing, resume) draws exactly the masks of the first computation.
+    pub fn for_layer(&self, l: usize) -> Self {
+        match self.seed {
+            Some(seed) => Self::train(mix_seed(seed, l as u64)),
+            None => Self::eval(),
         }
     }
 
@@ -87,6 +111,9 @@ pub struct AdapterConfig {
     /// Linears of each block to adapt.
     #[serde(default = "default_targets")]
     pub targets: Vec<String>,
+    /// Start from this saved adapter (a PEFT directory) instead of a fresh init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 fn default_kind() -> String {
@@ -116,6 +143,7 @@ impl Default for AdapterConfig {
             alpha: default_alpha(),
             dropout: default_dropout(),
             targets: default_targets(),
+            init_from: None,
         }
     }
 }

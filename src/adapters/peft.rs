@@ -191,6 +191,7 @@ fn lora_config(raw: &serde_json::Value) -> Result<AdapterConfig> {
         alpha,
         dropout,
         targets,
+        init_from: None,
     };
     cfg.validate()?;
     Ok(cfg)

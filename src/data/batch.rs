@@ -68,41 +68,76 @@ impl Batch {
     }
 }
 
-/// Endless shuffled batches: a fresh seeded permutation each epoch.
-pub struct Batcher<'a> {
-    examples: &'a [Encoded],
-    batch_size: usize,
-    rng: StdRng,
+/// The endless order in which training examples are drawn. Each epoch's order is a function of
+/// (seed, epoch) alone, so a resumed run restores its position from a count.
+pub struct Sampler {
+    len: usize,
+    seed: u64,
+    shuffle: bool,
+    epoch: u64,
     order: Vec<usize>,
     pos: usize,
-    pub epoch: usize,
+    consumed: u64,
 }
 
-impl<'a> Batcher<'a> {
-    pub fn new(examples: &'a [Encoded], batch_size: usize, seed: u64) -> Self {
-        Self {
-            examples,
-            batch_size,
-            rng: StdRng::seed_from_u64(seed),
+impl Sampler {
+    /// `shuffle = false` keeps strict file order (for parity checks against other trainers).
+    pub fn new(len: usize, seed: u64, shuffle: bool) -> Self {
+        let mut s = Self {
+            len,
+            seed,
+            shuffle,
+            epoch: 0,
             order: Vec::new(),
             pos: 0,
-            epoch: 0,
-        }
+            consumed: 0,
+        };
+        s.start_epoch(0);
+        s
     }
 
-    pub fn next_batch(&mut self) -> Batch {
-        let mut picked = Vec::with_capacity(self.batch_size);
-        while picked.len() < self.batch_size.min(self.examples.len()) {
-            if self.pos == self.order.len() {
-                self.order = (0..self.examples.len()).collect();
-                self.order.shuffle(&mut self.rng);
-                self.pos = 0;
-                self.epoch += 1;
-            }
-            picked.push(&self.examples[self.order[self.pos]]);
-            self.pos += 1;
+    fn start_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.order = (0..self.len).collect();
+        if self.shuffle {
+            self.order
+                .shuffle(&mut StdRng::seed_from_u64(crate::adapters::mix_seed(
+                    self.seed, epoch,
+                )));
         }
-        Batch::new(&picked)
+        self.pos = 0;
+    }
+
+    /// The next `n` example indices (wrapping into the next epoch as needed).
+    pub fn take(&mut self, n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| {
+                if self.pos == self.order.len() {
+                    self.start_epoch(self.epoch + 1);
+                }
+                self.pos += 1;
+                self.consumed += 1;
+                self.order[self.pos - 1]
+            })
+            .collect()
+    }
+
+    /// Examples drawn so far.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Epochs started so far (1 during the first pass).
+    pub fn epoch(&self) -> u64 {
+        self.epoch + 1
+    }
+
+    /// Moves to the position after `consumed` draws, as if they had been taken.
+    pub fn skip_to(&mut self, consumed: u64) {
+        let len = self.len.max(1) as u64;
+        self.start_epoch(consumed / len);
+        self.pos = (consumed % len) as usize;
+        self.consumed = consumed;
     }
 }
 

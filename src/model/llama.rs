@@ -211,7 +211,12 @@ impl Llama {
             .reshape((b, t, self.cfg.hidden_size))
     }
 
-    /// One decoder block: (b, t, d) → (b, t, d).
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// One decoder block: (b, t, d) → (b, t, d); `ctx` is the layer's own (`Ctx::for_layer`).
     pub fn block(
         &self,
         l: usize,
@@ -271,7 +276,7 @@ impl Llama {
         let rope = self.rope(t)?;
         let mut x = self.embed(ids)?;
         for l in 0..self.blocks.len() {
-            x = self.block(l, &x, &rope, ctx)?;
+            x = self.block(l, &x, &rope, &ctx.for_layer(l))?;
         }
         self.final_norm(&x)
     }

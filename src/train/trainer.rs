@@ -1,14 +1,15 @@
-//! The training loop, top to bottom: data → model + adapters → (forward → loss → backward →
-//! clip → AdamW → schedule) × steps → run directory.
+//! The training loop, top to bottom: data → model + adapters → (micro-batches: forward → loss →
+//! backward, accumulated → clip → AdamW → schedule) × steps → checkpoints and the run directory.
 
+use super::checkpoint::{self, TrainerState};
 use super::optim::{clip_factor, AdamW, AdamWParams};
 use super::schedule::{linear_with_warmup, warmup_steps};
-use crate::adapters::{peft, Ctx};
+use super::step::{accumulate_grads, Grads};
+use crate::adapters::{mix_seed, peft, Ctx};
 use crate::config::RunConfig;
-use crate::data::batch::Batcher;
+use crate::data::batch::{Batch, Sampler};
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Encoded};
 use crate::eval::evaluate;
-use crate::loss::summed_loss;
 use crate::source::{self, ModelSource};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -19,6 +20,17 @@ use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// How `train` treats an existing run directory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Start {
+    /// A new run; an existing finished or checkpointed run in the directory is an error.
+    Fresh,
+    /// A new run that replaces whatever the directory holds.
+    Overwrite,
+    /// Continue from the newest checkpoint in the directory.
+    Resume,
+}
 
 /// What a finished run reports.
 pub struct TrainSummary {
@@ -50,7 +62,67 @@ fn load_split(encoder: &ChatEncoder, path: &Path, max_seq_len: usize) -> Result<
     Ok(encoded)
 }
 
-pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
+/// Peak resident memory of this process so far (Linux), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Checks the run directory against `start` and returns the checkpoint to resume from.
+fn prepare_run_dir(run_dir: &Path, start: Start) -> Result<Option<PathBuf>> {
+    let checkpoints = checkpoint::list(run_dir)?;
+    let finished = run_dir.join(peft::WEIGHTS_FILE).exists();
+    match start {
+        Start::Resume => match checkpoints.last() {
+            Some((_, dir)) => Ok(Some(dir.clone())),
+            None => bail!(
+                "--resume: {} has no checkpoint to resume from (train.save_every writes them)",
+                run_dir.display()
+            ),
+        },
+        Start::Fresh if finished || !checkpoints.is_empty() => bail!(
+            "{} already holds a run: pass --resume to continue it, --overwrite to replace it, \
+             or choose another output_dir (--set output_dir=…)",
+            run_dir.display()
+        ),
+        Start::Overwrite => {
+            for stale in [
+                run_dir.join("checkpoints"),
+                run_dir.join(peft::WEIGHTS_FILE),
+            ] {
+                if stale.is_dir() {
+                    std::fs::remove_dir_all(&stale)?;
+                } else if stale.exists() {
+                    std::fs::remove_file(&stale)?;
+                }
+            }
+            Ok(None)
+        }
+        Start::Fresh => Ok(None),
+    }
+}
+
+/// Keeps the metrics lines of steps up to `step` (a resumed run rewrites what came after).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    peft::write_atomic(path, kept.as_bytes())
+}
+
+pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<TrainSummary> {
     let device = source::device()?;
     let dtype = source::parse_dtype(&cfg.model.dtype)?;
     let model_source = ModelSource::resolve(&cfg.model.source, &cfg.model.revision)?;
@@ -64,63 +136,123 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
         None => None,
     };
 
-    let mut model = model_source.load(dtype, &device)?;
-    let adapter_dtype = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let mut init_rng = StdRng::seed_from_u64(cfg.seed);
-    model.attach(|_, module, shape| {
-        if cfg.adapter.targets.iter().any(|t| t == module) {
-            Ok(Some(cfg.adapter.build(
-                shape,
-                adapter_dtype,
-                &device,
-                &mut init_rng,
-            )?))
-        } else {
-            Ok(None)
-        }
-    })?;
-    let vars: Vec<_> = model.trainable().into_iter().map(|(_, v)| v).collect();
-    let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
-
     let run_dir = PathBuf::from(&cfg.output_dir);
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-    peft::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
-    let mut log = |line: serde_json::Value| -> Result<()> {
-        writeln!(metrics, "{line}")
-            .with_context(|| format!("cannot write {}", metrics_path.display()))
-    };
+    let resume_from = prepare_run_dir(&run_dir, start)?;
 
-    eprintln!(
-        "training {} adapter ({trainable} parameters) on {} ({} examples) for {} steps → {}",
-        cfg.adapter.kind,
-        model_source.name(),
-        train_set.len(),
-        cfg.train.steps,
-        run_dir.display()
-    );
+    let mut model = model_source.load(dtype, &device)?;
+    match &cfg.adapter.init_from {
+        Some(dir) => {
+            let loaded = peft::load_into(Path::new(dir), &mut model)?;
+            if (loaded.rank, loaded.alpha, &loaded.targets)
+                != (cfg.adapter.rank, cfg.adapter.alpha, &cfg.adapter.targets)
+            {
+                bail!(
+                    "adapter.init_from {dir}: its r {} / alpha {} / targets {:?} differ from the config's \
+                     r {} / alpha {} / targets {:?}; make the [adapter] section match it",
+                    loaded.rank,
+                    loaded.alpha,
+                    loaded.targets,
+                    cfg.adapter.rank,
+                    cfg.adapter.alpha,
+                    cfg.adapter.targets
+                );
+            }
+        }
+        None => {
+            let adapter_dtype = if dtype == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let mut init_rng = StdRng::seed_from_u64(cfg.seed);
+            model.attach(|_, module, shape| {
+                if cfg.adapter.targets.iter().any(|t| t == module) {
+                    Ok(Some(cfg.adapter.build(
+                        shape,
+                        adapter_dtype,
+                        &device,
+                        &mut init_rng,
+                    )?))
+                } else {
+                    Ok(None)
+                }
+            })?;
+        }
+    }
+    let named = model.trainable();
+    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
 
     let [beta1, beta2] = cfg.optim.betas;
     let mut optimizer = AdamW::new(
-        vars.clone(),
+        named,
         AdamWParams {
             beta1,
             beta2,
             eps: cfg.optim.eps,
             weight_decay: cfg.optim.weight_decay,
         },
+    );
+    let mut sampler = Sampler::new(train_set.len(), cfg.seed, cfg.data.order == "shuffle");
+    let mut state = TrainerState {
+        step: 0,
+        samples_consumed: 0,
+        optimizer_updates: 0,
+    };
+    if let Some(dir) = &resume_from {
+        state = checkpoint::load(dir, &model, &mut optimizer)?;
+        sampler.skip_to(state.samples_consumed);
+        eprintln!("resuming from {} (step {})", dir.display(), state.step);
+    }
+
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    peft::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let run_info = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "command": std::env::args().collect::<Vec<_>>(),
+        "resumed_from_step": resume_from.as_ref().map(|_| state.step),
+        "trainable_parameters": trainable,
+    });
+    peft::write_atomic(
+        &run_dir.join("run.json"),
+        serde_json::to_string_pretty(&run_info)?.as_bytes(),
     )?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    if resume_from.is_some() {
+        truncate_metrics(&metrics_path, state.step)?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .truncate(false)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    if resume_from.is_none() {
+        metrics.set_len(0)?;
+    }
+    let mut log = |line: serde_json::Value| -> Result<()> {
+        writeln!(metrics, "{line}")
+            .with_context(|| format!("cannot write {}", metrics_path.display()))
+    };
+
     let total = cfg.train.steps;
-    let warmup = warmup_steps(cfg.optim.warmup_ratio, total);
-    let mut batches = Batcher::new(&train_set, cfg.train.batch_size, cfg.seed);
-    let ctx = Ctx::train(cfg.seed.wrapping_add(1));
+    let micro = cfg.micro_batch_size();
+    eprintln!(
+        "training {} adapter ({trainable} parameters) on {} ({} examples) for {} steps of {} examples → {}",
+        cfg.adapter.kind,
+        model_source.name(),
+        train_set.len(),
+        total,
+        cfg.train.batch_size,
+        run_dir.display()
+    );
+
+    if let (Some(eval_set), None) = (&eval_set, &resume_from) {
+        // The starting point: what the adapter improves on.
+        let (eval_loss, eval_tokens) = evaluate(&model, eval_set, micro)?;
+        log(json!({"step": 0, "eval_loss": eval_loss, "eval_tokens": eval_tokens}))?;
+    }
 
     let bar = if show_progress {
         ProgressBar::new(total as u64)
@@ -133,37 +265,77 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
         )
         .expect("a valid template"),
     );
+    bar.set_position(state.step as u64);
 
-    if let Some(eval_set) = &eval_set {
-        // The base model's loss: what the adapter improves on.
-        let (eval_loss, eval_tokens) = evaluate(&model, eval_set, cfg.train.batch_size)?;
-        log(json!({"step": 0, "eval_loss": eval_loss, "eval_tokens": eval_tokens}))?;
-    }
-
+    let save = |state: &TrainerState, optimizer: &AdamW, model: &crate::model::Llama| {
+        checkpoint::save(
+            &run_dir,
+            model,
+            &cfg.adapter,
+            &model_source.name(),
+            optimizer,
+            state,
+            cfg.train.keep_last,
+        )
+    };
+    let warmup = warmup_steps(cfg.optim.warmup_ratio, total);
     let started = Instant::now();
     let mut tokens_seen = 0usize;
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    for step in 0..total {
+    for step in state.step..total {
         let lr = linear_with_warmup(cfg.optim.lr, step, total, warmup);
-        let batch = batches.next_batch();
-        let (sum, count) = summed_loss(&model, &batch, &ctx)?;
-        let loss = (sum / count as f64)?;
-        let grads = loss.backward()?;
-        let (grad_norm, scale) = clip_factor(&grads, &vars, cfg.optim.max_grad_norm)?;
-        optimizer.step(&grads, lr, scale)?;
-
-        let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !loss.is_finite() {
+        let picked = sampler.take(cfg.train.batch_size);
+        let micro_batches: Vec<Batch> = picked
+            .chunks(micro)
+            .map(|c| Batch::new(&c.iter().map(|&i| &train_set[i]).collect::<Vec<_>>()))
+            .collect();
+        // The loss of the step is the mean over all its label tokens, across micro-batches.
+        let label_tokens: usize = micro_batches.iter().map(|b| b.label_tokens()).sum();
+        let mut grads: Grads = vec![None; vars.len()];
+        let mut loss_sum = 0.0;
+        for (k, batch) in micro_batches.iter().enumerate() {
+            let ctx = Ctx::train(mix_seed(mix_seed(cfg.seed, step as u64), k as u64));
+            let (sum, _) = accumulate_grads(
+                &model,
+                batch,
+                &ctx,
+                &vars,
+                label_tokens as f64,
+                cfg.train.gradient_checkpointing,
+                &mut grads,
+            )?;
+            loss_sum += sum;
+            tokens_seen += batch.tokens();
+        }
+        let loss = loss_sum / label_tokens as f64;
+        let (grad_norm, scale) = clip_factor(&grads, cfg.optim.max_grad_norm)?;
+        state.step = step + 1;
+        state.samples_consumed = sampler.consumed();
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            if cfg.train.on_nonfinite == "skip" {
+                log(
+                    json!({"step": step + 1, "skipped": true, "loss": loss.to_string(), "grad_norm": grad_norm.to_string()}),
+                )?;
+                bar.inc(1);
+                continue;
+            }
+            let kept = checkpoint::list(&run_dir)?
+                .last()
+                .map(|(s, _)| format!("the checkpoint of step {s} is kept"))
+                .unwrap_or_else(|| "no checkpoint was written yet".into());
             bail!(
-                "loss became {loss} at step {}: lower optim.lr or check the data",
+                "step {}: loss {loss}, gradient norm {grad_norm}: stopping ({kept}); lower optim.lr, \
+                 check the data, or set train.on_nonfinite = \"skip\"",
                 step + 1
             );
         }
-        if step == 0 {
+        optimizer.step(&grads, lr, scale)?;
+        state.optimizer_updates = optimizer.steps_taken();
+
+        if first_loss.is_nan() {
             first_loss = loss;
         }
         last_loss = loss;
-        tokens_seen += batch.tokens();
         let elapsed = started.elapsed().as_secs_f64();
         let tokens_per_s = tokens_seen as f64 / elapsed.max(1e-9);
         bar.set_message(format!(
@@ -176,31 +348,36 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "label_tokens": count,
-                "tokens": batch.tokens(),
+                "label_tokens": label_tokens,
                 "tokens_per_s": tokens_per_s,
-                "epoch": batches.epoch,
+                "epoch": sampler.epoch(),
                 "elapsed_s": elapsed,
+                "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
             }))?;
         }
         if let Some(eval_set) = &eval_set {
             let every = cfg.train.eval_every;
             if every > 0 && (step + 1) % every == 0 && step + 1 != total {
-                let (eval_loss, eval_tokens) = evaluate(&model, eval_set, cfg.train.batch_size)?;
+                let (eval_loss, eval_tokens) = evaluate(&model, eval_set, micro)?;
                 log(json!({"step": step + 1, "eval_loss": eval_loss, "eval_tokens": eval_tokens}))?;
             }
+        }
+        let every = cfg.train.save_every;
+        if every > 0 && (step + 1) % every == 0 && step + 1 != total {
+            save(&state, &optimizer, &model)?;
         }
     }
     bar.finish();
 
     let final_eval_loss = match &eval_set {
         Some(eval_set) => {
-            let (eval_loss, eval_tokens) = evaluate(&model, eval_set, cfg.train.batch_size)?;
+            let (eval_loss, eval_tokens) = evaluate(&model, eval_set, micro)?;
             log(json!({"step": total, "eval_loss": eval_loss, "eval_tokens": eval_tokens}))?;
             Some(eval_loss)
         }
         None => None,
     };
+    save(&state, &optimizer, &model)?;
     peft::save(&run_dir, &model, &cfg.adapter, &model_source.name())?;
     Ok(TrainSummary {
         run_dir,

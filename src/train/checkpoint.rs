@@ -1,0 +1,151 @@
+//! Checkpoints: everything a run needs to continue bit-identically — adapter, optimizer
+//! moments, step, data position. Written into a temporary directory, each file fsynced, then
+//! renamed into place, so a crash or a full disk never leaves a half checkpoint that loads.
+
+use super::optim::AdamW;
+use crate::adapters::{peft, AdapterConfig};
+use crate::model::Llama;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "trainer_state.json";
+
+/// Where the loop stands. Dropout masks and the data order are functions of the seed and these
+/// counters, so no generator state needs saving.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Examples drawn from the sampler so far.
+    pub samples_consumed: u64,
+    /// Updates the optimizer has applied (a skipped non-finite step counts in `step` only).
+    pub optimizer_updates: u64,
+}
+
+fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_dir_name(step: usize) -> String {
+    format!("step-{step:07}")
+}
+
+/// Completed checkpoints of a run, oldest first.
+pub fn list(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let dir = checkpoints_dir(run_dir);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in
+        std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
+            if entry.path().join(STATE_FILE).exists() {
+                found.push((step, entry.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn fsync(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot sync {}", path.display()))
+}
+
+/// Writes the checkpoint of `state.step` and keeps only the newest `keep_last`.
+pub fn save(
+    run_dir: &Path,
+    model: &Llama,
+    adapter: &AdapterConfig,
+    base_model: &str,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let parent = checkpoints_dir(run_dir);
+    let name = step_dir_name(state.step);
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let target = parent.join(&name);
+    let written = (|| -> Result<()> {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        peft::save(&tmp, model, adapter, base_model)?;
+        candle_core::safetensors::save(&optimizer.state_tensors()?, tmp.join(OPTIMIZER_FILE))?;
+        std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+        for f in [
+            peft::WEIGHTS_FILE,
+            peft::CONFIG_FILE,
+            OPTIMIZER_FILE,
+            STATE_FILE,
+        ] {
+            fsync(&tmp.join(f))?;
+        }
+        if target.exists() {
+            std::fs::remove_dir_all(&target)?;
+        }
+        std::fs::rename(&tmp, &target)?;
+        fsync(&parent)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        bail!(
+            "cannot write the checkpoint of step {} in {}: {e:#} (earlier checkpoints are kept)",
+            state.step,
+            parent.display()
+        );
+    }
+    let all = list(run_dir)?;
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep_last.max(1))) {
+        std::fs::remove_dir_all(old)
+            .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+    }
+    Ok(target)
+}
+
+/// Restores adapter values and optimizer state from checkpoint `dir` into an already built model.
+pub fn load(dir: &Path, model: &Llama, optimizer: &mut AdamW) -> Result<TrainerState> {
+    let state_path = dir.join(STATE_FILE);
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(&state_path)
+            .with_context(|| format!("cannot read {}", state_path.display()))?,
+    )
+    .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
+    let weights_path = dir.join(peft::WEIGHTS_FILE);
+    let weights = candle_core::safetensors::load(&weights_path, model.device())
+        .with_context(|| format!("cannot read {}", weights_path.display()))?;
+    for (name, var) in model.trainable() {
+        let t = weights
+            .get(&name)
+            .with_context(|| format!("{}: tensor {name} is missing", weights_path.display()))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: tensor {name} has shape {:?}, the run needs {:?}",
+                weights_path.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let opt = candle_core::safetensors::load(&opt_path, &candle_core::Device::Cpu)
+        .with_context(|| format!("cannot read {}", opt_path.display()))?;
+    optimizer
+        .load_state(&opt, state.optimizer_updates)
+        .with_context(|| format!("{}", opt_path.display()))?;
+    Ok(state)
+}

@@ -1,0 +1,97 @@
+//! Gradients of one micro-batch: through the whole graph, or with activation checkpointing
+//! (keep only each layer's input; in backward recompute one layer at a time and
+//! back-propagate `sum(out · upstream_grad)`), which gives exactly the same gradients.
+
+use crate::adapters::Ctx;
+use crate::data::batch::Batch;
+use crate::loss::{summed_loss, summed_loss_of_hidden};
+use crate::model::Llama;
+use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+/// Gradients aligned with the trainable parameters; `None` where a parameter got none.
+pub type Grads = Vec<Option<Tensor>>;
+
+/// Adds the gradients of `vars` found in `store` into `acc`.
+fn accumulate(acc: &mut Grads, store: &GradStore, vars: &[Var]) -> Result<()> {
+    for (slot, var) in acc.iter_mut().zip(vars) {
+        if let Some(g) = store.get(var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(sum) => (sum + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Back-propagates `summed loss / divisor` of `batch` into `acc`; returns the summed loss (f64)
+/// and the number of label tokens.
+pub fn accumulate_grads(
+    model: &Llama,
+    batch: &Batch,
+    ctx: &Ctx,
+    vars: &[Var],
+    divisor: f64,
+    checkpointing: bool,
+    acc: &mut Grads,
+) -> Result<(f64, usize)> {
+    let (sum, n) = if checkpointing {
+        checkpointed(model, batch, ctx, vars, divisor, acc)?
+    } else {
+        let (sum, n) = summed_loss(model, batch, ctx)?;
+        accumulate(acc, &(&sum / divisor)?.backward()?, vars)?;
+        (sum, n)
+    };
+    Ok((sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, n))
+}
+
+fn checkpointed(
+    model: &Llama,
+    batch: &Batch,
+    ctx: &Ctx,
+    vars: &[Var],
+    divisor: f64,
+    acc: &mut Grads,
+) -> Result<(Tensor, usize)> {
+    let ids = batch.input_ids(model.device())?;
+    let rope = model.rope(ids.dim(1)?)?;
+    // Forward without a graph, keeping each layer's input.
+    let mut inputs = Vec::with_capacity(model.num_layers());
+    let mut x = model.embed(&ids)?;
+    for l in 0..model.num_layers() {
+        let out = model.block(l, &x, &rope, &ctx.for_layer(l))?.detach();
+        inputs.push(x);
+        x = out;
+    }
+    // Head: the loss and its gradient w.r.t. the last layer's output.
+    let last = Var::from_tensor(&x)?;
+    let (sum, n) = summed_loss_of_hidden(model, &model.final_norm(last.as_tensor())?, batch)?;
+    let store = (&sum / divisor)?.backward()?;
+    let mut upstream = store
+        .get(last.as_tensor())
+        .context("no gradient reached the last hidden state")?
+        .clone();
+    drop(store);
+    // Layers in reverse, each recomputed from its saved input.
+    for l in (0..model.num_layers()).rev() {
+        // The embedding output needs no gradient: layer 0 keeps a plain input.
+        let input = if l > 0 {
+            Some(Var::from_tensor(&inputs[l])?)
+        } else {
+            None
+        };
+        let x = input.as_ref().map_or(&inputs[l], |v| v.as_tensor());
+        let out = model.block(l, x, &rope, &ctx.for_layer(l))?;
+        let store = (out * &upstream)?.sum_all()?.backward()?;
+        accumulate(acc, &store, vars)?;
+        if let Some(v) = &input {
+            upstream = store
+                .get(v.as_tensor())
+                .with_context(|| format!("no gradient reached the input of layer {l}"))?
+                .clone();
+        }
+    }
+    Ok((sum, n))
+}
