@@ -1,0 +1,147 @@
+//! A run killed with SIGKILL at arbitrary points and resumed ends with the adapter bit-identical
+//! to an uninterrupted run; a killed checkpoint write never leaves a loadable half checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+const STEPS: usize = 16;
+
+fn write_config(dir: &Path, run: &Path) -> PathBuf {
+    let cfg = dir.join("run.toml");
+    let data = root().join("data/sample_chat.jsonl");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"seed = 5
+output_dir = "{run}"
+[model]
+source = "tiny"
+[adapter]
+rank = 4
+alpha = 8
+dropout = 0.1
+[data]
+train = "{data}"
+max_seq_len = 48
+[optim]
+lr = 2e-3
+[train]
+steps = {STEPS}
+batch_size = 4
+micro_batch_size = 2
+gradient_checkpointing = true
+save_every = 2
+keep_last = 2
+"#,
+            run = run.display(),
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn train(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_prolora"));
+    c.arg("train").args(args).arg("--quiet").stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+fn newest_checkpoint(run: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(run.join("checkpoints")) else { return 0 };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn resume_after_sigkill_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    let reference = tmp.path().join("reference");
+    let cfg = write_config(tmp.path(), &reference);
+    let out = train(&["--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
+
+    let run = tmp.path().join("killed");
+    let cfg = write_config(tmp.path(), &run);
+    // Kill at growing delays after the newest checkpoint appears: some kills land mid-step,
+    // some mid-write of the next checkpoint.
+    let mut kills = 0;
+    for delay_ms in [0u64, 150, 400, 50] {
+        let before = newest_checkpoint(&run);
+        let mut child = if before == 0 {
+            train(&["--config", cfg.to_str().unwrap()]).spawn().unwrap()
+        } else {
+            train(&["--resume", run.to_str().unwrap()]).spawn().unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while newest_checkpoint(&run) <= before && Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(kills >= 2, "the run finished before it could be killed");
+    if !run.join("adapter_model.safetensors").exists() {
+        let out = train(&["--resume", run.to_str().unwrap()]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let got = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    assert!(got == want, "resumed adapter differs from the uninterrupted run");
+
+    // Metrics hold each step exactly once.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=STEPS as u64).collect::<Vec<_>>());
+    // keep_last: only the two newest checkpoints remain, and no temporary directory.
+    let names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("step-")), "{names:?}");
+}
+
+#[test]
+fn a_finished_run_is_not_overwritten_by_accident() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("adapter_model.safetensors"), b"precious").unwrap();
+    let cfg = write_config(tmp.path(), &run);
+    let out = train(&["--config", cfg.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--resume") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(run.join("adapter_model.safetensors")).unwrap(), b"precious");
+}
+
+#[test]
+fn resume_with_a_changed_config_names_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &run);
+    let out = train(&["--config", cfg.to_str().unwrap(), "--set", "train.steps=2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = train(&["--resume", run.to_str().unwrap(), "--set", "optim.lr=1e-3"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("optim.lr"), "{err}");
+}
