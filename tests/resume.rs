@@ -48,14 +48,27 @@ keep_last = 2
 
 fn train(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_prolora"));
-    c.arg("train").args(args).arg("--quiet").stdout(Stdio::null()).stderr(Stdio::piped());
+    c.arg("train")
+        .args(args)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     c
 }
 
 fn newest_checkpoint(run: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(run.join("checkpoints")) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(run.join("checkpoints")) else {
+        return 0;
+    };
     entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()
+        })
         .max()
         .unwrap_or(0)
 }
@@ -66,8 +79,14 @@ fn resume_after_sigkill_is_bit_identical() {
 
     let reference = tmp.path().join("reference");
     let cfg = write_config(tmp.path(), &reference);
-    let out = train(&["--config", cfg.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = train(&["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
 
     let run = tmp.path().join("killed");
@@ -98,11 +117,20 @@ fn resume_after_sigkill_is_bit_identical() {
     }
     assert!(kills >= 2, "the run finished before it could be killed");
     if !run.join("adapter_model.safetensors").exists() {
-        let out = train(&["--resume", run.to_str().unwrap()]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = train(&["--resume", run.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let got = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
-    assert!(got == want, "resumed adapter differs from the uninterrupted run");
+    assert!(
+        got == want,
+        "resumed adapter differs from the uninterrupted run"
+    );
 
     // Metrics hold each step exactly once.
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
@@ -127,11 +155,19 @@ fn a_finished_run_is_not_overwritten_by_accident() {
     std::fs::create_dir_all(&run).unwrap();
     std::fs::write(run.join("adapter_model.safetensors"), b"precious").unwrap();
     let cfg = write_config(tmp.path(), &run);
-    let out = train(&["--config", cfg.to_str().unwrap()]).output().unwrap();
+    let out = train(&["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("--resume") && err.contains("--overwrite"), "{err}");
-    assert_eq!(std::fs::read(run.join("adapter_model.safetensors")).unwrap(), b"precious");
+    assert!(
+        err.contains("--resume") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("adapter_model.safetensors")).unwrap(),
+        b"precious"
+    );
 }
 
 #[test]
@@ -139,9 +175,17 @@ fn resume_with_a_changed_config_names_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let cfg = write_config(tmp.path(), &run);
-    let out = train(&["--config", cfg.to_str().unwrap(), "--set", "train.steps=2"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = train(&["--resume", run.to_str().unwrap(), "--set", "optim.lr=1e-3"]).output().unwrap();
+    let out = train(&["--config", cfg.to_str().unwrap(), "--set", "train.steps=2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = train(&["--resume", run.to_str().unwrap(), "--set", "optim.lr=1e-3"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("optim.lr"), "{err}");
 }

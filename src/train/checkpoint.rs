@@ -124,8 +124,20 @@ pub fn load(dir: &Path, model: &Llama, optimizer: &mut AdamW) -> Result<TrainerS
             .with_context(|| format!("cannot read {}", state_path.display()))?,
     )
     .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
-    let weights_path = dir.join(peft::WEIGHTS_FILE);
-    let weights = candle_core::safetensors::load(&weights_path, model.device())
+    restore_adapter_values(&dir.join(peft::WEIGHTS_FILE), model)?;
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let opt = candle_core::safetensors::load(&opt_path, &candle_core::Device::Cpu)
+        .with_context(|| format!("cannot read {}", opt_path.display()))?;
+    optimizer
+        .load_state(&opt, state.optimizer_updates)
+        .with_context(|| format!("{}", opt_path.display()))?;
+    Ok(state)
+}
+
+/// Sets every trainable tensor of `model` from the same-named tensor of a saved adapter file;
+/// a missing tensor or another shape is an error naming it.
+pub fn restore_adapter_values(weights_path: &Path, model: &Llama) -> Result<()> {
+    let weights = candle_core::safetensors::load(weights_path, model.device())
         .with_context(|| format!("cannot read {}", weights_path.display()))?;
     for (name, var) in model.trainable() {
         let t = weights
@@ -141,11 +153,5 @@ pub fn load(dir: &Path, model: &Llama, optimizer: &mut AdamW) -> Result<TrainerS
         }
         var.set(&t.to_dtype(var.dtype())?)?;
     }
-    let opt_path = dir.join(OPTIMIZER_FILE);
-    let opt = candle_core::safetensors::load(&opt_path, &candle_core::Device::Cpu)
-        .with_context(|| format!("cannot read {}", opt_path.display()))?;
-    optimizer
-        .load_state(&opt, state.optimizer_updates)
-        .with_context(|| format!("{}", opt_path.display()))?;
-    Ok(state)
+    Ok(())
 }

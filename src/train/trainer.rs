@@ -62,6 +62,22 @@ fn load_split(encoder: &ChatEncoder, path: &Path, max_seq_len: usize) -> Result<
     Ok(encoded)
 }
 
+/// An adapter used as a starting point must have been trained with the same scaling.
+fn check_init_alpha(dir: &Path, alpha: f64) -> Result<()> {
+    let path = dir.join(peft::CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("adapter.init_from: cannot read {}", path.display()))?;
+    let saved: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    match saved["lora_alpha"].as_f64() {
+        Some(a) if a != alpha => bail!(
+            "adapter.init_from: {} has lora_alpha {a}, the config adapter.alpha {alpha}; make them equal",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Peak resident memory of this process so far (Linux), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -140,44 +156,30 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let resume_from = prepare_run_dir(&run_dir, start)?;
 
     let mut model = model_source.load(dtype, &device)?;
-    match &cfg.adapter.init_from {
-        Some(dir) => {
-            let loaded = peft::load_into(Path::new(dir), &mut model)?;
-            if (loaded.rank, loaded.alpha, &loaded.targets)
-                != (cfg.adapter.rank, cfg.adapter.alpha, &cfg.adapter.targets)
-            {
-                bail!(
-                    "adapter.init_from {dir}: its r {} / alpha {} / targets {:?} differ from the config's \
-                     r {} / alpha {} / targets {:?}; make the [adapter] section match it",
-                    loaded.rank,
-                    loaded.alpha,
-                    loaded.targets,
-                    cfg.adapter.rank,
-                    cfg.adapter.alpha,
-                    cfg.adapter.targets
-                );
-            }
+    let adapter_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let mut init_rng = StdRng::seed_from_u64(cfg.seed);
+    model.attach(|_, module, shape| {
+        if cfg.adapter.targets.iter().any(|t| t == module) {
+            Ok(Some(cfg.adapter.build(
+                shape,
+                adapter_dtype,
+                &device,
+                &mut init_rng,
+            )?))
+        } else {
+            Ok(None)
         }
-        None => {
-            let adapter_dtype = if dtype == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            };
-            let mut init_rng = StdRng::seed_from_u64(cfg.seed);
-            model.attach(|_, module, shape| {
-                if cfg.adapter.targets.iter().any(|t| t == module) {
-                    Ok(Some(cfg.adapter.build(
-                        shape,
-                        adapter_dtype,
-                        &device,
-                        &mut init_rng,
-                    )?))
-                } else {
-                    Ok(None)
-                }
-            })?;
-        }
+    })?;
+    if let Some(dir) = &cfg.adapter.init_from {
+        // The config decides the method and its training knobs (dropout); the saved adapter
+        // only its starting values, which must fit tensor for tensor.
+        let dir = Path::new(dir);
+        check_init_alpha(dir, cfg.adapter.alpha)?;
+        checkpoint::restore_adapter_values(&dir.join(peft::WEIGHTS_FILE), &model)?;
     }
     let named = model.trainable();
     let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
