@@ -27,6 +27,29 @@ pub enum Command {
     Eval(EvalArgs),
     /// Greedy chat completion, to smoke-test an adapter.
     Generate(GenerateArgs),
+    /// Loss curves of one or several runs, as an SVG.
+    Plot(PlotArgs),
+    /// A table of the runs under a directory (a sweep): eval losses, mean ± std over seeds.
+    Collect(CollectArgs),
+}
+
+#[derive(Args)]
+pub struct PlotArgs {
+    /// Run directories (each with metrics.jsonl and config.toml).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// The SVG file to write.
+    #[arg(long, short, default_value = "loss.svg")]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct CollectArgs {
+    /// A directory holding run directories (searched recursively).
+    pub root: PathBuf,
+    /// CSV instead of markdown.
+    #[arg(long)]
+    pub csv: bool,
 }
 
 #[derive(Args)]
@@ -104,6 +127,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),
         Command::Generate(a) => generate(a),
+        Command::Plot(a) => {
+            crate::plot::plot(&a.runs, &a.out)?;
+            println!("wrote {}", a.out.display());
+            Ok(())
+        }
+        Command::Collect(a) => {
+            print!("{}", crate::collect::collect(&a.root, a.csv)?);
+            Ok(())
+        }
     }
 }
 

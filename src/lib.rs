@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod cli;
+pub mod collect;
 pub mod config;
 pub mod data;
 pub mod eval;
@@ -9,5 +10,7 @@ pub mod generate;
 pub mod hub;
 pub mod loss;
 pub mod model;
+pub mod plot;
+pub mod runs;
 pub mod source;
 pub mod train;

@@ -171,6 +171,28 @@ fn demo_config_trains_loss_decreases_and_the_adapter_reloads() {
     let reloaded = out["loss"].as_f64().unwrap();
     assert!((reloaded - after).abs() < 1e-5, "{reloaded} vs {after}");
 
+    // The run shows up in a sweep table and a plot.
+    let table = prolora(&["collect", tmp.path().to_str().unwrap()]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("lora r8 lr 2e-3") && table.contains(&format!("{after:.4}")),
+        "{table}"
+    );
+    let svg = tmp.path().join("loss.svg");
+    let o = prolora(&[
+        "plot",
+        run.to_str().unwrap(),
+        "--out",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let svg = std::fs::read_to_string(svg).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.matches("<circle").count() == evals.len(),
+        "{svg}"
+    );
+
     let o = prolora(&[
         "generate",
         "--model",

@@ -1,0 +1,89 @@
+"""Training-step benchmark: prolora next to PyTorch + PEFT on the same weights, the same data
+and the same machine, in one run. Prints a markdown table with the time ratio.
+
+    cargo build --release
+    /tmp/refenv/bin/python scripts/bench/train_step.py [--steps 12] [--hidden 256 --layers 4]
+
+Rows: every token labelled (assistant-only examples) and real chat batches (only the answer
+labelled), each with and without activation checkpointing; batch 4 x 128, LoRA r 8 on all
+seven linears, f32 on the CPU.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def ours(model, data, steps, seq, batch, checkpointing, workdir):
+    run = os.path.join(workdir, "run")
+    cfg = os.path.join(workdir, "bench.toml")
+    with open(cfg, "w") as f:
+        f.write(f"""seed = 1
+output_dir = "{run}"
+[model]
+source = "{model}"
+[adapter]
+rank = 8
+alpha = 16
+dropout = 0.1
+[data]
+train = "{data}"
+max_seq_len = {seq}
+[optim]
+lr = 1e-4
+[train]
+steps = {steps}
+batch_size = {batch}
+gradient_checkpointing = {str(checkpointing).lower()}
+""")
+    subprocess.run([os.path.join(ROOT, "target/release/prolora"), "train", "--config", cfg,
+                    "--overwrite", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    lines = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if l.strip()]
+    steps_ = [l for l in lines if "loss" in l]
+    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps_, steps_[1:])][1:]
+    return {"step_s": statistics.median(times), "peak_rss_mib": steps_[-1]["peak_rss_mib"]}
+
+
+def peer(model, data, steps, seq, batch, checkpointing):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts/peers/lora_step.py"), model, data,
+           "--steps", str(steps), "--seq", str(seq), "--batch", str(batch)]
+    if checkpointing:
+        cmd.append("--checkpointing")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="prolora-bench-")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts/peers/make_bench_model.py"), work,
+                    "--hidden", str(args.hidden), "--layers", str(args.layers)],
+                   check=True, capture_output=True)
+    model = os.path.join(work, "model")
+    print(f"LLaMA hidden {args.hidden}, {args.layers} layers, vocab 32000; batch {args.batch} x {args.seq}; "
+          f"LoRA r 8 on 7 linears; {os.cpu_count()} CPU threads each")
+    print("| data | checkpointing | label fraction | prolora step (s) | PyTorch+PEFT step (s) | time ratio | prolora peak RSS (MiB) | PyTorch peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for data in ["all_labelled", "chat"]:
+        for ckpt in [False, True]:
+            path = os.path.join(work, f"{data}.jsonl")
+            p = peer(model, path, args.steps, args.seq, args.batch, ckpt)
+            o = ours(model, path, args.steps, args.seq, args.batch, ckpt, work)
+            print(f"| {data} | {'on' if ckpt else 'off'} | {p['label_fraction']:.2f} | {o['step_s']:.3f} | "
+                  f"{p['step_s']:.3f} | {o['step_s'] / p['step_s']:.2f} | {o['peak_rss_mib']:.0f} | "
+                  f"{p['peak_rss_mib']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+//! `prolora collect`: one table of a sweep — final and best eval loss per run, and mean ± std
+//! over the seeds of each setting.
+
+use crate::runs::Run;
+use anyhow::{bail, Result};
+use std::fmt::Write;
+use std::path::Path;
+
+fn fmt(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())
+}
+
+/// Mean and sample standard deviation.
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// The setting a run belongs to: its whole config except the seed and the output directory.
+fn setting_key(run: &Run) -> String {
+    let mut c = run.config.clone();
+    c.seed = 0;
+    c.output_dir.clear();
+    c.to_toml().unwrap_or_default()
+}
+
+fn setting_label(run: &Run) -> String {
+    let c = &run.config;
+    format!("{} r{} lr {:e}", c.adapter.kind, c.adapter.rank, c.optim.lr)
+}
+
+/// The tables for every run under `root`, as markdown or CSV.
+pub fn collect(root: &Path, csv: bool) -> Result<String> {
+    let runs = Run::find_all(root)?;
+    if runs.is_empty() {
+        bail!(
+            "{}: no run directories (config.toml + metrics.jsonl) found",
+            root.display()
+        );
+    }
+    let mut out = String::new();
+    let rows: Vec<[String; 8]> = runs
+        .iter()
+        .map(|r| {
+            [
+                r.name(),
+                setting_label(r),
+                r.config.seed.to_string(),
+                format!(
+                    "{}/{}",
+                    r.train.last().map_or(0, |t| t.0),
+                    r.config.train.steps
+                ),
+                fmt(r.train.last().map(|t| t.1)),
+                fmt(r.final_eval()),
+                fmt(r.best_eval()),
+                if r.finished { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    let header = [
+        "run",
+        "setting",
+        "seed",
+        "steps",
+        "train loss",
+        "final eval",
+        "best eval",
+        "finished",
+    ];
+    if csv {
+        writeln!(out, "{}", header.join(","))?;
+        for r in &rows {
+            writeln!(
+                out,
+                "{}",
+                r.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",")
+            )?;
+        }
+        return Ok(out);
+    }
+    writeln!(out, "| {} |", header.join(" | "))?;
+    writeln!(out, "|{}", "---|".repeat(header.len()))?;
+    for r in &rows {
+        writeln!(out, "| {} |", r.join(" | "))?;
+    }
+
+    // Settings in first-seen order, with their seeds pooled.
+    let mut groups: Vec<(String, String, Vec<&Run>)> = Vec::new();
+    for r in &runs {
+        let key = setting_key(r);
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => g.2.push(r),
+            None => groups.push((key, setting_label(r), vec![r])),
+        }
+    }
+    writeln!(
+        out,
+        "\n| setting | seeds | final eval (mean ± std) | best eval (mean ± std) |"
+    )?;
+    writeln!(out, "|---|---|---|---|")?;
+    for (_, label, members) in &groups {
+        let finals: Vec<f64> = members.iter().filter_map(|r| r.final_eval()).collect();
+        let bests: Vec<f64> = members.iter().filter_map(|r| r.best_eval()).collect();
+        let show = |xs: &[f64]| {
+            if xs.is_empty() {
+                "-".to_string()
+            } else {
+                let (m, s) = mean_std(xs);
+                format!("{m:.4} ± {s:.4}")
+            }
+        };
+        writeln!(
+            out,
+            "| {label} | {} | {} | {} |",
+            members.len(),
+            show(&finals),
+            show(&bests)
+        )?;
+    }
+    Ok(out)
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mean_std;
+
+    #[test]
+    fn sample_standard_deviation() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((s - 1.0).abs() < 1e-12);
+        assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
+    }
+}

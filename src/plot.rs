@@ -1,0 +1,185 @@
+//! `prolora plot`: loss curves of one or several runs as an SVG any browser opens.
+
+use crate::runs::Run;
+use anyhow::{bail, Result};
+use std::fmt::Write;
+use std::path::Path;
+
+const WIDTH: f64 = 900.0;
+const HEIGHT: f64 = 520.0;
+const MARGIN: (f64, f64, f64, f64) = (70.0, 220.0, 30.0, 50.0); // left, right, top, bottom
+const COLORS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
+
+/// About five round tick values covering [lo, hi].
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let span = (hi - lo).max(1e-12);
+    let raw = span / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| span / s <= 6.0)
+        .unwrap_or(10.0 * mag);
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    (first..=last).map(|i| i as f64 * step).collect()
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The SVG of the train (thin) and eval (thick, dots) loss of `runs`.
+pub fn svg(runs: &[Run]) -> Result<String> {
+    let points = runs.iter().flat_map(|r| r.train.iter().chain(&r.eval));
+    let (mut x_max, mut y_lo, mut y_hi) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(s, l) in points {
+        x_max = x_max.max(s as f64);
+        if l.is_finite() {
+            y_lo = y_lo.min(l);
+            y_hi = y_hi.max(l);
+        }
+    }
+    if !y_lo.is_finite() {
+        bail!("no loss values to plot (are the metrics.jsonl files empty?)");
+    }
+    let pad = ((y_hi - y_lo) * 0.05).max(1e-3);
+    let (y_lo, y_hi) = (y_lo - pad, y_hi + pad);
+    let (l, r, t, b) = MARGIN;
+    let (pw, ph) = (WIDTH - l - r, HEIGHT - t - b);
+    let x = |s: f64| l + s / x_max * pw;
+    let y = |v: f64| t + (y_hi - v) / (y_hi - y_lo) * ph;
+
+    let mut out = String::new();
+    writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">"#
+    )?;
+    writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#)?;
+    for v in ticks(y_lo, y_hi) {
+        let py = y(v);
+        writeln!(
+            out,
+            r##"<line x1="{l}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{v}</text>"##,
+            l + pw,
+            l - 6.0,
+            py + 4.0
+        )?;
+    }
+    for s in ticks(0.0, x_max) {
+        let px = x(s);
+        writeln!(
+            out,
+            r##"<line y1="{t}" y2="{}" x1="{px:.1}" x2="{px:.1}" stroke="#eee"/><text x="{px:.1}" y="{}" text-anchor="middle">{s}</text>"##,
+            t + ph,
+            t + ph + 16.0
+        )?;
+    }
+    writeln!(
+        out,
+        r#"<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
+    )?;
+    writeln!(
+        out,
+        r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#,
+        l + pw / 2.0,
+        HEIGHT - 12.0
+    )?;
+    writeln!(
+        out,
+        r#"<text transform="translate(18,{}) rotate(-90)" text-anchor="middle">loss</text>"#,
+        t + ph / 2.0
+    )?;
+
+    for (i, run) in runs.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let line = |pts: &[(usize, f64)]| {
+            pts.iter()
+                .filter(|p| p.1.is_finite())
+                .map(|&(s, v)| format!("{:.1},{:.1}", x(s as f64), y(v)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        writeln!(
+            out,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-opacity="0.45" stroke-width="1"/>"#,
+            line(&run.train)
+        )?;
+        writeln!(
+            out,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2.5"/>"#,
+            line(&run.eval)
+        )?;
+        for &(s, v) in run.eval.iter().filter(|p| p.1.is_finite()) {
+            writeln!(
+                out,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                x(s as f64),
+                y(v)
+            )?;
+        }
+        let ly = t + 14.0 + 34.0 * i as f64;
+        let lx = l + pw + 12.0;
+        writeln!(
+            out,
+            r#"<rect x="{lx}" y="{}" width="14" height="4" fill="{color}"/>"#,
+            ly - 6.0
+        )?;
+        let label = run
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| run.name());
+        writeln!(
+            out,
+            r#"<text x="{}" y="{ly}">{}</text>"#,
+            lx + 20.0,
+            escape(&label)
+        )?;
+        let detail = match run.final_eval() {
+            Some(e) => format!("eval {e:.4}"),
+            None => format!("train {:.4}", run.train.last().map_or(f64::NAN, |p| p.1)),
+        };
+        writeln!(
+            out,
+            r##"<text x="{}" y="{}" fill="#555">{detail}</text>"##,
+            lx + 20.0,
+            ly + 14.0
+        )?;
+    }
+    writeln!(
+        out,
+        r##"<text x="{l}" y="{}" fill="#555">thin: train loss per step; thick with dots: eval loss</text>"##,
+        t - 10.0
+    )?;
+    writeln!(out, "</svg>")?;
+    Ok(out)
+}
+
+/// Writes the plot of the runs in `dirs` to `out`.
+pub fn plot(dirs: &[std::path::PathBuf], out: &Path) -> Result<()> {
+    let runs = dirs
+        .iter()
+        .map(|d| Run::read(d))
+        .collect::<Result<Vec<_>>>()?;
+    crate::adapters::peft::write_atomic(out, svg(&runs)?.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ticks;
+
+    #[test]
+    fn ticks_are_round_and_inside() {
+        assert_eq!(ticks(0.0, 300.0), vec![0.0, 100.0, 200.0, 300.0]);
+        let t = ticks(8.43, 10.52);
+        assert!(
+            t.first().unwrap() >= &8.43 && t.last().unwrap() <= &10.52 && t.len() >= 3,
+            "{t:?}"
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! Reading finished and running run directories: their config and metrics, for `collect` and
+//! `plot`.
+
+use crate::config::RunConfig;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+/// One run directory as the tool left it.
+pub struct Run {
+    pub dir: PathBuf,
+    pub config: RunConfig,
+    /// (step, train loss)
+    pub train: Vec<(usize, f64)>,
+    /// (step, eval loss)
+    pub eval: Vec<(usize, f64)>,
+    /// The final adapter has been written.
+    pub finished: bool,
+}
+
+impl Run {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let config = RunConfig::load(&dir.join("config.toml"), &[])?;
+        let path = dir.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (mut train, mut eval) = (Vec::new(), Vec::new());
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a metrics line", path.display(), i + 1))?;
+            let Some(step) = v["step"].as_u64() else {
+                continue;
+            };
+            if let Some(l) = v["loss"].as_f64() {
+                train.push((step as usize, l));
+            }
+            if let Some(l) = v["eval_loss"].as_f64() {
+                eval.push((step as usize, l));
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            train,
+            eval,
+            finished: dir.join(crate::adapters::peft::WEIGHTS_FILE).exists(),
+        })
+    }
+
+    /// Every run directory at or below `root` (a directory with config.toml and metrics.jsonl).
+    pub fn find_all(root: &Path) -> Result<Vec<Run>> {
+        let mut runs = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            if dir.join("config.toml").exists() && dir.join("metrics.jsonl").exists() {
+                runs.push(Run::read(&dir)?);
+                continue;
+            }
+            let entries = std::fs::read_dir(&dir)
+                .with_context(|| format!("cannot list {}", dir.display()))?;
+            for e in entries.flatten() {
+                if e.path().is_dir() && e.file_name() != "checkpoints" {
+                    stack.push(e.path());
+                }
+            }
+        }
+        runs.sort_by(|a, b| a.dir.cmp(&b.dir));
+        Ok(runs)
+    }
+
+    pub fn name(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    pub fn final_eval(&self) -> Option<f64> {
+        self.eval.last().map(|e| e.1)
+    }
+
+    pub fn best_eval(&self) -> Option<f64> {
+        self.eval.iter().map(|e| e.1).reduce(f64::min)
+    }
+}
