@@ -173,3 +173,116 @@ fn accumulated_micro_batches_give_the_whole_batch_gradient() {
     let split = grads_of(&[&ex[..2], &ex[2..]], false, 0.0);
     assert_close(&split, &whole, "2 micro-batches vs one batch");
 }
+
+fn optimizer_for(model: &prolora::model::Llama) -> AdamW {
+    AdamW::new(
+        model.trainable(),
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )
+}
+
+#[test]
+fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
+    use prolora::adapters::AdapterConfig;
+    use prolora::train::checkpoint::{self, TrainerState};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path();
+    let model = common::tiny_f64_model();
+    let mut opt = optimizer_for(&model);
+    // One real update so the moments are non-zero.
+    let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+    let batch = Batch::new(&examples().iter().collect::<Vec<_>>());
+    let mut acc: Grads = vec![None; vars.len()];
+    accumulate_grads(&model, &batch, &Ctx::eval(), &vars, 1.0, false, &mut acc).unwrap();
+    opt.step(&acc, 1e-2, 1.0).unwrap();
+    let state = TrainerState {
+        step: 3,
+        samples_consumed: 12,
+        optimizer_updates: 1,
+    };
+    checkpoint::save(
+        run,
+        &model,
+        &AdapterConfig::default(),
+        "tiny",
+        &opt,
+        &state,
+        2,
+    )
+    .unwrap();
+
+    // A save killed half-way leaves only a temporary directory, which is never listed.
+    let half = run.join("checkpoints/.step-0000006.tmp");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("adapter_model.safetensors"), b"trunc").unwrap();
+    let listed = checkpoint::list(run).unwrap();
+    assert_eq!(listed.iter().map(|c| c.0).collect::<Vec<_>>(), vec![3]);
+
+    // Restoring into a freshly initialised model gives back the values and the moments.
+    let fresh = common::tiny_f64_model();
+    let mut fresh_opt = optimizer_for(&fresh);
+    let restored = checkpoint::load(&listed[0].1, &fresh, &mut fresh_opt).unwrap();
+    assert_eq!(restored, state);
+    for ((name, a), (_, b)) in model.trainable().iter().zip(fresh.trainable().iter()) {
+        let (a, b): (Vec<f64>, Vec<f64>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        // Saved as f32: equal to f32 precision.
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1e-3),
+                "{name}: {x} vs {y}"
+            );
+        }
+    }
+    let (sa, sb) = (
+        opt.state_tensors().unwrap(),
+        fresh_opt.state_tensors().unwrap(),
+    );
+    for (k, t) in &sa {
+        let d = (t - &sb[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+    }
+
+    // A failing write (here: the target path is blocked by a file) is a clear error and keeps
+    // the good checkpoint.
+    let blocked = run.join("checkpoints/.step-0000009.tmp");
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    let later = TrainerState { step: 9, ..state };
+    let err = checkpoint::save(
+        run,
+        &model,
+        &AdapterConfig::default(),
+        "tiny",
+        &opt,
+        &later,
+        2,
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("step 9") && msg.contains("earlier checkpoints are kept"),
+        "{msg}"
+    );
+    assert_eq!(
+        checkpoint::list(run)
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
+}
