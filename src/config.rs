@@ -48,6 +48,15 @@ pub struct DataConfig {
     pub eval: Option<String>,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
+    /// Hold out this many `train` examples as the eval set (the paper: 1024); excludes `eval`.
+    #[serde(default)]
+    pub eval_size: usize,
+    /// Seed of the held-out split (the paper: 42).
+    #[serde(default = "default_eval_seed")]
+    pub eval_seed: u64,
+    /// Skip, count and report bad lines instead of stopping at the first one.
+    #[serde(default)]
+    pub skip_invalid: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -73,8 +82,13 @@ pub struct OptimConfig {
 pub struct TrainConfig {
     /// Optimizer steps.
     pub steps: usize,
+    /// Examples per optimizer step.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Examples per forward/backward pass; `batch_size / micro_batch_size` passes are
+    /// accumulated per step (default: `batch_size`, no accumulation).
+    #[serde(default)]
+    pub micro_batch_size: Option<usize>,
     /// Write a metrics line every this many steps.
     #[serde(default = "default_one")]
     pub log_every: usize,
@@ -94,6 +108,9 @@ fn default_dtype() -> String {
 }
 fn default_max_seq_len() -> usize {
     512
+}
+fn default_eval_seed() -> u64 {
+    42
 }
 fn default_lr() -> f64 {
     2e-4
@@ -127,6 +144,17 @@ impl Default for OptimConfig {
             max_grad_norm: default_max_grad_norm(),
             warmup_ratio: default_warmup_ratio(),
         }
+    }
+}
+
+impl TrainConfig {
+    pub fn micro_batch_size(&self) -> usize {
+        self.micro_batch_size.unwrap_or(self.batch_size)
+    }
+
+    /// Micro-batches accumulated per optimizer step.
+    pub fn grad_accum(&self) -> usize {
+        self.batch_size / self.micro_batch_size().max(1)
     }
 }
 
@@ -170,6 +198,16 @@ impl RunConfig {
         }
         if self.train.batch_size == 0 {
             bail!("train.batch_size must be at least 1");
+        }
+        let micro = self.train.micro_batch_size();
+        if micro == 0 || self.train.batch_size % micro != 0 {
+            bail!(
+                "train.micro_batch_size = {micro} must divide train.batch_size = {}",
+                self.train.batch_size
+            );
+        }
+        if self.data.eval_size > 0 && self.data.eval.is_some() {
+            bail!("data.eval and data.eval_size are both set; keep one of them");
         }
         if self.data.max_seq_len < 2 {
             bail!("data.max_seq_len must be at least 2");

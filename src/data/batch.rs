@@ -1,10 +1,9 @@
-//! Padded batches of encoded examples.
+//! Padded batches of encoded examples, in HF's length-grouped order.
 
 use crate::data::chat::{Encoded, IGNORE_INDEX};
-use candle_core::{Device, Result, Tensor};
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use crate::data::rng::Mt19937;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
 
 /// Right-padded examples of one batch; padding carries label −100.
 pub struct Batch {
@@ -37,8 +36,13 @@ impl Batch {
     }
 
     /// (rows, len) token ids.
-    pub fn input_ids(&self, device: &Device) -> Result<Tensor> {
+    pub fn input_ids(&self, device: &Device) -> candle_core::Result<Tensor> {
         Tensor::from_slice(&self.ids, (self.rows, self.len), device)
+    }
+
+    /// (rows, len) labels, −100 on padding and on positions not trained on.
+    pub fn labels(&self) -> &[i64] {
+        &self.labels
     }
 
     /// Tokens in the batch, padding included (what the model computes on).
@@ -68,42 +72,140 @@ impl Batch {
     }
 }
 
-/// Endless shuffled batches: a fresh seeded permutation each epoch.
+/// HF's `get_length_grouped_indices(lengths, batch_size)` given the permutation it would draw
+/// (`torch.randperm(len(lengths))`): mega-batches of `min(N / (4·bs), 50)·bs` (at least `bs`)
+/// consecutive permuted indices, each sorted by length, longest first (a stable sort, as
+/// Python's `sorted(..., reverse=True)`); then the longest example overall is swapped to the
+/// front, so an out-of-memory batch shows up at the first step.
+pub fn length_grouped_order(lengths: &[usize], batch_size: usize, perm: &[usize]) -> Vec<usize> {
+    assert_eq!(lengths.len(), perm.len());
+    let mult = (lengths.len() / (batch_size * 4)).clamp(1, 50);
+    let mega = mult * batch_size;
+    let mut groups: Vec<Vec<usize>> = perm
+        .chunks(mega)
+        .map(|c| {
+            let mut g = c.to_vec();
+            g.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]));
+            g
+        })
+        .collect();
+    if groups.is_empty() {
+        return Vec::new();
+    }
+    // torch.argmax: the first maximum.
+    let mut max_idx = 0;
+    for (i, g) in groups.iter().enumerate() {
+        if lengths[g[0]] > lengths[groups[max_idx][0]] {
+            max_idx = i;
+        }
+    }
+    let longest = groups[max_idx][0];
+    groups[max_idx][0] = groups[0][0];
+    groups[0][0] = longest;
+    groups.concat()
+}
+
+/// Endless training batches, epoch after epoch, as HF's `Trainer` with `group_by_length`:
+/// each epoch is a length-grouped order of the whole set (grouped by the effective batch
+/// `micro_batch_size · grad_accum`), cut into micro-batches; the last micro-batch and the last
+/// step of an epoch may be short (the DataLoader's `drop_last=False`).
+///
+/// The permutations come from `torch.Generator().manual_seed(seed)` replayed bit for bit
+/// ([`Mt19937::torch`]), one `randperm` per epoch from the same generator, as a
+/// `LengthGroupedSampler(generator=g)` iterated once per epoch.
 pub struct Batcher<'a> {
     examples: &'a [Encoded],
-    batch_size: usize,
-    rng: StdRng,
+    micro_batch_size: usize,
+    grad_accum: usize,
+    rng: Mt19937,
     order: Vec<usize>,
     pos: usize,
+    /// Epochs started so far (1 during the first).
     pub epoch: usize,
 }
 
 impl<'a> Batcher<'a> {
+    /// One micro-batch per optimizer step.
     pub fn new(examples: &'a [Encoded], batch_size: usize, seed: u64) -> Self {
+        Self::with_grad_accum(examples, batch_size, 1, seed)
+    }
+
+    /// `grad_accum` micro-batches of `micro_batch_size` per optimizer step.
+    pub fn with_grad_accum(
+        examples: &'a [Encoded],
+        micro_batch_size: usize,
+        grad_accum: usize,
+        seed: u64,
+    ) -> Self {
+        assert!(micro_batch_size > 0 && grad_accum > 0 && !examples.is_empty());
         Self {
             examples,
-            batch_size,
-            rng: StdRng::seed_from_u64(seed),
+            micro_batch_size,
+            grad_accum,
+            rng: Mt19937::torch(seed),
             order: Vec::new(),
             pos: 0,
             epoch: 0,
         }
     }
 
+    /// The next micro-batch.
     pub fn next_batch(&mut self) -> Batch {
-        let mut picked = Vec::with_capacity(self.batch_size);
-        while picked.len() < self.batch_size.min(self.examples.len()) {
-            if self.pos == self.order.len() {
-                self.order = (0..self.examples.len()).collect();
-                self.order.shuffle(&mut self.rng);
-                self.pos = 0;
-                self.epoch += 1;
-            }
-            picked.push(&self.examples[self.order[self.pos]]);
-            self.pos += 1;
+        if self.pos == self.order.len() {
+            let lengths: Vec<usize> = self.examples.iter().map(|e| e.input_ids.len()).collect();
+            let perm = self.rng.randperm(lengths.len());
+            let group = self.micro_batch_size * self.grad_accum;
+            self.order = length_grouped_order(&lengths, group, &perm);
+            self.pos = 0;
+            self.epoch += 1;
         }
+        let end = (self.pos + self.micro_batch_size).min(self.order.len());
+        let picked: Vec<&Encoded> = self.order[self.pos..end]
+            .iter()
+            .map(|&i| &self.examples[i])
+            .collect();
+        self.pos = end;
         Batch::new(&picked)
     }
+
+    /// The micro-batches of the next optimizer step: `grad_accum` of them, fewer at the end
+    /// of an epoch.
+    pub fn next_step(&mut self) -> Vec<Batch> {
+        let mut step = vec![self.next_batch()];
+        while step.len() < self.grad_accum && self.pos < self.order.len() {
+            step.push(self.next_batch());
+        }
+        step
+    }
+}
+
+/// Splits off `eval_size` examples as a held-out set: the first `eval_size` indices of the
+/// seeded permutation ([`Mt19937::torch`]`(seed).randperm`) are held out; both parts keep file
+/// order. Returns (train, eval).
+pub fn split_eval(
+    examples: Vec<Encoded>,
+    eval_size: usize,
+    seed: u64,
+) -> Result<(Vec<Encoded>, Vec<Encoded>)> {
+    if eval_size >= examples.len() {
+        bail!(
+            "data.eval_size = {eval_size} leaves no training example (the set has {}); lower data.eval_size",
+            examples.len()
+        );
+    }
+    let mut held = vec![false; examples.len()];
+    for &i in &Mt19937::torch(seed).randperm(examples.len())[..eval_size] {
+        held[i] = true;
+    }
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (e, h) in examples.into_iter().zip(held) {
+        if h {
+            eval.push(e)
+        } else {
+            train.push(e)
+        }
+    }
+    Ok((train, eval))
 }
 
 /// Consecutive batches of at most `size` examples, in order (evaluation).

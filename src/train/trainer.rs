@@ -5,10 +5,10 @@ use super::optim::{clip_factor, AdamW, AdamWParams};
 use super::schedule::{linear_with_warmup, warmup_steps};
 use crate::adapters::{peft, Ctx};
 use crate::config::RunConfig;
-use crate::data::batch::Batcher;
+use crate::data::batch::{split_eval, Batcher};
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Encoded};
 use crate::eval::evaluate;
-use crate::loss::summed_loss;
+use crate::loss::step_loss_and_grads;
 use crate::source::{self, ModelSource};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -59,9 +59,16 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
 
     // Data before the model: a bad line should not wait for a 13 GB load.
     let train_set = load_split(&encoder, Path::new(&cfg.data.train), cfg.data.max_seq_len)?;
-    let eval_set = match &cfg.data.eval {
-        Some(p) => Some(load_split(&encoder, Path::new(p), cfg.data.max_seq_len)?),
-        None => None,
+    let (train_set, eval_set) = match &cfg.data.eval {
+        Some(p) => (
+            train_set,
+            Some(load_split(&encoder, Path::new(p), cfg.data.max_seq_len)?),
+        ),
+        None if cfg.data.eval_size > 0 => {
+            let (train, eval) = split_eval(train_set, cfg.data.eval_size, cfg.data.eval_seed)?;
+            (train, Some(eval))
+        }
+        None => (train_set, None),
     };
 
     let mut model = model_source.load(dtype, &device)?;
@@ -119,7 +126,12 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
     )?;
     let total = cfg.train.steps;
     let warmup = warmup_steps(cfg.optim.warmup_ratio, total);
-    let mut batches = Batcher::new(&train_set, cfg.train.batch_size, cfg.seed);
+    let mut batches = Batcher::with_grad_accum(
+        &train_set,
+        cfg.train.micro_batch_size(),
+        cfg.train.grad_accum(),
+        cfg.seed,
+    );
     let ctx = Ctx::train(cfg.seed.wrapping_add(1));
 
     let bar = if show_progress {
@@ -145,14 +157,12 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     for step in 0..total {
         let lr = linear_with_warmup(cfg.optim.lr, step, total, warmup);
-        let batch = batches.next_batch();
-        let (sum, count) = summed_loss(&model, &batch, &ctx)?;
-        let loss = (sum / count as f64)?;
-        let grads = loss.backward()?;
+        let micro_batches = batches.next_step();
+        let (loss, count, grads) = step_loss_and_grads(&model, &micro_batches, &ctx, &vars)?;
         let (grad_norm, scale) = clip_factor(&grads, &vars, cfg.optim.max_grad_norm)?;
         optimizer.step(&grads, lr, scale)?;
+        let batch_tokens: usize = micro_batches.iter().map(|b| b.tokens()).sum();
 
-        let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss.is_finite() {
             bail!(
                 "loss became {loss} at step {}: lower optim.lr or check the data",
@@ -163,7 +173,7 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
             first_loss = loss;
         }
         last_loss = loss;
-        tokens_seen += batch.tokens();
+        tokens_seen += batch_tokens;
         let elapsed = started.elapsed().as_secs_f64();
         let tokens_per_s = tokens_seen as f64 / elapsed.max(1e-9);
         bar.set_message(format!(
@@ -177,7 +187,7 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "label_tokens": count,
-                "tokens": batch.tokens(),
+                "tokens": batch_tokens,
                 "tokens_per_s": tokens_per_s,
                 "epoch": batches.epoch,
                 "elapsed_s": elapsed,
