@@ -48,10 +48,19 @@ pub struct DataConfig {
     pub eval: Option<String>,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
-    /// `shuffle` (a seeded permutation each epoch) or `file` (strict file order, for parity
-    /// checks against another trainer).
+    /// `length_grouped` (HF's group_by_length, the paper's), `shuffle` (a seeded permutation
+    /// each epoch) or `file` (strict file order, for parity checks against another trainer).
     #[serde(default = "default_order")]
     pub order: String,
+    /// Hold out this many `train` examples as the eval set (the paper: 1024); excludes `eval`.
+    #[serde(default)]
+    pub eval_size: usize,
+    /// Seed of the held-out split (the paper: 42).
+    #[serde(default = "default_eval_seed")]
+    pub eval_seed: u64,
+    /// Skip, count and report bad lines instead of stopping at the first one.
+    #[serde(default)]
+    pub skip_invalid: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -116,6 +125,9 @@ fn default_dtype() -> String {
 fn default_max_seq_len() -> usize {
     512
 }
+fn default_eval_seed() -> u64 {
+    42
+}
 fn default_lr() -> f64 {
     2e-4
 }
@@ -138,7 +150,7 @@ fn default_one() -> usize {
     1
 }
 fn default_order() -> String {
-    "shuffle".into()
+    "length_grouped".into()
 }
 fn default_keep_last() -> usize {
     2
@@ -157,6 +169,17 @@ impl Default for OptimConfig {
             max_grad_norm: default_max_grad_norm(),
             warmup_ratio: default_warmup_ratio(),
         }
+    }
+}
+
+impl TrainConfig {
+    pub fn micro_batch_size(&self) -> usize {
+        self.micro_batch_size.unwrap_or(self.batch_size)
+    }
+
+    /// Micro-batches accumulated per optimizer step.
+    pub fn grad_accum(&self) -> usize {
+        self.batch_size / self.micro_batch_size().max(1)
     }
 }
 
@@ -201,16 +224,22 @@ impl RunConfig {
         if self.train.batch_size == 0 {
             bail!("train.batch_size must be at least 1");
         }
-        let micro = self.micro_batch_size();
+        let micro = self.train.micro_batch_size();
         if micro == 0 || self.train.batch_size % micro != 0 {
             bail!(
-                "train.micro_batch_size ({micro}) must divide train.batch_size ({})",
+                "train.micro_batch_size = {micro} must divide train.batch_size = {}",
                 self.train.batch_size
             );
         }
-        if !matches!(self.data.order.as_str(), "shuffle" | "file") {
+        if self.data.eval_size > 0 && self.data.eval.is_some() {
+            bail!("data.eval and data.eval_size are both set; keep one of them");
+        }
+        if !matches!(
+            self.data.order.as_str(),
+            "length_grouped" | "shuffle" | "file"
+        ) {
             bail!(
-                "data.order = {:?}: use \"shuffle\" or \"file\"",
+                "data.order = {:?}: use \"length_grouped\", \"shuffle\" or \"file\"",
                 self.data.order
             );
         }
@@ -228,11 +257,6 @@ impl RunConfig {
         }
         crate::source::parse_dtype(&self.model.dtype)?;
         Ok(())
-    }
-
-    /// Examples per forward/backward pass.
-    pub fn micro_batch_size(&self) -> usize {
-        self.train.micro_batch_size.unwrap_or(self.train.batch_size)
     }
 
     /// The resolved config as TOML, for the run directory.

@@ -175,7 +175,14 @@ mod tests {
 
     #[test]
     fn ticks_are_round_and_inside() {
-        assert_eq!(ticks(0.0, 300.0), vec![0.0, 100.0, 200.0, 300.0]);
+        assert_eq!(
+            ticks(0.0, 300.0),
+            vec![0.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0]
+        );
+        assert_eq!(
+            ticks(0.0, 1000.0),
+            vec![0.0, 200.0, 400.0, 600.0, 800.0, 1000.0]
+        );
         let t = ticks(8.43, 10.52);
         assert!(
             t.first().unwrap() >= &8.43 && t.last().unwrap() <= &10.52 && t.len() >= 3,

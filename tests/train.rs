@@ -286,3 +286,34 @@ fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
         vec![3]
     );
 }
+
+#[test]
+fn a_batcher_restored_from_its_count_continues_identically() {
+    use prolora::data::batch::{Batcher, Order};
+    let data: Vec<Encoded> = (0..23)
+        .map(|i| Encoded {
+            input_ids: vec![1; 3 + (i * 7) % 11],
+            labels: vec![i as i64; 3 + (i * 7) % 11],
+        })
+        .collect();
+    let ids = |b: &Batch| b.input_ids(&Device::Cpu).unwrap().dims().to_vec();
+    for order in [Order::LengthGrouped, Order::Shuffle, Order::File] {
+        for steps_before in [0, 1, 5, 6, 13] {
+            let mut a = Batcher::with_grad_accum(&data, 2, 2, 9).with_order(order);
+            for _ in 0..steps_before {
+                a.next_step();
+            }
+            let mut b = Batcher::with_grad_accum(&data, 2, 2, 9).with_order(order);
+            b.skip_to(a.consumed());
+            for _ in 0..12 {
+                let (x, y) = (a.next_step(), b.next_step());
+                assert_eq!(x.len(), y.len());
+                for (p, q) in x.iter().zip(&y) {
+                    assert_eq!(ids(p), ids(q), "{order:?} after {steps_before} steps");
+                    assert_eq!(p.prediction_rows(), q.prediction_rows());
+                }
+            }
+            assert_eq!(a.epoch, b.epoch);
+        }
+    }
+}

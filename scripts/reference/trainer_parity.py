@@ -2,7 +2,8 @@
 tests/parity.rs, which runs `prolora train` from the same start.
 
 Same initial weights (the PEFT adapter in tests/fixtures/peft-lora/adapter, loaded trainable),
-same batches (data.jsonl in file order, 4 examples per step, wrapping around; right padding),
+same batches (data.jsonl in file order, 4 examples per step, the last of an epoch short as a
+DataLoader with drop_last=False; right padding),
 dropout off, torch.optim.AdamW + clip_grad_norm_ + get_linear_schedule_with_warmup; the loss of
 a batch is the mean over all its label tokens (transformers' causal-LM loss).
 
@@ -44,14 +45,14 @@ def main():
     sched = get_linear_schedule_with_warmup(opt, warmup, STEPS)
 
     losses, lrs, norms = [], [], []
-    cursor = 0
+    # A DataLoader over the file in order, batch 4, drop_last=False, epoch after epoch.
+    order = [encoded[i:i + BATCH] for i in range(0, len(encoded), BATCH)]
     for step in range(STEPS):
-        batch = [encoded[(cursor + i) % len(encoded)] for i in range(BATCH)]
-        cursor += BATCH
+        batch = order[step % len(order)]
         length = max(len(e["input_ids"]) for e in batch)
-        ids = torch.zeros((BATCH, length), dtype=torch.long)
-        labels = torch.full((BATCH, length), -100, dtype=torch.long)
-        mask = torch.zeros((BATCH, length), dtype=torch.long)
+        ids = torch.zeros((len(batch), length), dtype=torch.long)
+        labels = torch.full((len(batch), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
         for r, e in enumerate(batch):
             n = len(e["input_ids"])
             ids[r, :n] = e["input_ids"]

@@ -7,7 +7,7 @@ use super::schedule::{linear_with_warmup, warmup_steps};
 use super::step::{accumulate_grads, Grads};
 use crate::adapters::{mix_seed, peft, Ctx};
 use crate::config::RunConfig;
-use crate::data::batch::{Batch, Sampler};
+use crate::data::batch::{split_eval, Batcher, Order};
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Encoded};
 use crate::eval::evaluate;
 use crate::source::{self, ModelSource};
@@ -147,9 +147,16 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
 
     // Data before the model: a bad line should not wait for a 13 GB load.
     let train_set = load_split(&encoder, Path::new(&cfg.data.train), cfg.data.max_seq_len)?;
-    let eval_set = match &cfg.data.eval {
-        Some(p) => Some(load_split(&encoder, Path::new(p), cfg.data.max_seq_len)?),
-        None => None,
+    let (train_set, eval_set) = match &cfg.data.eval {
+        Some(p) => (
+            train_set,
+            Some(load_split(&encoder, Path::new(p), cfg.data.max_seq_len)?),
+        ),
+        None if cfg.data.eval_size > 0 => {
+            let (train, eval) = split_eval(train_set, cfg.data.eval_size, cfg.data.eval_seed)?;
+            (train, Some(eval))
+        }
+        None => (train_set, None),
     };
 
     let run_dir = PathBuf::from(&cfg.output_dir);
@@ -195,7 +202,9 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
             weight_decay: cfg.optim.weight_decay,
         },
     );
-    let mut sampler = Sampler::new(train_set.len(), cfg.seed, cfg.data.order == "shuffle");
+    let micro = cfg.train.micro_batch_size();
+    let mut batches = Batcher::with_grad_accum(&train_set, micro, cfg.train.grad_accum(), cfg.seed)
+        .with_order(Order::parse(&cfg.data.order)?);
     let mut state = TrainerState {
         step: 0,
         samples_consumed: 0,
@@ -203,7 +212,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     };
     if let Some(dir) = &resume_from {
         state = checkpoint::load(dir, &model, &mut optimizer)?;
-        sampler.skip_to(state.samples_consumed);
+        batches.skip_to(state.samples_consumed);
         eprintln!("resuming from {} (step {})", dir.display(), state.step);
     }
 
@@ -239,7 +248,6 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     };
 
     let total = cfg.train.steps;
-    let micro = cfg.micro_batch_size();
     eprintln!(
         "training {} adapter ({trainable} parameters) on {} ({} examples) for {} steps of {} examples → {}",
         cfg.adapter.kind,
@@ -286,11 +294,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     for step in state.step..total {
         let lr = linear_with_warmup(cfg.optim.lr, step, total, warmup);
-        let picked = sampler.take(cfg.train.batch_size);
-        let micro_batches: Vec<Batch> = picked
-            .chunks(micro)
-            .map(|c| Batch::new(&c.iter().map(|&i| &train_set[i]).collect::<Vec<_>>()))
-            .collect();
+        let micro_batches = batches.next_step();
         // The loss of the step is the mean over all its label tokens, across micro-batches.
         let label_tokens: usize = micro_batches.iter().map(|b| b.label_tokens()).sum();
         let mut grads: Grads = vec![None; vars.len()];
@@ -312,7 +316,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         let loss = loss_sum / label_tokens as f64;
         let (grad_norm, scale) = clip_factor(&grads, cfg.optim.max_grad_norm)?;
         state.step = step + 1;
-        state.samples_consumed = sampler.consumed();
+        state.samples_consumed = batches.consumed();
         if !loss.is_finite() || !grad_norm.is_finite() {
             if cfg.train.on_nonfinite == "skip" {
                 log(
@@ -352,7 +356,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
                 "grad_norm": grad_norm,
                 "label_tokens": label_tokens,
                 "tokens_per_s": tokens_per_s,
-                "epoch": sampler.epoch(),
+                "epoch": batches.epoch,
                 "elapsed_s": elapsed,
                 "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
             }))?;
