@@ -14,7 +14,7 @@ pub fn evaluate(model: &Llama, examples: &[Encoded], batch_size: usize) -> Resul
     let mut total = 0f64;
     let mut tokens = 0usize;
     for batch in in_order(examples, batch_size) {
-        let (sum, n) = summed_loss(model, &batch, &ctx)?;
+        let (sum, n) = summed_loss(model, &batch, &ctx, false)?;
         total += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         tokens += n;
     }

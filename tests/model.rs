@@ -126,10 +126,10 @@ fn adapter_gradients_match_central_finite_differences() {
     let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
     let ctx = Ctx::eval();
     let loss = |m: &Llama| {
-        let (sum, n) = summed_loss(m, &batch, &ctx).unwrap();
+        let (sum, n) = summed_loss(m, &batch, &ctx, false).unwrap();
         sum.to_scalar::<f64>().unwrap() / n as f64
     };
-    let (sum, n) = summed_loss(&model, &batch, &ctx).unwrap();
+    let (sum, n) = summed_loss(&model, &batch, &ctx, true).unwrap();
     let grads = (sum / n as f64).unwrap().backward().unwrap();
     let eps = 1e-6;
     let mut checked = 0;

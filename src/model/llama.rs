@@ -281,6 +281,11 @@ impl Llama {
         self.final_norm(&x)
     }
 
+    /// The vocabulary head's weight (vocab, d) (the embedding when tied).
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
+
     /// Vocabulary logits for hidden states (…, d) → (…, vocab).
     pub fn head(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         self.lm_head.forward(h)

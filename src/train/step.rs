@@ -40,7 +40,7 @@ pub fn accumulate_grads(
     let (sum, n) = if checkpointing {
         checkpointed(model, batch, ctx, vars, divisor, acc)?
     } else {
-        let (sum, n) = summed_loss(model, batch, ctx)?;
+        let (sum, n) = summed_loss(model, batch, ctx, true)?;
         accumulate(acc, &(&sum / divisor)?.backward()?, vars)?;
         (sum, n)
     };
@@ -67,7 +67,7 @@ fn checkpointed(
     }
     // Head: the loss and its gradient w.r.t. the last layer's output.
     let last = Var::from_tensor(&x)?;
-    let (sum, n) = summed_loss_of_hidden(model, &model.final_norm(last.as_tensor())?, batch)?;
+    let (sum, n) = summed_loss_of_hidden(model, &model.final_norm(last.as_tensor())?, batch, true)?;
     let store = (&sum / divisor)?.backward()?;
     let mut upstream = store
         .get(last.as_tensor())
