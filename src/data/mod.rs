@@ -2,4 +2,5 @@
 
 pub mod batch;
 pub mod chat;
+pub mod dataset;
 pub mod rng;
