@@ -152,7 +152,13 @@ pub fn load(
             (examples, report)
         }
         None => {
-            let (examples, report) = encode_file(encoder, path, opts)?;
+            let mut examples = Vec::new();
+            let report = encode_file(encoder, path, opts, |e| {
+                if e.num_trained() > 0 {
+                    examples.push(e);
+                }
+                Ok(())
+            })?;
             if let Some(f) = &cache_file {
                 // A cache that cannot be written only costs time next run.
                 if let Err(e) = write_cache(f, &examples, &report) {
@@ -192,13 +198,19 @@ fn bad_line(path: &Path, line: usize, error: &str) -> anyhow::Error {
     )
 }
 
-fn encode_file(
+/// Streams `path` through the encoder, giving every valid example to `sink` in file order
+/// (those with no label token too); counts what it saw. Bad lines stop the run unless
+/// `opts.skip_invalid`.
+pub fn encode_file(
     encoder: &ChatEncoder,
     path: &Path,
     opts: &LoadOptions,
-) -> Result<(Vec<Encoded>, DataReport)> {
-    let mut kept = Vec::new();
-    let mut report = DataReport::default();
+    mut sink: impl FnMut(Encoded) -> Result<()>,
+) -> Result<DataReport> {
+    let mut report = DataReport {
+        file: path.display().to_string(),
+        ..DataReport::default()
+    };
     for_each_chunk(path, CHUNK_LINES, |chunk| {
         let lines: Vec<Line> = chunk
             .par_iter()
@@ -220,17 +232,14 @@ fn encode_file(
                 Line::Good { encoded, truncated } => {
                     report.examples += 1;
                     report.truncated += usize::from(truncated);
-                    if encoded.labels.iter().all(|&l| l == IGNORE_INDEX) {
-                        report.dropped += 1;
-                    } else {
-                        kept.push(encoded);
-                    }
+                    report.dropped += usize::from(encoded.num_trained() == 0);
+                    sink(encoded)?;
                 }
             }
         }
         Ok(())
     })?;
-    Ok((kept, report))
+    Ok(report)
 }
 
 fn encode_line(encoder: &ChatEncoder, lineno: usize, raw: &[u8], max_seq_len: usize) -> Line {

@@ -3,4 +3,5 @@
 pub mod batch;
 pub mod chat;
 pub mod dataset;
+pub mod inspect;
 pub mod rng;
