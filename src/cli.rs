@@ -3,6 +3,7 @@
 use crate::adapters::peft;
 use crate::config::RunConfig;
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Message, Role};
+use crate::data::convert::{prepare, Format};
 use crate::data::dataset::{encode_file, LoadOptions};
 use crate::data::inspect;
 use crate::source::{self, ModelSource};
@@ -42,6 +43,26 @@ pub enum DataCommand {
     Encode(EncodeArgs),
     /// Show examples with the trained-on tokens marked, and length statistics.
     Inspect(InspectArgs),
+    /// Convert a raw dataset to chat jsonl as open-instruct's reformatting script does.
+    Prepare(PrepareArgs),
+}
+
+#[derive(Args)]
+pub struct PrepareArgs {
+    #[arg(long, value_enum)]
+    pub format: Format,
+    /// The raw file or directory (see the formats).
+    #[arg(long = "in")]
+    pub input: PathBuf,
+    /// The `{"messages": [...]}` jsonl to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seeds the template choice and the sampling (the reference's `random.seed`).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Skip, count and report bad records instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
 }
 
 /// What the data commands read.
@@ -148,6 +169,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Data(DataCommand::Encode(a)) => data_encode(a),
         Command::Data(DataCommand::Inspect(a)) => data_inspect(a),
+        Command::Data(DataCommand::Prepare(a)) => data_prepare(a),
     }
 }
 
@@ -319,6 +341,50 @@ fn data_inspect(args: InspectArgs) -> Result<()> {
     print!(
         "{}",
         inspect::statistics(&report, &mut lengths, &mut labels)
+    );
+    Ok(())
+}
+
+fn data_prepare(args: PrepareArgs) -> Result<()> {
+    // Written next to the target and renamed at the end: a failed run leaves no partial file.
+    let tmp = args.out.with_extension("jsonl.partial");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let result = prepare(
+        args.format,
+        &args.input,
+        &mut out,
+        args.seed,
+        args.skip_invalid,
+    )
+    .and_then(|r| {
+        out.flush()
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        Ok(r)
+    });
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // Best effort: the error is what the user needs to see.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} examples to {}{}",
+        report.written,
+        args.out.display(),
+        if report.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} bad records skipped, listed above)",
+                report.skipped.len()
+            )
+        }
     );
     Ok(())
 }
