@@ -3,10 +3,14 @@
 use crate::adapters::peft;
 use crate::config::RunConfig;
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Message, Role};
+use crate::data::convert::{prepare, Format};
+use crate::data::dataset::{encode_file, LoadOptions};
+use crate::data::inspect;
 use crate::source::{self, ModelSource};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +35,72 @@ pub enum Command {
     Plot(PlotArgs),
     /// A table of the runs under a directory (a sweep): eval losses, mean ± std over seeds.
     Collect(CollectArgs),
+    /// Instruction data: convert raw datasets, encode, inspect.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Encode a chat jsonl file: one {"input_ids", "labels"} line per valid example, in file
+    /// order (those with no label token left too), to diff against a Python pipeline.
+    Encode(EncodeArgs),
+    /// Show examples with the trained-on tokens marked, and length statistics.
+    Inspect(InspectArgs),
+    /// Convert a raw dataset to chat jsonl as open-instruct's reformatting script does.
+    Prepare(PrepareArgs),
+}
+
+#[derive(Args)]
+pub struct PrepareArgs {
+    #[arg(long, value_enum)]
+    pub format: Format,
+    /// The raw file or directory (see the formats).
+    #[arg(long = "in")]
+    pub input: PathBuf,
+    /// The `{"messages": [...]}` jsonl to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seeds the template choice and the sampling (the reference's `random.seed`).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Skip, count and report bad records instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+/// What the data commands read.
+#[derive(Args)]
+pub struct DataInput {
+    /// A tokenizer.json, a model directory, a preset or a Hub repo id.
+    #[arg(long, default_value = "llama2-7b")]
+    pub tokenizer: String,
+    /// `{"messages": [...]}` jsonl.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    /// Skip, count and report bad lines instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Args)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    pub input: DataInput,
+    /// Where to write the encoded jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub input: DataInput,
+    /// How many examples to show.
+    #[arg(long, default_value_t = 3)]
+    pub n: usize,
 }
 
 #[derive(Args)]
@@ -136,6 +206,9 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{}", crate::collect::collect(&a.root, a.csv)?);
             Ok(())
         }
+        Command::Data(DataCommand::Encode(a)) => data_encode(a),
+        Command::Data(DataCommand::Inspect(a)) => data_inspect(a),
+        Command::Data(DataCommand::Prepare(a)) => data_prepare(a),
     }
 }
 
@@ -250,6 +323,134 @@ fn generate(args: GenerateArgs) -> Result<()> {
     println!(
         "{}",
         crate::generate::generate(&model, &encoder, &messages, args.max_new_tokens)?
+    );
+    Ok(())
+}
+
+/// `--tokenizer`: a tokenizer.json file, a directory holding one, else a model spec.
+fn data_encoder(spec: &str) -> Result<ChatEncoder> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return ChatEncoder::from_file(path);
+    }
+    if path.join("tokenizer.json").is_file() {
+        return ChatEncoder::from_file(&path.join("tokenizer.json"));
+    }
+    ChatEncoder::new(ModelSource::resolve(spec, "main")?.tokenizer(None)?)
+}
+
+fn data_options(input: &DataInput) -> Result<LoadOptions> {
+    if input.max_seq_len < 2 {
+        bail!("--max-seq-len must be at least 2");
+    }
+    Ok(LoadOptions {
+        max_seq_len: input.max_seq_len,
+        skip_invalid: input.skip_invalid,
+        cache_dir: None,
+    })
+}
+
+fn data_encode(args: EncodeArgs) -> Result<()> {
+    let encoder = data_encoder(&args.input.tokenizer)?;
+    let opts = data_options(&args.input)?;
+    let file = std::fs::File::create(&args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let report = encode_file(&encoder, &args.input.data, &opts, |e| {
+        let line = serde_json::json!({"input_ids": e.input_ids, "labels": e.labels});
+        writeln!(out, "{line}").with_context(|| format!("cannot write {}", args.out.display()))
+    })?;
+    out.flush()
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!("{} → {}", report.summary(), args.out.display());
+    Ok(())
+}
+
+fn data_inspect(args: InspectArgs) -> Result<()> {
+    let encoder = data_encoder(&args.input.tokenizer)?;
+    let opts = data_options(&args.input)?;
+    let marks = if std::io::stdout().is_terminal() {
+        &inspect::ANSI
+    } else {
+        &inspect::PLAIN
+    };
+    let (mut lengths, mut labels) = (Vec::new(), Vec::new());
+    let mut shown = 0;
+    let report = encode_file(&encoder, &args.input.data, &opts, |e| {
+        if shown < args.n {
+            shown += 1;
+            let note = if e.num_trained() == 0 {
+                ", dropped: no label token"
+            } else {
+                ""
+            };
+            println!(
+                "── example {shown}: {} tokens, {} trained on{note} ──\n{}\n",
+                e.input_ids.len(),
+                e.num_trained(),
+                inspect::render(&encoder, &e, marks)?
+            );
+        }
+        if e.num_trained() > 0 {
+            lengths.push(e.input_ids.len());
+            labels.push(e.num_trained());
+        }
+        Ok(())
+    })?;
+    println!(
+        "{} (max {} tokens; trained-on text is {}…{})",
+        args.input.data.display(),
+        opts.max_seq_len,
+        marks.open,
+        marks.close
+    );
+    print!(
+        "{}",
+        inspect::statistics(&report, &mut lengths, &mut labels)
+    );
+    Ok(())
+}
+
+fn data_prepare(args: PrepareArgs) -> Result<()> {
+    // Written next to the target and renamed at the end: a failed run leaves no partial file.
+    let tmp = args.out.with_extension("jsonl.partial");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let result = prepare(
+        args.format,
+        &args.input,
+        &mut out,
+        args.seed,
+        args.skip_invalid,
+    )
+    .and_then(|r| {
+        out.flush()
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        Ok(r)
+    });
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // Best effort: the error is what the user needs to see.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} examples to {}{}",
+        report.written,
+        args.out.display(),
+        if report.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} bad records skipped, listed above)",
+                report.skipped.len()
+            )
+        }
     );
     Ok(())
 }

@@ -61,6 +61,9 @@ pub struct DataConfig {
     /// Skip, count and report bad lines instead of stopping at the first one.
     #[serde(default)]
     pub skip_invalid: bool,
+    /// Cache tokenized data (in `$PROLORA_CACHE`, else `~/.cache/prolora/tokenized`).
+    #[serde(default = "default_true")]
+    pub cache: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -124,6 +127,9 @@ fn default_dtype() -> String {
 }
 fn default_max_seq_len() -> usize {
     512
+}
+fn default_true() -> bool {
+    true
 }
 fn default_eval_seed() -> u64 {
     42

@@ -16,13 +16,23 @@ const CHUNK_ROWS: usize = 64;
 
 /// The summed token loss of a batch (a scalar tensor that back-propagates when `with_grad`)
 /// and how many label tokens it covers.
-pub fn summed_loss(model: &Llama, batch: &Batch, ctx: &Ctx, with_grad: bool) -> Result<(Tensor, usize)> {
+pub fn summed_loss(
+    model: &Llama,
+    batch: &Batch,
+    ctx: &Ctx,
+    with_grad: bool,
+) -> Result<(Tensor, usize)> {
     let hidden = model.hidden(&batch.input_ids(model.device())?, ctx)?;
     summed_loss_of_hidden(model, &hidden, batch, with_grad)
 }
 
 /// The same from the normalised last hidden states (b, t, d).
-pub fn summed_loss_of_hidden(model: &Llama, hidden: &Tensor, batch: &Batch, with_grad: bool) -> Result<(Tensor, usize)> {
+pub fn summed_loss_of_hidden(
+    model: &Llama,
+    hidden: &Tensor,
+    batch: &Batch,
+    with_grad: bool,
+) -> Result<(Tensor, usize)> {
     let (rows, targets) = batch.prediction_rows();
     let device = model.device();
     let d = hidden.dim(D::Minus1)?;
@@ -30,13 +40,25 @@ pub fn summed_loss_of_hidden(model: &Llama, hidden: &Tensor, batch: &Batch, with
     let rows = Tensor::from_vec(rows, n, device)?;
     let selected = hidden.reshape(((), d))?.index_select(&rows, 0)?;
     let targets = Tensor::from_vec(targets, (n, 1), device)?;
-    Ok((head_cross_entropy(model, &selected, &targets, with_grad)?, n))
+    Ok((
+        head_cross_entropy(model, &selected, &targets, with_grad)?,
+        n,
+    ))
 }
 
 /// `Σ_rows [logsumexp(h Wᵀ) − (h Wᵀ)[target]]` for hidden rows `h` (n, d) and targets (n, 1).
-fn head_cross_entropy(model: &Llama, h: &Tensor, targets: &Tensor, with_grad: bool) -> Result<Tensor> {
+fn head_cross_entropy(
+    model: &Llama,
+    h: &Tensor,
+    targets: &Tensor,
+    with_grad: bool,
+) -> Result<Tensor> {
     // transformers computes the loss in f32; f64 models (gradient checks) stay f64.
-    let dtype = if model.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let dtype = if model.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let w = model.head_weight().to_dtype(dtype)?;
     let hd = h.detach().to_dtype(dtype)?;
     let n = hd.dim(0)?;
@@ -51,7 +73,10 @@ fn head_cross_entropy(model: &Llama, h: &Tensor, targets: &Tensor, with_grad: bo
         let sum_exp = exp.sum_keepdim(1)?;
         let lse = (sum_exp.log()? + max)?;
         let picked = logits.gather(&tc, 1)?;
-        total += (lse - picked)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        total += (lse - picked)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         if with_grad {
             // ∂/∂h of the chunk's loss: (softmax − onehot(target)) W.
             let probs = exp.broadcast_div(&sum_exp)?;
@@ -86,6 +111,9 @@ impl CustomOp1 for FusedHeadLoss {
     }
 
     fn bwd(&self, _h: &Tensor, _loss: &Tensor, grad_loss: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.grad.broadcast_mul(&grad_loss.to_dtype(self.grad.dtype())?)?))
+        Ok(Some(
+            self.grad
+                .broadcast_mul(&grad_loss.to_dtype(self.grad.dtype())?)?,
+        ))
     }
 }

@@ -132,11 +132,13 @@ fn resume_after_sigkill_is_bit_identical() {
         "resumed adapter differs from the uninterrupted run"
     );
 
-    // Metrics hold each step exactly once.
+    // Metrics hold each training step exactly once.
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let steps: Vec<u64> = metrics
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .filter_map(|v| v["step"].as_u64())
         .collect();
     assert_eq!(steps, (1..=STEPS as u64).collect::<Vec<_>>());
     // keep_last: only the two newest checkpoints remain, and no temporary directory.

@@ -62,10 +62,81 @@ def make_sampler():
     )
 
 
+def random_conversation(rng):
+    """A conversation in the shapes users send: optional system, turns in any order the
+    template accepts, empty/blank/unicode/code contents, literal special tokens."""
+    pieces = [
+        "What is 2 + 2?", "Four.", "  padded with blanks  \n", "", "   ", "línea\ncon\tTab", "東京は日本の首都です。",
+        "emoji 🙂👍🏽", "def f(x):\n    return x * 2\n", "a</s>b", "<s> literal", "x" * 40,
+        "The quick brown fox jumps over the lazy dog. " * 3, "\u00a0nbsp\u2003em", "<|user|> tag in text",
+    ]
+    messages = []
+    if rng.random() < 0.3:
+        messages.append({"role": "system", "content": rng.choice(pieces)})
+    for _ in range(rng.randint(1, 4)):
+        messages.append({"role": "user", "content": rng.choice(pieces)})
+        if rng.random() < 0.15:
+            messages.append({"role": "user", "content": rng.choice(pieces)})
+        messages.append({"role": "assistant", "content": rng.choice(pieces)})
+    if rng.random() < 0.2:
+        messages.append({"role": "user", "content": rng.choice(pieces)})
+    return messages
+
+
+def make_chat():
+    sys.path.insert(0, HERE)
+    from make_goldens import TOKENIZER_JSON, encode_with_messages_format, verify_encoder
+    from transformers import LlamaTokenizerFast
+
+    tokenizer = LlamaTokenizerFast(tokenizer_file=TOKENIZER_JSON)
+    verify_encoder(tokenizer)
+    rng = random.Random(5)
+    path = f"{FIXTURES}/chat-encoding/more_cases.jsonl"
+    with open(path, "w") as f:
+        for i in range(120):
+            messages = random_conversation(rng)
+            max_len = rng.choice([8, 16, 24, 32, 48, 64, 96, 512])
+            enc = encode_with_messages_format({"messages": messages}, tokenizer, max_len)
+            case = {"name": f"random_{i:03d}", "messages": messages, "max_seq_length": max_len,
+                    "input_ids": enc["input_ids"].tolist(), "labels": enc["labels"].tolist()}
+            f.write(json.dumps(case, ensure_ascii=False) + "\n")
+
+
+# (format, reference function, its arguments on data/raw/, the file it writes)
+PREPARE = [
+    ("superni", "convert_super_ni_data", {"data_dir": "data/raw/superni"}, "super_ni_data.jsonl"),
+    ("flan_v2", "convert_flan_v2_data", {"data_dir": "data/raw", "data_file": "flan_v2.jsonl"}, "flan_v2_data.jsonl"),
+    ("cot", "convert_cot_data", {"data_dir": "data/raw/cot"}, "cot_data.jsonl"),
+    ("code_alpaca", "convert_code_alpaca_data", {"data_dir": "data/raw"}, "code_alpaca_data.jsonl"),
+    ("alpaca", "convert_stanford_alpaca_data", {"data_dir": "data/raw"}, "stanford_alpaca_data.jsonl"),
+]
+PREPARE_SEEDS = [42, 7]
+
+
+def make_prepare():
+    """Needs open-instruct: OPEN_INSTRUCT=<checkout root> (open_instruct/reformat_datasets.py)."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, os.environ["OPEN_INSTRUCT"])
+    from open_instruct import reformat_datasets as ref
+
+    out_dir = f"{FIXTURES}/prepare"
+    os.makedirs(out_dir, exist_ok=True)
+    for fmt, func, kwargs, written in PREPARE:
+        # Flan V2 and CoT draw nothing at this size: one seed is enough.
+        for seed in PREPARE_SEEDS if fmt in ("superni", "code_alpaca", "alpaca") else PREPARE_SEEDS[:1]:
+            tmp = tempfile.mkdtemp()
+            random.seed(seed)  # as `reformat_datasets.py --dataset … --seed SEED` does
+            getattr(ref, func)(output_dir=tmp, **kwargs)
+            shutil.copy(os.path.join(tmp, written), f"{out_dir}/{fmt}_seed{seed}.jsonl")
+            shutil.rmtree(tmp)
+
+
 def main():
     what = sys.argv[1:] or ["sampler", "chat", "prepare"]
     for w in what:
-        {"sampler": make_sampler}[w]()
+        {"sampler": make_sampler, "chat": make_chat, "prepare": make_prepare}[w]()
         print(f"wrote {w}")
 
 

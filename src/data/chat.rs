@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokenizers::Tokenizer;
 
+use crate::data::dataset::line_text;
+
 /// Label of a position that is not trained on (PyTorch's `CrossEntropyLoss` default).
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -196,6 +198,15 @@ impl ChatEncoder {
     /// right-truncated to `max_seq_len`), labels = ids with every non-assistant message masked,
     /// span ends taken from separately tokenised message prefixes.
     pub fn encode(&self, example: &Example, max_seq_len: usize) -> Result<Encoded> {
+        Ok(self.encode_with_length(example, max_seq_len)?.0)
+    }
+
+    /// [`Self::encode`], and the untruncated token count (to count truncated examples).
+    pub fn encode_with_length(
+        &self,
+        example: &Example,
+        max_seq_len: usize,
+    ) -> Result<(Encoded, usize)> {
         let messages = &example.messages;
         if max_seq_len == 0 {
             bail!("max_seq_len must be at least 1");
@@ -207,6 +218,7 @@ impl ChatEncoder {
         let chat = ChatText::new(messages);
 
         let mut input_ids = self.ids(py_strip(&chat.text))?;
+        let full_len = input_ids.len();
         input_ids.truncate(max_seq_len);
         let mut labels: Vec<i64> = input_ids.iter().map(|&id| i64::from(id)).collect();
         let n = input_ids.len();
@@ -248,7 +260,7 @@ impl ChatEncoder {
                 break;
             }
         }
-        Ok(Encoded { input_ids, labels })
+        Ok((Encoded { input_ids, labels }, full_len))
     }
 
     /// The prompt for generation: the chat text of the messages followed by "<|assistant|>\n",
@@ -261,39 +273,25 @@ impl ChatEncoder {
 }
 
 /// Reads a `{"messages": …}` jsonl file. Blank lines are skipped. Any bad line (not JSON, no
-/// "messages", a message without role/content, an unknown role, empty messages list) gives an
-/// error `"{path}:{line}: {what is wrong}"` (one line, says the fix where possible). Not UTF-8 →
-/// error naming file and line.
+/// "messages", a message without role/content, an unknown role, empty messages list, not UTF-8)
+/// gives an error `"{path}:{line}: {what is wrong}"` (one line, says the fix where possible).
+/// For training-size files use [`crate::data::dataset::load`], which streams.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut examples = Vec::new();
-    for (idx, raw) in bytes.split(|&b| b == b'\n').enumerate() {
-        let lineno = idx + 1;
-        let line = std::str::from_utf8(raw).map_err(|e| {
-            anyhow!(
-                "{}:{lineno}: not valid UTF-8 (bad byte at byte {} of the line); save the file as UTF-8",
-                path.display(),
-                e.valid_up_to() + 1
-            )
-        })?;
-        // Tolerate a UTF-8 byte-order mark, which some editors write.
-        let line = if idx == 0 {
-            line.trim_start_matches('\u{feff}')
-        } else {
-            line
-        };
-        if line.trim().is_empty() {
-            continue;
+    crate::data::dataset::for_each_chunk(path, 1024, |chunk| {
+        for (lineno, raw) in chunk {
+            let parsed = line_text(lineno, &raw)
+                .and_then(|t| t.map(parse_line).transpose())
+                .map_err(|what| anyhow!("{}:{lineno}: {what}", path.display()))?;
+            examples.extend(parsed);
         }
-        let example =
-            parse_line(line).map_err(|what| anyhow!("{}:{lineno}: {what}", path.display()))?;
-        examples.push(example);
-    }
+        Ok(())
+    })?;
     Ok(examples)
 }
 
 /// Validates one jsonl line by hand so that errors say what is wrong and where.
-fn parse_line(line: &str) -> std::result::Result<Example, String> {
+pub fn parse_line(line: &str) -> std::result::Result<Example, String> {
     const SHAPE: &str = r#"{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}"#;
     let value: Value = serde_json::from_str(line).map_err(|e| {
         format!("not valid JSON ({e}); each line must be one JSON object like {SHAPE}")

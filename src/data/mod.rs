@@ -2,4 +2,7 @@
 
 pub mod batch;
 pub mod chat;
+pub mod convert;
+pub mod dataset;
+pub mod inspect;
 pub mod rng;

@@ -8,7 +8,8 @@ use super::step::{accumulate_grads, Grads};
 use crate::adapters::{mix_seed, peft, Ctx};
 use crate::config::RunConfig;
 use crate::data::batch::{split_eval, Batcher, Order};
-use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Encoded};
+use crate::data::chat::{ChatEncoder, Encoded};
+use crate::data::dataset::{default_cache_dir, load, DataReport, LoadOptions};
 use crate::eval::evaluate;
 use crate::source::{self, ModelSource};
 use anyhow::{bail, Context, Result};
@@ -41,25 +42,20 @@ pub struct TrainSummary {
     pub final_eval_loss: Option<f64>,
 }
 
-/// Encodes a `messages` jsonl file, failing when nothing trainable is left.
-fn load_split(encoder: &ChatEncoder, path: &Path, max_seq_len: usize) -> Result<Vec<Encoded>> {
-    let examples = read_jsonl(path)?;
-    let (encoded, dropped) = encode_all(encoder, &examples, max_seq_len)?;
-    if encoded.is_empty() {
-        bail!(
-            "{}: no example has an assistant token left after truncation to {max_seq_len} tokens \
-             ({dropped} dropped); raise data.max_seq_len or check the data",
-            path.display()
-        );
-    }
-    if dropped > 0 {
-        eprintln!(
-            "{}: dropped {dropped} of {} examples with no label token after truncation",
-            path.display(),
-            examples.len()
-        );
-    }
-    Ok(encoded)
+/// Encodes a `messages` jsonl file (streamed, cached), failing when nothing trainable is left.
+fn load_split(
+    encoder: &ChatEncoder,
+    path: &Path,
+    cfg: &RunConfig,
+) -> Result<(Vec<Encoded>, DataReport)> {
+    let opts = LoadOptions {
+        max_seq_len: cfg.data.max_seq_len,
+        skip_invalid: cfg.data.skip_invalid,
+        cache_dir: cfg.data.cache.then(default_cache_dir).flatten(),
+    };
+    let (examples, report) = load(encoder, path, &opts)?;
+    eprintln!("{}", report.summary());
+    Ok((examples, report))
 }
 
 /// An adapter used as a starting point must have been trained with the same scaling.
@@ -146,12 +142,14 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let encoder = ChatEncoder::new(tokenizer)?;
 
     // Data before the model: a bad line should not wait for a 13 GB load.
-    let train_set = load_split(&encoder, Path::new(&cfg.data.train), cfg.data.max_seq_len)?;
+    let (train_set, train_report) = load_split(&encoder, Path::new(&cfg.data.train), cfg)?;
+    let mut reports = vec![train_report];
     let (train_set, eval_set) = match &cfg.data.eval {
-        Some(p) => (
-            train_set,
-            Some(load_split(&encoder, Path::new(p), cfg.data.max_seq_len)?),
-        ),
+        Some(p) => {
+            let (eval, report) = load_split(&encoder, Path::new(p), cfg)?;
+            reports.push(report);
+            (train_set, Some(eval))
+        }
         None if cfg.data.eval_size > 0 => {
             let (train, eval) = split_eval(train_set, cfg.data.eval_size, cfg.data.eval_seed)?;
             (train, Some(eval))
@@ -246,6 +244,20 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         writeln!(metrics, "{line}")
             .with_context(|| format!("cannot write {}", metrics_path.display()))
     };
+
+    if resume_from.is_none() {
+        // What the data loading kept, dropped and skipped, line by line.
+        peft::write_atomic(
+            &run_dir.join("data_report.json"),
+            serde_json::to_string_pretty(&reports)?.as_bytes(),
+        )?;
+        for r in &reports {
+            log(
+                json!({"step": 0, "data": r.file, "examples": r.examples, "truncated": r.truncated,
+                       "dropped": r.dropped, "skipped_lines": r.skipped.len()}),
+            )?;
+        }
+    }
 
     let total = cfg.train.steps;
     eprintln!(
@@ -385,6 +397,13 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     };
     save(&state, &optimizer, &model)?;
     peft::save(&run_dir, &model, &cfg.adapter, &model_source.name())?;
+    let skipped: usize = reports.iter().map(|r| r.skipped.len()).sum();
+    if skipped > 0 {
+        eprintln!(
+            "skipped {skipped} invalid lines (listed in {})",
+            run_dir.join("data_report.json").display()
+        );
+    }
     Ok(TrainSummary {
         run_dir,
         steps: total,

@@ -1,0 +1,171 @@
+//! `prolora data …` as a user runs it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn prolora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(args)
+        .current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("the binary runs")
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const CASES: &str = "tests/fixtures/chat-encoding/cases.jsonl";
+
+#[test]
+fn encode_writes_open_instructs_ids_and_labels() {
+    // The golden cases whose max length is 512, as one input file: every case comes back, in order.
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<serde_json::Value> = jsonl(&root().join(CASES))
+        .into_iter()
+        .filter(|c| c["max_seq_length"] == 512)
+        .collect();
+    assert_eq!(cases.len(), 9);
+    let input = dir.path().join("in.jsonl");
+    let text: String = cases.iter().map(|c| format!("{c}\n")).collect();
+    std::fs::write(&input, text).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let tok = root().join("assets/llama2-tokenizer.json");
+    ok(&prolora(&[
+        "data",
+        "encode",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--data",
+        input.to_str().unwrap(),
+        "--max-seq-len",
+        "512",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let got = jsonl(&out);
+    assert_eq!(got.len(), cases.len());
+    for (g, c) in got.iter().zip(&cases) {
+        assert_eq!(g["input_ids"], c["input_ids"], "{}", c["name"]);
+        assert_eq!(g["labels"], c["labels"], "{}", c["name"]);
+    }
+}
+
+#[test]
+fn encode_keeps_line_order_with_unlabelled_examples_and_skips_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "only a question"}]}"#,
+            "\nnot json\n",
+            r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let args = |extra: &'static str| {
+        let mut a = vec![
+            "data".to_string(),
+            "encode".into(),
+            "--data".into(),
+            input.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        if !extra.is_empty() {
+            a.push(extra.into());
+        }
+        a
+    };
+    let strict = Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(args(""))
+        .output()
+        .unwrap();
+    assert!(!strict.status.success());
+    let err = String::from_utf8_lossy(&strict.stderr);
+    assert!(
+        err.contains(&format!("{}:2: not valid JSON", input.display())),
+        "{err}"
+    );
+    assert!(err.contains("--skip-invalid"), "{err}");
+
+    let lenient = Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(args("--skip-invalid"))
+        .output()
+        .unwrap();
+    assert!(lenient.status.success());
+    let err = String::from_utf8_lossy(&lenient.stderr);
+    assert!(err.contains(":2: skipped: not valid JSON"), "{err}");
+    assert!(
+        err.contains("2 examples")
+            && err.contains("1 dropped")
+            && err.contains("1 invalid lines skipped"),
+        "{err}"
+    );
+    let got = jsonl(&out);
+    assert_eq!(got.len(), 2);
+    assert!(got[0]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l == -100));
+    assert!(got[1]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l != -100));
+}
+
+#[test]
+fn inspect_marks_assistant_text_and_counts() {
+    let out = ok(&prolora(&[
+        "data",
+        "inspect",
+        "--data",
+        "data/sample_chat.jsonl",
+        "--n",
+        "1",
+        "--max-seq-len",
+        "32",
+    ]));
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(root().join("data/sample_chat.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let answer = first["messages"][1]["content"].as_str().unwrap();
+    // Not a terminal: plain marks; the answer and its EOS are the trained-on span.
+    assert!(out.contains(&format!("[[{answer}</s>]]")), "{out}");
+    assert_eq!(out.matches("── example").count(), 1);
+    assert!(out.contains("examples       400"), "{out}");
+    assert!(out.contains("max    32"), "{out}");
+    let truncated: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("truncated"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(truncated > 0, "{out}");
+}
