@@ -3,6 +3,7 @@
 pub mod config;
 pub mod frozen;
 pub mod llama;
+pub mod nf4;
 pub mod preset;
 pub mod weights;
 
