@@ -3,8 +3,9 @@
 use crate::adapters::peft;
 use crate::config::RunConfig;
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Message, Role};
+use crate::model::nf4::Quantization;
 use crate::source::{self, ModelSource};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -60,6 +61,12 @@ pub struct ModelArgs {
     /// Compute dtype: f32, bf16, f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Storage of the block linears: none, or nf4 (4-bit, as bitsandbytes; quantized on load).
+    #[arg(long, default_value = "none")]
+    pub quantize: String,
+    /// With --quantize nf4: also quantize the block scales (double quantization).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub double_quant: bool,
 }
 
 #[derive(Args)]
@@ -120,7 +127,9 @@ fn train(args: TrainArgs) -> Result<()> {
 fn load_model(args: &ModelArgs) -> Result<(crate::model::Llama, ChatEncoder)> {
     let source = ModelSource::resolve(&args.model, &args.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
-    let mut model = source.load(source::parse_dtype(&args.dtype)?, &source::device()?)?;
+    let quant = Quantization::parse(&args.quantize, args.double_quant).context("--quantize")?;
+    let mut model =
+        source.load_quantized(source::parse_dtype(&args.dtype)?, quant, &source::device()?)?;
     if let Some(dir) = &args.adapter {
         peft::load_into(dir, &mut model)?;
     }

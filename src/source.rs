@@ -2,6 +2,7 @@
 //! to its directory in the standard Hugging Face cache).
 
 use crate::hub;
+use crate::model::nf4::Quantization;
 use crate::model::preset::{self, LLAMA2_TOKENIZER_JSON};
 use crate::model::weights::{RandomWeights, SafetensorsWeights};
 use crate::model::{Llama, LlamaConfig};
@@ -62,25 +63,39 @@ impl ModelSource {
 
     /// Loads the frozen base model in `dtype`.
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Llama> {
+        self.load_quantized(dtype, Quantization::None, device)
+    }
+
+    /// Loads the frozen base model with its block linears stored as `quant` says; `dtype` is
+    /// the compute dtype.
+    pub fn load_quantized(
+        &self,
+        dtype: DType,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Llama> {
         match &self.origin {
             Origin::Preset(name) => {
-                if !preset::has_weights(name) {
+                if !preset::has_weights(name, quant) {
                     bail!(
-                        "preset {name} describes a shape only (for `prolora params` and benchmarks); \
-                         train or evaluate it from a checkpoint directory or Hub id instead"
+                        "preset {name} has random weights in 4 bits only (a full-precision copy \
+                         would not fit): add --quantize nf4 (model.quantize = \"nf4\"), or use a \
+                         checkpoint directory or Hub id"
                     );
                 }
-                Llama::load(
+                Llama::load_quantized(
                     &self.config,
                     &RandomWeights::new(PRESET_WEIGHT_SEED),
                     dtype,
+                    quant,
                     device,
                 )
             }
-            Origin::Dir(dir) => Llama::load(
+            Origin::Dir(dir) => Llama::load_quantized(
                 &self.config,
                 &SafetensorsWeights::from_dir(dir)?,
                 dtype,
+                quant,
                 device,
             ),
         }

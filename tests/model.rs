@@ -6,6 +6,7 @@ use prolora::adapters::{peft, AdapterConfig, Ctx};
 use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
 use prolora::loss::summed_loss;
+use prolora::model::nf4::Quantization;
 use prolora::model::weights::RandomWeights;
 use prolora::model::{Llama, LlamaConfig};
 use prolora::source::ModelSource;
@@ -111,14 +112,21 @@ fn loss_with_peft_written_lora_equals_pytorch_peft() {
 }
 
 /// A tiny f64 model with LoRA everywhere and non-zero B, so every adapter tensor has a gradient.
-fn tiny_f64_model() -> Llama {
+fn tiny_f64_model(quant: Quantization) -> Llama {
     let cfg = LlamaConfig::from_json(
         r#"{"vocab_size": 11, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
             "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
             "rope_theta": 100.0, "tie_word_embeddings": false}"#,
     )
     .unwrap();
-    let mut model = Llama::load(&cfg, &RandomWeights::new(3), DType::F64, &Device::Cpu).unwrap();
+    let mut model = Llama::load_quantized(
+        &cfg,
+        &RandomWeights::new(3),
+        DType::F64,
+        quant,
+        &Device::Cpu,
+    )
+    .unwrap();
     let adapter = AdapterConfig {
         rank: 2,
         alpha: 4.0,
@@ -151,7 +159,17 @@ fn tiny_f64_model() -> Llama {
 
 #[test]
 fn adapter_gradients_match_central_finite_differences() {
-    let model = tiny_f64_model();
+    check_adapter_gradients(Quantization::None);
+}
+
+/// Through 4-bit base layers the input gradient comes from the NF4 op's own backward.
+#[test]
+fn adapter_gradients_match_central_finite_differences_with_nf4_base() {
+    check_adapter_gradients(Quantization::Nf4 { double_quant: true });
+}
+
+fn check_adapter_gradients(quant: Quantization) {
+    let model = tiny_f64_model(quant);
     let examples = [
         Encoded {
             input_ids: vec![1, 5, 7, 3, 9, 2],

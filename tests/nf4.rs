@@ -249,3 +249,68 @@ fn nf4_partial_blocks_and_odd_counts_equal_bitsandbytes() {
         );
     }
 }
+
+/// The 4-bit linear: forward equals a matmul with the dequantized weight, the input gradient
+/// equals central finite differences.
+#[test]
+fn nf4_linear_forward_and_input_gradient() {
+    use prolora::model::frozen::FrozenLinear;
+    let dev = Device::Cpu;
+    let (o, h, n) = (6, 100, 3); // 600 values: a partial last block
+    let w: Vec<f32> = (0..o * h)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+        .collect();
+    let q = Nf4Tensor::quantize("w", &w, &[o, h], true).unwrap();
+    let dense = q.to_tensor(DType::F64, &dev).unwrap();
+    let lin = FrozenLinear::nf4(q);
+    assert_eq!(lin.dims(), (o, h));
+    let x0: Vec<f64> = (0..n * h)
+        .map(|i| ((i * 13 % 29) as f64 - 14.0) / 9.0)
+        .collect();
+    let r = Tensor::from_vec(
+        (0..n * o)
+            .map(|i| (i as f64 - 7.0) / 5.0)
+            .collect::<Vec<_>>(),
+        (n, o),
+        &dev,
+    )
+    .unwrap();
+    let x = candle_core::Var::from_vec(x0.clone(), (n, h), &dev).unwrap();
+    let y = lin.forward(x.as_tensor()).unwrap();
+    let want = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
+    let diff: f64 = (&y - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        diff < 1e-12,
+        "forward differs from the dequantized matmul by {diff}"
+    );
+    let loss = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap();
+    let grads = loss(&y).backward().unwrap();
+    let g: Vec<f64> = grads
+        .get(x.as_tensor())
+        .expect("input gradient")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for i in [0, 57, n * h - 1] {
+        let probe = |d: f64| {
+            let mut v = x0.clone();
+            v[i] += d;
+            let x = Tensor::from_vec(v, (n, h), &dev).unwrap();
+            loss(&lin.forward(&x).unwrap()).to_scalar::<f64>().unwrap()
+        };
+        let numeric = (probe(1e-6) - probe(-1e-6)) / 2e-6;
+        assert!(
+            (g[i] - numeric).abs() < 1e-6 * (1.0 + numeric.abs()),
+            "x[{i}]: backprop {} vs finite difference {numeric}",
+            g[i]
+        );
+    }
+}

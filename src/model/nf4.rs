@@ -311,3 +311,23 @@ impl NestedAbsmax {
             .collect()
     }
 }
+
+/// How the seven linears of each block are stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Quantization {
+    /// In the compute dtype.
+    None,
+    /// NF4 in blocks of 64; `double_quant` also quantizes the block scales (the paper's setting).
+    Nf4 { double_quant: bool },
+}
+
+impl Quantization {
+    /// From the config / command-line words: `none` or `nf4`.
+    pub fn parse(kind: &str, double_quant: bool) -> Result<Self> {
+        Ok(match kind {
+            "none" => Self::None,
+            "nf4" => Self::Nf4 { double_quant },
+            other => bail!("unknown quantization {other:?} (use \"nf4\" or \"none\")"),
+        })
+    }
+}

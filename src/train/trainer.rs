@@ -64,7 +64,7 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
         None => None,
     };
 
-    let mut model = model_source.load(dtype, &device)?;
+    let mut model = model_source.load_quantized(dtype, cfg.model.quantization()?, &device)?;
     let adapter_dtype = if dtype == DType::F64 {
         DType::F64
     } else {
