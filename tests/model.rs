@@ -70,7 +70,7 @@ fn both_config_layouts_are_read() {
 }
 
 /// Loss over the reference's own encoded examples, with PEFT's adapter attached.
-fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
+fn peft_loss(with_adapter: bool, quant: Quantization) -> (f64, usize, serde_json::Value) {
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("peft-lora/expected.json")).unwrap())
             .unwrap();
@@ -84,7 +84,9 @@ fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
         })
         .collect();
     let source = ModelSource::resolve(fixture("peft-lora/base").to_str().unwrap(), "main").unwrap();
-    let mut model = source.load(DType::F32, &Device::Cpu).unwrap();
+    let mut model = source
+        .load_quantized(DType::F32, quant, &Device::Cpu)
+        .unwrap();
     if with_adapter {
         peft::load_into(&fixture("peft-lora/adapter"), &mut model).unwrap();
     }
@@ -94,7 +96,7 @@ fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
 
 #[test]
 fn loss_with_peft_written_lora_equals_pytorch_peft() {
-    let (loss, tokens, expected) = peft_loss(true);
+    let (loss, tokens, expected) = peft_loss(true, Quantization::None);
     let want = expected["loss"].as_f64().unwrap();
     assert_eq!(tokens as u64, expected["tokens"].as_u64().unwrap());
     assert!(
@@ -102,13 +104,37 @@ fn loss_with_peft_written_lora_equals_pytorch_peft() {
         "loss {loss} vs PEFT {want}"
     );
     // The adapter really changes the result: the base loss differs by far more than the tolerance.
-    let (base, _, expected) = peft_loss(false);
+    let (base, _, expected) = peft_loss(false, Quantization::None);
     let want_base = expected["loss_base"].as_f64().unwrap();
     assert!(
         ((base - want_base) / want_base).abs() < 1e-4,
         "base loss {base} vs {want_base}"
     );
     assert!((loss - base).abs() > 1e-3);
+}
+
+/// The same with the base in NF4 + double quant, against transformers + PEFT + bitsandbytes
+/// (scripts/reference/make_nf4_model_goldens.py).
+#[test]
+fn loss_with_nf4_base_and_peft_lora_equals_pytorch_bitsandbytes() {
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("peft-lora-nf4/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let nf4 = Quantization::Nf4 { double_quant: true };
+    for (with_adapter, key) in [(true, "loss"), (false, "loss_base")] {
+        let (loss, tokens, full) = peft_loss(with_adapter, nf4);
+        let w = want[key].as_f64().unwrap();
+        eprintln!("nf4 {key}: ours {loss} vs bitsandbytes {w}");
+        assert_eq!(tokens as u64, want["tokens"].as_u64().unwrap());
+        assert!(((loss - w) / w).abs() < 1e-4, "{key}: {loss} vs {w}");
+        // We match the 4-bit reference far better than the full-precision model does.
+        let full = full[key].as_f64().unwrap();
+        assert!(
+            (loss - w).abs() * 10.0 < (full - w).abs(),
+            "{key}: ours {loss}, 4-bit {w}, full precision {full}"
+        );
+    }
 }
 
 /// A tiny f64 model with LoRA everywhere and non-zero B, so every adapter tensor has a gradient.
