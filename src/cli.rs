@@ -28,6 +28,24 @@ pub enum Command {
     Eval(EvalArgs),
     /// Greedy chat completion, to smoke-test an adapter.
     Generate(GenerateArgs),
+    /// Write a model with NF4 block linears in bitsandbytes' layout (loads here and in transformers).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// A preset, a local transformers directory, or a Hub repo id (org/name).
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision: branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// The output directory (model.safetensors, config.json, tokenizer files).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also quantize the block scales (double quantization).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub double_quant: bool,
 }
 
 #[derive(Args)]
@@ -104,7 +122,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),
         Command::Generate(a) => generate(a),
+        Command::Quantize(a) => quantize(a),
     }
+}
+
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    let source = ModelSource::resolve(&args.model, &args.revision)?;
+    let s = crate::quantize::quantize_model(&source, &args.out, args.double_quant)?;
+    println!(
+        "wrote {} tensors ({:.1} MiB) to {}",
+        s.tensors,
+        s.bytes as f64 / (1 << 20) as f64,
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn train(args: TrainArgs) -> Result<()> {

@@ -9,5 +9,6 @@ pub mod generate;
 pub mod hub;
 pub mod loss;
 pub mod model;
+pub mod quantize;
 pub mod source;
 pub mod train;

@@ -4,7 +4,7 @@
 use crate::hub;
 use crate::model::nf4::Quantization;
 use crate::model::preset::{self, LLAMA2_TOKENIZER_JSON};
-use crate::model::weights::{RandomWeights, SafetensorsWeights};
+use crate::model::weights::{RandomWeights, SafetensorsWeights, WeightSource};
 use crate::model::{Llama, LlamaConfig};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -74,31 +74,24 @@ impl ModelSource {
         quant: Quantization,
         device: &Device,
     ) -> Result<Llama> {
-        match &self.origin {
-            Origin::Preset(name) => {
-                if !preset::has_weights(name, quant) {
-                    bail!(
-                        "preset {name} has random weights in 4 bits only (a full-precision copy \
-                         would not fit): add --quantize nf4 (model.quantize = \"nf4\"), or use a \
-                         checkpoint directory or Hub id"
-                    );
-                }
-                Llama::load_quantized(
-                    &self.config,
-                    &RandomWeights::new(PRESET_WEIGHT_SEED),
-                    dtype,
-                    quant,
-                    device,
-                )
+        if let Origin::Preset(name) = &self.origin {
+            if !preset::has_weights(name, quant) {
+                bail!(
+                    "preset {name} has random weights in 4 bits only (a full-precision copy \
+                     would not fit): add --quantize nf4 (model.quantize = \"nf4\"), or use a \
+                     checkpoint directory or Hub id"
+                );
             }
-            Origin::Dir(dir) => Llama::load_quantized(
-                &self.config,
-                &SafetensorsWeights::from_dir(dir)?,
-                dtype,
-                quant,
-                device,
-            ),
         }
+        Llama::load_quantized(&self.config, &*self.weights()?, dtype, quant, device)
+    }
+
+    /// Where the base weights come from: the checkpoint, or a preset's seeded random init.
+    pub fn weights(&self) -> Result<Box<dyn WeightSource>> {
+        Ok(match &self.origin {
+            Origin::Preset(_) => Box::new(RandomWeights::new(PRESET_WEIGHT_SEED)),
+            Origin::Dir(dir) => Box::new(SafetensorsWeights::from_dir(dir)?),
+        })
     }
 
     /// The model's tokenizer, or `override_path` when given.

@@ -1,5 +1,6 @@
 //! The base model: its config, weights and the decoder.
 
+pub mod bnb;
 pub mod config;
 pub mod frozen;
 pub mod llama;

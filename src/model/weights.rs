@@ -1,6 +1,7 @@
 //! Where the frozen base weights come from: safetensors files (single or sharded) or a seeded
 //! random init for the built-in presets.
 
+use super::bnb;
 use super::nf4::{Absmax, NestedAbsmax, Nf4Tensor, BLOCK};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -20,12 +21,21 @@ pub trait WeightSource {
     /// The tensor `name` in NF4. By default it is read in f32 and quantized at once, so only one
     /// full-precision linear exists at a time.
     fn get_nf4(&self, name: &str, shape: &[usize], double_quant: bool) -> Result<Nf4Tensor> {
-        let values: Vec<f32> = self
-            .get(name, shape, DType::F32, &Device::Cpu)?
-            .flatten_all()?
-            .to_vec1()?;
-        Nf4Tensor::quantize(name, &values, shape, double_quant)
+        read_and_quantize(self, name, shape, double_quant)
     }
+}
+
+fn read_and_quantize(
+    weights: &(impl WeightSource + ?Sized),
+    name: &str,
+    shape: &[usize],
+    double_quant: bool,
+) -> Result<Nf4Tensor> {
+    let values: Vec<f32> = weights
+        .get(name, shape, DType::F32, &Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()?;
+    Nf4Tensor::quantize(name, &values, shape, double_quant)
 }
 
 /// Memory-mapped safetensors: each tensor is read (and converted) only when asked for, so
@@ -88,8 +98,32 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+impl SafetensorsWeights {
+    /// A stored tensor, or None when the checkpoint has no such key.
+    fn load_opt(&self, name: &str) -> Result<Option<Tensor>> {
+        if !self.contains(name) {
+            return Ok(None);
+        }
+        Ok(Some(self.tensors.load(name, &Device::Cpu).with_context(
+            || format!("tensor {name}: cannot be read (corrupt checkpoint?)"),
+        )?))
+    }
+
+    /// `name` as stored by bitsandbytes in 4 bits, if it is.
+    fn prequantized(&self, name: &str, shape: &[usize]) -> Result<Option<Nf4Tensor>> {
+        if !self.contains(&bnb::quant_state_key(name)) {
+            return Ok(None);
+        }
+        Ok(Some(bnb::read(name, shape, &|k| self.load_opt(k))?))
+    }
+}
+
 impl WeightSource for SafetensorsWeights {
     fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        // A 4-bit checkpoint loaded without quantization: its dequantized weights.
+        if let Some(q) = self.prequantized(name, shape)? {
+            return Ok(q.to_tensor(dtype, device)?);
+        }
         let t = self.tensors.load(name, device).with_context(|| {
             format!(
                 "tensor {name} is missing from {}",
@@ -111,6 +145,15 @@ impl WeightSource for SafetensorsWeights {
 
     fn contains(&self, name: &str) -> bool {
         self.tensors.get(name).is_ok()
+    }
+
+    /// Pre-quantized bitsandbytes weights are taken as stored (their own double-quant setting);
+    /// the rest is quantized as it is read.
+    fn get_nf4(&self, name: &str, shape: &[usize], double_quant: bool) -> Result<Nf4Tensor> {
+        if let Some(q) = self.prequantized(name, shape)? {
+            return Ok(q);
+        }
+        read_and_quantize(self, name, shape, double_quant)
     }
 }
 
