@@ -314,3 +314,24 @@ fn nf4_linear_forward_and_input_gradient() {
         );
     }
 }
+
+/// The LLaMA-2 presets get random weights drawn directly in NF4: seeded, with about the init's
+/// spread (std 0.02), and only in 4 bits.
+#[test]
+fn presets_draw_random_weights_directly_in_nf4() {
+    use prolora::model::weights::{RandomWeights, WeightSource};
+    let draw = || {
+        RandomWeights::new(5)
+            .get_nf4("w", &[256, 512], true)
+            .unwrap()
+    };
+    let q = draw();
+    assert_eq!(q, draw());
+    assert_eq!((q.packed.len(), q.blocks()), (256 * 512 / 2, 256 * 512 / 64));
+    let w = f32s(&q.to_tensor(DType::F32, &Device::Cpu).unwrap());
+    let std = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
+    assert!((0.015..0.03).contains(&std), "std {std}");
+    let source = prolora::source::ModelSource::resolve("llama2-7b", "main").unwrap();
+    let e = source.load(DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("--quantize nf4"), "{e}");
+}

@@ -124,9 +124,12 @@ impl Nf4Out for f64 {
     }
 }
 impl Nf4Out for bf16 {
+    /// Round to nearest even on the bits, branch-free so the loop vectorises (the products are
+    /// finite: quantization rejects non-finite input); `half`'s conversion also handles NaN.
     #[inline]
     fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
+        let b = v.to_bits();
+        bf16::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16)
     }
 }
 impl Nf4Out for f16 {
