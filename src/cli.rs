@@ -6,6 +6,7 @@ use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Message, Role};
 use crate::data::convert::{prepare, Format};
 use crate::data::dataset::{encode_file, LoadOptions};
 use crate::data::inspect;
+use crate::model::nf4::Quantization;
 use crate::source::{self, ModelSource};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -38,6 +39,8 @@ pub enum Command {
     /// Instruction data: convert raw datasets, encode, inspect.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Write a model with NF4 block linears in bitsandbytes' layout (loads here and in transformers).
+    Quantize(QuantizeArgs),
 }
 
 #[derive(Subcommand)]
@@ -123,6 +126,22 @@ pub struct CollectArgs {
 }
 
 #[derive(Args)]
+pub struct QuantizeArgs {
+    /// A preset, a local transformers directory, or a Hub repo id (org/name).
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision: branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// The output directory (model.safetensors, config.json, tokenizer files).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also quantize the block scales (double quantization).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub double_quant: bool,
+}
+
+#[derive(Args)]
 pub struct TrainArgs {
     /// The run config (see configs/).
     #[arg(long, short, required_unless_present = "resume")]
@@ -160,6 +179,12 @@ pub struct ModelArgs {
     /// Compute dtype: f32, bf16, f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Storage of the block linears: none, or nf4 (4-bit, as bitsandbytes; quantized on load).
+    #[arg(long, default_value = "none")]
+    pub quantize: String,
+    /// With --quantize nf4: also quantize the block scales (double quantization).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub double_quant: bool,
 }
 
 #[derive(Args)]
@@ -209,7 +234,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Encode(a)) => data_encode(a),
         Command::Data(DataCommand::Inspect(a)) => data_inspect(a),
         Command::Data(DataCommand::Prepare(a)) => data_prepare(a),
+        Command::Quantize(a) => quantize(a),
     }
+}
+
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    let source = ModelSource::resolve(&args.model, &args.revision)?;
+    let s = crate::quantize::quantize_model(&source, &args.out, args.double_quant)?;
+    println!(
+        "wrote {} tensors ({:.1} MiB) to {}",
+        s.tensors,
+        s.bytes as f64 / (1 << 20) as f64,
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn train(args: TrainArgs) -> Result<()> {
@@ -259,7 +297,9 @@ fn train(args: TrainArgs) -> Result<()> {
 fn load_model(args: &ModelArgs) -> Result<(crate::model::Llama, ChatEncoder)> {
     let source = ModelSource::resolve(&args.model, &args.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
-    let mut model = source.load(source::parse_dtype(&args.dtype)?, &source::device()?)?;
+    let quant = Quantization::parse(&args.quantize, args.double_quant).context("--quantize")?;
+    let mut model =
+        source.load_quantized(source::parse_dtype(&args.dtype)?, quant, &source::device()?)?;
     if let Some(dir) = &args.adapter {
         peft::load_into(dir, &mut model)?;
     }

@@ -1,6 +1,7 @@
 //! The run config: TOML with every knob, unknown keys rejected by name, `key=value` overrides.
 
 use crate::adapters::AdapterConfig;
+use crate::model::nf4::Quantization;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -33,9 +34,24 @@ pub struct ModelConfig {
     /// A tokenizer.json to use instead of the model's own.
     #[serde(default)]
     pub tokenizer: Option<String>,
-    /// Compute dtype of the frozen base: `f32` (CPU default), `bf16`, `f16`.
-    #[serde(default = "default_dtype")]
+    /// Compute dtype of the frozen base: `f32` (CPU default), `bf16`, `f16`. Also accepted as
+    /// `compute_dtype` (the name the 4-bit options go with).
+    #[serde(default = "default_dtype", alias = "compute_dtype")]
     pub dtype: String,
+    /// Storage of the seven linears of each block: `"none"` (the compute dtype) or `"nf4"`
+    /// (4-bit NormalFloat, as bitsandbytes; quantized while loading).
+    #[serde(default = "default_quantize")]
+    pub quantize: String,
+    /// With `quantize = "nf4"`: also quantize the block scales (the paper's setting).
+    #[serde(default = "default_true")]
+    pub double_quant: bool,
+}
+
+impl ModelConfig {
+    /// The storage `quantize` and `double_quant` ask for.
+    pub fn quantization(&self) -> Result<Quantization> {
+        Quantization::parse(&self.quantize, self.double_quant).context("model.quantize")
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -125,11 +141,14 @@ fn default_revision() -> String {
 fn default_dtype() -> String {
     "f32".into()
 }
-fn default_max_seq_len() -> usize {
-    512
+fn default_quantize() -> String {
+    "none".into()
 }
 fn default_true() -> bool {
     true
+}
+fn default_max_seq_len() -> usize {
+    512
 }
 fn default_eval_seed() -> u64 {
     42
@@ -261,7 +280,8 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.optim.warmup_ratio) {
             bail!("optim.warmup_ratio must be in [0, 1)");
         }
-        crate::source::parse_dtype(&self.model.dtype)?;
+        crate::source::parse_dtype(&self.model.dtype).context("model.dtype")?;
+        self.model.quantization()?;
         Ok(())
     }
 

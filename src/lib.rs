@@ -11,6 +11,7 @@ pub mod hub;
 pub mod loss;
 pub mod model;
 pub mod plot;
+pub mod quantize;
 pub mod runs;
 pub mod source;
 pub mod train;

@@ -2,8 +2,9 @@
 //! to its directory in the standard Hugging Face cache).
 
 use crate::hub;
+use crate::model::nf4::Quantization;
 use crate::model::preset::{self, LLAMA2_TOKENIZER_JSON};
-use crate::model::weights::{RandomWeights, SafetensorsWeights};
+use crate::model::weights::{RandomWeights, SafetensorsWeights, WeightSource};
 use crate::model::{Llama, LlamaConfig};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -62,28 +63,35 @@ impl ModelSource {
 
     /// Loads the frozen base model in `dtype`.
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Llama> {
-        match &self.origin {
-            Origin::Preset(name) => {
-                if !preset::has_weights(name) {
-                    bail!(
-                        "preset {name} describes a shape only (for `prolora params` and benchmarks); \
-                         train or evaluate it from a checkpoint directory or Hub id instead"
-                    );
-                }
-                Llama::load(
-                    &self.config,
-                    &RandomWeights::new(PRESET_WEIGHT_SEED),
-                    dtype,
-                    device,
-                )
+        self.load_quantized(dtype, Quantization::None, device)
+    }
+
+    /// Loads the frozen base model with its block linears stored as `quant` says; `dtype` is
+    /// the compute dtype.
+    pub fn load_quantized(
+        &self,
+        dtype: DType,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Llama> {
+        if let Origin::Preset(name) = &self.origin {
+            if !preset::has_weights(name, quant) {
+                bail!(
+                    "preset {name} has random weights in 4 bits only (a full-precision copy \
+                     would not fit): add --quantize nf4 (model.quantize = \"nf4\"), or use a \
+                     checkpoint directory or Hub id"
+                );
             }
-            Origin::Dir(dir) => Llama::load(
-                &self.config,
-                &SafetensorsWeights::from_dir(dir)?,
-                dtype,
-                device,
-            ),
         }
+        Llama::load_quantized(&self.config, &*self.weights()?, dtype, quant, device)
+    }
+
+    /// Where the base weights come from: the checkpoint, or a preset's seeded random init.
+    pub fn weights(&self) -> Result<Box<dyn WeightSource>> {
+        Ok(match &self.origin {
+            Origin::Preset(_) => Box::new(RandomWeights::new(PRESET_WEIGHT_SEED)),
+            Origin::Dir(dir) => Box::new(SafetensorsWeights::from_dir(dir)?),
+        })
     }
 
     /// The model's tokenizer, or `override_path` when given.

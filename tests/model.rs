@@ -6,6 +6,7 @@ use prolora::adapters::{peft, Ctx};
 use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
 use prolora::loss::summed_loss;
+use prolora::model::nf4::Quantization;
 use prolora::model::{Llama, LlamaConfig};
 use prolora::source::ModelSource;
 use std::path::PathBuf;
@@ -69,7 +70,7 @@ fn both_config_layouts_are_read() {
 }
 
 /// Loss over the reference's own encoded examples, with PEFT's adapter attached.
-fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
+fn peft_loss(with_adapter: bool, quant: Quantization) -> (f64, usize, serde_json::Value) {
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("peft-lora/expected.json")).unwrap())
             .unwrap();
@@ -83,7 +84,9 @@ fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
         })
         .collect();
     let source = ModelSource::resolve(fixture("peft-lora/base").to_str().unwrap(), "main").unwrap();
-    let mut model = source.load(DType::F32, &Device::Cpu).unwrap();
+    let mut model = source
+        .load_quantized(DType::F32, quant, &Device::Cpu)
+        .unwrap();
     if with_adapter {
         peft::load_into(&fixture("peft-lora/adapter"), &mut model).unwrap();
     }
@@ -93,7 +96,7 @@ fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
 
 #[test]
 fn loss_with_peft_written_lora_equals_pytorch_peft() {
-    let (loss, tokens, expected) = peft_loss(true);
+    let (loss, tokens, expected) = peft_loss(true, Quantization::None);
     let want = expected["loss"].as_f64().unwrap();
     assert_eq!(tokens as u64, expected["tokens"].as_u64().unwrap());
     assert!(
@@ -101,7 +104,7 @@ fn loss_with_peft_written_lora_equals_pytorch_peft() {
         "loss {loss} vs PEFT {want}"
     );
     // The adapter really changes the result: the base loss differs by far more than the tolerance.
-    let (base, _, expected) = peft_loss(false);
+    let (base, _, expected) = peft_loss(false, Quantization::None);
     let want_base = expected["loss_base"].as_f64().unwrap();
     assert!(
         ((base - want_base) / want_base).abs() < 1e-4,
@@ -110,9 +113,43 @@ fn loss_with_peft_written_lora_equals_pytorch_peft() {
     assert!((loss - base).abs() > 1e-3);
 }
 
+/// The same with the base in NF4 + double quant, against transformers + PEFT + bitsandbytes
+/// (scripts/reference/make_nf4_model_goldens.py).
+#[test]
+fn loss_with_nf4_base_and_peft_lora_equals_pytorch_bitsandbytes() {
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("peft-lora-nf4/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let nf4 = Quantization::Nf4 { double_quant: true };
+    for (with_adapter, key) in [(true, "loss"), (false, "loss_base")] {
+        let (loss, tokens, full) = peft_loss(with_adapter, nf4);
+        let w = want[key].as_f64().unwrap();
+        eprintln!("nf4 {key}: ours {loss} vs bitsandbytes {w}");
+        assert_eq!(tokens as u64, want["tokens"].as_u64().unwrap());
+        assert!(((loss - w) / w).abs() < 1e-4, "{key}: {loss} vs {w}");
+        // We match the 4-bit reference far better than the full-precision model does.
+        let full = full[key].as_f64().unwrap();
+        assert!(
+            (loss - w).abs() * 10.0 < (full - w).abs(),
+            "{key}: ours {loss}, 4-bit {w}, full precision {full}"
+        );
+    }
+}
+
 #[test]
 fn adapter_gradients_match_central_finite_differences() {
-    let model = tiny_f64_model();
+    check_adapter_gradients(Quantization::None);
+}
+
+/// Through 4-bit base layers the input gradient comes from the NF4 op's own backward.
+#[test]
+fn adapter_gradients_match_central_finite_differences_with_nf4_base() {
+    check_adapter_gradients(Quantization::Nf4 { double_quant: true });
+}
+
+fn check_adapter_gradients(quant: Quantization) {
+    let model = tiny_f64_model(quant);
     let examples = [
         Encoded {
             input_ids: vec![1, 5, 7, 3, 9, 2],

@@ -192,7 +192,7 @@ fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
     use prolora::train::checkpoint::{self, TrainerState};
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path();
-    let model = common::tiny_f64_model();
+    let model = common::tiny_f64_model(prolora::model::nf4::Quantization::None);
     let mut opt = optimizer_for(&model);
     // One real update so the moments are non-zero.
     let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
@@ -224,7 +224,7 @@ fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
     assert_eq!(listed.iter().map(|c| c.0).collect::<Vec<_>>(), vec![3]);
 
     // Restoring into a freshly initialised model gives back the values and the moments.
-    let fresh = common::tiny_f64_model();
+    let fresh = common::tiny_f64_model(prolora::model::nf4::Quantization::None);
     let mut fresh_opt = optimizer_for(&fresh);
     let restored = checkpoint::load(&listed[0].1, &fresh, &mut fresh_opt).unwrap();
     assert_eq!(restored, state);

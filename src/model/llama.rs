@@ -6,9 +6,10 @@
 
 use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
+use super::nf4::Quantization;
 use super::weights::WeightSource;
 use crate::adapters::{Adapter, Ctx};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
 /// A frozen linear, optionally with an adapter whose output is added to it.
@@ -93,6 +94,22 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_quantized(cfg, weights, dtype, Quantization::None, device)
+    }
+
+    /// As [`Llama::load`], with the block linears stored as `quant` says (each one quantized as
+    /// soon as it is read, so the full-precision model never exists); `dtype` is the compute
+    /// dtype. Embeddings, norms and the head stay in `dtype`, as in the reference.
+    pub fn load_quantized(
+        cfg: &LlamaConfig,
+        weights: &dyn WeightSource,
+        dtype: DType,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self> {
+        if quant != Quantization::None && !device.is_cpu() {
+            bail!("4-bit base weights run on the CPU only in this version; use model.quantize = \"none\" on CUDA");
+        }
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed = weights.get("model.embed_tokens.weight", &[v, d], dtype, device)?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
@@ -109,14 +126,17 @@ impl Llama {
             let mut linears = Vec::with_capacity(BLOCK_LINEARS.len());
             for m in BLOCK_LINEARS {
                 let (o, i) = cfg.linear_shape(m).expect("a block linear");
-                let w = weights.get(
-                    &format!("{p}.{}.weight", linear_path(m)),
-                    &[o, i],
-                    dtype,
-                    device,
-                )?;
+                let name = format!("{p}.{}.weight", linear_path(m));
+                let base = match quant {
+                    Quantization::None => {
+                        FrozenLinear::new(weights.get(&name, &[o, i], dtype, device)?)
+                    }
+                    Quantization::Nf4 { double_quant } => {
+                        FrozenLinear::nf4(weights.get_nf4(&name, &[o, i], double_quant)?)
+                    }
+                };
                 linears.push(Linear {
-                    base: FrozenLinear::new(w),
+                    base,
                     adapter: None,
                 });
             }
@@ -283,7 +303,9 @@ impl Llama {
 
     /// The vocabulary head's weight (vocab, d) (the embedding when tied).
     pub fn head_weight(&self) -> &Tensor {
-        self.lm_head.weight()
+        self.lm_head
+            .dense_weight()
+            .expect("the head stays in full precision")
     }
 
     /// Vocabulary logits for hidden states (…, d) → (…, vocab).

@@ -1,8 +1,10 @@
 //! The base model: its config, weights and the decoder.
 
+pub mod bnb;
 pub mod config;
 pub mod frozen;
 pub mod llama;
+pub mod nf4;
 pub mod preset;
 pub mod weights;
 

@@ -1,7 +1,8 @@
 //! Built-in model shapes: `tiny` (seeded random weights, for the demo and the tests) and the
-//! LLaMA-2 shapes (for parameter reports and benchmarks).
+//! LLaMA-2 shapes (for parameter reports and benchmarks; random weights in NF4).
 
 use super::config::{LlamaConfig, RopeScaling};
+use super::nf4::Quantization;
 
 /// The names `--model` accepts without a download.
 pub const PRESETS: [&str; 3] = ["tiny", "llama2-7b", "llama2-13b"];
@@ -43,8 +44,8 @@ pub fn preset(name: &str) -> Option<LlamaConfig> {
     })
 }
 
-/// Whether a preset's random weights are small enough to materialise in full precision here.
-/// The LLaMA-2 shapes serve parameter reports until 4-bit random init exists.
-pub fn has_weights(name: &str) -> bool {
-    name == "tiny"
+/// Whether a preset has random weights in this storage: `tiny` always; the LLaMA-2 shapes only
+/// in 4 bits, drawn directly in NF4 (in full precision they would not fit a laptop).
+pub fn has_weights(name: &str, quant: Quantization) -> bool {
+    name == "tiny" || quant != Quantization::None
 }

@@ -160,7 +160,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let run_dir = PathBuf::from(&cfg.output_dir);
     let resume_from = prepare_run_dir(&run_dir, start)?;
 
-    let mut model = model_source.load(dtype, &device)?;
+    let mut model = model_source.load_quantized(dtype, cfg.model.quantization()?, &device)?;
     let adapter_dtype = if dtype == DType::F64 {
         DType::F64
     } else {

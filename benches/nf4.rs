@@ -1,0 +1,227 @@
+//! NF4 benchmarks for the README's performance section:
+//!
+//!   cargo bench --bench nf4 -- dequant   # dequantization GB/s: 1 core, all cores, memcpy
+//!   cargo bench --bench nf4 -- step      # LoRA step, tiny LLaMA: NF4 base vs f32 base
+//!   cargo bench --bench nf4 -- rss7b     # peak RSS + time of one LoRA step, 7B NF4 preset
+//!
+//! Each prints one markdown table row per measurement.
+
+use candle_core::{DType, Device};
+use prolora::adapters::{AdapterConfig, Ctx};
+use prolora::data::batch::Batch;
+use prolora::data::chat::Encoded;
+use prolora::loss::summed_loss;
+use prolora::model::nf4::{Nf4Tensor, Quantization};
+use prolora::model::weights::RandomWeights;
+use prolora::model::{Llama, LlamaConfig};
+use prolora::source::ModelSource;
+use prolora::train::optim::{AdamW, AdamWParams};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+fn main() {
+    let what: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let all = what.is_empty();
+    let want = |w: &str| all || what.iter().any(|a| a == w);
+    if want("dequant") {
+        dequant();
+    }
+    if want("step") {
+        step();
+    }
+    if want("rss7b") {
+        rss7b();
+    }
+}
+
+/// The best of `reps` timings of `f`, in seconds.
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// One 7B MLP weight (11008 × 4096): GB/s of dequantized output written.
+fn dequant() {
+    let (o, h) = (11008, 4096);
+    let mut rng = StdRng::seed_from_u64(0);
+    let x: Vec<f32> = (0..o * h)
+        .map(|_| 0.02 * (rng.random::<f32>() - 0.5))
+        .collect();
+    let q = Nf4Tensor::quantize("w", &x, &[o, h], true).unwrap();
+    let threads = rayon::current_num_threads();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    println!("| what | output | GB/s |\n|---|---|---|");
+    let gbs = |bytes: usize, s: f64| bytes as f64 / s / 1e9;
+    let mut out = vec![0f32; o * h];
+    let bytes = 4 * o * h;
+    let copy = best(5, || out.copy_from_slice(&x));
+    println!("| memcpy (1 core) | f32 | {:.2} |", gbs(bytes, copy));
+    let s = best(5, || one.install(|| q.dequantize_into(&mut out)));
+    println!("| dequant, 1 core | f32 | {:.2} |", gbs(bytes, s));
+    let s = best(5, || q.dequantize_into(&mut out));
+    println!("| dequant, {threads} cores | f32 | {:.2} |", gbs(bytes, s));
+    let mut out16 = vec![half::bf16::ZERO; o * h];
+    let s = best(5, || one.install(|| q.dequantize_into(&mut out16)));
+    println!("| dequant, 1 core | bf16 | {:.2} |", gbs(2 * o * h, s));
+    let s = best(5, || q.dequantize_into(&mut out16));
+    println!(
+        "| dequant, {threads} cores | bf16 | {:.2} |",
+        gbs(2 * o * h, s)
+    );
+}
+
+fn lora_model(cfg: &LlamaConfig, weights: &RandomWeights, quant: Quantization) -> Llama {
+    let mut model = Llama::load_quantized(cfg, weights, DType::F32, quant, &Device::Cpu).unwrap();
+    let adapter = AdapterConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.1,
+        ..Default::default()
+    };
+    let mut rng = StdRng::seed_from_u64(1);
+    model
+        .attach(|_, _, shape| {
+            Ok(Some(adapter.build(
+                shape,
+                DType::F32,
+                &Device::Cpu,
+                &mut rng,
+            )?))
+        })
+        .unwrap();
+    model
+}
+
+/// Every token labelled, random ids.
+fn batch(rows: usize, len: usize) -> Batch {
+    let mut rng = StdRng::seed_from_u64(2);
+    let examples: Vec<Encoded> = (0..rows)
+        .map(|_| {
+            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(3..32000)).collect();
+            Encoded {
+                labels: ids.iter().map(|&i| i as i64).collect(),
+                input_ids: ids,
+            }
+        })
+        .collect();
+    Batch::new(&examples.iter().collect::<Vec<_>>())
+}
+
+/// Forward, backward and AdamW on the adapters; seconds.
+fn train_step(model: &Llama, opt: &mut AdamW, batch: &Batch, seed: u64) -> f64 {
+    let t = Instant::now();
+    let (sum, n) = summed_loss(model, batch, &Ctx::train(seed)).unwrap();
+    let grads = (sum / n as f64).unwrap().backward().unwrap();
+    opt.step(&grads, 1e-4, 1.0).unwrap();
+    t.elapsed().as_secs_f64()
+}
+
+fn optimizer(model: &Llama) -> AdamW {
+    let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
+    AdamW::new(
+        vars,
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )
+    .unwrap()
+}
+
+/// The issue's tiny LLaMA: hidden 256, 4 layers, vocab 32000; batch 4 × 128, LoRA r 8.
+fn step() {
+    let cfg = LlamaConfig::from_json(
+        r#"{"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}"#,
+    )
+    .unwrap();
+    let batch = batch(4, 128);
+    println!("| base | median step (s) |\n|---|---|");
+    let mut medians = Vec::new();
+    for (name, quant) in [
+        ("f32", Quantization::None),
+        (
+            "nf4 + double quant",
+            Quantization::Nf4 { double_quant: true },
+        ),
+    ] {
+        let model = lora_model(&cfg, &RandomWeights::new(0), quant);
+        let mut opt = optimizer(&model);
+        for s in 0..2 {
+            train_step(&model, &mut opt, &batch, s);
+        }
+        let mut t: Vec<f64> = (0..7)
+            .map(|s| train_step(&model, &mut opt, &batch, 10 + s))
+            .collect();
+        t.sort_by(f64::total_cmp);
+        println!("| {name} | {:.3} |", t[3]);
+        medians.push(t[3]);
+    }
+    println!(
+        "NF4 overhead: {:+.1} %",
+        100.0 * (medians[1] / medians[0] - 1.0)
+    );
+}
+
+/// Peak resident memory of this process so far (VmHWM), GiB.
+fn peak_rss_gib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / (1 << 20) as f64)
+}
+
+/// One LoRA step (batch 1 × 128, r 8 on all seven linears) on the 7B preset in NF4.
+fn rss7b() {
+    let source = ModelSource::resolve("llama2-7b", "main").unwrap();
+    let t = Instant::now();
+    let mut model = source
+        .load_quantized(
+            DType::F32,
+            Quantization::Nf4 { double_quant: true },
+            &Device::Cpu,
+        )
+        .unwrap();
+    let load_s = t.elapsed().as_secs_f64();
+    let load_rss = peak_rss_gib();
+    let adapter = AdapterConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.1,
+        ..Default::default()
+    };
+    let mut rng = StdRng::seed_from_u64(1);
+    model
+        .attach(|_, _, shape| {
+            Ok(Some(adapter.build(
+                shape,
+                DType::F32,
+                &Device::Cpu,
+                &mut rng,
+            )?))
+        })
+        .unwrap();
+    let mut opt = optimizer(&model);
+    let step_s = train_step(&model, &mut opt, &batch(1, 128), 0);
+    println!("| what | value |\n|---|---|");
+    println!("| load (random NF4 + f32 embeddings) | {load_s:.1} s, peak RSS {load_rss:.2} GiB |");
+    println!("| one LoRA step, 1 × 128 | {step_s:.1} s |");
+    println!("| peak RSS, load + step | {:.2} GiB |", peak_rss_gib());
+}

@@ -1,0 +1,124 @@
+//! `prolora quantize`: writes a model with its block linears in NF4, in bitsandbytes' serialized
+//! layout (what transformers' `save_pretrained` writes for `load_in_4bit`), so it loads both here
+//! and with `from_pretrained`. Embeddings, norms and the head keep the checkpoint's dtype.
+
+use crate::model::config::{linear_path, BLOCK_LINEARS};
+use crate::model::preset::LLAMA2_TOKENIZER_JSON;
+use crate::model::{bnb, LlamaConfig};
+use crate::source::{parse_dtype, ModelSource, Origin};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// What was written.
+pub struct QuantizeSummary {
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+/// Quantizes `source` into `out` (created if needed): `model.safetensors`, `config.json` with
+/// `quantization_config`, and the tokenizer files.
+pub fn quantize_model(
+    source: &ModelSource,
+    out: &Path,
+    double_quant: bool,
+) -> Result<QuantizeSummary> {
+    let cfg = &source.config;
+    let weights = source.weights()?;
+    let dtype = cfg
+        .torch_dtype
+        .as_deref()
+        .map(parse_dtype)
+        .transpose()?
+        .unwrap_or(DType::F32);
+    let dev = &Device::Cpu;
+    let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut dense = |name: String, shape: &[usize]| -> Result<()> {
+        let t = weights.get(&name, shape, dtype, dev)?;
+        tensors.insert(name, t);
+        Ok(())
+    };
+    dense("model.embed_tokens.weight".into(), &[v, d])?;
+    dense("model.norm.weight".into(), &[d])?;
+    if !cfg.tie_word_embeddings || weights.contains("lm_head.weight") {
+        dense("lm_head.weight".into(), &[v, d])?;
+    }
+    for l in 0..cfg.num_hidden_layers {
+        dense(format!("model.layers.{l}.input_layernorm.weight"), &[d])?;
+        dense(
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            &[d],
+        )?;
+    }
+    for l in 0..cfg.num_hidden_layers {
+        for m in BLOCK_LINEARS {
+            let (o, i) = cfg.linear_shape(m).expect("a block linear");
+            let name = format!("model.layers.{l}.{}.weight", linear_path(m));
+            let q = weights.get_nf4(&name, &[o, i], double_quant)?;
+            tensors.extend(bnb::write(&name, &q)?);
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let st = out.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &st)
+        .with_context(|| format!("cannot write {}", st.display()))?;
+    let mut config = match &source.origin {
+        Origin::Dir(dir) => {
+            let p = dir.join("config.json");
+            serde_json::from_str(&std::fs::read_to_string(&p)?)
+                .with_context(|| format!("{}: not valid JSON", p.display()))?
+        }
+        Origin::Preset(_) => hf_config(cfg),
+    };
+    config["quantization_config"] = bnb::quantization_config(double_quant, "float32");
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    match &source.origin {
+        Origin::Dir(dir) => {
+            for f in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "generation_config.json",
+            ] {
+                if dir.join(f).exists() {
+                    std::fs::copy(dir.join(f), out.join(f))
+                        .with_context(|| format!("cannot copy {f} to {}", out.display()))?;
+                }
+            }
+        }
+        Origin::Preset(_) => std::fs::write(out.join("tokenizer.json"), LLAMA2_TOKENIZER_JSON)?,
+    }
+    Ok(QuantizeSummary {
+        tensors: tensors.len(),
+        bytes: std::fs::metadata(&st)?.len(),
+    })
+}
+
+/// transformers' `config.json` for a preset (LLaMA-2 layout).
+fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "hidden_act": "silu",
+        "torch_dtype": cfg.torch_dtype.clone().unwrap_or_else(|| "float32".into()),
+    })
+}
