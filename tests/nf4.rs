@@ -327,11 +327,18 @@ fn presets_draw_random_weights_directly_in_nf4() {
     };
     let q = draw();
     assert_eq!(q, draw());
-    assert_eq!((q.packed.len(), q.blocks()), (256 * 512 / 2, 256 * 512 / 64));
+    assert_eq!(
+        (q.packed.len(), q.blocks()),
+        (256 * 512 / 2, 256 * 512 / 64)
+    );
     let w = f32s(&q.to_tensor(DType::F32, &Device::Cpu).unwrap());
     let std = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
     assert!((0.015..0.03).contains(&std), "std {std}");
     let source = prolora::source::ModelSource::resolve("llama2-7b", "main").unwrap();
-    let e = source.load(DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let e = source
+        .load(DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("--quantize nf4"), "{e}");
 }
