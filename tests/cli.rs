@@ -74,6 +74,60 @@ fn eval_of_peft_adapter_equals_pytorch() {
     assert_eq!(out["tokens"], expected["tokens"]);
 }
 
+/// `prolora eval --quantize nf4` against transformers + PEFT + bitsandbytes; and `prolora
+/// quantize` output evaluates to the same loss without re-quantizing.
+#[test]
+fn eval_quantize_nf4_equals_pytorch_bitsandbytes() {
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("peft-lora-nf4/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let want = want["loss"].as_f64().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let quantized = prolora(&[
+        "quantize",
+        "--model",
+        &fixture("peft-lora/base"),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(quantized.status.success(), "{}", stderr(&quantized));
+    for (model, quantize) in [
+        (fixture("peft-lora/base"), "nf4"),
+        (out.path().to_str().unwrap().to_string(), "none"),
+    ] {
+        let o = json_of(&prolora(&[
+            "eval",
+            "--model",
+            &model,
+            "--quantize",
+            quantize,
+            "--adapter",
+            &fixture("peft-lora/adapter"),
+            "--data",
+            &fixture("peft-lora/data.jsonl"),
+            "--max-seq-len",
+            "64",
+            "--json",
+        ]));
+        let ours = o["loss"].as_f64().unwrap();
+        assert!(
+            ((ours - want) / want).abs() < 1e-4,
+            "{model} --quantize {quantize}: loss {ours} vs bitsandbytes {want}"
+        );
+    }
+    let e = error_of(&[
+        "eval",
+        "--model",
+        "tiny",
+        "--quantize",
+        "int3",
+        "--data",
+        "x.jsonl",
+    ]);
+    assert!(e.contains("--quantize") && e.contains("int3"), "{e}");
+}
+
 #[test]
 fn our_adapter_loads_in_peft_with_the_same_loss() {
     // tests/fixtures/our-lora/adapter was written by `prolora train`; the loss is PEFT's
