@@ -169,3 +169,42 @@ fn inspect_marks_assistant_text_and_counts() {
         .unwrap();
     assert!(truncated > 0, "{out}");
 }
+
+#[test]
+fn prepare_takes_the_snake_case_format_names() {
+    let dir = tempfile::tempdir().unwrap();
+    for (format, input) in [
+        ("flan_v2", "data/raw/flan_v2.jsonl"),
+        ("code_alpaca", "data/raw"),
+        ("prompt_completion", "data/raw/prompt_completion.jsonl"),
+    ] {
+        let out = dir.path().join(format!("{format}.jsonl"));
+        let o = prolora(&[
+            "data",
+            "prepare",
+            "--format",
+            format,
+            "--in",
+            input,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        ok(&o);
+        assert!(String::from_utf8_lossy(&o.stderr).starts_with("wrote "));
+        assert!(!jsonl(&out).is_empty());
+    }
+    // A failed run leaves no output file behind.
+    let out = dir.path().join("none.jsonl");
+    let o = prolora(&[
+        "data",
+        "prepare",
+        "--format",
+        "alpaca",
+        "--in",
+        "data/raw/flan_v2.jsonl",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(!out.exists() && !dir.path().join("none.jsonl.partial").exists());
+}
