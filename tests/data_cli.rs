@@ -106,6 +106,7 @@ fn encode_keeps_line_order_with_unlabelled_examples_and_skips_when_asked() {
         "{err}"
     );
     assert!(err.contains("--skip-invalid"), "{err}");
+    assert!(!out.exists(), "a failed encode leaves no output");
 
     let lenient = Command::new(env!("CARGO_BIN_EXE_prolora"))
         .args(args("--skip-invalid"))
