@@ -92,7 +92,7 @@ fn batcher_yields_hf_sampler_order_for_two_epochs() {
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|e| usizes(e))
+            .flat_map(usizes)
             .collect();
         let mut got = Vec::new();
         while got.len() < want.len() {

@@ -157,7 +157,7 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
 
     if let Some(eval_set) = &eval_set {
         // The base model's loss: what the adapter improves on.
-        let (eval_loss, eval_tokens) = evaluate(&model, eval_set, cfg.train.batch_size)?;
+        let (eval_loss, eval_tokens) = evaluate(&model, eval_set, cfg.train.micro_batch_size())?;
         log(json!({"step": 0, "eval_loss": eval_loss, "eval_tokens": eval_tokens}))?;
     }
 
@@ -205,7 +205,8 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
         if let Some(eval_set) = &eval_set {
             let every = cfg.train.eval_every;
             if every > 0 && (step + 1) % every == 0 && step + 1 != total {
-                let (eval_loss, eval_tokens) = evaluate(&model, eval_set, cfg.train.batch_size)?;
+                let (eval_loss, eval_tokens) =
+                    evaluate(&model, eval_set, cfg.train.micro_batch_size())?;
                 log(json!({"step": step + 1, "eval_loss": eval_loss, "eval_tokens": eval_tokens}))?;
             }
         }
@@ -214,7 +215,8 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
 
     let final_eval_loss = match &eval_set {
         Some(eval_set) => {
-            let (eval_loss, eval_tokens) = evaluate(&model, eval_set, cfg.train.batch_size)?;
+            let (eval_loss, eval_tokens) =
+                evaluate(&model, eval_set, cfg.train.micro_batch_size())?;
             log(json!({"step": total, "eval_loss": eval_loss, "eval_tokens": eval_tokens}))?;
             Some(eval_loss)
         }
