@@ -390,18 +390,46 @@ fn data_options(input: &DataInput) -> Result<LoadOptions> {
     })
 }
 
+/// Writes `out` through `write`, into `out.partial` renamed at the end, so a failed run leaves
+/// no partial file.
+fn write_then_rename<T>(
+    out: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<T>,
+) -> Result<T> {
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    let result = write(&mut w).and_then(|r| {
+        w.flush()
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        Ok(r)
+    });
+    match result {
+        Ok(r) => {
+            std::fs::rename(&tmp, out)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            Ok(r)
+        }
+        Err(e) => {
+            // Best effort: the error is what the user needs to see.
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
 fn data_encode(args: EncodeArgs) -> Result<()> {
     let encoder = data_encoder(&args.input.tokenizer)?;
     let opts = data_options(&args.input)?;
-    let file = std::fs::File::create(&args.out)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    let mut out = std::io::BufWriter::new(file);
-    let report = encode_file(&encoder, &args.input.data, &opts, |e| {
-        let line = serde_json::json!({"input_ids": e.input_ids, "labels": e.labels});
-        writeln!(out, "{line}").with_context(|| format!("cannot write {}", args.out.display()))
+    let report = write_then_rename(&args.out, |out| {
+        encode_file(&encoder, &args.input.data, &opts, |e| {
+            let line = serde_json::json!({"input_ids": e.input_ids, "labels": e.labels});
+            writeln!(out, "{line}").with_context(|| format!("cannot write {}", args.out.display()))
+        })
     })?;
-    out.flush()
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!("{} → {}", report.summary(), args.out.display());
     Ok(())
 }
@@ -452,33 +480,9 @@ fn data_inspect(args: InspectArgs) -> Result<()> {
 }
 
 fn data_prepare(args: PrepareArgs) -> Result<()> {
-    // Written next to the target and renamed at the end: a failed run leaves no partial file.
-    let tmp = args.out.with_extension("jsonl.partial");
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    let mut out = std::io::BufWriter::new(file);
-    let result = prepare(
-        args.format,
-        &args.input,
-        &mut out,
-        args.seed,
-        args.skip_invalid,
-    )
-    .and_then(|r| {
-        out.flush()
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        Ok(r)
-    });
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            // Best effort: the error is what the user needs to see.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    std::fs::rename(&tmp, &args.out)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let report = write_then_rename(&args.out, |out| {
+        prepare(args.format, &args.input, out, args.seed, args.skip_invalid)
+    })?;
     eprintln!(
         "wrote {} examples to {}{}",
         report.written,

@@ -250,7 +250,7 @@ impl RunConfig {
             bail!("train.batch_size must be at least 1");
         }
         let micro = self.train.micro_batch_size();
-        if micro == 0 || self.train.batch_size % micro != 0 {
+        if micro == 0 || !self.train.batch_size.is_multiple_of(micro) {
             bail!(
                 "train.micro_batch_size = {micro} must divide train.batch_size = {}",
                 self.train.batch_size

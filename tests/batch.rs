@@ -72,7 +72,7 @@ fn length_grouped_order_equals_hf_given_the_permutation() {
 
 #[test]
 fn batcher_yields_hf_sampler_order_for_two_epochs() {
-    for c in cases() {
+    for (i, c) in cases().into_iter().enumerate() {
         let lengths = usizes(&c["lengths"]);
         let bs = c["batch_size"].as_u64().unwrap() as usize;
         let examples: Vec<Encoded> = lengths
@@ -80,16 +80,19 @@ fn batcher_yields_hf_sampler_order_for_two_epochs() {
             .enumerate()
             .map(|(i, &l)| example(i, l))
             .collect();
-        // HF groups by train_batch_size · gradient_accumulation_steps; split that as 2 micro-batches
-        // when it is even, so the accumulation path is what we compare.
-        let (micro, accum) = if bs % 2 == 0 { (bs / 2, 2) } else { (bs, 1) };
-        let mut batcher =
-            Batcher::with_grad_accum(&examples, micro, accum, c["seed"].as_u64().unwrap());
+        // HF groups by train_batch_size · gradient_accumulation_steps: every other case takes
+        // that batch as 2 accumulated micro-batches.
+        let seed = c["seed"].as_u64().unwrap();
+        let mut batcher = if i % 2 == 0 {
+            Batcher::new(&examples, bs, seed)
+        } else {
+            Batcher::with_grad_accum(&examples, bs / 2, 2, seed)
+        };
         let want: Vec<usize> = c["epochs"]
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|e| usizes(e))
+            .flat_map(usizes)
             .collect();
         let mut got = Vec::new();
         while got.len() < want.len() {

@@ -179,6 +179,25 @@ fn encode_rejects_degenerate_input() {
     assert!(encoder()
         .encode(&Example { messages: vec![] }, 512)
         .is_err());
+    // An assistant turn with no user/system turn before it: its tag would be trained on.
+    let turn = |role, content: &str| Message {
+        role,
+        content: content.into(),
+    };
+    for messages in [
+        vec![turn(Role::Assistant, "a")],
+        vec![
+            turn(Role::User, "q"),
+            turn(Role::Assistant, "a"),
+            turn(Role::Assistant, "b"),
+        ],
+    ] {
+        let err = format!(
+            "{:#}",
+            encoder().encode(&Example { messages }, 512).unwrap_err()
+        );
+        assert!(err.contains("<|assistant|> tag"), "{err}");
+    }
     // max 1: only BOS, nothing trained.
     let e = encoder().encode(&ex, 1).unwrap();
     assert_eq!((e.input_ids, e.labels), (vec![1], vec![IGNORE_INDEX]));

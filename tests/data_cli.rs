@@ -106,6 +106,7 @@ fn encode_keeps_line_order_with_unlabelled_examples_and_skips_when_asked() {
         "{err}"
     );
     assert!(err.contains("--skip-invalid"), "{err}");
+    assert!(!out.exists(), "a failed encode leaves no output");
 
     let lenient = Command::new(env!("CARGO_BIN_EXE_prolora"))
         .args(args("--skip-invalid"))
@@ -168,4 +169,126 @@ fn inspect_marks_assistant_text_and_counts() {
         .parse()
         .unwrap();
     assert!(truncated > 0, "{out}");
+}
+
+#[test]
+fn prepare_takes_the_snake_case_format_names() {
+    let dir = tempfile::tempdir().unwrap();
+    for (format, input) in [
+        ("flan_v2", "data/raw/flan_v2.jsonl"),
+        ("code_alpaca", "data/raw"),
+        ("prompt_completion", "data/raw/prompt_completion.jsonl"),
+    ] {
+        let out = dir.path().join(format!("{format}.jsonl"));
+        let o = prolora(&[
+            "data",
+            "prepare",
+            "--format",
+            format,
+            "--in",
+            input,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        ok(&o);
+        assert!(String::from_utf8_lossy(&o.stderr).starts_with("wrote "));
+        assert!(!jsonl(&out).is_empty());
+    }
+    // A failed run leaves no output file behind.
+    let out = dir.path().join("none.jsonl");
+    let o = prolora(&[
+        "data",
+        "prepare",
+        "--format",
+        "alpaca",
+        "--in",
+        "data/raw/flan_v2.jsonl",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(!out.exists() && !dir.path().join("none.jsonl.partial").exists());
+}
+
+/// A 3-step run of the tiny preset on `train` (a file in `dir`), with `extra` TOML in [data].
+fn train_config(dir: &std::path::Path, train: &std::path::Path, extra: &str) -> PathBuf {
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"output_dir = "{out}"
+[model]
+source = "tiny"
+[adapter]
+kind = "lora"
+rank = 2
+alpha = 4
+targets = ["q_proj"]
+[data]
+train = "{train}"
+max_seq_len = 64
+cache = false
+{extra}
+[train]
+steps = 3
+batch_size = 4
+micro_batch_size = 2
+"#,
+            out = dir.join("run").display(),
+            train = train.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn training_skips_reports_and_holds_out_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = std::fs::read_to_string(root().join("data/sample_chat.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().take(40).collect();
+    text = format!(
+        "{}\n{{broken\n{}\n",
+        lines[..20].join("\n"),
+        lines[20..].join("\n")
+    );
+    let train = dir.path().join("train.jsonl");
+    std::fs::write(&train, text).unwrap();
+
+    // Strict: the bad line stops the run before any training.
+    let cfg = train_config(dir.path(), &train, "eval_size = 8");
+    let o = prolora(&["train", "--quiet", "--config", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("{}:21: not valid JSON", train.display())),
+        "{err}"
+    );
+
+    let cfg = train_config(dir.path(), &train, "eval_size = 8\nskip_invalid = true");
+    let o = prolora(&["train", "--quiet", "--config", cfg.to_str().unwrap()]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("skipped 1 invalid lines"), "{err}");
+    let run = dir.path().join("run");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("data_report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report[0]["examples"], 40);
+    assert_eq!(report[0]["skipped"][0]["line"], 21);
+    let metrics = jsonl(&run.join("metrics.jsonl"));
+    assert_eq!(metrics[0]["skipped_lines"], 1);
+    // The held-out split is evaluated (before training and at the end) …
+    let evals: Vec<&serde_json::Value> = metrics
+        .iter()
+        .filter(|m| m.get("eval_loss").is_some())
+        .collect();
+    assert_eq!(evals.len(), 2);
+    // … and each step's loss covers the label tokens of its 4 examples (2 micro-batches of 2).
+    let steps: Vec<&serde_json::Value> =
+        metrics.iter().filter(|m| m.get("loss").is_some()).collect();
+    assert_eq!(steps.len(), 3);
+    assert!(steps
+        .iter()
+        .all(|m| m["label_tokens"].as_u64().unwrap() > 8));
 }

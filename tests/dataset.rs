@@ -72,16 +72,20 @@ fn skip_invalid_counts_every_bad_line_with_its_number() {
     bytes.extend_from_slice(b"{\"messages\": [{\"role\": \"user\"}]}\n");
     bytes.extend_from_slice(b"\n");
     bytes.extend_from_slice(b"{\"messages\": [{\"role\": \"user\", \"content\": \"caf\xe9\"}]}\n");
+    bytes.extend_from_slice(b"{\"messages\": [{\"role\": \"assistant\", \"content\": \"a\"}]}\n");
     bytes.extend_from_slice(format!("{GOOD}\n").as_bytes());
     let path = write(dir.path(), "mixed.jsonl", &bytes);
     let (examples, report) = load(&encoder(), &path, &opts(64, true, None)).unwrap();
     assert_eq!(examples.len(), 2);
     let lines: Vec<usize> = report.skipped.iter().map(|s| s.line).collect();
-    assert_eq!(lines, vec![2, 3, 5]);
+    assert_eq!(lines, vec![2, 3, 5, 6]);
     assert!(report.skipped[0].error.contains("not valid JSON"));
     assert!(report.skipped[1].error.contains("has no \"content\""));
     assert!(report.skipped[2].error.contains("UTF-8"));
-    assert!(report.summary().contains("3 invalid lines skipped"));
+    assert!(report.skipped[3]
+        .error
+        .contains("assistant turn that comes first"));
+    assert!(report.summary().contains("4 invalid lines skipped"));
 }
 
 #[test]

@@ -215,6 +215,7 @@ impl ChatEncoder {
         if messages.is_empty() {
             bail!("the example has no messages");
         }
+        check_order(messages).map_err(|e| anyhow!(e))?;
         let chat = ChatText::new(messages);
 
         let mut input_ids = self.ids(py_strip(&chat.text))?;
@@ -290,6 +291,28 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     Ok(examples)
 }
 
+/// The one role order the template cannot express: an assistant turn that does not follow a
+/// user or system turn (first, or right after another assistant turn). The reference masks
+/// `<|assistant|>\n` only as the end of the preceding non-assistant span, so that tag would be
+/// trained on.
+fn check_order(messages: &[Message]) -> std::result::Result<(), String> {
+    for (j, m) in messages.iter().enumerate() {
+        let after_assistant = j == 0 || messages[j - 1].role == Role::Assistant;
+        if m.role == Role::Assistant && after_assistant {
+            let place = if j == 0 {
+                "comes first"
+            } else {
+                "follows another assistant turn"
+            };
+            return Err(format!(
+                "messages[{j}] is an assistant turn that {place}: the chat template would train on \
+                 its <|assistant|> tag; put a user turn before it (or merge consecutive answers)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Validates one jsonl line by hand so that errors say what is wrong and where.
 pub fn parse_line(line: &str) -> std::result::Result<Example, String> {
     const SHAPE: &str = r#"{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}"#;
@@ -327,6 +350,7 @@ pub fn parse_line(line: &str) -> std::result::Result<Example, String> {
         .enumerate()
         .map(|(j, m)| parse_message(j, m))
         .collect::<std::result::Result<Vec<_>, _>>()?;
+    check_order(&messages)?;
     Ok(Example { messages })
 }
 

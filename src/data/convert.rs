@@ -19,6 +19,7 @@ use crate::data::rng::Mt19937;
 
 /// The raw formats `prolora data prepare` reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum Format {
     /// A Super-NaturalInstructions checkout (`splits/xlingual/train_tasks.txt`, `tasks/*.json`),
     /// a directory of task files, or one task file.
