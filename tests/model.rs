@@ -2,7 +2,7 @@
 //! differences. Goldens: scripts/reference/make_goldens.py.
 
 use candle_core::{DType, Device, Tensor};
-use prolora::adapters::{peft, AdapterConfig, Ctx};
+use prolora::adapters::{peft, AdapterConfig, AdapterKind, AdapterSet, Axis, Ctx, ProloraForward};
 use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
 use prolora::loss::summed_loss;
@@ -68,8 +68,8 @@ fn both_config_layouts_are_read() {
     assert!(old.tie_word_embeddings);
 }
 
-/// Loss over the reference's own encoded examples, with PEFT's adapter attached.
-fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
+/// Loss over the reference's own encoded examples, with a PEFT-written adapter attached.
+fn peft_loss(adapter: Option<&str>) -> (f64, usize, serde_json::Value) {
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("peft-lora/expected.json")).unwrap())
             .unwrap();
@@ -84,8 +84,8 @@ fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
         .collect();
     let source = ModelSource::resolve(fixture("peft-lora/base").to_str().unwrap(), "main").unwrap();
     let mut model = source.load(DType::F32, &Device::Cpu).unwrap();
-    if with_adapter {
-        peft::load_into(&fixture("peft-lora/adapter"), &mut model).unwrap();
+    if let Some(dir) = adapter {
+        peft::load_into(&fixture(dir), &mut model).unwrap();
     }
     let (loss, tokens) = prolora::eval::evaluate(&model, &examples, 4).unwrap();
     (loss, tokens, expected)
@@ -93,7 +93,7 @@ fn peft_loss(with_adapter: bool) -> (f64, usize, serde_json::Value) {
 
 #[test]
 fn loss_with_peft_written_lora_equals_pytorch_peft() {
-    let (loss, tokens, expected) = peft_loss(true);
+    let (loss, tokens, expected) = peft_loss(Some("peft-lora/adapter"));
     let want = expected["loss"].as_f64().unwrap();
     assert_eq!(tokens as u64, expected["tokens"].as_u64().unwrap());
     assert!(
@@ -101,7 +101,7 @@ fn loss_with_peft_written_lora_equals_pytorch_peft() {
         "loss {loss} vs PEFT {want}"
     );
     // The adapter really changes the result: the base loss differs by far more than the tolerance.
-    let (base, _, expected) = peft_loss(false);
+    let (base, _, expected) = peft_loss(None);
     let want_base = expected["loss_base"].as_f64().unwrap();
     assert!(
         ((base - want_base) / want_base).abs() < 1e-4,
@@ -110,48 +110,95 @@ fn loss_with_peft_written_lora_equals_pytorch_peft() {
     assert!((loss - base).abs() > 1e-3);
 }
 
-/// A tiny f64 model with LoRA everywhere and non-zero B, so every adapter tensor has a gradient.
-fn tiny_f64_model() -> Llama {
-    let cfg = LlamaConfig::from_json(
+#[test]
+fn loss_with_peft_written_vera_equals_pytorch_peft() {
+    // scripts/reference/make_vera_golden.py: PEFT's VeRA (save_projection=True, r 8, all seven
+    // linears, non-trivial λ_d and λ_b) on the same base and examples.
+    let (loss, tokens, _) = peft_loss(Some("peft-vera/adapter"));
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("peft-vera/expected.json")).unwrap())
+            .unwrap();
+    let want = expected["loss"].as_f64().unwrap();
+    eprintln!("VeRA loss {loss} vs PEFT {want}");
+    assert_eq!(tokens as u64, expected["tokens"].as_u64().unwrap());
+    assert!(
+        ((loss - want) / want).abs() < 1e-4,
+        "loss {loss} vs PEFT {want}"
+    );
+    let base = expected["loss_base"].as_f64().unwrap();
+    assert!((loss - base).abs() > 1e-2, "the adapter must matter");
+}
+
+/// A tiny f64 model with an adapter of `cfg` everywhere it applies and every adapter tensor
+/// random (so B-like factors are non-zero and every tensor has a gradient).
+fn tiny_f64_model(cfg: &AdapterConfig) -> (Llama, AdapterSet) {
+    let model_cfg = LlamaConfig::from_json(
         r#"{"vocab_size": 11, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
             "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
             "rope_theta": 100.0, "tie_word_embeddings": false}"#,
     )
     .unwrap();
-    let mut model = Llama::load(&cfg, &RandomWeights::new(3), DType::F64, &Device::Cpu).unwrap();
-    let adapter = AdapterConfig {
-        rank: 2,
+    let mut model =
+        Llama::load(&model_cfg, &RandomWeights::new(3), DType::F64, &Device::Cpu).unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let set = AdapterSet::new(cfg, &model_cfg, DType::F64, &Device::Cpu, &mut rng).unwrap();
+    for (_, var) in set.tensors() {
+        let v: Vec<f64> = prolora::adapters::uniform(var.elem_count(), 0.5, &mut rng)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    model.attach(&set);
+    (model, set)
+}
+
+/// Every adapter kind (PRoLoRA in both forwards, with rotation and non-divisible chunks: the
+/// shared A0's gradient sums over all its rotated copies) against central finite differences.
+#[test]
+fn adapter_gradients_match_central_finite_differences() {
+    let base = AdapterConfig {
+        rank: 3,
         alpha: 4.0,
         dropout: 0.0,
         ..Default::default()
     };
-    let mut rng = StdRng::seed_from_u64(7);
-    model
-        .attach(|_, _, shape| {
-            Ok(Some(adapter.build(
-                shape,
-                DType::F64,
-                &Device::Cpu,
-                &mut rng,
-            )?))
-        })
-        .unwrap();
-    for (name, var) in model.trainable() {
-        if name.ends_with("lora_B.weight") {
-            let v: Vec<f64> = prolora::adapters::uniform(var.elem_count(), 0.5, &mut rng)
-                .into_iter()
-                .map(f64::from)
-                .collect();
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
+    let prolora = |forward: ProloraForward| AdapterConfig {
+        kind: AdapterKind::Prolora,
+        rank: 4,
+        unshared_rank: Some(1),
+        sharing_rate_a: Some(3),
+        sharing_rate_b: Some(3),
+        forward: Some(forward),
+        ..base.clone()
+    };
+    let cases = [
+        base.clone(),
+        prolora(ProloraForward::Chunked),
+        prolora(ProloraForward::Materialized),
+        AdapterConfig {
+            share_axis: Some(Axis::Rank),
+            rotate_axis: Some(Axis::Hidden),
+            ..prolora(ProloraForward::Materialized)
+        },
+        AdapterConfig {
+            kind: AdapterKind::Vera,
+            ..base.clone()
+        },
+        AdapterConfig {
+            kind: AdapterKind::TiedLora,
+            targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+            ..base.clone()
+        },
+    ];
+    for cfg in &cases {
+        check_gradients(cfg);
     }
-    model
 }
 
-#[test]
-fn adapter_gradients_match_central_finite_differences() {
-    let model = tiny_f64_model();
+fn check_gradients(cfg: &AdapterConfig) {
+    let (model, set) = tiny_f64_model(cfg);
     let examples = [
         Encoded {
             input_ids: vec![1, 5, 7, 3, 9, 2],
@@ -172,10 +219,12 @@ fn adapter_gradients_match_central_finite_differences() {
     let grads = (sum / n as f64).unwrap().backward().unwrap();
     let eps = 1e-6;
     let mut checked = 0;
-    for (name, var) in model.trainable() {
+    let trainable = set.trainable();
+    assert!(!trainable.is_empty());
+    for (name, var) in &trainable {
         let grad = grads
             .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
+            .unwrap_or_else(|| panic!("{}: no gradient for {name}", cfg.kind));
         let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
         let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
         // A few entries of every tensor, spread over it.
@@ -193,11 +242,12 @@ fn adapter_gradients_match_central_finite_differences() {
             let tol = 1e-6 + 1e-5 * numeric.abs();
             assert!(
                 (grad[i] - numeric).abs() < tol,
-                "{name}[{i}]: backprop {} vs finite difference {numeric}",
+                "{}: {name}[{i}]: backprop {} vs finite difference {numeric}",
+                cfg.kind,
                 grad[i]
             );
             checked += 1;
         }
     }
-    assert_eq!(checked, 2 * 2 * 7 * 3);
+    assert_eq!(checked, 3 * trainable.len());
 }

@@ -13,6 +13,8 @@ pub struct AdamWParams {
 
 struct Slot {
     var: Var,
+    /// Multiplies the scheduled learning rate (parameter groups with their own lr).
+    lr_scale: f64,
     m: Tensor,
     v: Tensor,
 }
@@ -25,14 +27,16 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(vars: Vec<Var>, params: AdamWParams) -> Result<Self> {
+    /// `vars` with the multiplier of their group's learning rate (1 for a single group).
+    pub fn new(vars: Vec<(Var, f64)>, params: AdamWParams) -> Result<Self> {
         let slots = vars
             .into_iter()
-            .map(|var| {
+            .map(|(var, lr_scale)| {
                 Ok(Slot {
                     m: var.zeros_like()?,
                     v: var.zeros_like()?,
                     var,
+                    lr_scale,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -60,6 +64,7 @@ impl AdamW {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
+            let lr = lr * slot.lr_scale;
             let g = (g * grad_scale)?;
             slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;

@@ -3,7 +3,7 @@
 
 use super::optim::{clip_factor, AdamW, AdamWParams};
 use super::schedule::{linear_with_warmup, warmup_steps};
-use crate::adapters::{peft, Ctx};
+use crate::adapters::{adapter_dtype, peft, AdapterSet, Ctx};
 use crate::config::RunConfig;
 use crate::data::batch::Batcher;
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Encoded};
@@ -65,25 +65,17 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
     };
 
     let mut model = model_source.load(dtype, &device)?;
-    let adapter_dtype = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
     let mut init_rng = StdRng::seed_from_u64(cfg.seed);
-    model.attach(|_, module, shape| {
-        if cfg.adapter.targets.iter().any(|t| t == module) {
-            Ok(Some(cfg.adapter.build(
-                shape,
-                adapter_dtype,
-                &device,
-                &mut init_rng,
-            )?))
-        } else {
-            Ok(None)
-        }
-    })?;
-    let vars: Vec<_> = model.trainable().into_iter().map(|(_, v)| v).collect();
+    let adapters = AdapterSet::new(
+        &cfg.adapter,
+        &model.cfg,
+        adapter_dtype(dtype),
+        &device,
+        &mut init_rng,
+    )?;
+    model.attach(&adapters);
+    let named = adapters.trainable();
+    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
 
     let run_dir = PathBuf::from(&cfg.output_dir);
@@ -109,7 +101,10 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
 
     let [beta1, beta2] = cfg.optim.betas;
     let mut optimizer = AdamW::new(
-        vars.clone(),
+        named
+            .iter()
+            .map(|(key, var)| (var.clone(), adapters.lr_scale(key)))
+            .collect(),
         AdamWParams {
             beta1,
             beta2,
@@ -201,7 +196,7 @@ pub fn train(cfg: &RunConfig, show_progress: bool) -> Result<TrainSummary> {
         }
         None => None,
     };
-    peft::save(&run_dir, &model, &cfg.adapter, &model_source.name())?;
+    peft::save(&run_dir, &adapters, &model_source.name())?;
     Ok(TrainSummary {
         run_dir,
         steps: total,
