@@ -203,7 +203,16 @@ fn prolora_forwards_agree_at_4096_over_7_for_every_ablation() {
         ("m≠n", prolora_cfg(12, 2, 7, 3, 16.0)),
     ];
     for (name, cfg) in variants {
-        let chunked = prolora(&cfg, h, o, DType::F32, 1);
+        let chunked = prolora(
+            &AdapterConfig {
+                forward: Some(ProloraForward::Chunked),
+                ..cfg.clone()
+            },
+            h,
+            o,
+            DType::F32,
+            1,
+        );
         assert!(chunked.is_chunked(), "{name}");
         let materialized = prolora(
             &AdapterConfig {

@@ -274,3 +274,135 @@ fn unknown_config_key_is_named() {
     ]);
     assert!(err.contains("learning_rate"), "{err}");
 }
+
+/// Every adapter kind trains from its example config, writes its PEFT-style files and reloads
+/// to the trainer's final eval loss.
+#[test]
+fn every_adapter_kind_trains_and_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (config, peft_type) in [
+        ("configs/demo-prolora.toml", "PROLORA"),
+        ("configs/demo-vera.toml", "VERA"),
+        ("configs/demo-tied-lora.toml", "TIED_LORA"),
+    ] {
+        let run = tmp.path().join(peft_type);
+        let o = prolora(&[
+            "train",
+            "--config",
+            config,
+            "--set",
+            &format!("output_dir={}", run.display()),
+            "--set",
+            "train.steps=6",
+            "--set",
+            "train.eval_every=0",
+            "--set",
+            "optim.lr=1e-2",
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{config}: {}", stderr(&o));
+        let adapter_cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(adapter_cfg["peft_type"], peft_type);
+        let lines = metrics(&run);
+        let losses: Vec<f64> = lines.iter().filter_map(|l| l["loss"].as_f64()).collect();
+        assert_eq!(losses.len(), 6);
+        let evals: Vec<f64> = lines
+            .iter()
+            .filter_map(|l| l["eval_loss"].as_f64())
+            .collect();
+        let (before, after) = (evals[0], *evals.last().unwrap());
+        assert!(after < before, "{config}: eval loss {before} → {after}");
+        let out = json_of(&prolora(&[
+            "eval",
+            "--model",
+            "tiny",
+            "--adapter",
+            run.to_str().unwrap(),
+            "--data",
+            "data/sample_chat_eval.jsonl",
+            "--max-seq-len",
+            "128",
+            "--json",
+        ]));
+        let reloaded = out["loss"].as_f64().unwrap();
+        assert!(
+            (reloaded - after).abs() < 1e-5,
+            "{config}: {reloaded} vs {after}"
+        );
+    }
+}
+
+/// Bad adapter settings and files: one clear line each, naming the key or the tensor.
+#[test]
+fn bad_adapter_input_gives_one_clear_error() {
+    let train_err = |sets: &[&str]| {
+        let mut args = vec!["train", "--config", "configs/demo-prolora.toml"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        error_of(&args)
+    };
+    let err = train_err(&["adapter.unshared_rank=9"]);
+    assert!(
+        err.contains("adapter.unshared_rank = 9 exceeds adapter.rank = 8"),
+        "{err}"
+    );
+    let err = train_err(&["adapter.sharing_rate_a=200"]);
+    assert!(
+        err.contains("adapter.sharing_rate_a = 200") && err.contains("128 input features"),
+        "{err}"
+    );
+    let err = train_err(&["adapter.rank=0", "adapter.unshared_rank=0"]);
+    assert!(err.contains("adapter.rank must be at least 1"), "{err}");
+    let err = train_err(&["adapter.kind=lora"]);
+    assert!(
+        err.contains("adapter.unshared_rank applies to kind = \"prolora\" only"),
+        "{err}"
+    );
+    let err = train_err(&["adapter.kind=dora"]);
+    assert!(
+        err.contains("dora") && err.contains("adapter.kind"),
+        "{err}"
+    );
+
+    // A LoRA adapter for another model: the tensor and both shapes are named.
+    let eval_err = |adapter: &str| {
+        error_of(&[
+            "eval",
+            "--model",
+            "tiny",
+            "--adapter",
+            adapter,
+            "--data",
+            "data/sample_chat_eval.jsonl",
+        ])
+    };
+    let err = eval_err(&fixture("peft-vera/adapter"));
+    assert!(
+        err.contains("base_model.vera_A") && err.contains("[8, 64]"),
+        "{err}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("adapter");
+    std::fs::create_dir(&dir).unwrap();
+    let src = root().join("tests/fixtures/peft-lora/adapter");
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        cfg.replace("\"LORA\"", "\"IA3\""),
+    )
+    .unwrap();
+    let err = eval_err(dir.to_str().unwrap());
+    assert!(
+        err.contains("adapter_config.json") && err.contains("\"IA3\""),
+        "{err}"
+    );
+}

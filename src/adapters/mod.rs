@@ -133,9 +133,11 @@ pub enum Axis {
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ProloraForward {
-    /// Never builds A and B (METHODS.md §2, last paragraph); the default (faster here).
+    /// Never builds A and B (METHODS.md §2, last paragraph): pads x to m·cA and works on the
+    /// chunks. Slower on CPU (`examples/prolora_forwards.rs`: 3× at h 4096), as the padded copy
+    /// of x costs more than gathering A (r × h) and B (o × r).
     Chunked,
-    /// Gathers the full A and B, then two matmuls.
+    /// Gathers the full A and B, then two matmuls; the default.
     Materialized,
 }
 
@@ -179,7 +181,7 @@ pub struct AdapterConfig {
     /// PRoLoRA: the axis the chunks are rolled along (default rank; hidden is a Table 4 sibling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_axis: Option<Axis>,
-    /// PRoLoRA: `chunked` (default) or `materialized`.
+    /// PRoLoRA: `materialized` (default, faster) or `chunked`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward: Option<ProloraForward>,
     /// PRoLoRA: learning-rate multiplier of the shared A0, B0 (default 1).

@@ -42,7 +42,7 @@ impl Options {
             rectified_init: cfg.rectified_init.unwrap_or(true),
             share_axis: cfg.share_axis.unwrap_or(Axis::Hidden),
             rotate_axis: cfg.rotate_axis.unwrap_or(Axis::Rank),
-            forward: cfg.forward.unwrap_or(ProloraForward::Chunked),
+            forward: cfg.forward.unwrap_or(ProloraForward::Materialized),
         };
         if o.unshared > o.rank {
             bail!(
@@ -192,10 +192,10 @@ struct Chunked {
     /// Chunk widths cA, cB.
     ca: usize,
     cb: usize,
-    /// Gathers z (…, m·r_s) so that summing over m gives Σ_j roll(z_j, −j·sA).
-    z_index: Tensor,
-    /// Gathers z_shared (…, r_s) into n copies, copy i = roll(z_shared, +i·sB).
-    w_index: Tensor,
+    /// (m·r_s, r_s): z (…, m·r_s) times this is Σ_j roll(z_j, −j·sA).
+    sum_rolls: Tensor,
+    /// (r_s, n·r_s): z_shared times this is the n copies roll(z_shared, +i·sB).
+    copies: Tensor,
 }
 
 pub struct Prolora {
@@ -265,17 +265,26 @@ impl Prolora {
                 if r_s > 0 =>
             {
                 let (sa, sb) = (la.stride(), lb.stride());
-                let z: Vec<u32> = (0..opts.rate_a)
-                    .flat_map(|j| (0..r_s).map(move |i| (j * r_s + (i + j * sa) % r_s) as u32))
-                    .collect();
-                let w: Vec<u32> = (0..opts.rate_b)
-                    .flat_map(|i| (0..r_s).map(move |c| ((c + r_s - (i * sb) % r_s) % r_s) as u32))
-                    .collect();
+                let (m, n) = (opts.rate_a, opts.rate_b);
+                // 0/1 matrices: the rolls and the sum over chunks as two tiny GEMMs.
+                let mut sum_rolls = vec![0f32; m * r_s * r_s];
+                for j in 0..m {
+                    for i in 0..r_s {
+                        sum_rolls[(j * r_s + (i + j * sa) % r_s) * r_s + i] = 1.0;
+                    }
+                }
+                let mut copies = vec![0f32; r_s * n * r_s];
+                for i in 0..n {
+                    for c in 0..r_s {
+                        copies[((c + r_s - (i * sb) % r_s) % r_s) * n * r_s + i * r_s + c] = 1.0;
+                    }
+                }
                 Some(Chunked {
                     ca: la.base().1,
                     cb: lb.base().1,
-                    z_index: index_tensor(z, device)?,
-                    w_index: index_tensor(w, device)?,
+                    sum_rolls: Tensor::from_vec(sum_rolls, (m * r_s, r_s), device)?
+                        .to_dtype(dtype)?,
+                    copies: Tensor::from_vec(copies, (r_s, n * r_s), device)?.to_dtype(dtype)?,
                 })
             }
             _ => None,
@@ -337,11 +346,10 @@ impl Prolora {
             .reshape((n * m, c.ca))?
             .matmul(&a0.t()?)?
             .reshape((n, m * r_s))?;
-        let shared = z
-            .index_select(&c.z_index, 1)?
-            .reshape((n, m, r_s))?
-            .sum(1)?;
-        let w = shared.index_select(&c.w_index, 1)?.reshape((n * nb, r_s))?;
+        let w = z
+            .matmul(&c.sum_rolls)?
+            .matmul(&c.copies)?
+            .reshape((n * nb, r_s))?;
         let y = w
             .matmul(&b0.t()?)?
             .reshape((n, nb * c.cb))?
