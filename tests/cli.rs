@@ -406,3 +406,166 @@ fn bad_adapter_input_gives_one_clear_error() {
         "{err}"
     );
 }
+
+/// `prolora eval --json` loss of `model` (+ adapter) on the PEFT fixture data.
+fn fixture_loss(model: &str, adapter: Option<&str>) -> f64 {
+    let data = fixture("peft-lora/data.jsonl");
+    let mut args = vec![
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &data,
+        "--max-seq-len",
+        "64",
+        "--json",
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a]);
+    }
+    json_of(&prolora(&args))["loss"].as_f64().unwrap()
+}
+
+/// Export and merge of every non-LoRA kind against stock PEFT / transformers
+/// (scripts/reference/check_exports.py): PEFT reading our LoRA export gives our adapter's loss;
+/// transformers reading our merged checkpoint (f16, as the base) gives the loss we compute on it.
+#[test]
+fn export_and_merge_match_peft_and_transformers() {
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("our-exports/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let base = fixture("peft-lora/base");
+    let tmp = tempfile::tempdir().unwrap();
+    let close = |a: f64, b: f64| ((a - b) / b).abs() < 1e-4;
+    for kind in ["prolora", "vera", "tied-lora"] {
+        let want = &expected[kind];
+        let adapter = fixture(&format!("our-exports/{kind}"));
+        let ours = fixture_loss(&base, Some(&adapter));
+        let peft = want["export_loss"].as_f64().unwrap();
+        assert!(
+            close(ours, peft),
+            "{kind}: ours {ours} vs PEFT on the export {peft}"
+        );
+
+        // The export is what PEFT read: same tensors, bit for bit.
+        let export = tmp.path().join(format!("{kind}-lora"));
+        let o = prolora(&[
+            "export",
+            "--adapter",
+            &adapter,
+            "--format",
+            "peft-lora",
+            "--model",
+            &base,
+            "--out",
+            export.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let fresh = candle_core::safetensors::load(
+            export.join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let committed = candle_core::safetensors::load(
+            fixture(&format!(
+                "our-exports/{kind}/peft-lora/adapter_model.safetensors"
+            )),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(fresh.len(), committed.len());
+        for (key, t) in &fresh {
+            let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = committed[key]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(a, b, "{kind}: {key}");
+        }
+        assert!(close(
+            fixture_loss(&base, Some(export.to_str().unwrap())),
+            peft
+        ));
+
+        let merged = tmp.path().join(format!("{kind}-merged"));
+        let o = prolora(&[
+            "merge",
+            "--model",
+            &base,
+            "--adapter",
+            &adapter,
+            "--out",
+            merged.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let weights = candle_core::safetensors::load(
+            merged.join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert!(weights
+            .values()
+            .all(|t| t.dtype() == candle_core::DType::F16));
+        let ours = fixture_loss(merged.to_str().unwrap(), None);
+        let hf = want["merged_loss"].as_f64().unwrap();
+        assert!(
+            close(ours, hf),
+            "{kind}: merged {ours} vs transformers {hf}"
+        );
+        assert!(
+            ((ours - peft) / peft).abs() < 1e-3,
+            "{kind}: merge moved the loss"
+        );
+    }
+}
+
+#[test]
+fn params_prints_the_papers_counts() {
+    for (args, want) in [
+        (vec!["--adapter", "lora", "--rank", "2"], 4_997_120),
+        (
+            vec![
+                "--adapter",
+                "prolora",
+                "--rank",
+                "8",
+                "--unshared",
+                "1",
+                "--sharing",
+                "7",
+            ],
+            4_999_520,
+        ),
+        (vec!["--adapter", "vera", "--rank", "256"], 1_417_216),
+        (vec!["--adapter", "tied-lora", "--rank", "256"], 4_595_712),
+    ] {
+        let mut full = vec!["params", "--model", "llama2-7b", "--json"];
+        full.extend(&args);
+        let out = json_of(&prolora(&full));
+        assert_eq!(out["params"], want, "{args:?}");
+        assert_eq!(out["bytes_f32"], 4 * want);
+        assert_eq!(out["bytes_bf16"], 2 * want);
+    }
+    let o = prolora(&["params", "--paper-tables"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("25,886,720") && text.contains("paper counts 32 layers"),
+        "{text}"
+    );
+    let err = error_of(&[
+        "params",
+        "--model",
+        "llama2-7b",
+        "--adapter",
+        "lora",
+        "--unshared",
+        "1",
+    ]);
+    assert!(
+        err.contains("--unshared applies to --adapter prolora only"),
+        "{err}"
+    );
+}
