@@ -520,3 +520,53 @@ fn adamw_parameter_groups_scale_the_learning_rate() {
     );
     assert!((a + 0.1).abs() < 1e-6 && (b + 0.2).abs() < 1e-6, "{a} {b}");
 }
+
+/// Merging into a sharded f32 checkpoint keeps its shards and gives the logits of base +
+/// adapter (PRoLoRA with rotation, and Tied-LoRA on a GQA model).
+#[test]
+fn merge_into_a_sharded_checkpoint_gives_the_adapted_logits() {
+    use prolora::source::ModelSource;
+    let dir = fixture("llama-gqa");
+    let source = ModelSource::resolve(dir.to_str().unwrap(), "main").unwrap();
+    let ids = Tensor::new(&[[1u32, 7, 42, 9, 200, 3]], &Device::Cpu).unwrap();
+    let tied = AdapterConfig {
+        kind: AdapterKind::TiedLora,
+        rank: 4,
+        targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+        ..Default::default()
+    };
+    for cfg in [prolora_cfg(8, 1, 7, 3, 16.0), tied] {
+        let mut model = source.load(DType::F32, &Device::Cpu).unwrap();
+        let set = AdapterSet::new(
+            &cfg,
+            &source.config,
+            DType::F32,
+            &Device::Cpu,
+            &mut StdRng::seed_from_u64(1),
+        )
+        .unwrap();
+        set_random(&set.tensors(), 3);
+        model.attach(&set);
+        let adapted = model.logits(&ids, &Ctx::eval()).unwrap();
+        let base = source.load(DType::F32, &Device::Cpu).unwrap();
+        let before = base.logits(&ids, &Ctx::eval()).unwrap();
+        assert!(max_abs(&(&adapted - &before).unwrap()) > 1e-2);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let adapter = tmp.path().join("adapter");
+        peft::save(&adapter, &set, "llama-gqa").unwrap();
+        let out = tmp.path().join("merged");
+        prolora::export::merge(&dir, &source.config, &adapter, &out).unwrap();
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let name = f.unwrap().file_name();
+            assert!(out.join(&name).exists(), "{name:?} missing");
+        }
+        let merged = ModelSource::resolve(out.to_str().unwrap(), "main")
+            .unwrap()
+            .load(DType::F32, &Device::Cpu)
+            .unwrap();
+        let logits = merged.logits(&ids, &Ctx::eval()).unwrap();
+        let e = max_abs(&(&logits - &adapted).unwrap());
+        assert!(e < 1e-4, "{}: merged logits differ by {e}", cfg.kind);
+    }
+}
