@@ -13,6 +13,7 @@ then records PyTorch's numbers in tests/fixtures/our-exports/expected.json:
 
   * `export_loss`: the loss with the export loaded by `PeftModel.from_pretrained`;
   * `merged_loss`: the loss of the merged checkpoint loaded by `LlamaForCausalLM.from_pretrained`;
+  * `peft_native_loss` (VeRA only): the loss with our VeRA file itself read by stock PEFT;
   * `merged_max_logit_diff`: max |logits(merged) − logits(base + export)| (f16 storage of the
     merged weights is the only difference), and the merged files' dtype.
 
@@ -78,6 +79,10 @@ def main():
                 diff = (merged_model(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max().item()
         out[kind] = {"export_loss": export_loss, "merged_loss": merged_loss,
                      "merged_max_logit_diff": diff, "merged_dtypes": dtypes}
+        if kind == "vera":  # our VeRA file is PEFT's format: stock PEFT reads it as it is
+            native = PeftModel.from_pretrained(
+                LlamaForCausalLM.from_pretrained(BASE, dtype=torch.float32).eval(), adapter).eval()
+            out[kind]["peft_native_loss"] = mean_loss(native, examples)
         print(kind, out[kind])
     with open(os.path.join(ROOT, "expected.json"), "w") as f:
         json.dump(out, f, indent=1)
