@@ -1,13 +1,14 @@
 //! The command line: one subcommand per user verb.
 
-use crate::adapters::peft;
+use crate::adapters::tied_lora::TIED_MODULES;
+use crate::adapters::{peft, AdapterConfig, AdapterKind, Axis};
 use crate::config::RunConfig;
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Message, Role};
 use crate::data::convert::{prepare, Format};
 use crate::data::dataset::{encode_file, LoadOptions};
 use crate::data::inspect;
 use crate::model::nf4::Quantization;
-use crate::source::{self, ModelSource};
+use crate::source::{self, ModelSource, Origin};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::{IsTerminal, Write};
@@ -41,6 +42,12 @@ pub enum Command {
     Data(DataCommand),
     /// Write a model with NF4 block linears in bitsandbytes' layout (loads here and in transformers).
     Quantize(QuantizeArgs),
+    /// Exact trainable-parameter count of an adapter on a model, from the shapes alone.
+    Params(ParamsArgs),
+    /// Write an adapter (any kind) as a plain PEFT LoRA of the equivalent rank.
+    Export(ExportArgs),
+    /// Merge an adapter into the base weights: W0 + ΔW as a transformers checkpoint.
+    Merge(MergeArgs),
 }
 
 #[derive(Subcommand)]
@@ -142,6 +149,75 @@ pub struct QuantizeArgs {
 }
 
 #[derive(Args)]
+pub struct ParamsArgs {
+    /// A preset (tiny, llama2-7b, llama2-13b, llama2-70b), a local directory or a Hub repo id.
+    #[arg(long, required_unless_present = "paper_tables")]
+    pub model: Option<String>,
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// lora, prolora, vera or tied-lora.
+    #[arg(long, required_unless_present = "paper_tables")]
+    pub adapter: Option<String>,
+    /// Total rank r.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// PRoLoRA: unshared rank u (default 1).
+    #[arg(long)]
+    pub unshared: Option<usize>,
+    /// PRoLoRA: sharing rate m of A (default 7).
+    #[arg(long)]
+    pub sharing: Option<usize>,
+    /// PRoLoRA: sharing rate n of B (default: --sharing).
+    #[arg(long)]
+    pub sharing_b: Option<usize>,
+    /// PRoLoRA: cut the chunks along `hidden` (default) or `rank`.
+    #[arg(long)]
+    pub share_axis: Option<String>,
+    /// Comma-separated linears (default: all seven; q,k,v for tied-lora).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Print the paper's Table 1 and Table 2 parameter column, computed here.
+    #[arg(long)]
+    pub paper_tables: bool,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// Our adapter directory (any kind).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output format; `peft-lora` is the one there is.
+    #[arg(long, default_value = "peft-lora")]
+    pub format: String,
+    /// Where to write the PEFT LoRA adapter.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The base model (for its shapes); default: the adapter's base_model_name_or_path.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// A local transformers directory or a Hub repo id.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// The adapter directory (any kind).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The output directory (a transformers checkpoint).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
 pub struct TrainArgs {
     /// The run config (see configs/).
     #[arg(long, short, required_unless_present = "resume")]
@@ -235,6 +311,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Inspect(a)) => data_inspect(a),
         Command::Data(DataCommand::Prepare(a)) => data_prepare(a),
         Command::Quantize(a) => quantize(a),
+        Command::Params(a) => params(a),
+        Command::Export(a) => export(a),
+        Command::Merge(a) => merge(a),
     }
 }
 
@@ -247,6 +326,95 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         s.bytes as f64 / (1 << 20) as f64,
         args.out.display()
     );
+    Ok(())
+}
+
+fn params(args: ParamsArgs) -> Result<()> {
+    if args.paper_tables {
+        print!("{}", crate::params::paper_tables()?);
+        return Ok(());
+    }
+    let (Some(model), Some(adapter)) = (&args.model, &args.adapter) else {
+        bail!("--model and --adapter are required (or pass --paper-tables)");
+    };
+    let kind = AdapterKind::parse(adapter)?;
+    let is_prolora = kind == AdapterKind::Prolora;
+    let targets = match (&args.targets, kind) {
+        (Some(t), _) => t.clone(),
+        (None, AdapterKind::TiedLora) => TIED_MODULES.map(String::from).to_vec(),
+        (None, _) => AdapterConfig::default().targets,
+    };
+    let share_axis = match args.share_axis.as_deref() {
+        None => None,
+        Some("hidden") => Some(Axis::Hidden),
+        Some("rank") => Some(Axis::Rank),
+        Some(other) => bail!("--share-axis {other:?}: use hidden or rank"),
+    };
+    for (flag, set) in [
+        ("--unshared", args.unshared.is_some()),
+        ("--sharing", args.sharing.is_some()),
+        ("--sharing-b", args.sharing_b.is_some()),
+        ("--share-axis", share_axis.is_some()),
+    ] {
+        if set && !is_prolora {
+            bail!("{flag} applies to --adapter prolora only");
+        }
+    }
+    let cfg = AdapterConfig {
+        kind,
+        rank: args.rank,
+        targets,
+        unshared_rank: args.unshared,
+        sharing_rate_a: args.sharing,
+        sharing_rate_b: args.sharing_b,
+        share_axis,
+        ..Default::default()
+    };
+    let source = ModelSource::resolve(model, &args.revision)?;
+    let report = crate::params::report(&source.name(), &source.config, &cfg)?;
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", crate::params::describe(&report));
+    }
+    Ok(())
+}
+
+/// The base model an adapter was trained on: `--model`, else its recorded base.
+fn base_of(model: &Option<String>, adapter: &std::path::Path) -> Result<String> {
+    match model.clone().or_else(|| peft::base_model_of(adapter)) {
+        Some(m) => Ok(m),
+        None => bail!(
+            "{}: no base_model_name_or_path in adapter_config.json; pass --model",
+            adapter.display()
+        ),
+    }
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    if args.format != "peft-lora" {
+        bail!(
+            "--format {:?} is not supported (use peft-lora)",
+            args.format
+        );
+    }
+    let model = base_of(&args.model, &args.adapter)?;
+    let source = ModelSource::resolve(&model, &args.revision)?;
+    crate::export::export_peft_lora(&args.adapter, &source.config, &model, &args.out)?;
+    println!("PEFT LoRA written to {}", args.out.display());
+    Ok(())
+}
+
+fn merge(args: MergeArgs) -> Result<()> {
+    let source = ModelSource::resolve(&args.model, &args.revision)?;
+    let Origin::Dir(dir) = &source.origin else {
+        bail!(
+            "--model {}: a preset has no checkpoint files to merge into; pass a model directory or Hub id",
+            args.model
+        );
+    };
+    crate::export::merge(dir, &source.config, &args.adapter, &args.out)?;
+    println!("merged model written to {}", args.out.display());
     Ok(())
 }
 

@@ -350,3 +350,298 @@ fn unknown_config_key_is_named() {
     ]);
     assert!(err.contains("learning_rate"), "{err}");
 }
+
+/// Every adapter kind trains from its example config, writes its PEFT-style files and reloads
+/// to the trainer's final eval loss.
+#[test]
+fn every_adapter_kind_trains_and_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (config, peft_type) in [
+        ("configs/demo-prolora.toml", "PROLORA"),
+        ("configs/demo-vera.toml", "VERA"),
+        ("configs/demo-tied-lora.toml", "TIED_LORA"),
+    ] {
+        let run = tmp.path().join(peft_type);
+        let o = prolora(&[
+            "train",
+            "--config",
+            config,
+            "--set",
+            &format!("output_dir={}", run.display()),
+            "--set",
+            "train.steps=6",
+            "--set",
+            "train.eval_every=0",
+            "--set",
+            "optim.lr=1e-2",
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{config}: {}", stderr(&o));
+        let adapter_cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(adapter_cfg["peft_type"], peft_type);
+        let lines = metrics(&run);
+        let losses: Vec<f64> = lines.iter().filter_map(|l| l["loss"].as_f64()).collect();
+        assert_eq!(losses.len(), 6);
+        let evals: Vec<f64> = lines
+            .iter()
+            .filter_map(|l| l["eval_loss"].as_f64())
+            .collect();
+        let (before, after) = (evals[0], *evals.last().unwrap());
+        assert!(after < before, "{config}: eval loss {before} → {after}");
+        let out = json_of(&prolora(&[
+            "eval",
+            "--model",
+            "tiny",
+            "--adapter",
+            run.to_str().unwrap(),
+            "--data",
+            "data/sample_chat_eval.jsonl",
+            "--max-seq-len",
+            "128",
+            "--json",
+        ]));
+        let reloaded = out["loss"].as_f64().unwrap();
+        assert!(
+            (reloaded - after).abs() < 1e-5,
+            "{config}: {reloaded} vs {after}"
+        );
+    }
+}
+
+/// Bad adapter settings and files: one clear line each, naming the key or the tensor.
+#[test]
+fn bad_adapter_input_gives_one_clear_error() {
+    let train_err = |sets: &[&str]| {
+        let mut args = vec!["train", "--config", "configs/demo-prolora.toml"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        error_of(&args)
+    };
+    let err = train_err(&["adapter.unshared_rank=9"]);
+    assert!(
+        err.contains("adapter.unshared_rank = 9 exceeds adapter.rank = 8"),
+        "{err}"
+    );
+    let err = train_err(&["adapter.sharing_rate_a=200"]);
+    assert!(
+        err.contains("adapter.sharing_rate_a = 200") && err.contains("128 input features"),
+        "{err}"
+    );
+    let err = train_err(&["adapter.rank=0", "adapter.unshared_rank=0"]);
+    assert!(err.contains("adapter.rank must be at least 1"), "{err}");
+    let err = train_err(&["adapter.kind=lora"]);
+    assert!(
+        err.contains("adapter.unshared_rank applies to kind = \"prolora\" only"),
+        "{err}"
+    );
+    let err = train_err(&["adapter.kind=dora"]);
+    assert!(
+        err.contains("dora") && err.contains("adapter.kind"),
+        "{err}"
+    );
+
+    // A LoRA adapter for another model: the tensor and both shapes are named.
+    let eval_err = |adapter: &str| {
+        error_of(&[
+            "eval",
+            "--model",
+            "tiny",
+            "--adapter",
+            adapter,
+            "--data",
+            "data/sample_chat_eval.jsonl",
+        ])
+    };
+    let err = eval_err(&fixture("peft-vera/adapter"));
+    assert!(
+        err.contains("base_model.vera_A") && err.contains("[8, 64]"),
+        "{err}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("adapter");
+    std::fs::create_dir(&dir).unwrap();
+    let src = root().join("tests/fixtures/peft-lora/adapter");
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        cfg.replace("\"LORA\"", "\"IA3\""),
+    )
+    .unwrap();
+    let err = eval_err(dir.to_str().unwrap());
+    assert!(
+        err.contains("adapter_config.json") && err.contains("\"IA3\""),
+        "{err}"
+    );
+}
+
+/// `prolora eval --json` loss of `model` (+ adapter) on the PEFT fixture data.
+fn fixture_loss(model: &str, adapter: Option<&str>) -> f64 {
+    let data = fixture("peft-lora/data.jsonl");
+    let mut args = vec![
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &data,
+        "--max-seq-len",
+        "64",
+        "--json",
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a]);
+    }
+    json_of(&prolora(&args))["loss"].as_f64().unwrap()
+}
+
+/// Export and merge of every non-LoRA kind against stock PEFT / transformers
+/// (scripts/reference/check_exports.py): PEFT reading our LoRA export gives our adapter's loss;
+/// transformers reading our merged checkpoint (f16, as the base) gives the loss we compute on it.
+#[test]
+fn export_and_merge_match_peft_and_transformers() {
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("our-exports/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let base = fixture("peft-lora/base");
+    let tmp = tempfile::tempdir().unwrap();
+    let close = |a: f64, b: f64| ((a - b) / b).abs() < 1e-4;
+    for kind in ["prolora", "vera", "tied-lora"] {
+        let want = &expected[kind];
+        let adapter = fixture(&format!("our-exports/{kind}"));
+        let ours = fixture_loss(&base, Some(&adapter));
+        let peft = want["export_loss"].as_f64().unwrap();
+        assert!(
+            close(ours, peft),
+            "{kind}: ours {ours} vs PEFT on the export {peft}"
+        );
+
+        // The export is what PEFT read: same tensors, bit for bit.
+        let export = tmp.path().join(format!("{kind}-lora"));
+        let o = prolora(&[
+            "export",
+            "--adapter",
+            &adapter,
+            "--format",
+            "peft-lora",
+            "--model",
+            &base,
+            "--out",
+            export.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let fresh = candle_core::safetensors::load(
+            export.join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let committed = candle_core::safetensors::load(
+            fixture(&format!(
+                "our-exports/{kind}/peft-lora/adapter_model.safetensors"
+            )),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(fresh.len(), committed.len());
+        for (key, t) in &fresh {
+            let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = committed[key]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(a, b, "{kind}: {key}");
+        }
+        assert!(close(
+            fixture_loss(&base, Some(export.to_str().unwrap())),
+            peft
+        ));
+
+        let merged = tmp.path().join(format!("{kind}-merged"));
+        let o = prolora(&[
+            "merge",
+            "--model",
+            &base,
+            "--adapter",
+            &adapter,
+            "--out",
+            merged.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let weights = candle_core::safetensors::load(
+            merged.join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert!(weights
+            .values()
+            .all(|t| t.dtype() == candle_core::DType::F16));
+        let ours = fixture_loss(merged.to_str().unwrap(), None);
+        let hf = want["merged_loss"].as_f64().unwrap();
+        assert!(
+            close(ours, hf),
+            "{kind}: merged {ours} vs transformers {hf}"
+        );
+        assert!(
+            ((ours - peft) / peft).abs() < 1e-3,
+            "{kind}: merge moved the loss"
+        );
+    }
+}
+
+#[test]
+fn params_prints_the_papers_counts() {
+    for (args, want) in [
+        (vec!["--adapter", "lora", "--rank", "2"], 4_997_120),
+        (
+            vec![
+                "--adapter",
+                "prolora",
+                "--rank",
+                "8",
+                "--unshared",
+                "1",
+                "--sharing",
+                "7",
+            ],
+            4_999_520,
+        ),
+        (vec!["--adapter", "vera", "--rank", "256"], 1_417_216),
+        (vec!["--adapter", "tied-lora", "--rank", "256"], 4_595_712),
+    ] {
+        let mut full = vec!["params", "--model", "llama2-7b", "--json"];
+        full.extend(&args);
+        let out = json_of(&prolora(&full));
+        assert_eq!(out["params"], want, "{args:?}");
+        assert_eq!(out["bytes_f32"], 4 * want);
+        assert_eq!(out["bytes_bf16"], 2 * want);
+    }
+    let o = prolora(&["params", "--paper-tables"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("25,886,720") && text.contains("paper counts 32 layers"),
+        "{text}"
+    );
+    let err = error_of(&[
+        "params",
+        "--model",
+        "llama2-7b",
+        "--adapter",
+        "lora",
+        "--unshared",
+        "1",
+    ]);
+    assert!(
+        err.contains("--unshared applies to --adapter prolora only"),
+        "{err}"
+    );
+}

@@ -2,7 +2,7 @@
 //! differences. Goldens: scripts/reference/make_goldens.py.
 
 use candle_core::{DType, Device, Tensor};
-use prolora::adapters::{peft, Ctx};
+use prolora::adapters::{peft, AdapterConfig, AdapterKind, Axis, Ctx, ProloraForward};
 use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
 use prolora::loss::summed_loss;
@@ -69,8 +69,8 @@ fn both_config_layouts_are_read() {
     assert!(old.tie_word_embeddings);
 }
 
-/// Loss over the reference's own encoded examples, with PEFT's adapter attached.
-fn peft_loss(with_adapter: bool, quant: Quantization) -> (f64, usize, serde_json::Value) {
+/// Loss over the reference's own encoded examples, with a PEFT-written adapter attached.
+fn peft_loss(adapter: Option<&str>, quant: Quantization) -> (f64, usize, serde_json::Value) {
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("peft-lora/expected.json")).unwrap())
             .unwrap();
@@ -87,8 +87,8 @@ fn peft_loss(with_adapter: bool, quant: Quantization) -> (f64, usize, serde_json
     let mut model = source
         .load_quantized(DType::F32, quant, &Device::Cpu)
         .unwrap();
-    if with_adapter {
-        peft::load_into(&fixture("peft-lora/adapter"), &mut model).unwrap();
+    if let Some(dir) = adapter {
+        peft::load_into(&fixture(dir), &mut model).unwrap();
     }
     let (loss, tokens) = prolora::eval::evaluate(&model, &examples, 4).unwrap();
     (loss, tokens, expected)
@@ -96,7 +96,7 @@ fn peft_loss(with_adapter: bool, quant: Quantization) -> (f64, usize, serde_json
 
 #[test]
 fn loss_with_peft_written_lora_equals_pytorch_peft() {
-    let (loss, tokens, expected) = peft_loss(true, Quantization::None);
+    let (loss, tokens, expected) = peft_loss(Some("peft-lora/adapter"), Quantization::None);
     let want = expected["loss"].as_f64().unwrap();
     assert_eq!(tokens as u64, expected["tokens"].as_u64().unwrap());
     assert!(
@@ -104,13 +104,32 @@ fn loss_with_peft_written_lora_equals_pytorch_peft() {
         "loss {loss} vs PEFT {want}"
     );
     // The adapter really changes the result: the base loss differs by far more than the tolerance.
-    let (base, _, expected) = peft_loss(false, Quantization::None);
+    let (base, _, expected) = peft_loss(None, Quantization::None);
     let want_base = expected["loss_base"].as_f64().unwrap();
     assert!(
         ((base - want_base) / want_base).abs() < 1e-4,
         "base loss {base} vs {want_base}"
     );
     assert!((loss - base).abs() > 1e-3);
+}
+
+#[test]
+fn loss_with_peft_written_vera_equals_pytorch_peft() {
+    // scripts/reference/make_vera_golden.py: PEFT's VeRA (save_projection=True, r 8, all seven
+    // linears, non-trivial λ_d and λ_b) on the same base and examples.
+    let (loss, tokens, _) = peft_loss(Some("peft-vera/adapter"), Quantization::None);
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("peft-vera/expected.json")).unwrap())
+            .unwrap();
+    let want = expected["loss"].as_f64().unwrap();
+    eprintln!("VeRA loss {loss} vs PEFT {want}");
+    assert_eq!(tokens as u64, expected["tokens"].as_u64().unwrap());
+    assert!(
+        ((loss - want) / want).abs() < 1e-4,
+        "loss {loss} vs PEFT {want}"
+    );
+    let base = expected["loss_base"].as_f64().unwrap();
+    assert!((loss - base).abs() > 1e-2, "the adapter must matter");
 }
 
 /// The same with the base in NF4 + double quant, against transformers + PEFT + bitsandbytes
@@ -122,8 +141,8 @@ fn loss_with_nf4_base_and_peft_lora_equals_pytorch_bitsandbytes() {
     )
     .unwrap();
     let nf4 = Quantization::Nf4 { double_quant: true };
-    for (with_adapter, key) in [(true, "loss"), (false, "loss_base")] {
-        let (loss, tokens, full) = peft_loss(with_adapter, nf4);
+    for (adapter, key) in [(Some("peft-lora/adapter"), "loss"), (None, "loss_base")] {
+        let (loss, tokens, full) = peft_loss(adapter, nf4);
         let w = want[key].as_f64().unwrap();
         eprintln!("nf4 {key}: ours {loss} vs bitsandbytes {w}");
         assert_eq!(tokens as u64, want["tokens"].as_u64().unwrap());
@@ -137,19 +156,63 @@ fn loss_with_nf4_base_and_peft_lora_equals_pytorch_bitsandbytes() {
     }
 }
 
+/// Every adapter kind (PRoLoRA in both forwards, with rotation and non-divisible chunks: the
+/// shared A0's gradient sums over all its rotated copies) against central finite differences.
 #[test]
 fn adapter_gradients_match_central_finite_differences() {
-    check_adapter_gradients(Quantization::None);
+    let base = AdapterConfig {
+        rank: 3,
+        alpha: 4.0,
+        dropout: 0.0,
+        ..Default::default()
+    };
+    let prolora = |forward: ProloraForward| AdapterConfig {
+        kind: AdapterKind::Prolora,
+        rank: 4,
+        unshared_rank: Some(1),
+        sharing_rate_a: Some(3),
+        sharing_rate_b: Some(3),
+        forward: Some(forward),
+        ..base.clone()
+    };
+    let cases = [
+        base.clone(),
+        prolora(ProloraForward::Chunked),
+        prolora(ProloraForward::Materialized),
+        AdapterConfig {
+            share_axis: Some(Axis::Rank),
+            rotate_axis: Some(Axis::Hidden),
+            ..prolora(ProloraForward::Materialized)
+        },
+        AdapterConfig {
+            kind: AdapterKind::Vera,
+            ..base.clone()
+        },
+        AdapterConfig {
+            kind: AdapterKind::TiedLora,
+            targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+            ..base.clone()
+        },
+    ];
+    for cfg in &cases {
+        check_gradients(cfg, Quantization::None);
+    }
 }
 
 /// Through 4-bit base layers the input gradient comes from the NF4 op's own backward.
 #[test]
 fn adapter_gradients_match_central_finite_differences_with_nf4_base() {
-    check_adapter_gradients(Quantization::Nf4 { double_quant: true });
+    let lora = AdapterConfig {
+        rank: 3,
+        alpha: 4.0,
+        dropout: 0.0,
+        ..Default::default()
+    };
+    check_gradients(&lora, Quantization::Nf4 { double_quant: true });
 }
 
-fn check_adapter_gradients(quant: Quantization) {
-    let model = tiny_f64_model(quant);
+fn check_gradients(cfg: &AdapterConfig, quant: Quantization) {
+    let (model, set) = tiny_f64_model(cfg, quant);
     let examples = [
         Encoded {
             input_ids: vec![1, 5, 7, 3, 9, 2],
@@ -170,10 +233,12 @@ fn check_adapter_gradients(quant: Quantization) {
     let grads = (sum / n as f64).unwrap().backward().unwrap();
     let eps = 1e-6;
     let mut checked = 0;
-    for (name, var) in model.trainable() {
+    let trainable = set.trainable();
+    assert!(!trainable.is_empty());
+    for (name, var) in &trainable {
         let grad = grads
             .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
+            .unwrap_or_else(|| panic!("{}: no gradient for {name}", cfg.kind));
         let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
         let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
         // A few entries of every tensor, spread over it.
@@ -191,11 +256,12 @@ fn check_adapter_gradients(quant: Quantization) {
             let tol = 1e-6 + 1e-5 * numeric.abs();
             assert!(
                 (grad[i] - numeric).abs() < tol,
-                "{name}[{i}]: backprop {} vs finite difference {numeric}",
+                "{}: {name}[{i}]: backprop {} vs finite difference {numeric}",
+                cfg.kind,
                 grad[i]
             );
             checked += 1;
         }
     }
-    assert_eq!(checked, 2 * 2 * 7 * 3);
+    assert_eq!(checked, 3 * trainable.len());
 }

@@ -40,8 +40,8 @@ fn adamw_clipping_and_schedule_match_pytorch() {
     let mut opt = AdamW::new(
         names
             .iter()
-            .map(|n| n.to_string())
-            .zip(vars.iter().cloned())
+            .zip(&vars)
+            .map(|(n, v)| (n.to_string(), v.clone(), 1.0))
             .collect(),
         AdamWParams {
             beta1: betas[0].as_f64().unwrap(),
@@ -113,8 +113,8 @@ fn examples() -> Vec<Encoded> {
 }
 
 fn grads_of(micro: &[&[Encoded]], checkpointing: bool, dropout: f64) -> Vec<Vec<f64>> {
-    let model = common::tiny_f64_model_with_dropout(dropout);
-    let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+    let (model, set) = common::tiny_lora_model(dropout);
+    let vars: Vec<Var> = set.trainable().into_iter().map(|(_, v)| v).collect();
     let batches: Vec<Batch> = micro
         .iter()
         .map(|m| Batch::new(&m.iter().collect::<Vec<_>>()))
@@ -174,9 +174,12 @@ fn accumulated_micro_batches_give_the_whole_batch_gradient() {
     assert_close(&split, &whole, "2 micro-batches vs one batch");
 }
 
-fn optimizer_for(model: &prolora::model::Llama) -> AdamW {
+fn optimizer_for(set: &prolora::adapters::AdapterSet) -> AdamW {
     AdamW::new(
-        model.trainable(),
+        set.trainable()
+            .into_iter()
+            .map(|(k, v)| (k, v, 1.0))
+            .collect(),
         AdamWParams {
             beta1: 0.9,
             beta2: 0.999,
@@ -188,14 +191,13 @@ fn optimizer_for(model: &prolora::model::Llama) -> AdamW {
 
 #[test]
 fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
-    use prolora::adapters::AdapterConfig;
     use prolora::train::checkpoint::{self, TrainerState};
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path();
-    let model = common::tiny_f64_model(prolora::model::nf4::Quantization::None);
-    let mut opt = optimizer_for(&model);
+    let (model, set) = common::tiny_lora_model(0.0);
+    let mut opt = optimizer_for(&set);
     // One real update so the moments are non-zero.
-    let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+    let vars: Vec<Var> = set.trainable().into_iter().map(|(_, v)| v).collect();
     let batch = Batch::new(&examples().iter().collect::<Vec<_>>());
     let mut acc: Grads = vec![None; vars.len()];
     accumulate_grads(&model, &batch, &Ctx::eval(), &vars, 1.0, false, &mut acc).unwrap();
@@ -205,16 +207,7 @@ fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
         samples_consumed: 12,
         optimizer_updates: 1,
     };
-    checkpoint::save(
-        run,
-        &model,
-        &AdapterConfig::default(),
-        "tiny",
-        &opt,
-        &state,
-        2,
-    )
-    .unwrap();
+    checkpoint::save(run, &set, "tiny", &opt, &state, 2).unwrap();
 
     // A save killed half-way leaves only a temporary directory, which is never listed.
     let half = run.join("checkpoints/.step-0000006.tmp");
@@ -224,11 +217,11 @@ fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
     assert_eq!(listed.iter().map(|c| c.0).collect::<Vec<_>>(), vec![3]);
 
     // Restoring into a freshly initialised model gives back the values and the moments.
-    let fresh = common::tiny_f64_model(prolora::model::nf4::Quantization::None);
+    let (_, fresh) = common::tiny_lora_model(0.0);
     let mut fresh_opt = optimizer_for(&fresh);
     let restored = checkpoint::load(&listed[0].1, &fresh, &mut fresh_opt).unwrap();
     assert_eq!(restored, state);
-    for ((name, a), (_, b)) in model.trainable().iter().zip(fresh.trainable().iter()) {
+    for ((name, a), (_, b)) in set.trainable().iter().zip(fresh.trainable().iter()) {
         let (a, b): (Vec<f64>, Vec<f64>) = (
             a.flatten_all().unwrap().to_vec1().unwrap(),
             b.flatten_all().unwrap().to_vec1().unwrap(),
@@ -262,16 +255,7 @@ fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
     let blocked = run.join("checkpoints/.step-0000009.tmp");
     std::fs::write(&blocked, b"not a directory").unwrap();
     let later = TrainerState { step: 9, ..state };
-    let err = checkpoint::save(
-        run,
-        &model,
-        &AdapterConfig::default(),
-        "tiny",
-        &opt,
-        &later,
-        2,
-    )
-    .unwrap_err();
+    let err = checkpoint::save(run, &set, "tiny", &opt, &later, 2).unwrap_err();
     let msg = format!("{err:#}");
     assert!(
         msg.contains("step 9") && msg.contains("earlier checkpoints are kept"),

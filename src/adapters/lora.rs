@@ -1,8 +1,9 @@
 //! LoRA, as PEFT's `LoraLayer`: `Δ(x) = α/r · (dropout(x) Aᵀ) Bᵀ`.
 
-use super::{uniform, Adapter, Ctx};
+use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Ctx, Parts, Target};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
+use std::rc::Rc;
 
 pub struct Lora {
     /// (r, in)
@@ -27,30 +28,11 @@ impl Lora {
         rng: &mut StdRng,
     ) -> candle_core::Result<Self> {
         let bound = 1.0 / (in_features as f64).sqrt();
-        let a = Tensor::from_vec(
-            uniform(rank * in_features, bound, rng),
-            (rank, in_features),
-            device,
-        )?
-        .to_dtype(dtype)?;
-        let b = Tensor::zeros((out_features, rank), dtype, device)?;
-        Ok(Self::from_tensors(a, b, alpha, dropout)?)
-    }
-
-    /// From existing `A (r, in)` and `B (out, r)`, e.g. a saved adapter.
-    pub fn from_tensors(
-        a: Tensor,
-        b: Tensor,
-        alpha: f64,
-        dropout: f64,
-    ) -> candle_core::Result<Self> {
-        let rank = a.dim(0)?;
-        if b.dim(1)? != rank {
-            candle_core::bail!("lora_B has rank {} but lora_A has rank {rank}", b.dim(1)?);
-        }
+        let a = uniform_var((rank, in_features), bound, dtype, device, rng)?;
+        let b = Var::zeros((out_features, rank), dtype, device)?;
         Ok(Self {
-            a: Var::from_tensor(&a)?,
-            b: Var::from_tensor(&b)?,
+            a,
+            b,
             scaling: alpha / rank as f64,
             dropout,
         })
@@ -60,7 +42,7 @@ impl Lora {
 impl Adapter for Lora {
     fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let out_dtype = x.dtype();
-        let x = ctx.dropout(&x.to_dtype(self.a.dtype())?, self.dropout)?;
+        let x = adapter_input(x, self.a.dtype(), self.dropout, ctx)?;
         let down = x.broadcast_matmul(&self.a.t()?)?;
         let up = down.broadcast_matmul(&self.b.t()?)?;
         (up * self.scaling)?.to_dtype(out_dtype)
@@ -72,4 +54,49 @@ impl Adapter for Lora {
             ("lora_B.weight".into(), self.b.clone()),
         ]
     }
+
+    fn lora_factors(&self) -> candle_core::Result<(Tensor, Tensor, f64)> {
+        Ok((
+            self.a.as_tensor().clone(),
+            self.b.as_tensor().clone(),
+            self.scaling,
+        ))
+    }
+}
+
+pub fn build(
+    cfg: &AdapterConfig,
+    targets: &[Target],
+    dtype: DType,
+    device: &Device,
+    rng: &mut StdRng,
+) -> candle_core::Result<Parts> {
+    let adapters = targets
+        .iter()
+        .map(|t| {
+            let lora = Lora::init(
+                t.in_features,
+                t.out_features,
+                cfg.rank,
+                cfg.alpha,
+                cfg.dropout,
+                dtype,
+                device,
+                rng,
+            )?;
+            Ok(Rc::new(lora) as Rc<dyn Adapter>)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Parts {
+        adapters,
+        shared: Vec::new(),
+    })
+}
+
+/// `r · (in + out)` per adapted linear.
+pub fn count(cfg: &AdapterConfig, targets: &[Target]) -> usize {
+    targets
+        .iter()
+        .map(|t| cfg.rank * (t.in_features + t.out_features))
+        .sum()
 }

@@ -1,59 +1,116 @@
-//! Adapters on disk in PEFT's layout: `adapter_model.safetensors` + `adapter_config.json`,
-//! so `peft.PeftModel.from_pretrained` reads ours and we read PEFT's.
+//! Adapters on disk in PEFT's layout: `adapter_model.safetensors` + `adapter_config.json`.
+//! LoRA and VeRA files are PEFT's own (`peft.PeftModel.from_pretrained` reads ours and we read
+//! PEFT's); PRoLoRA (`"peft_type": "PROLORA"`) and Tied-LoRA (`"TIED_LORA"`) use the same
+//! layout with their own keys (docs/adapters.md).
 
-use super::{AdapterConfig, Lora};
-use crate::model::config::linear_path;
-use crate::model::Llama;
+use super::{adapter_dtype, AdapterConfig, AdapterKind, AdapterSet, Axis};
+use crate::model::{Llama, LlamaConfig};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
-use serde_json::json;
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
-/// Writes the model's adapter to `dir` (created if needed). Each file is written to a
-/// temporary name and renamed, so a crash never leaves a half-written adapter behind.
-pub fn save(dir: &Path, model: &Llama, cfg: &AdapterConfig, base_model: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors: HashMap<String, Tensor> = model
-        .trainable()
+/// Writes `set` to `dir` (created if needed). Each file is written to a temporary name and
+/// renamed, so a crash never leaves a half-written adapter behind.
+pub fn save(dir: &Path, set: &AdapterSet, base_model: &str) -> Result<()> {
+    let tensors = set
+        .tensors()
         .into_iter()
         .map(|(name, var)| Ok((name, var.as_tensor().to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
+    write_adapter(dir, &tensors, &config_json(&set.cfg, base_model))
+}
+
+/// Writes an adapter directory from its tensors and config.
+pub fn write_adapter(dir: &Path, tensors: &HashMap<String, Tensor>, config: &Value) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let weights = dir.join(WEIGHTS_FILE);
     let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));
-    candle_core::safetensors::save(&tensors, &tmp)
+    candle_core::safetensors::save(tensors, &tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &weights)?;
+    write_atomic(
+        &dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(config)?.as_bytes(),
+    )
+}
 
-    let config = json!({
-        "peft_type": "LORA",
+/// PEFT types lora_alpha as an int; keep whole numbers integral.
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// `adapter_config.json` for `cfg`.
+pub fn config_json(cfg: &AdapterConfig, base_model: &str) -> Value {
+    let mut c = json!({
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": cfg.rank,
-        // PEFT types lora_alpha as an int; keep whole numbers integral.
-        "lora_alpha": if cfg.alpha.fract() == 0.0 { json!(cfg.alpha as i64) } else { json!(cfg.alpha) },
-        "lora_dropout": cfg.dropout,
         "target_modules": cfg.targets,
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
-        "init_lora_weights": true,
-        "use_rslora": false,
-        "use_dora": false,
         "modules_to_save": null,
         "layers_to_transform": null,
         "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
         "revision": null,
     });
-    write_atomic(
-        &dir.join(CONFIG_FILE),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )
+    let extra = match cfg.kind {
+        AdapterKind::Lora => json!({
+            "peft_type": "LORA",
+            "lora_alpha": number(cfg.alpha),
+            "lora_dropout": cfg.dropout,
+            "init_lora_weights": true,
+            "use_rslora": false,
+            "use_dora": false,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }),
+        AdapterKind::Prolora => {
+            let o = super::prolora::Options::from_config(cfg).expect("a validated config");
+            json!({
+                "peft_type": "PROLORA",
+                "lora_alpha": number(cfg.alpha),
+                "lora_dropout": cfg.dropout,
+                "unshared_r": o.unshared,
+                "sharing_rate_a": o.rate_a,
+                "sharing_rate_b": o.rate_b,
+                "rotation": o.rotation,
+                "rectified_init": o.rectified_init,
+                "share_axis": o.share_axis,
+                "rotate_axis": o.rotate_axis,
+            })
+        }
+        AdapterKind::Vera => json!({
+            "peft_type": "VERA",
+            "vera_dropout": cfg.dropout,
+            "d_initial": cfg.d_initial.unwrap_or(0.1),
+            "save_projection": true,
+            // PEFT regenerates the projections from this key only with torch's PRNG; ours are
+            // saved instead (save_projection), so the key is informational.
+            "projection_prng_key": 0,
+        }),
+        AdapterKind::TiedLora => json!({
+            "peft_type": "TIED_LORA",
+            "lora_alpha": number(cfg.alpha),
+            "lora_dropout": cfg.dropout,
+        }),
+    };
+    let (Value::Object(c_map), Value::Object(extra)) = (&mut c, extra) else {
+        unreachable!("both are objects")
+    };
+    c_map.extend(extra);
+    c
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
@@ -65,9 +122,55 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads a PEFT LoRA adapter from `dir` and attaches it to `model`. Every tensor of the file
-/// must be used and every adapted layer must be present.
-pub fn load_into(dir: &Path, model: &mut Llama) -> Result<AdapterConfig> {
+/// Reads the adapter in `dir` and attaches it to `model`.
+pub fn load_into(dir: &Path, model: &mut Llama) -> Result<AdapterSet> {
+    let set = load(
+        dir,
+        &model.cfg,
+        adapter_dtype(model.dtype()),
+        model.device(),
+    )?;
+    model.attach(&set);
+    Ok(set)
+}
+
+/// Reads the adapter in `dir` for a model of shape `model`. Every tensor of the file must be
+/// used, and every tensor the config implies must be there with its shape.
+pub fn load(dir: &Path, model: &LlamaConfig, dtype: DType, device: &Device) -> Result<AdapterSet> {
+    let cfg = read_config(dir)?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let mut tensors = candle_core::safetensors::load(&weights_path, device)
+        .with_context(|| format!("cannot read {}", weights_path.display()))?;
+    // A fresh set has every tensor at its shape; the file's values then replace the init.
+    let set = AdapterSet::new(&cfg, model, dtype, device, &mut StdRng::seed_from_u64(0))
+        .with_context(|| format!("{}", dir.join(CONFIG_FILE).display()))?;
+    for (key, var) in set.tensors() {
+        let Some(t) = tensors.remove(&key) else {
+            bail!("{}: tensor {key} is missing", weights_path.display());
+        };
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: tensor {key} has shape {:?}, the model needs {:?} (adapter for another model?)",
+                weights_path.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_dtype(dtype)?)?;
+    }
+    if let Some(key) = tensors.keys().min() {
+        bail!(
+            "{}: tensor {key} does not belong to a {} adapter on {:?} of this model",
+            weights_path.display(),
+            cfg.kind,
+            cfg.targets
+        );
+    }
+    Ok(set)
+}
+
+/// The adapter config of `dir`, any kind.
+pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).with_context(|| {
         format!(
@@ -76,78 +179,50 @@ pub fn load_into(dir: &Path, model: &mut Llama) -> Result<AdapterConfig> {
             dir.display()
         )
     })?;
-    let raw: serde_json::Value = serde_json::from_str(&text)
+    let raw: Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
-    let cfg = lora_config(&raw).with_context(|| format!("{}", config_path.display()))?;
-
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let mut tensors = candle_core::safetensors::load(&weights_path, model.device())
-        .with_context(|| format!("cannot read {}", weights_path.display()))?;
-    let dtype = if model.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let mut missing = None;
-    model.attach(|layer, module, (out_f, in_f)| {
-        if !cfg.targets.iter().any(|t| t == module) {
-            return Ok(None);
-        }
-        let prefix = format!("base_model.model.model.layers.{layer}.{}", linear_path(module));
-        let mut take = |suffix: &str, shape: [usize; 2]| -> Result<Option<Tensor>> {
-            let key = format!("{prefix}.{suffix}");
-            match tensors.remove(&key) {
-                None => {
-                    missing.get_or_insert(key);
-                    Ok(None)
-                }
-                Some(t) if t.dims() != shape => bail!(
-                    "{}: tensor {key} has shape {:?}, the model needs {shape:?} (adapter for another model?)",
-                    weights_path.display(),
-                    t.dims()
-                ),
-                Some(t) => Ok(Some(t.to_dtype(dtype)?)),
-            }
-        };
-        let a = take("lora_A.weight", [cfg.rank, in_f])?;
-        let b = take("lora_B.weight", [out_f, cfg.rank])?;
-        match (a, b) {
-            (Some(a), Some(b)) => Ok(Some(Box::new(Lora::from_tensors(a, b, cfg.alpha, cfg.dropout)?) as _)),
-            _ => Ok(None),
-        }
-    })?;
-    if let Some(key) = missing {
-        bail!("{}: tensor {key} is missing", weights_path.display());
-    }
-    if let Some(key) = tensors.keys().min() {
-        bail!(
-            "{}: tensor {key} does not belong to a LoRA on {:?} of this model",
-            weights_path.display(),
-            cfg.targets
-        );
-    }
-    Ok(cfg)
+    parse_config(&raw).with_context(|| format!("{}", config_path.display()))
 }
 
-/// The parts of a PEFT `LoraConfig` we implement; anything that would change the math and
-/// that we do not implement is an error rather than silently ignored.
-fn lora_config(raw: &serde_json::Value) -> Result<AdapterConfig> {
+/// The base model recorded in an adapter's config, if any.
+pub fn base_model_of(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok()?;
+    let raw: Value = serde_json::from_str(&text).ok()?;
+    raw.get("base_model_name_or_path")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+}
+
+/// The parts of a PEFT config we implement; anything that would change the math and that we
+/// do not implement is an error rather than silently ignored.
+fn parse_config(raw: &Value) -> Result<AdapterConfig> {
     let peft_type = raw.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
-    if peft_type != "LORA" {
-        bail!("peft_type {peft_type:?} is not supported here (expected \"LORA\")");
-    }
-    let rank = raw
-        .get("r")
-        .and_then(|v| v.as_u64())
-        .context("missing integer \"r\"")? as usize;
-    let alpha = raw
-        .get("lora_alpha")
-        .and_then(|v| v.as_f64())
-        .context("missing number \"lora_alpha\"")?;
-    let dropout = raw
-        .get("lora_dropout")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(0.0);
+    let kind = match peft_type {
+        "LORA" => AdapterKind::Lora,
+        "PROLORA" => AdapterKind::Prolora,
+        "VERA" => AdapterKind::Vera,
+        "TIED_LORA" => AdapterKind::TiedLora,
+        other => bail!(
+            "peft_type {other:?} is not supported (supported: \"LORA\", \"PROLORA\", \"VERA\", \"TIED_LORA\")"
+        ),
+    };
+    let uint = |key: &str| -> Result<usize> {
+        raw.get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .with_context(|| format!("missing integer \"{key}\""))
+    };
+    let float = |key: &str| raw.get(key).and_then(|v| v.as_f64());
+    let flag = |key: &str| -> Result<bool> {
+        raw.get(key)
+            .and_then(|v| v.as_bool())
+            .with_context(|| format!("missing boolean \"{key}\""))
+    };
+    let axis = |key: &str| -> Result<Axis> {
+        serde_json::from_value(raw.get(key).cloned().unwrap_or(Value::Null))
+            .with_context(|| format!("\"{key}\" must be \"hidden\" or \"rank\""))
+    };
     for flag in ["use_rslora", "use_dora", "fan_in_fan_out"] {
         if raw.get(flag).and_then(|v| v.as_bool()) == Some(true) {
             bail!("\"{flag}\": true is not supported");
@@ -173,26 +248,44 @@ fn lora_config(raw: &serde_json::Value) -> Result<AdapterConfig> {
         }
     }
     let targets: Vec<String> = match raw.get("target_modules") {
-        Some(serde_json::Value::Array(a)) => a
+        Some(Value::Array(a)) => a
             .iter()
             .filter_map(|v| v.as_str().map(String::from))
             .collect(),
-        Some(serde_json::Value::String(s)) if s == "all-linear" => {
-            crate::model::config::BLOCK_LINEARS
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        }
+        Some(Value::String(s)) if s == "all-linear" => crate::model::config::BLOCK_LINEARS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         other => bail!("\"target_modules\" must be a list of module names, got {other:?}"),
     };
-    let cfg = AdapterConfig {
-        kind: "lora".into(),
-        rank,
-        alpha,
-        dropout,
+    let mut cfg = AdapterConfig {
+        kind,
+        rank: uint("r")?,
         targets,
-        init_from: None,
+        ..Default::default()
     };
+    if kind == AdapterKind::Vera {
+        if raw.get("save_projection").and_then(|v| v.as_bool()) != Some(true) {
+            bail!(
+                "a VeRA adapter saved without its projections (save_projection: false) cannot be \
+                 read: PEFT regenerates them with torch's PRNG; re-save it with save_projection=True"
+            );
+        }
+        cfg.dropout = float("vera_dropout").unwrap_or(0.0);
+        cfg.d_initial = float("d_initial");
+    } else {
+        cfg.alpha = float("lora_alpha").context("missing number \"lora_alpha\"")?;
+        cfg.dropout = float("lora_dropout").unwrap_or(0.0);
+    }
+    if kind == AdapterKind::Prolora {
+        cfg.unshared_rank = Some(uint("unshared_r")?);
+        cfg.sharing_rate_a = Some(uint("sharing_rate_a")?);
+        cfg.sharing_rate_b = Some(uint("sharing_rate_b")?);
+        cfg.rotation = Some(flag("rotation")?);
+        cfg.rectified_init = Some(flag("rectified_init")?);
+        cfg.share_axis = Some(axis("share_axis")?);
+        cfg.rotate_axis = Some(axis("rotate_axis")?);
+    }
     cfg.validate()?;
     Ok(cfg)
 }

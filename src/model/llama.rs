@@ -8,14 +8,15 @@ use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
 use super::nf4::Quantization;
 use super::weights::WeightSource;
-use crate::adapters::{Adapter, Ctx};
+use crate::adapters::{Adapter, AdapterSet, Ctx};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, D};
+use std::rc::Rc;
 
 /// A frozen linear, optionally with an adapter whose output is added to it.
 pub struct Linear {
     base: FrozenLinear,
-    adapter: Option<Box<dyn Adapter>>,
+    adapter: Option<Rc<dyn Adapter>>,
 }
 
 impl Linear {
@@ -172,34 +173,13 @@ impl Llama {
         &self.device
     }
 
-    /// Attaches an adapter to every linear for which `make(layer, module, (out, in))` returns one.
-    pub fn attach<F>(&mut self, mut make: F) -> Result<()>
-    where
-        F: FnMut(usize, &str, (usize, usize)) -> Result<Option<Box<dyn Adapter>>>,
-    {
+    /// Attaches the adapters of `set` to their linears (and removes any others).
+    pub fn attach(&mut self, set: &AdapterSet) {
         for (l, block) in self.blocks.iter_mut().enumerate() {
             for (m, lin) in BLOCK_LINEARS.iter().zip(block.linears.iter_mut()) {
-                lin.adapter = make(l, m, lin.base.dims())?;
+                lin.adapter = set.get(l, m);
             }
         }
-        Ok(())
-    }
-
-    /// Every trainable tensor with its PEFT name
-    /// (`base_model.model.model.layers.{l}.self_attn.q_proj.lora_A.weight`, …).
-    pub fn trainable(&self) -> Vec<(String, Var)> {
-        let mut out = Vec::new();
-        for (l, block) in self.blocks.iter().enumerate() {
-            for (m, lin) in BLOCK_LINEARS.iter().zip(block.linears.iter()) {
-                if let Some(a) = &lin.adapter {
-                    let prefix = format!("base_model.model.model.layers.{l}.{}", linear_path(m));
-                    for (name, var) in a.params() {
-                        out.push((format!("{prefix}.{name}"), var));
-                    }
-                }
-            }
-        }
-        out
     }
 
     /// Rotary cos/sin tables for positions 0..t.

@@ -5,7 +5,7 @@ use super::config::{LlamaConfig, RopeScaling};
 use super::nf4::Quantization;
 
 /// The names `--model` accepts without a download.
-pub const PRESETS: [&str; 3] = ["tiny", "llama2-7b", "llama2-13b"];
+pub const PRESETS: [&str; 4] = ["tiny", "llama2-7b", "llama2-13b", "llama2-70b"];
 
 /// The LLaMA-2 tokenizer, shipped inside the binary so the presets need no files.
 pub const LLAMA2_TOKENIZER_JSON: &[u8] = include_bytes!("../../assets/llama2-tokenizer.json");
@@ -40,6 +40,10 @@ pub fn preset(name: &str) -> Option<LlamaConfig> {
         },
         "llama2-7b" => llama2(4096, 11008, 32, 32),
         "llama2-13b" => llama2(5120, 13824, 40, 40),
+        "llama2-70b" => LlamaConfig {
+            num_key_value_heads: 8,
+            ..llama2(8192, 28672, 80, 64)
+        },
         _ => return None,
     })
 }

@@ -3,8 +3,7 @@
 //! renamed into place, so a crash or a full disk never leaves a half checkpoint that loads.
 
 use super::optim::AdamW;
-use crate::adapters::{peft, AdapterConfig};
-use crate::model::Llama;
+use crate::adapters::{peft, AdapterSet};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -67,8 +66,7 @@ fn fsync(path: &Path) -> Result<()> {
 /// Writes the checkpoint of `state.step` and keeps only the newest `keep_last`.
 pub fn save(
     run_dir: &Path,
-    model: &Llama,
-    adapter: &AdapterConfig,
+    adapters: &AdapterSet,
     base_model: &str,
     optimizer: &AdamW,
     state: &TrainerState,
@@ -83,7 +81,7 @@ pub fn save(
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        peft::save(&tmp, model, adapter, base_model)?;
+        peft::save(&tmp, adapters, base_model)?;
         candle_core::safetensors::save(&optimizer.state_tensors()?, tmp.join(OPTIMIZER_FILE))?;
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
         for f in [
@@ -116,15 +114,15 @@ pub fn save(
     Ok(target)
 }
 
-/// Restores adapter values and optimizer state from checkpoint `dir` into an already built model.
-pub fn load(dir: &Path, model: &Llama, optimizer: &mut AdamW) -> Result<TrainerState> {
+/// Restores adapter values and optimizer state from checkpoint `dir` into already built adapters.
+pub fn load(dir: &Path, adapters: &AdapterSet, optimizer: &mut AdamW) -> Result<TrainerState> {
     let state_path = dir.join(STATE_FILE);
     let state: TrainerState = serde_json::from_str(
         &std::fs::read_to_string(&state_path)
             .with_context(|| format!("cannot read {}", state_path.display()))?,
     )
     .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
-    restore_adapter_values(&dir.join(peft::WEIGHTS_FILE), model)?;
+    restore_adapter_values(&dir.join(peft::WEIGHTS_FILE), adapters)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let opt = candle_core::safetensors::load(&opt_path, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot read {}", opt_path.display()))?;
@@ -134,12 +132,12 @@ pub fn load(dir: &Path, model: &Llama, optimizer: &mut AdamW) -> Result<TrainerS
     Ok(state)
 }
 
-/// Sets every trainable tensor of `model` from the same-named tensor of a saved adapter file;
-/// a missing tensor or another shape is an error naming it.
-pub fn restore_adapter_values(weights_path: &Path, model: &Llama) -> Result<()> {
-    let weights = candle_core::safetensors::load(weights_path, model.device())
+/// Sets every tensor of `adapters` (frozen shared ones included) from the same-named tensor of
+/// a saved adapter file; a missing tensor or another shape is an error naming it.
+pub fn restore_adapter_values(weights_path: &Path, adapters: &AdapterSet) -> Result<()> {
+    let weights = candle_core::safetensors::load(weights_path, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot read {}", weights_path.display()))?;
-    for (name, var) in model.trainable() {
+    for (name, var) in adapters.tensors() {
         let t = weights
             .get(&name)
             .with_context(|| format!("{}: tensor {name} is missing", weights_path.display()))?;
@@ -151,7 +149,7 @@ pub fn restore_adapter_values(weights_path: &Path, model: &Llama) -> Result<()> 
                 var.dims()
             );
         }
-        var.set(&t.to_dtype(var.dtype())?)?;
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
 }

@@ -25,6 +25,8 @@ pub struct AdamWParams {
 struct Slot {
     name: String,
     var: Var,
+    /// Multiplies the scheduled learning rate (parameter groups with their own lr).
+    lr_scale: f64,
     /// First element in the flat state.
     offset: usize,
     len: usize,
@@ -47,15 +49,17 @@ fn pages(total: usize) -> Vec<Vec<f32>> {
 }
 
 impl AdamW {
-    pub fn new(named_vars: Vec<(String, Var)>, params: AdamWParams) -> Self {
+    /// Named parameters with the multiplier of their group's learning rate (1 for one group).
+    pub fn new(named_vars: Vec<(String, Var, f64)>, params: AdamWParams) -> Self {
         let mut offset = 0;
         let slots: Vec<Slot> = named_vars
             .into_iter()
-            .map(|(name, var)| {
+            .map(|(name, var, lr_scale)| {
                 let len = var.elem_count();
                 let slot = Slot {
                     name,
                     var,
+                    lr_scale,
                     offset,
                     len,
                 };
@@ -88,14 +92,16 @@ impl AdamW {
             weight_decay,
         } = self.params;
         // PyTorch's single-tensor AdamW, op for op: f64 scalars, f32 element math.
-        let step_size = (lr / (1.0 - beta1.powi(self.step as i32))) as f32;
+        let bc1 = 1.0 - beta1.powi(self.step as i32);
         let bc2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt() as f32;
-        let decay = (1.0 - lr * weight_decay) as f32;
         let (b1, b2, eps) = ((1.0 - beta1) as f32, beta2 as f32, eps as f32);
         let one_minus_b2 = (1.0 - beta2) as f32;
         let scale = grad_scale as f32;
         for (slot, grad) in self.slots.iter().zip(grads) {
             let Some(grad) = grad else { continue };
+            let lr = lr * slot.lr_scale;
+            let step_size = (lr / bc1) as f32;
+            let decay = (1.0 - lr * weight_decay) as f32;
             let dtype = slot.var.dtype();
             let g: Vec<f32> = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let mut p: Vec<f32> = slot.var.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;

@@ -5,7 +5,7 @@ use super::checkpoint::{self, TrainerState};
 use super::optim::{clip_factor, AdamW, AdamWParams};
 use super::schedule::{linear_with_warmup, warmup_steps};
 use super::step::{accumulate_grads, Grads};
-use crate::adapters::{mix_seed, peft, Ctx};
+use crate::adapters::{adapter_dtype, mix_seed, peft, AdapterSet, Ctx};
 use crate::config::RunConfig;
 use crate::data::batch::{split_eval, Batcher, Order};
 use crate::data::chat::{ChatEncoder, Encoded};
@@ -13,7 +13,6 @@ use crate::data::dataset::{default_cache_dir, load, DataReport, LoadOptions};
 use crate::eval::evaluate;
 use crate::source::{self, ModelSource};
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -140,6 +139,8 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let model_source = ModelSource::resolve(&cfg.model.source, &cfg.model.revision)?;
     let tokenizer = model_source.tokenizer(cfg.model.tokenizer.as_deref().map(Path::new))?;
     let encoder = ChatEncoder::new(tokenizer)?;
+    // The adapter must fit the model's shapes: say so before any data or weights are read.
+    cfg.adapter.param_count(&model_source.config)?;
 
     // Data before the model: a bad line should not wait for a 13 GB load.
     let (train_set, train_report) = load_split(&encoder, Path::new(&cfg.data.train), cfg)?;
@@ -161,38 +162,32 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let resume_from = prepare_run_dir(&run_dir, start)?;
 
     let mut model = model_source.load_quantized(dtype, cfg.model.quantization()?, &device)?;
-    let adapter_dtype = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
     let mut init_rng = StdRng::seed_from_u64(cfg.seed);
-    model.attach(|_, module, shape| {
-        if cfg.adapter.targets.iter().any(|t| t == module) {
-            Ok(Some(cfg.adapter.build(
-                shape,
-                adapter_dtype,
-                &device,
-                &mut init_rng,
-            )?))
-        } else {
-            Ok(None)
-        }
-    })?;
+    let adapters = AdapterSet::new(
+        &cfg.adapter,
+        &model.cfg,
+        adapter_dtype(dtype),
+        &device,
+        &mut init_rng,
+    )?;
+    model.attach(&adapters);
     if let Some(dir) = &cfg.adapter.init_from {
         // The config decides the method and its training knobs (dropout); the saved adapter
         // only its starting values, which must fit tensor for tensor.
         let dir = Path::new(dir);
         check_init_alpha(dir, cfg.adapter.alpha)?;
-        checkpoint::restore_adapter_values(&dir.join(peft::WEIGHTS_FILE), &model)?;
+        checkpoint::restore_adapter_values(&dir.join(peft::WEIGHTS_FILE), &adapters)?;
     }
-    let named = model.trainable();
+    let named = adapters.trainable();
     let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
 
     let [beta1, beta2] = cfg.optim.betas;
     let mut optimizer = AdamW::new(
-        named,
+        named
+            .iter()
+            .map(|(key, var)| (key.clone(), var.clone(), adapters.lr_scale(key)))
+            .collect(),
         AdamWParams {
             beta1,
             beta2,
@@ -209,7 +204,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         optimizer_updates: 0,
     };
     if let Some(dir) = &resume_from {
-        state = checkpoint::load(dir, &model, &mut optimizer)?;
+        state = checkpoint::load(dir, &adapters, &mut optimizer)?;
         batches.skip_to(state.samples_consumed);
         eprintln!("resuming from {} (step {})", dir.display(), state.step);
     }
@@ -289,11 +284,10 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     );
     bar.set_position(state.step as u64);
 
-    let save = |state: &TrainerState, optimizer: &AdamW, model: &crate::model::Llama| {
+    let save = |state: &TrainerState, optimizer: &AdamW| {
         checkpoint::save(
             &run_dir,
-            model,
-            &cfg.adapter,
+            &adapters,
             &model_source.name(),
             optimizer,
             state,
@@ -382,7 +376,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         }
         let every = cfg.train.save_every;
         if every > 0 && (step + 1) % every == 0 && step + 1 != total {
-            save(&state, &optimizer, &model)?;
+            save(&state, &optimizer)?;
         }
     }
     bar.finish();
@@ -395,8 +389,8 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         }
         None => None,
     };
-    save(&state, &optimizer, &model)?;
-    peft::save(&run_dir, &model, &cfg.adapter, &model_source.name())?;
+    save(&state, &optimizer)?;
+    peft::save(&run_dir, &adapters, &model_source.name())?;
     let skipped: usize = reports.iter().map(|r| r.skipped.len()).sum();
     if skipped > 0 {
         eprintln!(

@@ -1,0 +1,108 @@
+//! `prolora export` (any adapter as a plain PEFT LoRA) and `prolora merge` (W0 + ΔW written as
+//! a transformers checkpoint). Both go through [`Adapter::lora_factors`], so they work for every
+//! method and every model shape.
+//!
+//! [`Adapter::lora_factors`]: crate::adapters::Adapter::lora_factors
+
+use crate::adapters::{peft, peft_prefix, AdapterConfig, AdapterKind, AdapterSet};
+use crate::model::config::linear_path;
+use crate::model::LlamaConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Writes the adapter in `adapter_dir` (any kind) to `out` as a PEFT LoRA of the same rank
+/// with `lora_alpha = r` (scaling 1): `lora_A = A`, `lora_B = scaling · B`, so ΔW is unchanged.
+pub fn export_peft_lora(
+    adapter_dir: &Path,
+    model: &LlamaConfig,
+    base_model: &str,
+    out: &Path,
+) -> Result<()> {
+    let set = peft::load(adapter_dir, model, DType::F32, &Device::Cpu)?;
+    let mut tensors = HashMap::new();
+    let mut rank = None;
+    for (t, adapter) in set.linears() {
+        let (a, b, scaling) = adapter.lora_factors()?;
+        rank.get_or_insert(a.dim(0)?);
+        let prefix = peft_prefix(t.layer, t.module);
+        tensors.insert(format!("{prefix}.lora_A.weight"), a.contiguous()?);
+        tensors.insert(
+            format!("{prefix}.lora_B.weight"),
+            (b * scaling)?.contiguous()?,
+        );
+    }
+    let rank = rank.context("the adapter adapts no linear")?;
+    let cfg = AdapterConfig {
+        kind: AdapterKind::Lora,
+        rank,
+        alpha: rank as f64,
+        dropout: set.cfg.dropout,
+        targets: set.cfg.targets.clone(),
+        ..Default::default()
+    };
+    peft::write_adapter(out, &tensors, &peft::config_json(&cfg, base_model))
+}
+
+/// ΔW of every adapted linear, keyed by the checkpoint's weight name.
+fn deltas(set: &AdapterSet) -> Result<HashMap<String, Tensor>> {
+    set.linears()
+        .map(|(t, adapter)| {
+            let (a, b, scaling) = adapter.lora_factors()?;
+            let key = format!("model.layers.{}.{}.weight", t.layer, linear_path(t.module));
+            Ok((key, (b.matmul(&a)? * scaling)?))
+        })
+        .collect()
+}
+
+/// Writes `model_dir`'s checkpoint with the adapter merged (`W = W0 + ΔW`, computed in f32 and
+/// stored in each weight's own dtype) to `out`: the same shard files and names, every other
+/// file of the directory copied, so transformers loads it as it loads the original.
+pub fn merge(model_dir: &Path, model: &LlamaConfig, adapter_dir: &Path, out: &Path) -> Result<()> {
+    let set = peft::load(adapter_dir, model, DType::F32, &Device::Cpu)?;
+    let mut deltas = deltas(&set)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    if out.canonicalize()? == model_dir.canonicalize()? {
+        bail!(
+            "--out {} is the model directory: choose another",
+            out.display()
+        );
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(model_dir)
+        .with_context(|| format!("cannot read {}", model_dir.display()))?
+        .collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        let dest = out.join(entry.file_name());
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            for (key, w) in tensors.iter_mut() {
+                if let Some(delta) = deltas.remove(key) {
+                    *w = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+                }
+            }
+            let mut sorted: Vec<_> = tensors.into_iter().collect();
+            sorted.sort_by(|a, b| a.0.cmp(&b.0));
+            // transformers checks this metadata key.
+            let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+            safetensors::serialize_to_file(sorted, Some(metadata), &dest)
+                .with_context(|| format!("cannot write {}", dest.display()))?;
+        } else {
+            std::fs::copy(&path, &dest)
+                .with_context(|| format!("cannot copy {} to {}", path.display(), dest.display()))?;
+        }
+    }
+    if let Some(key) = deltas.keys().min() {
+        bail!(
+            "{}: no tensor {key} in the checkpoint to merge the adapter into",
+            model_dir.display()
+        );
+    }
+    Ok(())
+}
