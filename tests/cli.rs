@@ -645,3 +645,27 @@ fn params_prints_the_papers_counts() {
         "{err}"
     );
 }
+
+/// Every shipped config parses, validates and fits its model's shapes (no download: the LLaMA-2
+/// configs are checked against the llama2-7b preset's shapes).
+#[test]
+fn every_shipped_config_is_valid() {
+    use prolora::config::RunConfig;
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let cfg =
+            RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        let shapes = match cfg.model.source.as_str() {
+            "meta-llama/Llama-2-7b-hf" => "llama2-7b",
+            other => other,
+        };
+        let model = prolora::model::preset::preset(shapes)
+            .unwrap_or_else(|| panic!("{}: unknown model", path.display()));
+        cfg.adapter
+            .param_count(&model)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        checked += 1;
+    }
+    assert!(checked >= 8, "{checked} configs");
+}
