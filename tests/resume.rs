@@ -191,3 +191,57 @@ fn resume_with_a_changed_config_names_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("optim.lr"), "{err}");
 }
+
+#[test]
+fn a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &run);
+    // An absurd learning rate: the first update sends the weights to ~1e30 and the next
+    // loss overflows.
+    let blow_up = [
+        "--set",
+        "optim.lr=1e30",
+        "--set",
+        "optim.warmup_ratio=0.0",
+        "--set",
+        "train.save_every=1",
+    ];
+    let out = train(&[&["--config", cfg.to_str().unwrap()][..], &blow_up].concat())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("step 2:") && err.contains("checkpoint of step 1 is kept"),
+        "{err}"
+    );
+    assert!(run
+        .join("checkpoints/step-0000001/adapter_model.safetensors")
+        .exists());
+    assert!(
+        !run.join("adapter_model.safetensors").exists(),
+        "no final adapter from a failed run"
+    );
+
+    // With on_nonfinite = "skip" the run goes on and says which steps it skipped.
+    let skipped = tmp.path().join("skipped");
+    let cfg = write_config(tmp.path(), &skipped);
+    let out = train(
+        &[
+            &["--config", cfg.to_str().unwrap()][..],
+            &blow_up,
+            &["--set", "train.on_nonfinite=skip"],
+        ]
+        .concat(),
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(skipped.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"skipped\":true"), "{metrics}");
+}
