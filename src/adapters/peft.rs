@@ -138,12 +138,19 @@ pub fn load_into(dir: &Path, model: &mut Llama) -> Result<AdapterSet> {
 /// used, and every tensor the config implies must be there with its shape.
 pub fn load(dir: &Path, model: &LlamaConfig, dtype: DType, device: &Device) -> Result<AdapterSet> {
     let cfg = read_config(dir)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let mut tensors = candle_core::safetensors::load(&weights_path, device)
-        .with_context(|| format!("cannot read {}", weights_path.display()))?;
     // A fresh set has every tensor at its shape; the file's values then replace the init.
     let set = AdapterSet::new(&cfg, model, dtype, device, &mut StdRng::seed_from_u64(0))
         .with_context(|| format!("{}", dir.join(CONFIG_FILE).display()))?;
+    restore_values(&dir.join(WEIGHTS_FILE), &set)?;
+    Ok(set)
+}
+
+/// Sets every tensor of `set` (frozen shared ones included) from the same-named tensor of the
+/// adapter file `weights_path`. A missing tensor, another shape, or a tensor the set has no
+/// place for is an error naming it.
+pub fn restore_values(weights_path: &Path, set: &AdapterSet) -> Result<()> {
+    let mut tensors = candle_core::safetensors::load(weights_path, &Device::Cpu)
+        .with_context(|| format!("cannot read {}", weights_path.display()))?;
     for (key, var) in set.tensors() {
         let Some(t) = tensors.remove(&key) else {
             bail!("{}: tensor {key} is missing", weights_path.display());
@@ -156,17 +163,17 @@ pub fn load(dir: &Path, model: &LlamaConfig, dtype: DType, device: &Device) -> R
                 var.dims()
             );
         }
-        var.set(&t.to_dtype(dtype)?)?;
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     if let Some(key) = tensors.keys().min() {
         bail!(
             "{}: tensor {key} does not belong to a {} adapter on {:?} of this model",
             weights_path.display(),
-            cfg.kind,
-            cfg.targets
+            set.cfg.kind,
+            set.cfg.targets
         );
     }
-    Ok(set)
+    Ok(())
 }
 
 /// The adapter config of `dir`, any kind.

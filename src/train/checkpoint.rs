@@ -122,7 +122,7 @@ pub fn load(dir: &Path, adapters: &AdapterSet, optimizer: &mut AdamW) -> Result<
             .with_context(|| format!("cannot read {}", state_path.display()))?,
     )
     .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
-    restore_adapter_values(&dir.join(peft::WEIGHTS_FILE), adapters)?;
+    peft::restore_values(&dir.join(peft::WEIGHTS_FILE), adapters)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let opt = candle_core::safetensors::load(&opt_path, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot read {}", opt_path.display()))?;
@@ -130,26 +130,4 @@ pub fn load(dir: &Path, adapters: &AdapterSet, optimizer: &mut AdamW) -> Result<
         .load_state(&opt, state.optimizer_updates)
         .with_context(|| format!("{}", opt_path.display()))?;
     Ok(state)
-}
-
-/// Sets every tensor of `adapters` (frozen shared ones included) from the same-named tensor of
-/// a saved adapter file; a missing tensor or another shape is an error naming it.
-pub fn restore_adapter_values(weights_path: &Path, adapters: &AdapterSet) -> Result<()> {
-    let weights = candle_core::safetensors::load(weights_path, &candle_core::Device::Cpu)
-        .with_context(|| format!("cannot read {}", weights_path.display()))?;
-    for (name, var) in adapters.tensors() {
-        let t = weights
-            .get(&name)
-            .with_context(|| format!("{}: tensor {name} is missing", weights_path.display()))?;
-        if t.dims() != var.dims() {
-            bail!(
-                "{}: tensor {name} has shape {:?}, the run needs {:?}",
-                weights_path.display(),
-                t.dims(),
-                var.dims()
-            );
-        }
-        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
-    }
-    Ok(())
 }

@@ -176,7 +176,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         // only its starting values, which must fit tensor for tensor.
         let dir = Path::new(dir);
         check_init_alpha(dir, cfg.adapter.alpha)?;
-        checkpoint::restore_adapter_values(&dir.join(peft::WEIGHTS_FILE), &adapters)?;
+        peft::restore_values(&dir.join(peft::WEIGHTS_FILE), &adapters)?;
     }
     let named = adapters.trainable();
     let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
