@@ -4,12 +4,14 @@
 use super::bnb;
 use super::nf4::{Absmax, NestedAbsmax, Nf4Tensor, BLOCK};
 use anyhow::{bail, Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// A provider of named base tensors.
@@ -38,11 +40,106 @@ fn read_and_quantize(
     Nf4Tensor::quantize(name, &values, shape, double_quant)
 }
 
-/// Memory-mapped safetensors: each tensor is read (and converted) only when asked for, so
-/// loading never holds a second full-precision copy of a shard.
+/// Where one stored tensor lies.
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+/// Safetensors shards read tensor by tensor with positioned reads: only the tensor being
+/// converted (or quantized) is in memory, never a mapped shard, so loading a 7B model peaks at
+/// about the quantized model plus one full-precision linear.
 pub struct SafetensorsWeights {
-    files: Vec<PathBuf>,
-    tensors: MmapedSafetensors,
+    files: Vec<(PathBuf, File)>,
+    index: HashMap<String, Entry>,
+}
+
+fn st_dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "U8" => DType::U8,
+        "U32" => DType::U32,
+        "I64" => DType::I64,
+        _ => return None,
+    })
+}
+
+/// Reads the header of one safetensors file into `index`.
+fn index_file(
+    path: &Path,
+    file: &File,
+    slot: usize,
+    index: &mut HashMap<String, Entry>,
+) -> Result<()> {
+    let len = file.metadata()?.len();
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0)
+        .with_context(|| format!("{}: too short for a safetensors file", path.display()))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100 << 20 {
+        bail!(
+            "{}: not a safetensors file (header length {n}, file length {len})",
+            path.display()
+        );
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact_at(&mut header, 8)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: safetensors header is not valid JSON", path.display()))?;
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype_name = info["dtype"].as_str().unwrap_or("?");
+        let dtype = st_dtype(dtype_name).with_context(|| {
+            format!(
+                "{}: tensor {name} has unsupported dtype {dtype_name}",
+                path.display()
+            )
+        })?;
+        let shape: Vec<usize> = serde_json::from_value(info["shape"].clone())
+            .with_context(|| format!("{}: tensor {name} has no valid shape", path.display()))?;
+        let offsets: [u64; 2] =
+            serde_json::from_value(info["data_offsets"].clone()).with_context(|| {
+                format!(
+                    "{}: tensor {name} has no valid data_offsets",
+                    path.display()
+                )
+            })?;
+        let (start, end) = (8 + n + offsets[0], 8 + n + offsets[1]);
+        let expected = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+        if offsets[1] < offsets[0] || end - start != expected {
+            bail!(
+                "{}: tensor {name} has {} bytes for shape {shape:?}",
+                path.display(),
+                end.saturating_sub(start)
+            );
+        }
+        if end > len {
+            bail!(
+                "{}: truncated (tensor {name} ends at byte {end}, the file has {len}); download it again",
+                path.display()
+            );
+        }
+        index.insert(
+            name,
+            Entry {
+                file: slot,
+                dtype,
+                shape,
+                start,
+                end,
+            },
+        );
+    }
+    Ok(())
 }
 
 impl SafetensorsWeights {
@@ -67,11 +164,32 @@ impl SafetensorsWeights {
                 bail!("{}: weight shard is missing", f.display());
             }
         }
-        // SAFETY: the files are only read; as with every mmap, they must not be truncated
-        // while we run.
-        let tensors = unsafe { MmapedSafetensors::multi(&files) }
-            .with_context(|| format!("cannot read safetensors in {}", dir.display()))?;
-        Ok(Self { files, tensors })
+        let mut opened = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (slot, path) in files.into_iter().enumerate() {
+            let file =
+                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            index_file(&path, &file, slot, &mut index)?;
+            opened.push((path, file));
+        }
+        Ok(Self {
+            files: opened,
+            index,
+        })
+    }
+
+    /// Reads one stored tensor from its file.
+    fn read(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        let Some(e) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let (path, file) = &self.files[e.file];
+        let mut bytes = vec![0u8; (e.end - e.start) as usize];
+        file.read_exact_at(&mut bytes, e.start)
+            .with_context(|| format!("tensor {name}: cannot be read from {}", path.display()))?;
+        Ok(Some(Tensor::from_raw_buffer(
+            &bytes, e.dtype, &e.shape, device,
+        )?))
     }
 }
 
@@ -101,12 +219,7 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 impl SafetensorsWeights {
     /// A stored tensor, or None when the checkpoint has no such key.
     fn load_opt(&self, name: &str) -> Result<Option<Tensor>> {
-        if !self.contains(name) {
-            return Ok(None);
-        }
-        Ok(Some(self.tensors.load(name, &Device::Cpu).with_context(
-            || format!("tensor {name}: cannot be read (corrupt checkpoint?)"),
-        )?))
+        self.read(name, &Device::Cpu)
     }
 
     /// `name` as stored by bitsandbytes in 4 bits, if it is.
@@ -124,16 +237,16 @@ impl WeightSource for SafetensorsWeights {
         if let Some(q) = self.prequantized(name, shape)? {
             return Ok(q.to_tensor(dtype, device)?);
         }
-        let t = self.tensors.load(name, device).with_context(|| {
-            format!(
+        let Some(t) = self.read(name, device)? else {
+            bail!(
                 "tensor {name} is missing from {}",
                 self.files
                     .iter()
-                    .map(|f| f.display().to_string())
+                    .map(|(f, _)| f.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
-            )
-        })?;
+            );
+        };
         if t.dims() != shape {
             bail!(
                 "tensor {name} has shape {:?} but config.json implies {shape:?}",
@@ -144,7 +257,7 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        self.index.contains_key(name)
     }
 
     /// Pre-quantized bitsandbytes weights are taken as stored (their own double-quant setting);
