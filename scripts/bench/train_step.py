@@ -2,7 +2,7 @@
 and the same machine, in one run. Prints a markdown table with the time ratio.
 
     cargo build --release
-    /tmp/refenv/bin/python scripts/bench/train_step.py [--steps 12] [--hidden 256 --layers 4]
+    /tmp/refenv/bin/python scripts/bench/train_step.py [--steps 12] [--hidden 256 --layers 4] [--nf4]
 
 Rows: every token labelled (assistant-only examples) and real chat batches (only the answer
 labelled), each with and without activation checkpointing; batch 4 x 128, LoRA r 8 on all
@@ -19,7 +19,7 @@ import tempfile
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def ours(model, data, steps, seq, batch, checkpointing, workdir):
+def ours(model, data, steps, seq, batch, checkpointing, workdir, nf4):
     run = os.path.join(workdir, "run")
     cfg = os.path.join(workdir, "bench.toml")
     with open(cfg, "w") as f:
@@ -27,6 +27,7 @@ def ours(model, data, steps, seq, batch, checkpointing, workdir):
 output_dir = "{run}"
 [model]
 source = "{model}"
+quantize = "{'nf4' if nf4 else 'none'}"
 [adapter]
 rank = 8
 alpha = 16
@@ -49,11 +50,13 @@ gradient_checkpointing = {str(checkpointing).lower()}
     return {"step_s": statistics.median(times), "peak_rss_mib": steps_[-1]["peak_rss_mib"]}
 
 
-def peer(model, data, steps, seq, batch, checkpointing):
+def peer(model, data, steps, seq, batch, checkpointing, nf4):
     cmd = [sys.executable, os.path.join(ROOT, "scripts/peers/lora_step.py"), model, data,
            "--steps", str(steps), "--seq", str(seq), "--batch", str(batch)]
     if checkpointing:
         cmd.append("--checkpointing")
+    if nf4:
+        cmd.append("--nf4")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -65,6 +68,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--nf4", action="store_true", help="both bases in NF4 + double quant (peer: bitsandbytes)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="prolora-bench-")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts/peers/make_bench_model.py"), work,
@@ -72,14 +76,14 @@ def main():
                    check=True, capture_output=True)
     model = os.path.join(work, "model")
     print(f"LLaMA hidden {args.hidden}, {args.layers} layers, vocab 32000; batch {args.batch} x {args.seq}; "
-          f"LoRA r 8 on 7 linears; {os.cpu_count()} CPU threads each")
+          f"LoRA r 8 on 7 linears; base {'NF4 + double quant' if args.nf4 else 'f32'}; {os.cpu_count()} CPU threads each")
     print("| data | checkpointing | label fraction | prolora step (s) | PyTorch+PEFT step (s) | time ratio | prolora peak RSS (MiB) | PyTorch peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     for data in ["all_labelled", "chat"]:
         for ckpt in [False, True]:
             path = os.path.join(work, f"{data}.jsonl")
-            p = peer(model, path, args.steps, args.seq, args.batch, ckpt)
-            o = ours(model, path, args.steps, args.seq, args.batch, ckpt, work)
+            p = peer(model, path, args.steps, args.seq, args.batch, ckpt, args.nf4)
+            o = ours(model, path, args.steps, args.seq, args.batch, ckpt, work, args.nf4)
             print(f"| {data} | {'on' if ckpt else 'off'} | {p['label_fraction']:.2f} | {o['step_s']:.3f} | "
                   f"{p['step_s']:.3f} | {o['step_s'] / p['step_s']:.2f} | {o['peak_rss_mib']:.0f} | "
                   f"{p['peak_rss_mib']:.0f} |", flush=True)

@@ -1,4 +1,4 @@
-"""The PyTorch + PEFT peer of `prolora train`: LoRA (r 8, alpha 16, dropout 0.1, all seven
+"""The PyTorch + PEFT (+ bitsandbytes with --nf4) peer of `prolora train`: LoRA (r 8, alpha 16, dropout 0.1, all seven
 linears) on a transformers model dir, AdamW, batches of 4 open-instruct-encoded chat examples.
 Prints one JSON line: median step time (s), peak RSS (MiB), label fraction.
 
@@ -29,13 +29,19 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--nf4", action="store_true", help="base in NF4 + double quant (bitsandbytes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # torch counts physical cores; candle every logical one
     torch.manual_seed(0)
     tok = LlamaTokenizerFast(tokenizer_file=os.path.join(args.model, "tokenizer.json"))
     with open(args.data) as f:
         enc = [encode_with_messages_format(json.loads(l), tok, args.seq) for l in f if l.strip()]
-    model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    quant = None
+    if args.nf4:
+        from transformers import BitsAndBytesConfig
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, quantization_config=quant)
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
