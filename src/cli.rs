@@ -370,8 +370,8 @@ fn params(args: ParamsArgs) -> Result<()> {
         share_axis,
         ..Default::default()
     };
-    let source = ModelSource::resolve(model, &args.revision)?;
-    let report = crate::params::report(&source.name(), &source.config, &cfg)?;
+    let (name, shapes) = ModelSource::resolve_shapes(model, &args.revision)?;
+    let report = crate::params::report(&name, &shapes, &cfg)?;
     if args.json {
         println!("{report}");
     } else {

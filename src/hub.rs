@@ -135,39 +135,8 @@ pub fn looks_like_repo_id(s: &str) -> bool {
 /// is not re-checked for new commits; pass a commit hash to pin one); in offline mode only
 /// the cache is used (clear error naming the missing file if absent).
 pub fn fetch_model(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::Result<PathBuf> {
-    let revision = if revision.is_empty() {
-        "main"
-    } else {
-        revision
-    };
-    let endpoint = opts.endpoint.trim_end_matches('/').to_string();
-    let api = if opts.offline {
-        None
-    } else {
-        // from_cache rather than ApiBuilder::new: new() panics without a home directory and
-        // reads ~/.cache/huggingface/token behind our back; the token is set explicitly.
-        let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
-            .with_endpoint(endpoint.clone())
-            .with_token(opts.token.clone())
-            .with_progress(opts.progress)
-            .with_user_agent("prolora", env!("CARGO_PKG_VERSION"))
-            .build()
-            .map_err(|e| {
-                anyhow!("cannot set up an HTTPS client for {endpoint} ({e}): set HF_HUB_OFFLINE=1 to use the local cache, or pass a local model directory")
-            })?;
-        Some(api.repo(Repo::with_revision(
-            repo_id.to_string(),
-            RepoType::Model,
-            revision.to_string(),
-        )))
-    };
-    let f = Fetcher {
-        repo_id,
-        revision,
-        endpoint,
-        opts,
-        api,
-    };
+    let f = Fetcher::new(repo_id, revision, opts)?;
+    let revision = f.revision;
 
     // A cached file can sit in an older snapshot than one downloaded just now (the branch
     // moved upstream); the caller needs a single directory, so re-resolve once from the
@@ -190,6 +159,51 @@ pub fn fetch_model(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::
         "revision {revision} of {repo_id} changed on {} while downloading: run the command again",
         f.endpoint
     ))
+}
+
+/// Only the `config.json` of a Hub model (for shape-only uses such as `prolora params`).
+pub fn fetch_config(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::Result<PathBuf> {
+    let f = Fetcher::new(repo_id, revision, opts)?;
+    f.fetch(CONFIG)?
+        .ok_or_else(|| f.absent(CONFIG, || f.not_found(404, "config.json is missing")))
+}
+
+impl<'a> Fetcher<'a> {
+    fn new(repo_id: &'a str, revision: &'a str, opts: &'a HubOptions) -> anyhow::Result<Self> {
+        let revision = if revision.is_empty() {
+            "main"
+        } else {
+            revision
+        };
+        let endpoint = opts.endpoint.trim_end_matches('/').to_string();
+        let api = if opts.offline {
+            None
+        } else {
+            // from_cache rather than ApiBuilder::new: new() panics without a home directory and
+            // reads ~/.cache/huggingface/token behind our back; the token is set explicitly.
+            let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
+            .with_endpoint(endpoint.clone())
+            .with_token(opts.token.clone())
+            .with_progress(opts.progress)
+            .with_user_agent("prolora", env!("CARGO_PKG_VERSION"))
+            .build()
+            .map_err(|e| {
+                anyhow!("cannot set up an HTTPS client for {endpoint} ({e}): set HF_HUB_OFFLINE=1 to use the local cache, or pass a local model directory")
+            })?;
+            Some(api.repo(Repo::with_revision(
+                repo_id.to_string(),
+                RepoType::Model,
+                revision.to_string(),
+            )))
+        };
+        Ok(Fetcher {
+            repo_id,
+            revision,
+            endpoint,
+            opts,
+            api,
+        })
+    }
 }
 
 struct Fetcher<'a> {

@@ -61,6 +61,20 @@ impl ModelSource {
         })
     }
 
+    /// Only the shapes of `spec` (a preset, a directory, or a Hub id — for which only
+    /// config.json is fetched), and a name for reports.
+    pub fn resolve_shapes(spec: &str, revision: &str) -> Result<(String, LlamaConfig)> {
+        if preset::preset(spec).is_some()
+            || Path::new(spec).exists()
+            || !hub::looks_like_repo_id(spec)
+        {
+            let source = Self::resolve(spec, revision)?;
+            return Ok((source.name(), source.config));
+        }
+        let config = hub::fetch_config(spec, revision, &hub::HubOptions::from_env())?;
+        Ok((spec.to_string(), LlamaConfig::from_file(&config)?))
+    }
+
     /// Loads the frozen base model in `dtype`.
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Llama> {
         self.load_quantized(dtype, Quantization::None, device)

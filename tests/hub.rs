@@ -664,3 +664,52 @@ fn cli_eval_downloads_a_gated_model_and_matches_pytorch() {
         .join("hub/models--acme--peft-base/snapshots")
         .is_dir());
 }
+
+/// `prolora params` on a Hub id needs the shapes only: it fetches config.json and no weights.
+#[test]
+fn params_on_a_hub_id_fetches_only_the_config() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-lora/base");
+    let file = |name: &str| std::fs::read(base.join(name)).unwrap();
+    let hub = FakeHub::start(vec![FakeRepo {
+        id: "acme/shapes-only",
+        token: None,
+        files: vec![
+            ("config.json", file("config.json")),
+            ("tokenizer.json", file("tokenizer.json")),
+            ("model.safetensors", file("model.safetensors")),
+        ],
+    }]);
+    let cache = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args([
+            "params",
+            "--model",
+            "acme/shapes-only",
+            "--adapter",
+            "lora",
+            "--rank",
+            "2",
+            "--json",
+        ])
+        .env("HF_ENDPOINT", hub.endpoint())
+        .env("HF_HOME", cache.path())
+        .env("HF_HUB_CACHE", cache.path().join("hub"))
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // hidden 32, kv 16, intermediate 64, r 2, per layer: q, o 2·(32+32); k, v 2·(32+16);
+    // gate, up, down 2·(32+64) — 1024, times 2 layers.
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["params"], 2048, "{report}");
+    let asked: Vec<String> = hub.requests().iter().map(|r| r.target.clone()).collect();
+    assert!(
+        asked.iter().all(|t| t.ends_with("/config.json")),
+        "{asked:?}"
+    );
+}
