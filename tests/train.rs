@@ -301,3 +301,24 @@ fn a_batcher_restored_from_its_count_continues_identically() {
         }
     }
 }
+
+#[test]
+fn dropout_drops_p_scales_the_rest_and_is_reproducible() {
+    let x = Tensor::ones(200_000, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let draw = |seed| -> Vec<f32> {
+        Ctx::train(seed)
+            .dropout(&x, 0.1)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let a = draw(5);
+    let dropped = a.iter().filter(|v| **v == 0.0).count() as f64 / a.len() as f64;
+    assert!((dropped - 0.1).abs() < 0.003, "dropped {dropped}");
+    assert!(a.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.9).abs() < 1e-6));
+    assert_eq!(a, draw(5));
+    assert_ne!(a, draw(6));
+    // Eval mode is the identity.
+    let e: Vec<f32> = Ctx::eval().dropout(&x, 0.1).unwrap().to_vec1().unwrap();
+    assert!(e.iter().all(|v| *v == 1.0));
+}

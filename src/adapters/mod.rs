@@ -16,7 +16,9 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::Rng;
+use rand::RngCore;
 use rand::SeedableRng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -77,19 +79,21 @@ impl Ctx {
         if p <= 0.0 {
             return Ok(x.clone());
         }
-        let scale = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = {
-            let mut rng = rng.borrow_mut();
-            (0..x.elem_count())
-                .map(|_| {
-                    if rng.random::<f64>() < p {
-                        0.0
-                    } else {
-                        scale as f32
-                    }
-                })
-                .collect()
-        };
+        let scale = (1.0 / (1.0 - p)) as f32;
+        // One draw from the context's stream per call; each element's keep/drop is then a hash
+        // of (that draw, its index): reproducible, and computed on all cores.
+        let call_seed = rng.borrow_mut().next_u64();
+        let threshold = (p * u64::MAX as f64) as u64;
+        let mask: Vec<f32> = (0..x.elem_count() as u64)
+            .into_par_iter()
+            .map(|i| {
+                if mix_seed(call_seed, i) < threshold {
+                    0.0
+                } else {
+                    scale
+                }
+            })
+            .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }

@@ -7,6 +7,7 @@
 use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
 use super::nf4::Quantization;
+use super::norm::rms_norm;
 use super::weights::WeightSource;
 use crate::adapters::{Adapter, AdapterSet, Ctx};
 use anyhow::{bail, Result};
@@ -27,12 +28,6 @@ impl Linear {
             None => Ok(y),
         }
     }
-}
-
-/// RMSNorm from composed ops (candle's fused `rms_norm` has no backward).
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    x.broadcast_div(&rms)?.broadcast_mul(weight)
 }
 
 /// `x · cos + rotate_half(x) · sin` over the last axis, cos/sin of shape (t, head_dim).
