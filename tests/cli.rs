@@ -46,43 +46,66 @@ fn json_of(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).expect("one JSON object on stdout")
 }
 
-#[test]
-fn eval_of_peft_adapter_equals_pytorch() {
-    let out = json_of(&prolora(&[
+/// `prolora eval --json` of `model` (with `adapter`, a path) on the PEFT fixture's data at
+/// length 64, plus `extra` arguments.
+fn eval_fixture(model: &str, adapter: Option<&str>, extra: &[&str]) -> serde_json::Value {
+    let data = fixture("peft-lora/data.jsonl");
+    let mut args = vec![
         "eval",
         "--model",
-        &fixture("peft-lora/base"),
-        "--adapter",
-        &fixture("peft-lora/adapter"),
+        model,
         "--data",
-        &fixture("peft-lora/data.jsonl"),
+        &data,
         "--max-seq-len",
         "64",
         "--json",
-    ]));
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("peft-lora/expected.json")).unwrap())
-            .unwrap();
-    let (ours, want) = (
-        out["loss"].as_f64().unwrap(),
-        expected["loss"].as_f64().unwrap(),
-    );
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a]);
+    }
+    args.extend(extra);
+    json_of(&prolora(&args))
+}
+
+/// A golden's `key` (`expected.json` of a fixture directory).
+fn golden(dir: &str, key: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("{dir}/expected.json"))).unwrap(),
+    )
+    .unwrap();
+    v[key].as_f64().unwrap()
+}
+
+fn assert_rel(ours: f64, want: f64, what: &str) {
     assert!(
         ((ours - want) / want).abs() < 1e-4,
-        "loss {ours} vs PyTorch+PEFT {want}"
+        "{what}: ours {ours} vs {want}"
     );
-    assert_eq!(out["tokens"], expected["tokens"]);
+}
+
+#[test]
+fn eval_of_peft_adapter_equals_pytorch() {
+    let out = eval_fixture(
+        &fixture("peft-lora/base"),
+        Some(&fixture("peft-lora/adapter")),
+        &[],
+    );
+    assert_rel(
+        out["loss"].as_f64().unwrap(),
+        golden("peft-lora", "loss"),
+        "PyTorch+PEFT",
+    );
+    assert_eq!(
+        out["tokens"].as_f64().unwrap(),
+        golden("peft-lora", "tokens")
+    );
 }
 
 /// `prolora eval --quantize nf4` against transformers + PEFT + bitsandbytes; and `prolora
 /// quantize` output evaluates to the same loss without re-quantizing.
 #[test]
 fn eval_quantize_nf4_equals_pytorch_bitsandbytes() {
-    let want: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("peft-lora-nf4/expected.json")).unwrap(),
-    )
-    .unwrap();
-    let want = want["loss"].as_f64().unwrap();
+    let want = golden("peft-lora-nf4", "loss");
     let out = tempfile::tempdir().unwrap();
     let quantized = prolora(&[
         "quantize",
@@ -96,24 +119,15 @@ fn eval_quantize_nf4_equals_pytorch_bitsandbytes() {
         (fixture("peft-lora/base"), "nf4"),
         (out.path().to_str().unwrap().to_string(), "none"),
     ] {
-        let o = json_of(&prolora(&[
-            "eval",
-            "--model",
+        let o = eval_fixture(
             &model,
-            "--quantize",
-            quantize,
-            "--adapter",
-            &fixture("peft-lora/adapter"),
-            "--data",
-            &fixture("peft-lora/data.jsonl"),
-            "--max-seq-len",
-            "64",
-            "--json",
-        ]));
-        let ours = o["loss"].as_f64().unwrap();
-        assert!(
-            ((ours - want) / want).abs() < 1e-4,
-            "{model} --quantize {quantize}: loss {ours} vs bitsandbytes {want}"
+            Some(&fixture("peft-lora/adapter")),
+            &["--quantize", quantize],
+        );
+        assert_rel(
+            o["loss"].as_f64().unwrap(),
+            want,
+            &format!("{model} --quantize {quantize} vs bitsandbytes"),
         );
     }
     let e = error_of(&[
@@ -132,28 +146,15 @@ fn eval_quantize_nf4_equals_pytorch_bitsandbytes() {
 fn our_adapter_loads_in_peft_with_the_same_loss() {
     // tests/fixtures/our-lora/adapter was written by `prolora train`; the loss is PEFT's
     // (scripts/reference/check_our_adapter.py).
-    let out = json_of(&prolora(&[
-        "eval",
-        "--model",
+    let out = eval_fixture(
         &fixture("peft-lora/base"),
-        "--adapter",
-        &fixture("our-lora/adapter"),
-        "--data",
-        &fixture("peft-lora/data.jsonl"),
-        "--max-seq-len",
-        "64",
-        "--json",
-    ]));
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("our-lora/expected.json")).unwrap())
-            .unwrap();
-    let (ours, want) = (
-        out["loss"].as_f64().unwrap(),
-        expected["loss"].as_f64().unwrap(),
+        Some(&fixture("our-lora/adapter")),
+        &[],
     );
-    assert!(
-        ((ours - want) / want).abs() < 1e-4,
-        "loss {ours} vs PEFT {want}"
+    assert_rel(
+        out["loss"].as_f64().unwrap(),
+        golden("our-lora", "loss"),
+        "stock PEFT",
     );
 }
 
@@ -483,25 +484,6 @@ fn bad_adapter_input_gives_one_clear_error() {
     );
 }
 
-/// `prolora eval --json` loss of `model` (+ adapter) on the PEFT fixture data.
-fn fixture_loss(model: &str, adapter: Option<&str>) -> f64 {
-    let data = fixture("peft-lora/data.jsonl");
-    let mut args = vec![
-        "eval",
-        "--model",
-        model,
-        "--data",
-        &data,
-        "--max-seq-len",
-        "64",
-        "--json",
-    ];
-    if let Some(a) = adapter {
-        args.extend(["--adapter", a]);
-    }
-    json_of(&prolora(&args))["loss"].as_f64().unwrap()
-}
-
 /// Export and merge of every non-LoRA kind against stock PEFT / transformers
 /// (scripts/reference/check_exports.py): PEFT reading our LoRA export gives our adapter's loss;
 /// transformers reading our merged checkpoint (f16, as the base) gives the loss we compute on it.
@@ -517,7 +499,9 @@ fn export_and_merge_match_peft_and_transformers() {
     for kind in ["prolora", "vera", "tied-lora"] {
         let want = &expected[kind];
         let adapter = fixture(&format!("our-exports/{kind}"));
-        let ours = fixture_loss(&base, Some(&adapter));
+        let ours = eval_fixture(&base, Some(&adapter), &[])["loss"]
+            .as_f64()
+            .unwrap();
         let peft = want["export_loss"].as_f64().unwrap();
         assert!(
             close(ours, peft),
@@ -561,7 +545,9 @@ fn export_and_merge_match_peft_and_transformers() {
             assert_eq!(a, b, "{kind}: {key}");
         }
         assert!(close(
-            fixture_loss(&base, Some(export.to_str().unwrap())),
+            eval_fixture(&base, Some(export.to_str().unwrap()), &[])["loss"]
+                .as_f64()
+                .unwrap(),
             peft
         ));
 
@@ -584,7 +570,9 @@ fn export_and_merge_match_peft_and_transformers() {
         assert!(weights
             .values()
             .all(|t| t.dtype() == candle_core::DType::F16));
-        let ours = fixture_loss(merged.to_str().unwrap(), None);
+        let ours = eval_fixture(merged.to_str().unwrap(), None, &[])["loss"]
+            .as_f64()
+            .unwrap();
         let hf = want["merged_loss"].as_f64().unwrap();
         assert!(
             close(ours, hf),
