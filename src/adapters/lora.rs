@@ -43,9 +43,9 @@ impl Adapter for Lora {
     fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let out_dtype = x.dtype();
         let x = adapter_input(x, self.a.dtype(), self.dropout, ctx)?;
-        let down = x.broadcast_matmul(&self.a.t()?)?;
-        let up = down.broadcast_matmul(&self.b.t()?)?;
-        (up * self.scaling)?.to_dtype(out_dtype)
+        // Scaling the rank-r intermediate instead of the output: r values a row, not `out`.
+        let down = (x.broadcast_matmul(&self.a.t()?)? * self.scaling)?;
+        down.broadcast_matmul(&self.b.t()?)?.to_dtype(out_dtype)
     }
 
     fn params(&self) -> Vec<(String, Var)> {

@@ -374,13 +374,13 @@ impl Adapter for Prolora {
         let mut dims = x.dims().to_vec();
         let x2 = x.reshape(((), self.in_features))?;
         let y = match &self.chunked {
-            Some(c) => self.chunked_forward(c, &x2)?,
-            None => x2
-                .matmul(&self.expand_a()?.t()?)?
+            Some(c) => (self.chunked_forward(c, &x2)? * self.scaling)?,
+            // Scaling the rank-r intermediate instead of the output: r values a row, not `out`.
+            None => (x2.matmul(&self.expand_a()?.t()?)? * self.scaling)?
                 .matmul(&self.expand_b()?.t()?)?,
         };
         *dims.last_mut().unwrap() = self.out_features;
-        (y * self.scaling)?.reshape(dims)?.to_dtype(out_dtype)
+        y.reshape(dims)?.to_dtype(out_dtype)
     }
 
     fn params(&self) -> Vec<(String, Var)> {
