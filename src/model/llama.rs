@@ -7,7 +7,7 @@
 use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
 use super::nf4::Quantization;
-use super::norm::rms_norm;
+use super::ops::{causal_softmax_last_dim, rms_norm};
 use super::weights::WeightSource;
 use crate::adapters::{Adapter, AdapterSet, Ctx};
 use anyhow::{bail, Result};
@@ -244,8 +244,7 @@ impl Llama {
         let v = repeat_kv(v, nh / nkv)?;
 
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.broadcast_add(&causal_mask(t, self.dtype, &self.device)?)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = causal_softmax_last_dim(&scores)?;
         let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -292,12 +291,4 @@ impl Llama {
     pub fn logits(&self, ids: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         self.head(&self.hidden(ids, ctx)?)
     }
-}
-
-/// (t, t) additive mask: 0 on and below the diagonal, −∞ above.
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
 }

@@ -5,7 +5,7 @@ pub mod config;
 pub mod frozen;
 pub mod llama;
 pub mod nf4;
-pub mod norm;
+pub mod ops;
 pub mod preset;
 pub mod weights;
 

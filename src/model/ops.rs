@@ -1,12 +1,10 @@
-//! RMSNorm as one op with a real backward: `y = x · w / √(mean(x²) + ε)` over the last axis.
-//!
-//! The composed form (square, mean, add, sqrt, divide, multiply) makes six passes over the
-//! activations forward and a dozen backward, each with its own allocation; this makes one each
-//! way, row-parallel. The norm weight is frozen: backward gives the input gradient only.
+//! Decoder ops with real backwards, one row-parallel pass each way: RMSNorm and the causal
+//! softmax of attention. Their composed forms make half a dozen passes forward and a dozen
+//! backward, each with its own allocation.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
@@ -18,6 +16,8 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// `y = x · w / √(mean(x²) + ε)` over the last axis; the norm weight is frozen, so backward
+/// gives the input gradient only.
 struct RmsNorm {
     eps: f64,
 }
@@ -159,4 +159,110 @@ impl CustomOp3 for RmsNormGrad {
 /// RMSNorm of `x` (…, d) with the frozen weight `w` (d).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op2(w, RmsNorm { eps })
+}
+
+/// Softmax over the last axis of attention scores (…, t, t) with a causal mask: row i keeps
+/// columns 0..=i, the rest is 0 (as adding −∞ before the softmax).
+struct CausalSoftmax;
+
+fn causal_softmax<T: WithDType>(x: &[T], t: usize) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(t)
+        .zip(x.par_chunks(t))
+        .enumerate()
+        .for_each(|(r, (yr, xr))| {
+            let keep = r % t + 1;
+            let max = xr[..keep]
+                .iter()
+                .map(|v| v.to_f64())
+                .fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for (o, v) in yr[..keep].iter_mut().zip(&xr[..keep]) {
+                let e = (v.to_f64() - max).exp();
+                sum += e;
+                *o = T::from_f64(e);
+            }
+            for o in &mut yr[..keep] {
+                *o = T::from_f64(o.to_f64() / sum);
+            }
+        });
+    y
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let t = *xl.dims().last().unwrap_or(&1);
+        let y = match xs.dtype() {
+            DType::F32 => CpuStorage::F32(causal_softmax(slice::<f32>(xs, xl)?, t)),
+            DType::F64 => CpuStorage::F64(causal_softmax(slice::<f64>(xs, xl)?, t)),
+            DType::BF16 => CpuStorage::BF16(causal_softmax(slice::<half::bf16>(xs, xl)?, t)),
+            DType::F16 => CpuStorage::F16(causal_softmax(slice::<half::f16>(xs, xl)?, t)),
+            other => candle_core::bail!("causal-softmax: unsupported dtype {other:?}"),
+        };
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// ∂x of a softmax from its output: `y · (dy − Σ dy·y)` per row (masked entries have y = 0).
+struct SoftmaxGrad;
+
+fn softmax_grad<T: WithDType>(y: &[T], dy: &[T], t: usize) -> Vec<T> {
+    let mut dx = vec![T::zero(); y.len()];
+    dx.par_chunks_mut(t)
+        .zip(y.par_chunks(t))
+        .zip(dy.par_chunks(t))
+        .for_each(|((o, yr), gr)| {
+            let dot: f64 = yr
+                .iter()
+                .zip(gr)
+                .map(|(a, g)| a.to_f64() * g.to_f64())
+                .sum();
+            for ((o, a), g) in o.iter_mut().zip(yr).zip(gr) {
+                *o = T::from_f64(a.to_f64() * (g.to_f64() - dot));
+            }
+        });
+    dx
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let t = *yl.dims().last().unwrap_or(&1);
+        let dx = match ys.dtype() {
+            DType::F32 => CpuStorage::F32(softmax_grad(slice::<f32>(ys, yl)?, slice(gs, gl)?, t)),
+            DType::F64 => CpuStorage::F64(softmax_grad(slice::<f64>(ys, yl)?, slice(gs, gl)?, t)),
+            DType::BF16 => CpuStorage::BF16(softmax_grad(
+                slice::<half::bf16>(ys, yl)?,
+                slice(gs, gl)?,
+                t,
+            )),
+            DType::F16 => {
+                CpuStorage::F16(softmax_grad(slice::<half::f16>(ys, yl)?, slice(gs, gl)?, t))
+            }
+            other => candle_core::bail!("softmax-grad: unsupported dtype {other:?}"),
+        };
+        Ok((dx, yl.shape().clone()))
+    }
+}
+
+/// Causal softmax of attention scores (…, t, t).
+pub fn causal_softmax_last_dim(scores: &Tensor) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax)
 }
