@@ -7,7 +7,7 @@
 use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
 use super::nf4::Quantization;
-use super::ops::{causal_softmax_last_dim, rms_norm};
+use super::ops::{causal_attention_probs, rms_norm};
 use super::weights::WeightSource;
 use crate::adapters::{Adapter, AdapterSet, Ctx};
 use anyhow::{bail, Result};
@@ -244,7 +244,7 @@ impl Llama {
         let v = repeat_kv(v, nh / nkv)?;
 
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = causal_softmax_last_dim(&scores)?;
+        let probs = causal_attention_probs(&scores)?;
         let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?

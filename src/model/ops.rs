@@ -263,6 +263,6 @@ impl CustomOp2 for SoftmaxGrad {
 }
 
 /// Causal softmax of attention scores (…, t, t).
-pub fn causal_softmax_last_dim(scores: &Tensor) -> Result<Tensor> {
+pub fn causal_attention_probs(scores: &Tensor) -> Result<Tensor> {
     scores.contiguous()?.apply_op1(CausalSoftmax)
 }
