@@ -158,6 +158,25 @@ fn our_adapter_loads_in_peft_with_the_same_loss() {
     );
 }
 
+/// `prolora eval` of the adapter in `run` on the tiny preset over the demo's held-out data.
+fn demo_eval_loss(run: &Path) -> f64 {
+    let run = run.to_str().unwrap();
+    let data = "data/sample_chat_eval.jsonl";
+    let args = [
+        "eval",
+        "--model",
+        "tiny",
+        "--adapter",
+        run,
+        "--data",
+        data,
+        "--max-seq-len",
+        "128",
+        "--json",
+    ];
+    json_of(&prolora(&args))["loss"].as_f64().unwrap()
+}
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -211,19 +230,7 @@ fn demo_config_trains_loss_decreases_and_the_adapter_reloads() {
     assert_eq!(adapter_cfg["r"], 8);
 
     // Reloading the saved adapter reproduces the trainer's final eval loss.
-    let out = json_of(&prolora(&[
-        "eval",
-        "--model",
-        "tiny",
-        "--adapter",
-        run.to_str().unwrap(),
-        "--data",
-        "data/sample_chat_eval.jsonl",
-        "--max-seq-len",
-        "128",
-        "--json",
-    ]));
-    let reloaded = out["loss"].as_f64().unwrap();
+    let reloaded = demo_eval_loss(&run);
     assert!((reloaded - after).abs() < 1e-5, "{reloaded} vs {after}");
 
     // The run shows up in a sweep table and a plot.
@@ -392,19 +399,7 @@ fn every_adapter_kind_trains_and_reloads() {
             .collect();
         let (before, after) = (evals[0], *evals.last().unwrap());
         assert!(after < before, "{config}: eval loss {before} → {after}");
-        let out = json_of(&prolora(&[
-            "eval",
-            "--model",
-            "tiny",
-            "--adapter",
-            run.to_str().unwrap(),
-            "--data",
-            "data/sample_chat_eval.jsonl",
-            "--max-seq-len",
-            "128",
-            "--json",
-        ]));
-        let reloaded = out["loss"].as_f64().unwrap();
+        let reloaded = demo_eval_loss(&run);
         assert!(
             (reloaded - after).abs() < 1e-5,
             "{config}: {reloaded} vs {after}"

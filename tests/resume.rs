@@ -56,6 +56,16 @@ fn train(args: &[&str]) -> Command {
     c
 }
 
+/// Runs `cmd` to completion and fails the test with its stderr unless it succeeded.
+fn succeeds(mut cmd: Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn newest_checkpoint(run: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(run.join("checkpoints")) else {
         return 0;
@@ -79,14 +89,7 @@ fn resume_after_sigkill_is_bit_identical() {
 
     let reference = tmp.path().join("reference");
     let cfg = write_config(tmp.path(), &reference);
-    let out = train(&["--config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(train(&["--config", cfg.to_str().unwrap()]));
     let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
 
     let run = tmp.path().join("killed");
@@ -117,14 +120,7 @@ fn resume_after_sigkill_is_bit_identical() {
     }
     assert!(kills >= 2, "the run finished before it could be killed");
     if !run.join("adapter_model.safetensors").exists() {
-        let out = train(&["--resume", run.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeds(train(&["--resume", run.to_str().unwrap()]));
     }
     let got = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
     assert!(
@@ -177,14 +173,12 @@ fn resume_with_a_changed_config_names_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let cfg = write_config(tmp.path(), &run);
-    let out = train(&["--config", cfg.to_str().unwrap(), "--set", "train.steps=2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(train(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=2",
+    ]));
     let out = train(&["--resume", run.to_str().unwrap(), "--set", "optim.lr=1e-3"])
         .output()
         .unwrap();
