@@ -8,6 +8,32 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+/// Runs `$body` with `$t` bound to the element type of a float `dtype`, wrapping the result in
+/// the matching `CpuStorage` variant.
+macro_rules! per_float_dtype {
+    ($dtype:expr, $op:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                CpuStorage::F32($body)
+            }
+            DType::F64 => {
+                type $t = f64;
+                CpuStorage::F64($body)
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                CpuStorage::BF16($body)
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                CpuStorage::F16($body)
+            }
+            other => candle_core::bail!("{}: unsupported dtype {other:?}", $op),
+        }
+    };
+}
+
 /// The contiguous data of a CPU tensor argument.
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -54,21 +80,7 @@ impl CustomOp2 for RmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = match xs.dtype() {
-            DType::F32 => CpuStorage::F32(forward(slice::<f32>(xs, xl)?, slice(ws, wl)?, self.eps)),
-            DType::F64 => CpuStorage::F64(forward(slice::<f64>(xs, xl)?, slice(ws, wl)?, self.eps)),
-            DType::BF16 => CpuStorage::BF16(forward(
-                slice::<half::bf16>(xs, xl)?,
-                slice(ws, wl)?,
-                self.eps,
-            )),
-            DType::F16 => CpuStorage::F16(forward(
-                slice::<half::f16>(xs, xl)?,
-                slice(ws, wl)?,
-                self.eps,
-            )),
-            other => candle_core::bail!("rms-norm: unsupported dtype {other:?}"),
-        };
+        let y = per_float_dtype!(xs.dtype(), "rms-norm", T => forward(slice::<T>(xs, xl)?, slice(ws, wl)?, self.eps));
         Ok((y, xl.shape().clone()))
     }
 
@@ -125,33 +137,7 @@ impl CustomOp3 for RmsNormGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dx = match xs.dtype() {
-            DType::F32 => CpuStorage::F32(backward(
-                slice::<f32>(xs, xl)?,
-                slice(ws, wl)?,
-                slice(gs, gl)?,
-                self.eps,
-            )),
-            DType::F64 => CpuStorage::F64(backward(
-                slice::<f64>(xs, xl)?,
-                slice(ws, wl)?,
-                slice(gs, gl)?,
-                self.eps,
-            )),
-            DType::BF16 => CpuStorage::BF16(backward(
-                slice::<half::bf16>(xs, xl)?,
-                slice(ws, wl)?,
-                slice(gs, gl)?,
-                self.eps,
-            )),
-            DType::F16 => CpuStorage::F16(backward(
-                slice::<half::f16>(xs, xl)?,
-                slice(ws, wl)?,
-                slice(gs, gl)?,
-                self.eps,
-            )),
-            other => candle_core::bail!("rms-norm: unsupported dtype {other:?}"),
-        };
+        let dx = per_float_dtype!(xs.dtype(), "rms-norm", T => backward(slice::<T>(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?, self.eps));
         Ok((dx, xl.shape().clone()))
     }
 }
@@ -196,13 +182,7 @@ impl CustomOp1 for CausalSoftmax {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let t = *xl.dims().last().unwrap_or(&1);
-        let y = match xs.dtype() {
-            DType::F32 => CpuStorage::F32(causal_softmax(slice::<f32>(xs, xl)?, t)),
-            DType::F64 => CpuStorage::F64(causal_softmax(slice::<f64>(xs, xl)?, t)),
-            DType::BF16 => CpuStorage::BF16(causal_softmax(slice::<half::bf16>(xs, xl)?, t)),
-            DType::F16 => CpuStorage::F16(causal_softmax(slice::<half::f16>(xs, xl)?, t)),
-            other => candle_core::bail!("causal-softmax: unsupported dtype {other:?}"),
-        };
+        let y = per_float_dtype!(xs.dtype(), "causal-softmax", T => causal_softmax(slice::<T>(xs, xl)?, t));
         Ok((y, xl.shape().clone()))
     }
 
@@ -245,19 +225,7 @@ impl CustomOp2 for SoftmaxGrad {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let t = *yl.dims().last().unwrap_or(&1);
-        let dx = match ys.dtype() {
-            DType::F32 => CpuStorage::F32(softmax_grad(slice::<f32>(ys, yl)?, slice(gs, gl)?, t)),
-            DType::F64 => CpuStorage::F64(softmax_grad(slice::<f64>(ys, yl)?, slice(gs, gl)?, t)),
-            DType::BF16 => CpuStorage::BF16(softmax_grad(
-                slice::<half::bf16>(ys, yl)?,
-                slice(gs, gl)?,
-                t,
-            )),
-            DType::F16 => {
-                CpuStorage::F16(softmax_grad(slice::<half::f16>(ys, yl)?, slice(gs, gl)?, t))
-            }
-            other => candle_core::bail!("softmax-grad: unsupported dtype {other:?}"),
-        };
+        let dx = per_float_dtype!(ys.dtype(), "softmax-grad", T => softmax_grad(slice::<T>(ys, yl)?, slice(gs, gl)?, t));
         Ok((dx, yl.shape().clone()))
     }
 }
