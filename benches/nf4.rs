@@ -7,15 +7,15 @@
 //! Each prints one markdown table row per measurement.
 
 use candle_core::{DType, Device};
-use prolora::adapters::{AdapterConfig, Ctx};
+use prolora::adapters::{AdapterConfig, AdapterSet, Ctx};
 use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
-use prolora::loss::summed_loss;
 use prolora::model::nf4::{Nf4Tensor, Quantization};
 use prolora::model::weights::RandomWeights;
 use prolora::model::{Llama, LlamaConfig};
 use prolora::source::ModelSource;
 use prolora::train::optim::{AdamW, AdamWParams};
+use prolora::train::step::{accumulate_grads, Grads};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -82,8 +82,8 @@ fn dequant() {
     );
 }
 
-fn lora_model(cfg: &LlamaConfig, weights: &RandomWeights, quant: Quantization) -> Llama {
-    let mut model = Llama::load_quantized(cfg, weights, DType::F32, quant, &Device::Cpu).unwrap();
+/// LoRA r 8 (α 16, dropout 0.1) on all seven linears of `model`.
+fn attach_lora(model: &mut Llama) -> AdapterSet {
     let adapter = AdapterConfig {
         rank: 8,
         alpha: 16.0,
@@ -91,17 +91,9 @@ fn lora_model(cfg: &LlamaConfig, weights: &RandomWeights, quant: Quantization) -
         ..Default::default()
     };
     let mut rng = StdRng::seed_from_u64(1);
-    model
-        .attach(|_, _, shape| {
-            Ok(Some(adapter.build(
-                shape,
-                DType::F32,
-                &Device::Cpu,
-                &mut rng,
-            )?))
-        })
-        .unwrap();
-    model
+    let set = AdapterSet::new(&adapter, &model.cfg, DType::F32, &Device::Cpu, &mut rng).unwrap();
+    model.attach(&set);
+    set
 }
 
 /// Every token labelled, random ids.
@@ -119,19 +111,40 @@ fn batch(rows: usize, len: usize) -> Batch {
     Batch::new(&examples.iter().collect::<Vec<_>>())
 }
 
-/// Forward, backward and AdamW on the adapters; seconds.
-fn train_step(model: &Llama, opt: &mut AdamW, batch: &Batch, seed: u64) -> f64 {
+/// Forward, backward (activation checkpointing when `checkpointing`) and AdamW on the
+/// adapters, as the trainer does it; seconds.
+fn train_step(
+    model: &Llama,
+    set: &AdapterSet,
+    opt: &mut AdamW,
+    batch: &Batch,
+    seed: u64,
+    checkpointing: bool,
+) -> f64 {
     let t = Instant::now();
-    let (sum, n) = summed_loss(model, batch, &Ctx::train(seed)).unwrap();
-    let grads = (sum / n as f64).unwrap().backward().unwrap();
+    let vars: Vec<_> = set.trainable().into_iter().map(|(_, v)| v).collect();
+    let mut grads: Grads = vec![None; vars.len()];
+    let labels = batch.label_tokens() as f64;
+    accumulate_grads(
+        model,
+        batch,
+        &Ctx::train(seed),
+        &vars,
+        labels,
+        checkpointing,
+        &mut grads,
+    )
+    .unwrap();
     opt.step(&grads, 1e-4, 1.0).unwrap();
     t.elapsed().as_secs_f64()
 }
 
-fn optimizer(model: &Llama) -> AdamW {
-    let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
+fn optimizer(set: &AdapterSet) -> AdamW {
     AdamW::new(
-        vars,
+        set.trainable()
+            .into_iter()
+            .map(|(k, v)| (k, v, 1.0))
+            .collect(),
         AdamWParams {
             beta1: 0.9,
             beta2: 0.999,
@@ -139,7 +152,6 @@ fn optimizer(model: &Llama) -> AdamW {
             weight_decay: 0.0,
         },
     )
-    .unwrap()
 }
 
 /// The tiny LLaMA: hidden 256, 4 layers, vocab 32000; batch 4 × 128, LoRA r 8.
@@ -160,13 +172,21 @@ fn step() {
             Quantization::Nf4 { double_quant: true },
         ),
     ] {
-        let model = lora_model(&cfg, &RandomWeights::new(0), quant);
-        let mut opt = optimizer(&model);
+        let mut model = Llama::load_quantized(
+            &cfg,
+            &RandomWeights::new(0),
+            DType::F32,
+            quant,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let set = attach_lora(&mut model);
+        let mut opt = optimizer(&set);
         for s in 0..2 {
-            train_step(&model, &mut opt, &batch, s);
+            train_step(&model, &set, &mut opt, &batch, s, false);
         }
         let mut t: Vec<f64> = (0..7)
-            .map(|s| train_step(&model, &mut opt, &batch, 10 + s))
+            .map(|s| train_step(&model, &set, &mut opt, &batch, 10 + s, false))
             .collect();
         t.sort_by(f64::total_cmp);
         println!("| {name} | {:.3} |", t[3]);
@@ -188,7 +208,8 @@ fn peak_rss_gib() -> f64 {
         .map_or(f64::NAN, |kb| kb / (1 << 20) as f64)
 }
 
-/// One LoRA step (batch 1 × 128, r 8 on all seven linears) on the 7B preset in NF4.
+/// One LoRA step (batch 1 × 128, r 8 on all seven linears, activation checkpointing) on the 7B
+/// preset in NF4.
 fn rss7b() {
     let source = ModelSource::resolve("llama2-7b", "main").unwrap();
     let t = Instant::now();
@@ -201,27 +222,12 @@ fn rss7b() {
         .unwrap();
     let load_s = t.elapsed().as_secs_f64();
     let load_rss = peak_rss_gib();
-    let adapter = AdapterConfig {
-        rank: 8,
-        alpha: 16.0,
-        dropout: 0.1,
-        ..Default::default()
-    };
-    let mut rng = StdRng::seed_from_u64(1);
-    model
-        .attach(|_, _, shape| {
-            Ok(Some(adapter.build(
-                shape,
-                DType::F32,
-                &Device::Cpu,
-                &mut rng,
-            )?))
-        })
-        .unwrap();
-    let mut opt = optimizer(&model);
-    let step_s = train_step(&model, &mut opt, &batch(1, 128), 0);
+    let set = attach_lora(&mut model);
+    let mut opt = optimizer(&set);
+    // Activation checkpointing, as the paper's configs train.
+    let step_s = train_step(&model, &set, &mut opt, &batch(1, 128), 0, true);
     println!("| what | value |\n|---|---|");
     println!("| load (random NF4 + f32 embeddings) | {load_s:.1} s, peak RSS {load_rss:.2} GiB |");
-    println!("| one LoRA step, 1 × 128 | {step_s:.1} s |");
+    println!("| one LoRA step, 1 × 128, checkpointing | {step_s:.1} s |");
     println!("| peak RSS, load + step | {:.2} GiB |", peak_rss_gib());
 }
