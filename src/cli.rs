@@ -235,6 +235,9 @@ pub struct TrainArgs {
     /// Replace a finished or checkpointed run in output_dir instead of refusing.
     #[arg(long)]
     pub overwrite: bool,
+    /// Compute device: auto, cpu, cuda or cuda:N (overrides the config's `device`).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 /// How to get the base model (shared by eval and generate).
@@ -261,6 +264,9 @@ pub struct ModelArgs {
     /// With --quantize nf4: also quantize the block scales (double quantization).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub double_quant: bool,
+    /// Compute device: auto (CUDA when built with it and a GPU is present), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 #[derive(Args)]
@@ -447,6 +453,10 @@ fn train(args: TrainArgs) -> Result<()> {
             (RunConfig::load(path, &args.overrides)?, start)
         }
     };
+    let mut cfg = cfg;
+    if let Some(device) = &args.device {
+        cfg.device = device.clone();
+    }
     let s = crate::train::train(&cfg, start, !args.quiet)?;
     println!(
         "done: {} steps, loss {:.4} → {:.4}{}; adapter in {}",
@@ -466,8 +476,11 @@ fn load_model(args: &ModelArgs) -> Result<(crate::model::Llama, ChatEncoder)> {
     let source = ModelSource::resolve(&args.model, &args.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
     let quant = Quantization::parse(&args.quantize, args.double_quant).context("--quantize")?;
-    let mut model =
-        source.load_quantized(source::parse_dtype(&args.dtype)?, quant, &source::device()?)?;
+    let mut model = source.load_quantized(
+        source::parse_dtype(&args.dtype)?,
+        quant,
+        &crate::device::open(&args.device)?,
+    )?;
     if let Some(dir) = &args.adapter {
         peft::load_into(dir, &mut model)?;
     }

@@ -14,6 +14,10 @@ pub struct RunConfig {
     pub seed: u64,
     /// Where the run directory is written.
     pub output_dir: String,
+    /// `auto` (a CUDA GPU when built with CUDA and one is present, else the CPU), `cpu`,
+    /// `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
     pub model: ModelConfig,
     #[serde(default)]
     pub adapter: AdapterConfig,
@@ -134,6 +138,9 @@ pub struct TrainConfig {
 
 fn default_seed() -> u64 {
     1
+}
+fn default_device() -> String {
+    "auto".into()
 }
 fn default_revision() -> String {
     "main".into()
@@ -290,7 +297,8 @@ impl RunConfig {
         Ok(toml::to_string_pretty(self)?)
     }
 
-    /// The first dotted key whose value differs from `other` (output_dir aside), if any.
+    /// The first dotted key whose value differs from `other` (output_dir and device aside: a
+    /// run may continue on another machine), if any.
     pub fn first_difference(&self, other: &RunConfig) -> Option<String> {
         fn walk(prefix: &str, a: &toml::Value, b: &toml::Value) -> Option<String> {
             match (a, b) {
@@ -316,6 +324,7 @@ impl RunConfig {
         let as_value = |c: &RunConfig| {
             let mut c = c.clone();
             c.output_dir.clear();
+            c.device.clear();
             toml::Value::try_from(c).ok()
         };
         walk("", &as_value(self)?, &as_value(other)?)

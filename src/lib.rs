@@ -4,7 +4,10 @@ pub mod adapters;
 pub mod cli;
 pub mod collect;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod export;
 pub mod generate;

@@ -153,12 +153,3 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         other => bail!("unknown dtype {other:?} (use f32, bf16, f16 or f64)"),
     })
 }
-
-/// The compute device: CUDA when built with it and available, else the CPU.
-pub fn device() -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    if candle_core::utils::cuda_is_available() {
-        return Ok(Device::new_cuda(0)?);
-    }
-    Ok(Device::Cpu)
-}

@@ -282,6 +282,32 @@ fn missing_model_dir_names_it() {
 }
 
 #[test]
+fn unusable_devices_are_clear_errors() {
+    let eval = |device: &str| {
+        error_of(&[
+            "eval",
+            "--model",
+            "tiny",
+            "--data",
+            "data/sample_chat_eval.jsonl",
+            "--device",
+            device,
+        ])
+    };
+    let err = eval("tpu");
+    assert!(err.contains("\"tpu\"") && err.contains("cuda:N"), "{err}");
+    // This build (CI's) has no CUDA: say how to get it, not a driver error.
+    if !cfg!(feature = "cuda") {
+        for device in ["cuda", "cuda:1"] {
+            let err = eval(device);
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+        let err = error_of(&["train", "--config", "configs/demo.toml", "--device", "cuda"]);
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}
+
+#[test]
 fn malformed_config_json_names_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("config.json"), "{\"vocab_size\": 12,").unwrap();

@@ -262,7 +262,7 @@ fn nf4_linear_forward_and_input_gradient() {
         .collect();
     let q = Nf4Tensor::quantize("w", &w, &[o, h], true).unwrap();
     let dense = q.to_tensor(DType::F64, &dev).unwrap();
-    let lin = FrozenLinear::nf4(q);
+    let lin = FrozenLinear::nf4(q, &Device::Cpu).unwrap();
     assert_eq!(lin.dims(), (o, h));
     let x0: Vec<f64> = (0..n * h)
         .map(|i| ((i * 13 % 29) as f64 - 14.0) / 9.0)

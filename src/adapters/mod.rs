@@ -5,6 +5,7 @@
 //! live once in the [`AdapterSet`], which hands them to the adapters that use them. The model
 //! hands an adapter the layer's input and adds what it returns.
 
+mod dropout;
 pub mod lora;
 pub mod peft;
 pub mod prolora;
@@ -18,7 +19,6 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use rand::RngCore;
 use rand::SeedableRng;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -79,23 +79,8 @@ impl Ctx {
         if p <= 0.0 {
             return Ok(x.clone());
         }
-        let scale = (1.0 / (1.0 - p)) as f32;
-        // One draw from the context's stream per call; each element's keep/drop is then a hash
-        // of (that draw, its index): reproducible, and computed on all cores.
-        let call_seed = rng.borrow_mut().next_u64();
-        let threshold = (p * u64::MAX as f64) as u64;
-        let mask: Vec<f32> = (0..x.elem_count() as u64)
-            .into_par_iter()
-            .map(|i| {
-                if mix_seed(call_seed, i) < threshold {
-                    0.0
-                } else {
-                    scale
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        // One draw from the context's stream per call; the mask is a hash of it.
+        dropout::dropout(x, rng.borrow_mut().next_u64(), p)
     }
 }
 

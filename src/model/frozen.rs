@@ -6,14 +6,54 @@
 //! temporary of the input's dtype for each GEMM (forward, and again in backward), so only the
 //! layer being computed ever has a full-precision copy.
 
-use super::nf4::{Nf4Out, Nf4Tensor};
+use super::nf4::{Absmax, Nf4Out, Nf4Tensor};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use std::sync::Arc;
 
 /// `x (n, h) · wᵀ` for `w (o, h)`, with no weight gradient.
 struct FrozenMatmul;
+
+/// The product an op computes with the weight `w (o, h)`.
+#[derive(Clone, Copy)]
+enum Product {
+    /// `x (n, h) · wᵀ → (n, o)`: the forward.
+    XWt,
+    /// `g (n, o) · w → (n, h)`: the input gradient.
+    GW,
+}
+
+impl Product {
+    /// The product that is this one's input gradient.
+    fn transposed(self) -> Self {
+        match self {
+            Product::XWt => Product::GW,
+            Product::GW => Product::XWt,
+        }
+    }
+
+    /// `self` of `x (n, k)` and the weight `w (o, h)`, on any backend.
+    fn apply<S: BackendStorage>(
+        self,
+        x: &S,
+        x_layout: &Layout,
+        w: &S,
+        w_layout: &Layout,
+    ) -> Result<(S, Shape)> {
+        let (n, k) = x_layout.shape().dims2()?;
+        let (o, h) = w_layout.shape().dims2()?;
+        let (inner, out, w_layout) = match self {
+            Product::XWt => (h, o, w_layout.transpose(0, 1)?),
+            Product::GW => (o, h, w_layout.clone()),
+        };
+        if k != inner {
+            candle_core::bail!("frozen linear: input has {k} features, the weight expects {inner}");
+        }
+        let y = x.matmul(w, (1, n, out, inner), x_layout, &w_layout)?;
+        Ok((y, Shape::from((n, out))))
+    }
+}
 
 impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
@@ -27,14 +67,18 @@ impl CustomOp2 for FrozenMatmul {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, h) = x_layout.shape().dims2()?;
-        let (o, h_w) = w_layout.shape().dims2()?;
-        if h != h_w {
-            candle_core::bail!("frozen linear: input has {h} features, weight expects {h_w}");
-        }
-        let wt = w_layout.transpose(0, 1)?;
-        let y = x.matmul(w, (1, n, o, h), x_layout, &wt)?;
-        Ok((y, Shape::from((n, o))))
+        Product::XWt.apply(x, x_layout, w, w_layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        w: &candle_core::CudaStorage,
+        w_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Product::XWt.apply(x, x_layout, w, w_layout)
     }
 
     fn bwd(
@@ -48,19 +92,63 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
-/// Which product an [`Nf4Matmul`] computes with the dequantized `w (o, h)`.
-#[derive(Clone, Copy)]
-enum Nf4Product {
-    /// `x (n, h) · wᵀ → (n, o)`: the forward.
-    XWt,
-    /// `g (n, o) · w → (n, h)`: the input gradient.
-    GW,
+/// 4-bit codes and block scales, where the layer computes.
+#[derive(Debug)]
+enum Nf4Codes {
+    /// In host memory, dequantized by the CPU.
+    Host(Nf4Tensor),
+    /// On a GPU as u8/f32 tensors, dequantized by our CUDA kernel.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device {
+        shape: (usize, usize),
+        packed: Tensor,
+        /// Codes of double-quantized scales (then `scales` are the per-256-block scales).
+        absmax_codes: Option<Tensor>,
+        scales: Tensor,
+        offset: f32,
+    },
 }
 
-/// A matmul with an NF4 weight held by the op itself (never a candle tensor, never a gradient).
+impl Nf4Codes {
+    fn new(w: Nf4Tensor, device: &Device) -> Result<Self> {
+        if device.is_cpu() {
+            return Ok(Self::Host(w));
+        }
+        let shape = (w.shape[0], w.shape[1]);
+        let n = w.packed.len();
+        let packed = Tensor::from_vec(w.packed, n, device)?;
+        Ok(match w.absmax {
+            Absmax::Plain(a) => Self::Device {
+                shape,
+                packed,
+                absmax_codes: None,
+                scales: Tensor::from_vec(a.clone(), a.len(), device)?,
+                offset: 0.0,
+            },
+            Absmax::Double(d) => Self::Device {
+                shape,
+                packed,
+                absmax_codes: Some(Tensor::from_vec(d.codes.clone(), d.codes.len(), device)?),
+                scales: Tensor::from_vec(d.scales.clone(), d.scales.len(), device)?,
+                offset: d.offset,
+            },
+        })
+    }
+
+    /// (out, in)
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Self::Host(w) => (w.shape[0], w.shape[1]),
+            Self::Device { shape, .. } => *shape,
+        }
+    }
+}
+
+/// A matmul with an NF4 weight held by the op itself (never a candle variable, never a
+/// gradient). The full-precision weight exists only inside each call.
 struct Nf4Matmul {
-    w: Arc<Nf4Tensor>,
-    product: Nf4Product,
+    w: Arc<Nf4Codes>,
+    product: Product,
 }
 
 impl CustomOp1 for Nf4Matmul {
@@ -69,51 +157,72 @@ impl CustomOp1 for Nf4Matmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = layout.shape().dims2()?;
-        let (o, h) = (self.w.shape[0], self.w.shape[1]);
+        let Nf4Codes::Host(q) = &*self.w else {
+            candle_core::bail!("4-bit linear: the weight is on the GPU, the input on the CPU");
+        };
         fn deq<T: Nf4Out + Default + Clone>(w: &Nf4Tensor) -> Vec<T> {
             let mut v = vec![T::default(); w.elem_count()];
             w.dequantize_into(&mut v);
             v
         }
-        // The full-precision weight exists only inside this call.
         let w = match x {
-            CpuStorage::F32(_) => CpuStorage::F32(deq::<f32>(&self.w)),
-            CpuStorage::F64(_) => CpuStorage::F64(deq::<f64>(&self.w)),
-            CpuStorage::BF16(_) => CpuStorage::BF16(deq::<bf16>(&self.w)),
-            CpuStorage::F16(_) => CpuStorage::F16(deq::<f16>(&self.w)),
+            CpuStorage::F32(_) => CpuStorage::F32(deq::<f32>(q)),
+            CpuStorage::F64(_) => CpuStorage::F64(deq::<f64>(q)),
+            CpuStorage::BF16(_) => CpuStorage::BF16(deq::<bf16>(q)),
+            CpuStorage::F16(_) => CpuStorage::F16(deq::<f16>(q)),
             other => {
                 candle_core::bail!("4-bit linear: unsupported input dtype {:?}", other.dtype())
             }
         };
-        let w_layout = Layout::contiguous((o, h));
-        match self.product {
-            Nf4Product::XWt => {
-                if k != h {
-                    candle_core::bail!("4-bit linear: input has {k} features, weight expects {h}");
-                }
-                let y = x.matmul(&w, (1, n, o, h), layout, &w_layout.transpose(0, 1)?)?;
-                Ok((y, Shape::from((n, o))))
-            }
-            Nf4Product::GW => {
-                if k != o {
-                    candle_core::bail!("4-bit linear: gradient has {k} features, weight gives {o}");
-                }
-                let y = x.matmul(&w, (1, n, h, o), layout, &w_layout)?;
-                Ok((y, Shape::from((n, h))))
+        self.product
+            .apply(x, layout, &w, &Layout::contiguous(self.w.shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::Storage;
+        let Nf4Codes::Device {
+            shape,
+            packed,
+            absmax_codes,
+            scales,
+            offset,
+        } = &*self.w
+        else {
+            candle_core::bail!("4-bit linear: the weight is in host memory, the input on the GPU");
+        };
+        fn on_gpu<'a, T: candle_core::cuda::CudaDType>(
+            s: &'a Storage,
+        ) -> Result<candle_core::cuda::cudarc::driver::CudaView<'a, T>> {
+            match s {
+                Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.as_view()),
+                _ => candle_core::bail!("4-bit linear: the codes are not on the GPU"),
             }
         }
+        let (p, _) = packed.storage_and_layout();
+        let (sc, _) = scales.storage_and_layout();
+        let codes = absmax_codes.as_ref().map(|c| c.storage_and_layout().0);
+        let q = crate::cuda::DeviceNf4 {
+            packed: on_gpu::<u8>(&p)?,
+            absmax_codes: codes.as_deref().map(on_gpu::<u8>).transpose()?,
+            scales: on_gpu::<f32>(&sc)?,
+            offset: *offset,
+            elems: shape.0 * shape.1,
+        };
+        let w = crate::cuda::nf4_dequantize(x.device(), &q, x.dtype())?;
+        self.product
+            .apply(x, layout, &w, &Layout::contiguous(*shape))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
         // Each product's input gradient is the other product, dequantizing again.
-        let product = match self.product {
-            Nf4Product::XWt => Nf4Product::GW,
-            Nf4Product::GW => Nf4Product::XWt,
-        };
         let op = Nf4Matmul {
             w: self.w.clone(),
-            product,
+            product: self.product.transposed(),
         };
         Ok(Some(grad_y.contiguous()?.apply_op1(op)?))
     }
@@ -123,7 +232,7 @@ impl CustomOp1 for Nf4Matmul {
 #[derive(Clone, Debug)]
 enum Weight {
     Dense(Tensor),
-    Nf4(Arc<Nf4Tensor>),
+    Nf4(Arc<Nf4Codes>),
 }
 
 /// A weight that never trains.
@@ -139,11 +248,11 @@ impl FrozenLinear {
         }
     }
 
-    /// A 4-bit layer; `w` has shape (out, in).
-    pub fn nf4(w: Nf4Tensor) -> Self {
-        Self {
-            weight: Weight::Nf4(Arc::new(w)),
-        }
+    /// A 4-bit layer computing on `device`; `w` has shape (out, in).
+    pub fn nf4(w: Nf4Tensor, device: &Device) -> Result<Self> {
+        Ok(Self {
+            weight: Weight::Nf4(Arc::new(Nf4Codes::new(w, device)?)),
+        })
     }
 
     /// The full-precision weight, when the layer is not 4-bit.
@@ -154,14 +263,6 @@ impl FrozenLinear {
         }
     }
 
-    /// The NF4 weight, when the layer is 4-bit.
-    pub fn as_nf4(&self) -> Option<&Nf4Tensor> {
-        match &self.weight {
-            Weight::Nf4(w) => Some(w),
-            Weight::Dense(_) => None,
-        }
-    }
-
     /// (out, in)
     pub fn dims(&self) -> (usize, usize) {
         match &self.weight {
@@ -169,7 +270,7 @@ impl FrozenLinear {
                 let d = w.dims();
                 (d[0], d[1])
             }
-            Weight::Nf4(w) => (w.shape[0], w.shape[1]),
+            Weight::Nf4(w) => w.shape(),
         }
     }
 
@@ -183,7 +284,7 @@ impl FrozenLinear {
             Weight::Dense(w) => x2.apply_op2(w, FrozenMatmul)?,
             Weight::Nf4(w) => x2.apply_op1(Nf4Matmul {
                 w: w.clone(),
-                product: Nf4Product::XWt,
+                product: Product::XWt,
             })?,
         };
         let mut out_dims = dims.to_vec();

@@ -10,7 +10,7 @@ use super::nf4::Quantization;
 use super::ops::{causal_attention_probs, rms_norm};
 use super::weights::WeightSource;
 use crate::adapters::{Adapter, AdapterSet, Ctx};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use std::rc::Rc;
 
@@ -103,9 +103,6 @@ impl Llama {
         quant: Quantization,
         device: &Device,
     ) -> Result<Self> {
-        if quant != Quantization::None && !device.is_cpu() {
-            bail!("4-bit base weights run on the CPU only in this version; use model.quantize = \"none\" on CUDA");
-        }
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed = weights.get("model.embed_tokens.weight", &[v, d], dtype, device)?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
@@ -128,7 +125,7 @@ impl Llama {
                         FrozenLinear::new(weights.get(&name, &[o, i], dtype, device)?)
                     }
                     Quantization::Nf4 { double_quant } => {
-                        FrozenLinear::nf4(weights.get_nf4(&name, &[o, i], double_quant)?)
+                        FrozenLinear::nf4(weights.get_nf4(&name, &[o, i], double_quant)?, device)?
                     }
                 };
                 linears.push(Linear {

@@ -33,12 +33,13 @@ macro_rules! per_float_dtype {
         }
     };
 }
+pub(crate) use per_float_dtype;
 
 /// The contiguous data of a CPU tensor argument.
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => candle_core::bail!("rms-norm: input must be contiguous"),
+        None => candle_core::bail!("custom op: input must be contiguous"),
     }
 }
 
@@ -82,6 +83,20 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let y = per_float_dtype!(xs.dtype(), "rms-norm", T => forward(slice::<T>(xs, xl)?, slice(ws, wl)?, self.eps));
         Ok((y, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            crate::cuda::rms_norm(xs, xl, ws, wl, self.eps)?,
+            xl.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -140,6 +155,20 @@ impl CustomOp3 for RmsNormGrad {
         let dx = per_float_dtype!(xs.dtype(), "rms-norm", T => backward(slice::<T>(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?, self.eps));
         Ok((dx, xl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dx = crate::cuda::rms_norm_grad((xs, xl), (ws, wl), (gs, gl), self.eps)?;
+        Ok((dx, xl.shape().clone()))
+    }
 }
 
 /// RMSNorm of `x` (…, d) with the frozen weight `w` (d).
@@ -186,6 +215,15 @@ impl CustomOp1 for CausalSoftmax {
         Ok((y, xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::causal_softmax(xs, xl)?, xl.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad)?))
     }
@@ -227,6 +265,20 @@ impl CustomOp2 for SoftmaxGrad {
         let t = *yl.dims().last().unwrap_or(&1);
         let dx = per_float_dtype!(ys.dtype(), "softmax-grad", T => softmax_grad(slice::<T>(ys, yl)?, slice(gs, gl)?, t));
         Ok((dx, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            crate::cuda::softmax_grad(ys, yl, gs, gl)?,
+            yl.shape().clone(),
+        ))
     }
 }
 

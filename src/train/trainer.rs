@@ -134,7 +134,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 }
 
 pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<TrainSummary> {
-    let device = source::device()?;
+    let device = crate::device::open(&cfg.device)?;
     let dtype = source::parse_dtype(&cfg.model.dtype)?;
     let model_source = ModelSource::resolve(&cfg.model.source, &cfg.model.revision)?;
     let tokenizer = model_source.tokenizer(cfg.model.tokenizer.as_deref().map(Path::new))?;
@@ -217,6 +217,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         "command": std::env::args().collect::<Vec<_>>(),
         "resumed_from_step": resume_from.as_ref().map(|_| state.step),
         "trainable_parameters": trainable,
+        "device": crate::device::describe(&device),
     });
     peft::write_atomic(
         &run_dir.join("run.json"),
@@ -315,7 +316,8 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
                 label_tokens as f64,
                 cfg.train.gradient_checkpointing,
                 &mut grads,
-            )?;
+            )
+            .map_err(crate::device::explain)?;
             loss_sum += sum;
             tokens_seen += batch.tokens();
         }
@@ -365,6 +367,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
                 "epoch": batches.epoch,
                 "elapsed_s": elapsed,
                 "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+                "peak_device_mib": crate::device::peak_memory_mib(&device),
             }))?;
         }
         if let Some(eval_set) = &eval_set {
