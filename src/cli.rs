@@ -255,8 +255,8 @@ pub struct ModelArgs {
     /// A tokenizer.json to use instead of the model's.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Compute dtype: f32, bf16, f16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16, f16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Storage of the block linears: none, or nf4 (4-bit, as bitsandbytes; quantized on load).
     #[arg(long, default_value = "none")]
@@ -476,11 +476,9 @@ fn load_model(args: &ModelArgs) -> Result<(crate::model::Llama, ChatEncoder)> {
     let source = ModelSource::resolve(&args.model, &args.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
     let quant = Quantization::parse(&args.quantize, args.double_quant).context("--quantize")?;
-    let mut model = source.load_quantized(
-        source::parse_dtype(&args.dtype)?,
-        quant,
-        &crate::device::open(&args.device)?,
-    )?;
+    let device = crate::device::open(&args.device)?;
+    let dtype = source::compute_dtype(&args.dtype, &device)?;
+    let mut model = source.load_quantized(dtype, quant, &device)?;
     if let Some(dir) = &args.adapter {
         peft::load_into(dir, &mut model)?;
     }

@@ -38,7 +38,8 @@ pub struct ModelConfig {
     /// A tokenizer.json to use instead of the model's own.
     #[serde(default)]
     pub tokenizer: Option<String>,
-    /// Compute dtype of the frozen base: `f32` (CPU default), `bf16`, `f16`. Also accepted as
+    /// Compute dtype of the frozen base: `auto` (bf16 on a GPU, f32 on the CPU), `f32`, `bf16`,
+    /// `f16`. Also accepted as
     /// `compute_dtype` (the name the 4-bit options go with).
     #[serde(default = "default_dtype", alias = "compute_dtype")]
     pub dtype: String,
@@ -146,7 +147,7 @@ fn default_revision() -> String {
     "main".into()
 }
 fn default_dtype() -> String {
-    "f32".into()
+    "auto".into()
 }
 fn default_quantize() -> String {
     "none".into()
@@ -287,7 +288,8 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.optim.warmup_ratio) {
             bail!("optim.warmup_ratio must be in [0, 1)");
         }
-        crate::source::parse_dtype(&self.model.dtype).context("model.dtype")?;
+        crate::source::compute_dtype(&self.model.dtype, &candle_core::Device::Cpu)
+            .context("model.dtype")?;
         self.model.quantization()?;
         Ok(())
     }

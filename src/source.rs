@@ -143,6 +143,16 @@ fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
         .map_err(|e| anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))
 }
 
+/// The compute dtype `spec` names on `device`: `auto` is bf16 on a GPU (the paper's) and f32 on
+/// the CPU (its fast path), else as [`parse_dtype`].
+pub fn compute_dtype(spec: &str, device: &Device) -> Result<DType> {
+    match spec {
+        "auto" if device.is_cpu() => Ok(DType::F32),
+        "auto" => Ok(DType::BF16),
+        other => parse_dtype(other),
+    }
+}
+
 /// `f32`, `bf16`, `f16` or `f64`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
     Ok(match s {
@@ -150,6 +160,6 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "bf16" | "bfloat16" => DType::BF16,
         "f16" | "float16" => DType::F16,
         "f64" | "float64" => DType::F64,
-        other => bail!("unknown dtype {other:?} (use f32, bf16, f16 or f64)"),
+        other => bail!("unknown dtype {other:?} (use auto, f32, bf16, f16 or f64)"),
     })
 }

@@ -135,7 +135,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 
 pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<TrainSummary> {
     let device = crate::device::open(&cfg.device)?;
-    let dtype = source::parse_dtype(&cfg.model.dtype)?;
+    let dtype = source::compute_dtype(&cfg.model.dtype, &device)?;
     let model_source = ModelSource::resolve(&cfg.model.source, &cfg.model.revision)?;
     let tokenizer = model_source.tokenizer(cfg.model.tokenizer.as_deref().map(Path::new))?;
     let encoder = ChatEncoder::new(tokenizer)?;
