@@ -9,13 +9,8 @@ use candle_core::Device;
 pub fn open(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            #[cfg(feature = "cuda")]
-            if candle_core::utils::cuda_is_available() {
-                return cuda(0);
-            }
-            Ok(Device::Cpu)
-        }
+        // A CUDA build on a machine whose driver finds no GPU falls back to the CPU.
+        "auto" => Ok(cuda(0).unwrap_or(Device::Cpu)),
         "cuda" => cuda(0),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(ordinal)) => cuda(ordinal),
@@ -26,14 +21,14 @@ pub fn open(spec: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> Result<Device> {
-    if !candle_core::utils::cuda_is_available() {
-        bail!(
-            "device cuda: no CUDA driver or GPU found on this machine (is `nvidia-smi` working?); \
-             use --device cpu"
-        );
-    }
     Device::new_cuda(ordinal).map_err(|e| {
-        anyhow::anyhow!("device cuda:{ordinal}: could not open the GPU ({e}); check `nvidia-smi` for its ordinal")
+        // The driver's error, without the backtrace candle attaches to it.
+        let e = e.to_string();
+        let cause = e.lines().next().unwrap_or_default();
+        anyhow::anyhow!(
+            "device cuda:{ordinal}: no usable GPU ({cause}); check that `nvidia-smi` lists it, \
+             or use --device cpu"
+        )
     })
 }
 

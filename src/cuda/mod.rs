@@ -4,11 +4,9 @@
 
 use crate::model::nf4::{dynamic_map, BLOCK, NESTED_BLOCK, NF4};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc;
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaFunc, WrapErr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use std::sync::OnceLock;
 
@@ -58,14 +56,19 @@ fn ptx() -> Result<&'static str> {
 }
 
 /// The kernel `{name}_{dtype}` on `dev`.
-fn kernel(dev: &CudaDevice, name: &str, dtype: DType) -> Result<CudaFunc> {
+fn kernel(
+    dev: &CudaDevice,
+    name: &str,
+    dtype: DType,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
     let suffix = match dtype {
         DType::F32 => "f32",
         DType::F64 => "f64",
         DType::BF16 => "bf16",
         other => bail!("{name}: {other:?} is not supported on CUDA (use bf16, f32 or f64)"),
     };
-    dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, ptx()?)
+    let f = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, ptx()?)?;
+    Ok(f.into_cuda_function())
 }
 
 /// The contiguous data of a tensor argument.
@@ -139,7 +142,8 @@ pub fn rms_norm(
         // SAFETY: every element is written by the kernel.
         let y = unsafe { dev.alloc::<T>(rows * d)? };
         let f = kernel(dev, "rms_norm", x.dtype())?;
-        let mut b = f.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
         let d = d as i32;
         b.arg(&xv).arg(&wv).arg(&y).arg(&d).arg(&eps);
         // SAFETY: the arguments match the kernel's signature.
@@ -164,7 +168,8 @@ pub fn rms_norm_grad(
         // SAFETY: every element is written by the kernel.
         let dx = unsafe { dev.alloc::<T>(rows * d)? };
         let f = kernel(dev, "rms_norm_grad", x.dtype())?;
-        let mut b = f.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
         let d = d as i32;
         b.arg(&xv).arg(&wv).arg(&gv).arg(&dx).arg(&d).arg(&eps);
         // SAFETY: the arguments match the kernel's signature.
@@ -183,7 +188,8 @@ pub fn causal_softmax(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
         // SAFETY: every element is written by the kernel.
         let y = unsafe { dev.alloc::<T>(rows * t)? };
         let f = kernel(dev, "causal_softmax", x.dtype())?;
-        let mut b = f.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
         let t = t as i32;
         b.arg(&xv).arg(&y).arg(&t);
         // SAFETY: the arguments match the kernel's signature.
@@ -207,7 +213,8 @@ pub fn softmax_grad(
         // SAFETY: every element is written by the kernel.
         let dx = unsafe { dev.alloc::<T>(rows * t)? };
         let f = kernel(dev, "softmax_grad", y.dtype())?;
-        let mut b = f.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
         let t = t as i32;
         b.arg(&yv).arg(&gv).arg(&dx).arg(&t);
         // SAFETY: the arguments match the kernel's signature.
@@ -231,7 +238,8 @@ pub fn dropout(
         // SAFETY: every element is written by the kernel.
         let y = unsafe { dev.alloc::<T>(n)? };
         let f = kernel(dev, "dropout", x.dtype())?;
-        let mut b = f.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
         let n64 = n as u64;
         let scale = <T as candle_core::WithDType>::from_f64(scale as f64);
         b.arg(&xv).arg(&y).arg(&n64).arg(&seed).arg(&threshold).arg(&scale);
@@ -257,7 +265,8 @@ pub fn nf4_dequantize(dev: &CudaDevice, q: &DeviceNf4, dtype: DType) -> Result<C
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(q.elems)? };
         let f = kernel(dev, "nf4_dequantize", dtype)?;
-        let mut b = f.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
         let n = q.elems as u64;
         let null = 0u64;
         b.arg(&q.packed);
@@ -305,6 +314,25 @@ pub fn peak_memory_bytes(dev: &CudaDevice) -> Option<u64> {
     Some(high)
 }
 
-/// Marker that keeps `DeviceRepr` in use for the dtype-generic launches above.
-#[allow(dead_code)]
-fn _assert_repr<T: DeviceRepr>() {}
+#[cfg(test)]
+mod tests {
+    /// NVRTC runs on the host: the kernels must compile on any machine with the CUDA libraries,
+    /// GPU or not (`cargo test --features cuda`).
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        let ptx = super::ptx().unwrap();
+        for kernel in [
+            "rms_norm",
+            "rms_norm_grad",
+            "causal_softmax",
+            "softmax_grad",
+            "dropout",
+            "nf4_dequantize",
+        ] {
+            for dtype in ["f32", "f64", "bf16"] {
+                let entry = format!(".entry {kernel}_{dtype}(");
+                assert!(ptx.contains(&entry), "{entry} missing from the PTX");
+            }
+        }
+    }
+}
