@@ -104,8 +104,8 @@ __device__ void rms_norm_grad(const T* x, const T* w, const T* dy, T* dx, int d,
                                   c * Num<T>::get(x[row + i]));
 }
 
-// Softmax of attention scores over the last axis (t), row r keeping columns 0..=r mod t.
-template <typename T> __device__ void causal_softmax(const T* x, T* y, int t) {
+// Softmax of scale · attention scores over the last axis (t), row r keeping columns 0..=r mod t.
+template <typename T> __device__ void causal_softmax(const T* x, T* y, int t, double scale) {
     typedef typename Num<T>::Acc A;
     u64 row = (u64)blockIdx.x * t;
     int keep = blockIdx.x % t + 1;
@@ -113,14 +113,16 @@ template <typename T> __device__ void causal_softmax(const T* x, T* y, int t) {
     for (int i = threadIdx.x; i < keep; i += blockDim.x) m = max(m, Num<T>::get(x[row + i]));
     m = block_max(m);
     A s = 0;
-    for (int i = threadIdx.x; i < keep; i += blockDim.x) s += exp(Num<T>::get(x[row + i]) - m);
+    A c = (A)scale;
+    for (int i = threadIdx.x; i < keep; i += blockDim.x) s += exp(c * (Num<T>::get(x[row + i]) - m));
     s = block_sum(s);
     for (int i = threadIdx.x; i < t; i += blockDim.x)
-        y[row + i] = Num<T>::put(i < keep ? exp(Num<T>::get(x[row + i]) - m) / s : A(0));
+        y[row + i] = Num<T>::put(i < keep ? exp(c * (Num<T>::get(x[row + i]) - m)) / s : A(0));
 }
 
-// ∂x of a softmax from its output: y · (dy − Σ dy·y).
-template <typename T> __device__ void softmax_grad(const T* y, const T* dy, T* dx, int t) {
+// ∂x of a scaled softmax from its output: scale · y · (dy − Σ dy·y).
+template <typename T>
+__device__ void softmax_grad(const T* y, const T* dy, T* dx, int t, double scale) {
     typedef typename Num<T>::Acc A;
     u64 row = (u64)blockIdx.x * t;
     A dot = 0;
@@ -128,7 +130,8 @@ template <typename T> __device__ void softmax_grad(const T* y, const T* dy, T* d
         dot += Num<T>::get(y[row + i]) * Num<T>::get(dy[row + i]);
     dot = block_sum(dot);
     for (int i = threadIdx.x; i < t; i += blockDim.x)
-        dx[row + i] = Num<T>::put(Num<T>::get(y[row + i]) * (Num<T>::get(dy[row + i]) - dot));
+        dx[row + i] =
+            Num<T>::put((A)scale * Num<T>::get(y[row + i]) * (Num<T>::get(dy[row + i]) - dot));
 }
 
 // SplitMix64-style finaliser of (a, b): the same function as adapters::mix_seed.
@@ -184,11 +187,12 @@ __device__ void nf4_dequantize(const u8* packed, const u8* absmax_codes, const f
                                                     int d, double eps) {                           \
         rms_norm_grad(x, w, dy, dx, d, eps);                                                       \
     }                                                                                              \
-    extern "C" __global__ void causal_softmax_##NAME(const T* x, T* y, int t) {                   \
-        causal_softmax(x, y, t);                                                                   \
+    extern "C" __global__ void causal_softmax_##NAME(const T* x, T* y, int t, double scale) {     \
+        causal_softmax(x, y, t, scale);                                                            \
     }                                                                                              \
-    extern "C" __global__ void softmax_grad_##NAME(const T* y, const T* dy, T* dx, int t) {       \
-        softmax_grad(y, dy, dx, t);                                                                \
+    extern "C" __global__ void softmax_grad_##NAME(const T* y, const T* dy, T* dx, int t,         \
+                                                   double scale) {                                 \
+        softmax_grad(y, dy, dx, t, scale);                                                         \
     }                                                                                              \
     extern "C" __global__ void dropout_##NAME(const T* x, T* y, u64 n, u64 seed,              \
                                               u64 threshold, T scale) {                            \

@@ -178,8 +178,8 @@ pub fn rms_norm_grad(
     })
 }
 
-/// Causal softmax over the last axis (t) of attention scores (…, t, t).
-pub fn causal_softmax(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+/// Causal softmax of `scale` times attention scores (…, t, t), over the last axis.
+pub fn causal_softmax(x: &CudaStorage, xl: &Layout, scale: f64) -> Result<CudaStorage> {
     let dev = x.device();
     let t = *xl.dims().last().unwrap_or(&1);
     let rows = xl.shape().elem_count() / t.max(1);
@@ -191,19 +191,20 @@ pub fn causal_softmax(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         let t = t as i32;
-        b.arg(&xv).arg(&y).arg(&t);
+        b.arg(&xv).arg(&y).arg(&t).arg(&scale);
         // SAFETY: the arguments match the kernel's signature.
         unsafe { b.launch(per_row(rows)) }.w()?;
         Ok(wrap(y, dev))
     })
 }
 
-/// ∂x of a softmax from its output `y` and the upstream gradient `dy`.
+/// ∂x of a scaled softmax from its output `y` and the upstream gradient `dy`.
 pub fn softmax_grad(
     y: &CudaStorage,
     yl: &Layout,
     dy: &CudaStorage,
     dyl: &Layout,
+    scale: f64,
 ) -> Result<CudaStorage> {
     let dev = y.device();
     let t = *yl.dims().last().unwrap_or(&1);
@@ -216,7 +217,7 @@ pub fn softmax_grad(
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         let t = t as i32;
-        b.arg(&yv).arg(&gv).arg(&dx).arg(&t);
+        b.arg(&yv).arg(&gv).arg(&dx).arg(&t).arg(&scale);
         // SAFETY: the arguments match the kernel's signature.
         unsafe { b.launch(per_row(rows)) }.w()?;
         Ok(wrap(dx, dev))

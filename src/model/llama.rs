@@ -6,12 +6,13 @@
 
 use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
+use super::heads::{merge_heads, split_heads, Rope};
 use super::nf4::Quantization;
-use super::ops::{causal_attention_probs, rms_norm};
+use super::ops::{causal_attention_probs, rms_norm, silu_mul_op};
 use super::weights::WeightSource;
 use crate::adapters::{Adapter, AdapterSet, Ctx};
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use std::rc::Rc;
 
 /// A frozen linear, optionally with an adapter whose output is added to it.
@@ -28,15 +29,6 @@ impl Linear {
             None => Ok(y),
         }
     }
-}
-
-/// `x · cos + rotate_half(x) · sin` over the last axis, cos/sin of shape (t, head_dim).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// Repeats each key/value head `n` times, as transformers' `repeat_kv`.
@@ -66,11 +58,6 @@ impl Block {
 }
 
 /// Rotary tables for one sequence length.
-pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
 pub struct Llama {
     pub cfg: LlamaConfig,
     embed: Tensor,
@@ -174,25 +161,12 @@ impl Llama {
         }
     }
 
-    /// Rotary cos/sin tables for positions 0..t.
+    /// Rotary tables for positions 0..t.
     pub fn rope(&self, t: usize) -> candle_core::Result<Rope> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * 2 * half);
-        let mut sin = Vec::with_capacity(t * 2 * half);
-        for pos in 0..t {
-            for _ in 0..2 {
-                for f in &self.inv_freq {
-                    let angle = pos as f64 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
-        let shape = (t, 2 * half);
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?,
-            sin: Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?,
-        })
+        let angles: Vec<f64> = (0..t)
+            .flat_map(|pos| self.inv_freq.iter().map(move |f| pos as f64 * f))
+            .collect();
+        Rope::new(&angles, t, self.dtype, &self.device)
     }
 
     /// Token embeddings of `ids` (b, t) → (b, t, d).
@@ -218,7 +192,6 @@ impl Llama {
     ) -> candle_core::Result<Tensor> {
         let block = &self.blocks[l];
         let cfg = &self.cfg;
-        let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -226,33 +199,26 @@ impl Llama {
         );
 
         let h = rms_norm(x, &block.input_norm, cfg.rms_norm_eps)?;
-        let heads = |m: &str, n: usize| -> candle_core::Result<Tensor> {
-            block
-                .linear(m)
-                .forward(&h, ctx)?
-                .reshape((b, t, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()
+        let heads = |m: &str, n: usize, rope: Option<&Rope>| {
+            split_heads(&block.linear(m).forward(&h, ctx)?, n, rope)
         };
-        let q = apply_rope(&heads("q_proj", nh)?, &rope.cos, &rope.sin)?;
-        let k = apply_rope(&heads("k_proj", nkv)?, &rope.cos, &rope.sin)?;
-        let v = heads("v_proj", nkv)?;
+        let q = heads("q_proj", nh, Some(rope))?;
+        let k = heads("k_proj", nkv, Some(rope))?;
+        let v = heads("v_proj", nkv, None)?;
         let k = repeat_kv(k, nh / nkv)?;
         let v = repeat_kv(v, nh / nkv)?;
 
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = causal_attention_probs(&scores)?;
-        let attn = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, nh * hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = causal_attention_probs(&scores, 1.0 / (hd as f64).sqrt())?;
+        let attn = merge_heads(&probs.matmul(&v)?)?;
         let x = (x + block.linear("o_proj").forward(&attn, ctx)?)?;
 
         let h = rms_norm(&x, &block.post_attention_norm, cfg.rms_norm_eps)?;
-        let gate = block.linear("gate_proj").forward(&h, ctx)?.silu()?;
+        let gate = block.linear("gate_proj").forward(&h, ctx)?;
         let up = block.linear("up_proj").forward(&h, ctx)?;
-        let mlp = block.linear("down_proj").forward(&(gate * up)?, ctx)?;
+        let mlp = block
+            .linear("down_proj")
+            .forward(&silu_mul_op(&gate, &up)?, ctx)?;
         x + mlp
     }
 

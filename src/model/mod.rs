@@ -3,6 +3,7 @@
 pub mod bnb;
 pub mod config;
 pub mod frozen;
+pub mod heads;
 pub mod llama;
 pub mod nf4;
 pub mod ops;

@@ -176,11 +176,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op2(w, RmsNorm { eps })
 }
 
-/// Softmax over the last axis of attention scores (…, t, t) with a causal mask: row i keeps
-/// columns 0..=i, the rest is 0 (as adding −∞ before the softmax).
-struct CausalSoftmax;
+/// Softmax over the last axis of attention scores (…, t, t), scaled by `scale` first, with a
+/// causal mask: row i keeps columns 0..=i, the rest is 0 (as adding −∞ before the softmax).
+struct CausalSoftmax {
+    scale: f64,
+}
 
-fn causal_softmax<T: WithDType>(x: &[T], t: usize) -> Vec<T> {
+fn causal_softmax<T: WithDType>(x: &[T], t: usize, scale: f64) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(t)
         .zip(x.par_chunks(t))
@@ -193,7 +195,7 @@ fn causal_softmax<T: WithDType>(x: &[T], t: usize) -> Vec<T> {
                 .fold(f64::NEG_INFINITY, f64::max);
             let mut sum = 0.0;
             for (o, v) in yr[..keep].iter_mut().zip(&xr[..keep]) {
-                let e = (v.to_f64() - max).exp();
+                let e = (scale * (v.to_f64() - max)).exp();
                 sum += e;
                 *o = T::from_f64(e);
             }
@@ -211,7 +213,7 @@ impl CustomOp1 for CausalSoftmax {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let t = *xl.dims().last().unwrap_or(&1);
-        let y = per_float_dtype!(xs.dtype(), "causal-softmax", T => causal_softmax(slice::<T>(xs, xl)?, t));
+        let y = per_float_dtype!(xs.dtype(), "causal-softmax", T => causal_softmax(slice::<T>(xs, xl)?, t, self.scale));
         Ok((y, xl.shape().clone()))
     }
 
@@ -221,18 +223,23 @@ impl CustomOp1 for CausalSoftmax {
         xs: &candle_core::CudaStorage,
         xl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda::causal_softmax(xs, xl)?, xl.shape().clone()))
+        let y = crate::cuda::causal_softmax(xs, xl, self.scale)?;
+        Ok((y, xl.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad)?))
+        let grad = SoftmaxGrad { scale: self.scale };
+        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &grad)?))
     }
 }
 
-/// ∂x of a softmax from its output: `y · (dy − Σ dy·y)` per row (masked entries have y = 0).
-struct SoftmaxGrad;
+/// ∂x of a scaled softmax from its output: `scale · y · (dy − Σ dy·y)` per row (masked entries
+/// have y = 0).
+struct SoftmaxGrad {
+    scale: f64,
+}
 
-fn softmax_grad<T: WithDType>(y: &[T], dy: &[T], t: usize) -> Vec<T> {
+fn softmax_grad<T: WithDType>(y: &[T], dy: &[T], t: usize, scale: f64) -> Vec<T> {
     let mut dx = vec![T::zero(); y.len()];
     dx.par_chunks_mut(t)
         .zip(y.par_chunks(t))
@@ -244,7 +251,7 @@ fn softmax_grad<T: WithDType>(y: &[T], dy: &[T], t: usize) -> Vec<T> {
                 .map(|(a, g)| a.to_f64() * g.to_f64())
                 .sum();
             for ((o, a), g) in o.iter_mut().zip(yr).zip(gr) {
-                *o = T::from_f64(a.to_f64() * (g.to_f64() - dot));
+                *o = T::from_f64(scale * a.to_f64() * (g.to_f64() - dot));
             }
         });
     dx
@@ -263,7 +270,7 @@ impl CustomOp2 for SoftmaxGrad {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let t = *yl.dims().last().unwrap_or(&1);
-        let dx = per_float_dtype!(ys.dtype(), "softmax-grad", T => softmax_grad(slice::<T>(ys, yl)?, slice(gs, gl)?, t));
+        let dx = per_float_dtype!(ys.dtype(), "softmax-grad", T => softmax_grad(slice::<T>(ys, yl)?, slice(gs, gl)?, t, self.scale));
         Ok((dx, yl.shape().clone()))
     }
 
@@ -275,14 +282,154 @@ impl CustomOp2 for SoftmaxGrad {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            crate::cuda::softmax_grad(ys, yl, gs, gl)?,
-            yl.shape().clone(),
-        ))
+        let dx = crate::cuda::softmax_grad(ys, yl, gs, gl, self.scale)?;
+        Ok((dx, yl.shape().clone()))
     }
 }
 
-/// Causal softmax of attention scores (…, t, t).
-pub fn causal_attention_probs(scores: &Tensor) -> Result<Tensor> {
-    scores.contiguous()?.apply_op1(CausalSoftmax)
+/// Causal softmax of attention scores (…, t, t) times `scale` (1/√head_dim): the scaling is
+/// folded into the softmax's passes instead of a pass of its own, each way.
+pub fn causal_attention_probs(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax { scale })
+}
+
+/// `silu(g) · u`, the gated MLP's activation, with σ computed once per element.
+struct SiluMul;
+
+fn sigmoid(v: f64) -> f64 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+fn silu_mul<T: WithDType>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut y = vec![T::zero(); g.len()];
+    y.par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(
+            g.par_chunks(ELEMENTWISE_CHUNK)
+                .zip(u.par_chunks(ELEMENTWISE_CHUNK)),
+        )
+        .for_each(|(y, (g, u))| {
+            for ((o, gi), ui) in y.iter_mut().zip(g).zip(u) {
+                let gv = gi.to_f64();
+                *o = T::from_f64(gv * sigmoid(gv) * ui.to_f64());
+            }
+        });
+    y
+}
+
+/// Elements per parallel task of the elementwise ops.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = per_float_dtype!(gs.dtype(), "silu-mul", T => silu_mul(slice::<T>(gs, gl)?, slice(us, ul)?));
+        Ok((y, gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dg = g.apply_op3_no_bwd(u, &dy, &SiluMulGrad { of_gate: true })?;
+        let du = g.apply_op3_no_bwd(u, &dy, &SiluMulGrad { of_gate: false })?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// ∂g = dy · u · σ(g) · (1 + g · (1 − σ(g))) or ∂u = dy · silu(g).
+struct SiluMulGrad {
+    of_gate: bool,
+}
+
+fn silu_mul_grad<T: WithDType>(g: &[T], u: &[T], dy: &[T], of_gate: bool) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len()];
+    out.par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(g.par_chunks(ELEMENTWISE_CHUNK))
+        .zip(
+            u.par_chunks(ELEMENTWISE_CHUNK)
+                .zip(dy.par_chunks(ELEMENTWISE_CHUNK)),
+        )
+        .for_each(|((o, g), (u, dy))| {
+            for (((o, gi), ui), di) in o.iter_mut().zip(g).zip(u).zip(dy) {
+                let (gv, s) = (gi.to_f64(), sigmoid(gi.to_f64()));
+                *o = T::from_f64(if of_gate {
+                    di.to_f64() * ui.to_f64() * s * (1.0 + gv * (1.0 - s))
+                } else {
+                    di.to_f64() * gv * s
+                });
+            }
+        });
+    out
+}
+
+impl CustomOp3 for SiluMulGrad {
+    fn name(&self) -> &'static str {
+        "silu-mul-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = per_float_dtype!(gs.dtype(), "silu-mul-grad", T => silu_mul_grad(slice::<T>(gs, gl)?, slice(us, ul)?, slice(ds, dl)?, self.of_gate));
+        Ok((out, gl.shape().clone()))
+    }
+}
+
+/// `silu(gate) · up`: one parallel pass each way on the CPU, the composed ops elsewhere.
+pub fn silu_mul_op(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu() {
+        return gate.silu()? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The fused SwiGLU activation equals `silu(g) · u` composed, values and gradients (f64).
+    #[test]
+    fn silu_mul_equals_the_composed_form() {
+        let dev = Device::Cpu;
+        let g = Var::from_tensor(&Tensor::randn(0f64, 2.0, (3, 40_000), &dev).unwrap()).unwrap();
+        let u = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 40_000), &dev).unwrap()).unwrap();
+        let up = Tensor::randn(0f64, 1.0, (3, 40_000), &dev).unwrap();
+        let fused = silu_mul_op(g.as_tensor(), u.as_tensor()).unwrap();
+        let composed = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(max((&fused - &composed).unwrap()) < 1e-12);
+        let grads = |y: &Tensor| (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gc) = (grads(&fused), grads(&composed));
+        for v in [&g, &u] {
+            let d = (gf.get(v.as_tensor()).unwrap() - gc.get(v.as_tensor()).unwrap()).unwrap();
+            assert!(max(d) < 1e-12);
+        }
+    }
 }
