@@ -267,12 +267,19 @@ mod tests {
     #[test]
     fn fused_cross_entropy_equals_the_composed_form() {
         let dev = Device::Cpu;
-        let logits = (Tensor::randn(0f32, 3.0, (5, 1000), &dev).unwrap()).contiguous().unwrap();
+        let logits = (Tensor::randn(0f32, 3.0, (5, 1000), &dev).unwrap())
+            .contiguous()
+            .unwrap();
         let targets = Tensor::new(&[[3u32], [999], [0], [17], [3]], &dev).unwrap();
         let (lf, gf) = fused_cross_entropy(&logits, &targets, true).unwrap();
         let (lc, gc) = composed_cross_entropy(&logits, &targets, true).unwrap();
         assert!((lf - lc).abs() < 1e-4 * lc.abs(), "{lf} vs {lc}");
-        let diff = (gf.unwrap() - gc.unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (gf.unwrap() - gc.unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
         let (l_eval, none) = fused_cross_entropy(&logits, &targets, false).unwrap();
         assert!(none.is_none() && (l_eval - lf).abs() < 1e-9 * lf.abs());
