@@ -4,13 +4,10 @@
 //! draw the same one, and backward applies it again to the gradient.
 
 use super::mix_seed;
-use crate::model::ops::{per_float_dtype, slice};
+use crate::model::ops::{per_float_dtype, slice, ELEMENTWISE_CHUNK as CHUNK};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
-
-/// Elements per parallel task.
-const CHUNK: usize = 1 << 14;
 
 #[derive(Clone, Copy)]
 struct Dropout {

@@ -317,7 +317,7 @@ fn silu_mul<T: WithDType>(g: &[T], u: &[T]) -> Vec<T> {
 }
 
 /// Elements per parallel task of the elementwise ops.
-const ELEMENTWISE_CHUNK: usize = 1 << 14;
+pub(crate) const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
