@@ -44,8 +44,8 @@ impl Adapter for Lora {
         let out_dtype = x.dtype();
         let x = adapter_input(x, self.a.dtype(), self.dropout, ctx)?;
         // Scaling the rank-r intermediate instead of the output: r values a row, not `out`.
-        let down = (x.broadcast_matmul(&self.a.t()?)? * self.scaling)?;
-        down.broadcast_matmul(&self.b.t()?)?.to_dtype(out_dtype)
+        let down = (x.matmul(&self.a.t()?)? * self.scaling)?;
+        down.matmul(&self.b.t()?)?.to_dtype(out_dtype)
     }
 
     fn params(&self) -> Vec<(String, Var)> {

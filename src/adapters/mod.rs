@@ -86,7 +86,7 @@ impl Ctx {
 
 /// One adapter attached to one frozen linear.
 pub trait Adapter {
-    /// The addition to the frozen layer's output for input `x` (…, in) → (…, out).
+    /// The addition to the frozen layer's output for input rows `x` (n, in) → (n, out).
     fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor>;
 
     /// Tensors this adapter alone owns, named as in the saved file after the layer's prefix

@@ -52,10 +52,10 @@ impl Adapter for TiedLora {
     fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let out_dtype = x.dtype();
         let x = adapter_input(x, self.a.dtype(), self.dropout, ctx)?;
-        let down = x.broadcast_matmul(&self.a.t()?)?.broadcast_mul(&self.u)?;
+        let down = x.matmul(&self.a.t()?)?.broadcast_mul(&self.u)?;
         let b = self.rows_of(&self.b)?;
         let up = down
-            .broadcast_matmul(&b.t()?)?
+            .matmul(&b.t()?)?
             .broadcast_mul(&self.rows_of(&self.v)?)?;
         (up * self.scaling)?.to_dtype(out_dtype)
     }

@@ -41,8 +41,8 @@ impl Adapter for Vera {
         let out_dtype = x.dtype();
         let x = adapter_input(x, self.lambda_d.dtype(), self.dropout, ctx)?;
         let (a, b) = self.slices()?;
-        let down = x.broadcast_matmul(&a.t()?)?.broadcast_mul(&self.lambda_d)?;
-        down.broadcast_matmul(&b.t()?)?
+        let down = x.matmul(&a.t()?)?.broadcast_mul(&self.lambda_d)?;
+        down.matmul(&b.t()?)?
             .broadcast_mul(&self.lambda_b)?
             .to_dtype(out_dtype)
     }

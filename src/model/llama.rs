@@ -22,12 +22,18 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// `x` (…, in) → (…, out). Rows are flattened first so that the adapter's products are
+    /// single 2-D GEMMs (and their gradients single GEMMs, not per-batch ones summed).
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let y = self.base.forward(x)?;
-        match &self.adapter {
-            Some(a) => y + a.delta(x, ctx)?,
-            None => Ok(y),
-        }
+        let mut dims = x.dims().to_vec();
+        let x = x.flatten_to(dims.len().saturating_sub(2))?;
+        let y = self.base.forward(&x)?;
+        let y = match &self.adapter {
+            Some(a) => (y + a.delta(&x, ctx)?)?,
+            None => y,
+        };
+        *dims.last_mut().expect("x has at least one dim") = y.dim(1)?;
+        y.reshape(dims)
     }
 }
 
