@@ -8,12 +8,11 @@
 
 use crate::adapters::Ctx;
 use crate::data::batch::Batch;
-use crate::model::ops::{per_float_dtype, slice};
+use crate::model::ops::slice;
+use crate::model::vecmath::{self, Real};
 use crate::model::Llama;
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType, D,
-};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Rows of the head computed together: bounds the logits temporary (≈ 33 MB for vocab 32000
@@ -82,7 +81,7 @@ fn head_cross_entropy(
         let tc = targets.narrow(0, start, len)?;
         let logits = hd.narrow(0, start, len)?.matmul(&w.t()?)?;
         let (loss, d_logits) = if logits.device().is_cpu() {
-            fused_cross_entropy(&logits, &tc, with_grad)?
+            fused_cross_entropy(logits, &tc, with_grad)?
         } else {
             composed_cross_entropy(&logits, &tc, with_grad)?
         };
@@ -126,9 +125,9 @@ fn composed_cross_entropy(
 }
 
 /// The same in one row-parallel pass on the CPU (the composed form makes eight over the
-/// (rows × vocab) logits); the gradient overwrites a copy of the logits.
+/// (rows × vocab) logits); the gradient overwrites the logits, which are consumed.
 fn fused_cross_entropy(
-    logits: &Tensor,
+    logits: Tensor,
     targets: &Tensor,
     with_grad: bool,
 ) -> Result<(f64, Option<Tensor>)> {
@@ -136,87 +135,70 @@ fn fused_cross_entropy(
         with_grad,
         loss: std::sync::Mutex::new(0.0),
     };
-    let out = logits
-        .contiguous()?
-        .apply_op2_no_bwd(&targets.contiguous()?, &op)?;
+    let logits = logits.contiguous()?;
+    logits.inplace_op2(&targets.contiguous()?, &op)?;
     let loss = *op.loss.lock().expect("not poisoned");
-    Ok((loss, with_grad.then_some(out)))
+    Ok((loss, with_grad.then_some(logits)))
 }
 
-/// Row-wise `logsumexp(x) − x[target]` summed into `loss`; outputs `softmax(x) − onehot` when
-/// `with_grad`, else the per-row losses.
+/// Row-wise `logsumexp(x) − x[target]` summed into `loss`; with `with_grad`, `x` is
+/// overwritten with `softmax(x) − onehot(target)`.
 struct SoftmaxCrossEntropy {
     with_grad: bool,
     loss: std::sync::Mutex<f64>,
 }
 
 impl SoftmaxCrossEntropy {
-    fn run<T: WithDType>(&self, x: &[T], targets: &[u32], vocab: usize) -> Vec<T> {
-        let rows = targets.len();
-        let width = if self.with_grad { vocab } else { 1 };
-        let mut out = vec![T::zero(); rows * width];
-        let losses: Vec<f64> = out
-            .par_chunks_mut(width)
-            .zip(x.par_chunks(vocab))
+    /// In `T`'s precision, as PyTorch's f32 loss (f64 for the gradient checks).
+    fn run<T: Real>(&self, x: &mut [T], targets: &[u32], vocab: usize) {
+        let losses: Vec<f64> = x
+            .par_chunks_mut(vocab)
             .zip(targets.par_iter())
-            .map(|((o, xr), &t)| {
-                let max = xr
-                    .iter()
-                    .map(|v| v.to_f64())
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let loss = if self.with_grad {
-                    // exp(x − max) into the output, then normalised in place: one exp each.
-                    let mut sum = 0.0;
-                    for (oj, v) in o.iter_mut().zip(xr) {
-                        let e = exp::<T>(v.to_f64() - max);
-                        sum += e;
-                        *oj = T::from_f64(e);
-                    }
-                    for oj in o.iter_mut() {
-                        *oj = T::from_f64(oj.to_f64() / sum);
-                    }
-                    o[t as usize] = T::from_f64(o[t as usize].to_f64() - 1.0);
-                    max + sum.ln() - xr[t as usize].to_f64()
+            .map(|(row, &t)| {
+                let t = t as usize;
+                let (max, picked) = (vecmath::max(row), row[t]);
+                let sum = if self.with_grad {
+                    let sum = vecmath::exp_into_self(row, max);
+                    let inv = T::one() / sum;
+                    row.iter_mut().for_each(|v| *v *= inv);
+                    row[t] -= T::one();
+                    sum
                 } else {
-                    let sum: f64 = xr.iter().map(|v| exp::<T>(v.to_f64() - max)).sum();
-                    let loss = max + sum.ln() - xr[t as usize].to_f64();
-                    o[0] = T::from_f64(loss);
-                    loss
+                    vecmath::exp_sum(row, max)
                 };
-                loss
+                max.to_f64() + sum.to_f64().ln() - picked.to_f64()
             })
             .collect();
         *self.loss.lock().expect("not poisoned") = losses.iter().sum();
-        out
     }
 }
 
-/// `eᵛ` at the precision of `T`: f32's (as PyTorch's f32 loss) unless `T` is f64.
-fn exp<T: WithDType>(v: f64) -> f64 {
-    if T::DTYPE == DType::F64 {
-        v.exp()
-    } else {
-        (v as f32).exp() as f64
-    }
-}
-
-impl candle_core::CustomOp2 for SoftmaxCrossEntropy {
+impl candle_core::InplaceOp2 for SoftmaxCrossEntropy {
     fn name(&self) -> &'static str {
         "softmax-cross-entropy"
     }
 
     fn cpu_fwd(
         &self,
-        xs: &CpuStorage,
+        xs: &mut CpuStorage,
         xl: &Layout,
         ts: &CpuStorage,
         tl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (rows, vocab) = xl.shape().dims2()?;
+    ) -> Result<()> {
+        let (_, vocab) = xl.shape().dims2()?;
         let targets = slice::<u32>(ts, tl)?;
-        let out = per_float_dtype!(xs.dtype(), "softmax-cross-entropy", T => self.run(slice::<T>(xs, xl)?, targets, vocab));
-        let width = if self.with_grad { vocab } else { 1 };
-        Ok((out, Shape::from((rows, width))))
+        let Some((start, end)) = xl.contiguous_offsets() else {
+            candle_core::bail!("softmax-cross-entropy: logits must be contiguous")
+        };
+        match xs {
+            CpuStorage::F32(x) => self.run(&mut x[start..end], targets, vocab),
+            CpuStorage::F64(x) => self.run(&mut x[start..end], targets, vocab),
+            other => candle_core::bail!(
+                "softmax-cross-entropy: unsupported dtype {:?}",
+                other.dtype()
+            ),
+        }
+        Ok(())
     }
 }
 
@@ -271,7 +253,7 @@ mod tests {
             .contiguous()
             .unwrap();
         let targets = Tensor::new(&[[3u32], [999], [0], [17], [3]], &dev).unwrap();
-        let (lf, gf) = fused_cross_entropy(&logits, &targets, true).unwrap();
+        let (lf, gf) = fused_cross_entropy(logits.copy().unwrap(), &targets, true).unwrap();
         let (lc, gc) = composed_cross_entropy(&logits, &targets, true).unwrap();
         assert!((lf - lc).abs() < 1e-4 * lc.abs(), "{lf} vs {lc}");
         let diff = (gf.unwrap() - gc.unwrap())
@@ -281,7 +263,7 @@ mod tests {
             .max_all()
             .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
-        let (l_eval, none) = fused_cross_entropy(&logits, &targets, false).unwrap();
+        let (l_eval, none) = fused_cross_entropy(logits, &targets, false).unwrap();
         assert!(none.is_none() && (l_eval - lf).abs() < 1e-9 * lf.abs());
     }
 }

@@ -8,6 +8,7 @@ pub mod llama;
 pub mod nf4;
 pub mod ops;
 pub mod preset;
+pub(crate) mod vecmath;
 pub mod weights;
 
 pub use config::LlamaConfig;
