@@ -9,7 +9,7 @@
 use crate::adapters::Ctx;
 use crate::data::batch::Batch;
 use crate::model::ops::slice;
-use crate::model::vecmath::{self, Real};
+use crate::model::vecmath::{self, with_avx2, Real};
 use crate::model::Llama;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, D};
@@ -154,23 +154,30 @@ impl SoftmaxCrossEntropy {
         let losses: Vec<f64> = x
             .par_chunks_mut(vocab)
             .zip(targets.par_iter())
-            .map(|(row, &t)| {
-                let t = t as usize;
-                let (max, picked) = (vecmath::max(row), row[t]);
-                let sum = if self.with_grad {
-                    let sum = vecmath::exp_into_self(row, max);
-                    let inv = T::one() / sum;
-                    row.iter_mut().for_each(|v| *v *= inv);
-                    row[t] -= T::one();
-                    sum
-                } else {
-                    vecmath::exp_sum(row, max)
-                };
-                max.to_f64() + sum.to_f64().ln() - picked.to_f64()
-            })
+            .map(|(row, &t)| row_cross_entropy(row, t as usize, self.with_grad))
             .collect();
         *self.loss.lock().expect("not poisoned") = losses.iter().sum();
     }
+}
+
+with_avx2! {
+    /// `logsumexp(x) − x[t]` of one row; with `with_grad`, `x ← softmax(x) − onehot(t)`.
+    fn row_cross_entropy<T: Real>(row: &mut [T], t: usize, with_grad: bool) -> f64 = row_cross_entropy_portable
+}
+
+#[inline(always)]
+fn row_cross_entropy_portable<T: Real>(row: &mut [T], t: usize, with_grad: bool) -> f64 {
+    let (max, picked) = (vecmath::max(row), row[t]);
+    let sum = if with_grad {
+        let sum = vecmath::exp_into_self(row, max);
+        let inv = T::one() / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+        row[t] -= T::one();
+        sum
+    } else {
+        vecmath::exp_sum(row, max)
+    };
+    max.to_f64() + sum.to_f64().ln() - picked.to_f64()
 }
 
 impl candle_core::InplaceOp2 for SoftmaxCrossEntropy {

@@ -39,6 +39,40 @@ impl Real for f64 {
     }
 }
 
+/// A storage type and the precision its kernels compute in: f64 for f64, f32 for the
+/// others (as PyTorch computes bf16 and f16 on the CPU).
+pub(crate) trait Computed: WithDType {
+    type In: Real;
+    fn up(self) -> Self::In;
+    fn down(v: Self::In) -> Self;
+}
+
+macro_rules! computed {
+    ($t:ty, $in:ty, $up:expr, $down:expr) => {
+        impl Computed for $t {
+            type In = $in;
+            #[inline(always)]
+            fn up(self) -> $in {
+                $up(self)
+            }
+            #[inline(always)]
+            fn down(v: $in) -> $t {
+                $down(v)
+            }
+        }
+    };
+}
+computed!(f32, f32, |v| v, |v| v);
+computed!(f64, f64, |v| v, |v| v);
+computed!(half::bf16, f32, half::bf16::to_f32, half::bf16::from_f32);
+computed!(half::f16, f32, half::f16::to_f32, half::f16::from_f32);
+
+/// 1 / (1 + e⁻ᵛ).
+#[inline(always)]
+pub(crate) fn sigmoid<R: Real>(v: R) -> R {
+    R::one() / (R::one() + (R::zero() - v).exp())
+}
+
 /// ln 2 in two parts: `n · LN2_HI` is exact for the |n| ≤ 128 used here.
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
@@ -83,6 +117,7 @@ fn pow2(k: i32) -> f32 {
 }
 
 /// The largest element (NaN if any is NaN); −∞ for an empty row.
+#[inline(always)]
 pub(crate) fn max<T: Real>(x: &[T]) -> T {
     let mut acc = [T::from_f64(f64::NEG_INFINITY); LANES];
     let chunks = x.chunks_exact(LANES);
@@ -98,13 +133,46 @@ pub(crate) fn max<T: Real>(x: &[T]) -> T {
     acc.into_iter().fold(acc[0], T::max_nan)
 }
 
+/// Defines `fn $name` that runs the `#[inline(always)]` kernel `$portable` compiled for
+/// AVX2's 8-wide registers when the CPU has them (the default x86-64 target has only
+/// SSE2's 4-wide ones), and as it is otherwise.
+macro_rules! with_avx2 {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),*) -> $ret:ty = $portable:path) => {
+        $(#[$doc])*
+        $vis fn $name<$t: $bound>($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2<$t: $bound>($($arg: $ty),*) -> $ret {
+                    $portable($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2.
+                return unsafe { avx2($($arg),*) };
+            }
+            $portable($($arg),*)
+        }
+    };
+}
+pub(crate) use with_avx2;
+
 /// `x ← exp(x − shift)` element-wise; returns the new Σ x.
+#[inline(always)]
 pub(crate) fn exp_into_self<T: Real>(x: &mut [T], shift: T) -> T {
     x.iter_mut().for_each(|v| *v = (*v - shift).exp());
     sum(x)
 }
 
+/// `x ← softmax(scale · x)`.
+#[inline(always)]
+pub(crate) fn softmax_in_place<T: Real>(x: &mut [T], scale: T) {
+    let max = max(x);
+    x.iter_mut().for_each(|v| *v = scale * (*v - max));
+    let inv = T::one() / exp_into_self(x, T::zero());
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// Σ x.
+#[inline(always)]
 pub(crate) fn sum<T: Real>(x: &[T]) -> T {
     let mut acc = [T::zero(); LANES];
     let chunks = x.chunks_exact(LANES);
@@ -121,6 +189,7 @@ pub(crate) fn sum<T: Real>(x: &[T]) -> T {
 }
 
 /// Σ exp(x − shift), nothing written.
+#[inline(always)]
 pub(crate) fn exp_sum<T: Real>(x: &[T], shift: T) -> T {
     let mut acc = [T::zero(); LANES];
     let chunks = x.chunks_exact(LANES);
