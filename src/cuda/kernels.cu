@@ -4,6 +4,7 @@
 // CPU op of the same name: same formula, f32 (f64 for double) accumulation.
 
 typedef unsigned char u8;
+typedef unsigned int u32;
 typedef unsigned long long u64;
 
 // bfloat16 kept as its bits; arithmetic happens in float.
@@ -134,22 +135,29 @@ __device__ void softmax_grad(const T* y, const T* dy, T* dx, int t, double scale
             Num<T>::put((A)scale * Num<T>::get(y[row + i]) * (Num<T>::get(dy[row + i]) - dot));
 }
 
-// SplitMix64-style finaliser of (a, b): the same function as adapters::mix_seed.
-__device__ __forceinline__ u64 mix_seed(u64 a, u64 b) {
-    u64 z = a ^ ((b + 0x9e3779b97f4a7c15ull) * 0xbf58476d1ce4e5b9ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+// The same functions as adapters::dropout's lowbias32 and element_hash.
+__device__ __forceinline__ u32 lowbias32(u32 x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
 }
 
-// Inverted dropout: element i is zeroed when mix_seed(seed, i) < threshold, else scaled.
+__device__ __forceinline__ u32 element_hash(u64 seed, u64 i) {
+    u32 h = lowbias32((u32)i ^ (u32)seed);
+    return lowbias32(h ^ (u32)(i >> 32) ^ (u32)(seed >> 32));
+}
+
+// Inverted dropout: element i is multiplied by 0 when element_hash(seed, i) < threshold, else
+// by scale (a product, so a dropped NaN stays NaN, as on the CPU).
 template <typename T>
-__device__ void dropout(const T* x, T* y, u64 n, u64 seed, u64 threshold, T scale) {
+__device__ void dropout(const T* x, T* y, u64 n, u64 seed, u32 threshold, T scale) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x) {
-        y[i] = mix_seed(seed, i) < threshold
-                   ? Num<T>::put(0)
-                   : Num<T>::put(Num<T>::get(x[i]) * Num<T>::get(scale));
+        typedef typename Num<T>::Acc A;
+        A keep = element_hash(seed, i) < threshold ? A(0) : Num<T>::get(scale);
+        y[i] = Num<T>::put(Num<T>::get(x[i]) * keep);
     }
 }
 
@@ -195,7 +203,7 @@ __device__ void nf4_dequantize(const u8* packed, const u8* absmax_codes, const f
         softmax_grad(y, dy, dx, t, scale);                                                         \
     }                                                                                              \
     extern "C" __global__ void dropout_##NAME(const T* x, T* y, u64 n, u64 seed,              \
-                                              u64 threshold, T scale) {                            \
+                                              u32 threshold, T scale) {                            \
         dropout(x, y, n, seed, threshold, scale);                                                  \
     }                                                                                              \
     extern "C" __global__ void nf4_dequantize_##NAME(const u8* packed, const u8* absmax_codes,    \

@@ -224,12 +224,12 @@ pub fn softmax_grad(
     })
 }
 
-/// `x · mask` with element i dropped when `mix_seed(seed, i) < threshold`, else scaled.
+/// `x · mask` with element i dropped when `element_hash(seed, i) < threshold`, else scaled.
 pub fn dropout(
     x: &CudaStorage,
     xl: &Layout,
     seed: u64,
-    threshold: u64,
+    threshold: u32,
     scale: f32,
 ) -> Result<CudaStorage> {
     let dev = x.device();
