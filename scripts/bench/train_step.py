@@ -42,8 +42,10 @@ steps = {steps}
 batch_size = {batch}
 gradient_checkpointing = {str(checkpointing).lower()}
 """)
-    subprocess.run([os.path.join(ROOT, "target/release/prolora"), "train", "--config", cfg,
-                    "--overwrite", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run([os.path.join(ROOT, "target/release/prolora"), "train", "--config", cfg,
+                           "--overwrite", "--quiet"], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"prolora train failed:\n{done.stderr}")
     lines = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if l.strip()]
     steps_ = [l for l in lines if "loss" in l]
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps_, steps_[1:])][1:]
