@@ -2,7 +2,7 @@
 linears) on a transformers model dir, AdamW, batches of 4 open-instruct-encoded chat examples.
 Prints one JSON line: median step time (s), peak RSS (MiB), label fraction.
 
-    python scripts/peers/lora_step.py MODEL_DIR DATA.jsonl [--steps 12 --seq 128 --batch 4 --checkpointing]
+    python scripts/peers/lora_step.py MODEL_DIR DATA.jsonl [--steps 12 --seq 128 --batch 4 --checkpointing --nf4]
 """
 import argparse
 import json
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--timed-from", type=int, default=2, help="steps before this one are warm-up")
     ap.add_argument("--nf4", action="store_true", help="base in NF4 + double quant (bitsandbytes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # torch counts physical cores; candle every logical one
@@ -71,7 +72,7 @@ def main():
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
     print(json.dumps({
-        "step_s": statistics.median(times[2:]),
+        "step_s": statistics.median(times[args.timed_from:]),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "label_fraction": labelled / total,
         "threads": torch.get_num_threads(),
