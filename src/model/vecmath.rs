@@ -15,7 +15,7 @@ pub(crate) trait Real: WithDType {
     /// The larger of two values; NaN wins, so a poisoned row stays poisoned.
     #[inline(always)]
     fn max_nan(self, other: Self) -> Self {
-        if self > other || self != self {
+        if self > other || self.to_f64().is_nan() {
             self
         } else {
             other
@@ -87,7 +87,7 @@ const MAX: f32 = 88.722_84;
 /// NaN in → NaN out.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
-    let xc = x.max(MIN).min(MAX);
+    let xc = x.clamp(MIN, MAX);
     let t = xc * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
@@ -96,7 +96,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // 2ⁿ in two factors: n reaches 128, whose power alone is not an f32.
     let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
