@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from train_step import ROOT, write_config  # noqa: E402
 STEPS = 3
 
 
@@ -49,28 +50,7 @@ def watched(cmd, limit_mib):
 def ours(model, data, checkpointing, work, limit_mib):
     run = os.path.join(work, "run")
     cfg = os.path.join(work, "bench7b.toml")
-    with open(cfg, "w") as f:
-        f.write(f"""seed = 1
-output_dir = "{run}"
-[model]
-source = "{model}"
-quantize = "nf4"
-double_quant = true
-dtype = "f32"
-[adapter]
-rank = 8
-alpha = 16
-dropout = 0.1
-[data]
-train = "{data}"
-max_seq_len = 128
-[optim]
-lr = 1e-4
-[train]
-steps = {STEPS}
-batch_size = 1
-gradient_checkpointing = {str(checkpointing).lower()}
-""")
+    write_config(cfg, run, model, data, STEPS, 128, 1, checkpointing, nf4=True)
     _, peak, stopped = watched([os.path.join(ROOT, "target/release/prolora"), "train", "--config",
                                 cfg, "--overwrite", "--quiet"], limit_mib)
     if stopped:

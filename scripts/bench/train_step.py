@@ -19,10 +19,9 @@ import tempfile
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def ours(model, data, steps, seq, batch, checkpointing, workdir, nf4):
-    run = os.path.join(workdir, "run")
-    cfg = os.path.join(workdir, "bench.toml")
-    with open(cfg, "w") as f:
+def write_config(path, run, model, data, steps, seq, batch, checkpointing, nf4):
+    """The `prolora train` config both benchmarks run: LoRA r 8, alpha 16, dropout 0.1."""
+    with open(path, "w") as f:
         f.write(f"""seed = 1
 output_dir = "{run}"
 [model]
@@ -42,6 +41,12 @@ steps = {steps}
 batch_size = {batch}
 gradient_checkpointing = {str(checkpointing).lower()}
 """)
+
+
+def ours(model, data, steps, seq, batch, checkpointing, workdir, nf4):
+    run = os.path.join(workdir, "run")
+    cfg = os.path.join(workdir, "bench.toml")
+    write_config(cfg, run, model, data, steps, seq, batch, checkpointing, nf4)
     done = subprocess.run([os.path.join(ROOT, "target/release/prolora"), "train", "--config", cfg,
                            "--overwrite", "--quiet"], capture_output=True, text=True)
     if done.returncode != 0:
