@@ -6,10 +6,11 @@
 //! temporary of the input's dtype for each GEMM (forward, and again in backward), so only the
 //! layer being computed ever has a full-precision copy.
 
-use super::nf4::{Absmax, Nf4Out, Nf4Tensor};
+use super::nf4::{Absmax, Nf4Out, Nf4Tensor, BLOCK};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// `x (n, h) · wᵀ` for `w (o, h)`, with no weight gradient.
@@ -160,22 +161,15 @@ impl CustomOp1 for Nf4Matmul {
         let Nf4Codes::Host(q) = &*self.w else {
             candle_core::bail!("4-bit linear: the weight is on the GPU, the input on the CPU");
         };
-        fn deq<T: Nf4Out + Default + Clone>(w: &Nf4Tensor) -> Vec<T> {
-            let mut v = vec![T::default(); w.elem_count()];
-            w.dequantize_into(&mut v);
-            v
-        }
-        let w = match x {
-            CpuStorage::F32(_) => CpuStorage::F32(deq::<f32>(q)),
-            CpuStorage::F64(_) => CpuStorage::F64(deq::<f64>(q)),
-            CpuStorage::BF16(_) => CpuStorage::BF16(deq::<bf16>(q)),
-            CpuStorage::F16(_) => CpuStorage::F16(deq::<f16>(q)),
+        match x {
+            CpuStorage::F32(_) => tiled::<f32>(q, self.product, x, layout, TILE_ELEMS),
+            CpuStorage::F64(_) => tiled::<f64>(q, self.product, x, layout, TILE_ELEMS),
+            CpuStorage::BF16(_) => tiled::<bf16>(q, self.product, x, layout, TILE_ELEMS),
+            CpuStorage::F16(_) => tiled::<f16>(q, self.product, x, layout, TILE_ELEMS),
             other => {
                 candle_core::bail!("4-bit linear: unsupported input dtype {:?}", other.dtype())
             }
-        };
-        self.product
-            .apply(x, layout, &w, &Layout::contiguous(self.w.shape()))
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -227,6 +221,90 @@ impl CustomOp1 for Nf4Matmul {
         Ok(Some(grad_y.contiguous()?.apply_op1(op)?))
     }
 }
+
+/// Weight elements dequantized at a time on the CPU (16 MB in f32): a tile stays in the
+/// last-level cache for its GEMM, where a whole f32 weight (180 MB for a 7B MLP matrix) went
+/// out to memory and was read back.
+const TILE_ELEMS: usize = 1 << 22;
+
+/// `product` of `x` with the NF4 weight `q (o, h)`, dequantized a tile at a time: the forward
+/// `x Wᵀ` takes whole rows of W (output columns of y), the input gradient `g W` whole block
+/// columns of W (output columns of dx); each tile's GEMM writes its own columns, so nothing
+/// is summed across tiles. Rows that are not whole quantization blocks dequantize whole.
+fn tiled<T: TileBuffer>(
+    q: &Nf4Tensor,
+    product: Product,
+    xs: &CpuStorage,
+    x_layout: &Layout,
+    tile_elems: usize,
+) -> Result<(CpuStorage, Shape)> {
+    let (o, h) = (q.shape[0], q.shape[1]);
+    let n = x_layout.shape().dims2()?.0;
+    let (along, out_width) = match product {
+        Product::XWt => (o, o),
+        Product::GW => (h, h),
+    };
+    let step = match product {
+        _ if h % BLOCK != 0 => along,
+        Product::XWt => (tile_elems / h).max(1),
+        Product::GW => (tile_elems / o / BLOCK).max(1) * BLOCK,
+    }
+    .min(along);
+    let absmax = if step < along {
+        q.absmax_f32()
+    } else {
+        Vec::new()
+    };
+    let mut w = T::to_cpu_storage_owned(Vec::new());
+    let mut y = Vec::new();
+    for first in (0..along).step_by(step) {
+        let len = step.min(along - first);
+        let (rows, cols) = match product {
+            Product::XWt => (first..first + len, 0..h),
+            Product::GW => (0..o, first..first + len),
+        };
+        let shape = (rows.len(), cols.len());
+        let tile = T::buffer(&mut w);
+        tile.resize(shape.0 * shape.1, T::default());
+        if step == along {
+            q.dequantize_into(tile);
+        } else {
+            q.dequantize_tile_into(rows, cols, &absmax, tile);
+        }
+        let (part, part_shape) = product.apply(xs, x_layout, &w, &Layout::contiguous(shape))?;
+        if step == along {
+            return Ok((part, part_shape));
+        }
+        y.resize(n * out_width, T::default());
+        y.par_chunks_mut(out_width)
+            .zip(T::cpu_storage_as_slice(&part)?.par_chunks(len))
+            .for_each(|(yr, pr)| yr[first..first + len].copy_from_slice(pr));
+    }
+    Ok((T::to_cpu_storage_owned(y), Shape::from((n, out_width))))
+}
+
+/// The element types a tile is dequantized to, and their buffer inside a `CpuStorage` (so
+/// one buffer serves every tile of a call).
+trait TileBuffer: Nf4Out + candle_core::WithDType + Default {
+    fn buffer(s: &mut CpuStorage) -> &mut Vec<Self>;
+}
+
+macro_rules! tile_buffer {
+    ($t:ty, $variant:ident) => {
+        impl TileBuffer for $t {
+            fn buffer(s: &mut CpuStorage) -> &mut Vec<$t> {
+                match s {
+                    CpuStorage::$variant(v) => v,
+                    _ => unreachable!("the buffer was made from this type"),
+                }
+            }
+        }
+    };
+}
+tile_buffer!(f32, F32);
+tile_buffer!(f64, F64);
+tile_buffer!(bf16, BF16);
+tile_buffer!(f16, F16);
 
 /// The frozen weight: full precision, or 4-bit codes that are dequantized per use.
 #[derive(Clone, Debug)]
@@ -290,5 +368,41 @@ impl FrozenLinear {
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("x has at least one dim") = self.dims().0;
         y.reshape(out_dims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small tiles (uneven last ones, both products) give what one whole-weight GEMM gives.
+    #[test]
+    fn tiles_equal_the_whole_weight() {
+        let (o, h, n) = (96, 192, 5);
+        let w: Vec<f32> = (0..o * h)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        let q = Nf4Tensor::quantize("w", &w, &[o, h], true).unwrap();
+        for (product, k) in [(Product::XWt, h), (Product::GW, o)] {
+            let x: Vec<f64> = (0..n * k)
+                .map(|i| ((i * 13 % 29) as f64 - 14.0) / 9.0)
+                .collect();
+            let run = |tile_elems| {
+                let xs = CpuStorage::F64(x.clone());
+                let (y, shape) =
+                    tiled::<f64>(&q, product, &xs, &Layout::contiguous((n, k)), tile_elems)
+                        .unwrap();
+                (y.as_slice::<f64>().unwrap().to_vec(), shape)
+            };
+            let (whole, shape) = run(usize::MAX);
+            let (tiles, tiled_shape) = run(1000);
+            assert_eq!(shape, tiled_shape);
+            let worst = whole
+                .iter()
+                .zip(&tiles)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(worst < 1e-12, "{worst}");
+        }
     }
 }

@@ -142,6 +142,29 @@ impl Nf4Out for f16 {
 /// Blocks handed to one rayon task: big enough to amortise scheduling, small enough to balance.
 const BLOCKS_PER_TASK: usize = 1024;
 
+/// Whole blocks: `out[i] = NF4[code i] · absmax[i / BLOCK]`, codes two to a byte, high first.
+/// One table lookup gives both values of a byte; no per-element branch.
+fn dequantize_blocks<T: Nf4Out>(bytes: &[u8], amax: &[f32], out: &mut [T]) {
+    for ((o, b), &a) in out.chunks_mut(BLOCK).zip(bytes.chunks(BLOCK / 2)).zip(amax) {
+        for (o2, &byte) in o.chunks_exact_mut(2).zip(b) {
+            let [hi, lo] = NF4_PAIRS[byte as usize];
+            o2[0] = T::from_f32(hi * a);
+            o2[1] = T::from_f32(lo * a);
+        }
+    }
+}
+
+/// Both NF4 values of each byte.
+static NF4_PAIRS: [[f32; 2]; 256] = {
+    let mut t = [[0f32; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = [NF4[b >> 4], NF4[b & 15]];
+        b += 1;
+    }
+    t
+};
+
 impl Nf4Tensor {
     /// Quantizes `x` (row-major, `shape`); `name` is for errors. Non-finite values are an error:
     /// they would silently poison a whole block.
@@ -227,27 +250,13 @@ impl Nf4Tensor {
     pub fn dequantize_into<T: Nf4Out>(&self, out: &mut [T]) {
         let n = self.elem_count();
         assert_eq!(out.len(), n, "dequantize_into: output of the tensor's size");
-        // One table lookup gives both values of a byte; times the block's scale.
-        let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [NF4[b >> 4], NF4[b & 15]]);
         let absmax = self.absmax_f32();
         let full = n / BLOCK;
         let (head, tail) = out.split_at_mut(full * BLOCK);
         head.par_chunks_mut(BLOCK * BLOCKS_PER_TASK)
             .zip(self.packed[..full * BLOCK / 2].par_chunks(BLOCK / 2 * BLOCKS_PER_TASK))
             .zip(absmax[..full].par_chunks(BLOCKS_PER_TASK))
-            .for_each(|((out, bytes), amax)| {
-                for ((o, b), &a) in out
-                    .chunks_exact_mut(BLOCK)
-                    .zip(bytes.chunks_exact(BLOCK / 2))
-                    .zip(amax)
-                {
-                    for (o2, &byte) in o.chunks_exact_mut(2).zip(b) {
-                        let [hi, lo] = pairs[byte as usize];
-                        o2[0] = T::from_f32(hi * a);
-                        o2[1] = T::from_f32(lo * a);
-                    }
-                }
-            });
+            .for_each(|((out, bytes), amax)| dequantize_blocks(bytes, amax, out));
         // The partial last block, if any.
         for (i, o) in tail.iter_mut().enumerate() {
             let k = full * BLOCK + i;
@@ -255,6 +264,36 @@ impl Nf4Tensor {
             let code = if k % 2 == 0 { byte >> 4 } else { byte & 15 };
             *o = T::from_f32(NF4[code as usize] * absmax[full]);
         }
+    }
+
+    /// Dequantizes the tile `rows × cols` of a 2-D tensor whose rows are whole blocks into
+    /// `out` (row-major); `cols` starts and ends on block boundaries. `absmax` is
+    /// `absmax_f32()`, computed once by the caller.
+    pub fn dequantize_tile_into<T: Nf4Out>(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        absmax: &[f32],
+        out: &mut [T],
+    ) {
+        let h = self.shape[self.shape.len() - 1];
+        let whole = |v: usize| v % BLOCK == 0;
+        assert!(
+            whole(h) && whole(cols.start) && whole(cols.end),
+            "whole blocks only"
+        );
+        let width = cols.len();
+        assert_eq!(
+            out.len(),
+            rows.len() * width,
+            "dequantize_tile_into: output of the tile's size"
+        );
+        out.par_chunks_mut(width).zip(rows).for_each(|(row, r)| {
+            let first = r * h + cols.start;
+            let bytes = &self.packed[first / 2..(first + width) / 2];
+            let amax = &absmax[first / BLOCK..(first + width) / BLOCK];
+            dequantize_blocks(bytes, amax, row);
+        });
     }
 
     /// The dequantized tensor in `dtype` (f32, f64, bf16 or f16).
