@@ -3,8 +3,8 @@
 //! candle's own matmul backward always computes (and keeps) `dW`, a wasted GEMM and a
 //! weight-sized buffer per layer when `W` is frozen. Routing every frozen matmul through
 //! this op removes both. A 4-bit (NF4) weight is the second variant: it is dequantized into a
-//! temporary of the input's dtype for each GEMM (forward, and again in backward), so only the
-//! layer being computed ever has a full-precision copy.
+//! temporary of the input's dtype for each GEMM (forward, and again in backward) — on the CPU
+//! a cache-sized tile at a time, on a GPU whole — so no full-precision copy outlives its use.
 
 use super::nf4::{Absmax, Nf4Out, Nf4Tensor, BLOCK};
 use candle_core::backend::BackendStorage;
