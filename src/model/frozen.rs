@@ -249,7 +249,7 @@ fn tiled<T: TileBuffer>(
         Product::XWt => (tile_elems / h).max(1),
         Product::GW => (tile_elems / o / BLOCK).max(1) * BLOCK,
     }
-    .min(along);
+    .clamp(1, along.max(1));
     let absmax = if step < along {
         q.absmax_f32()
     } else {
