@@ -7,7 +7,8 @@
 //! Each prints one markdown table row per measurement.
 
 use candle_core::{DType, Device};
-use prolora::adapters::{AdapterConfig, AdapterSet, Ctx};
+use prolora::adapters::{AdapterConfig, AdapterSet};
+use prolora::ctx::Ctx;
 use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
 use prolora::model::nf4::{Nf4Tensor, Quantization};
@@ -92,7 +93,7 @@ fn attach_lora(model: &mut Llama) -> AdapterSet {
     };
     let mut rng = StdRng::seed_from_u64(1);
     let set = AdapterSet::new(&adapter, &model.cfg, DType::F32, &Device::Cpu, &mut rng).unwrap();
-    model.attach(&set);
+    set.attach_to(model);
     set
 }
 
@@ -122,7 +123,7 @@ fn train_step(
     checkpointing: bool,
 ) -> f64 {
     let t = Instant::now();
-    let vars: Vec<_> = set.trainable().into_iter().map(|(_, v)| v).collect();
+    let vars: Vec<_> = set.trainable().into_iter().map(|(_, v, _)| v).collect();
     let mut grads: Grads = vec![None; vars.len()];
     let labels = batch.label_tokens() as f64;
     accumulate_grads(
@@ -141,10 +142,7 @@ fn train_step(
 
 fn optimizer(set: &AdapterSet) -> AdamW {
     AdamW::new(
-        set.trainable()
-            .into_iter()
-            .map(|(k, v)| (k, v, 1.0))
-            .collect(),
+        set.trainable(),
         AdamWParams {
             beta1: 0.9,
             beta2: 0.999,

@@ -4,8 +4,9 @@
 //!     cargo run --release --example prolora_forwards [tokens] [h] [o]
 
 use candle_core::{DType, Device, Tensor};
-use prolora::adapters::prolora::{Options, Prolora};
-use prolora::adapters::{Adapter, AdapterConfig, AdapterKind, Ctx, ProloraForward, Target};
+use prolora::adapters::{Adapter, AdapterConfig, Prolora, ProloraConfig, ProloraForward, Target};
+use prolora::ctx::Ctx;
+use prolora::model::llama::Delta;
 use rand::SeedableRng;
 use std::time::Instant;
 
@@ -25,25 +26,21 @@ fn main() -> anyhow::Result<()> {
     };
     let x = Tensor::randn(0f32, 1.0, (tokens, h), &Device::Cpu)?;
     let build = |forward| -> anyhow::Result<Prolora> {
-        let cfg = AdapterConfig {
-            kind: AdapterKind::Prolora,
-            rank: 8,
-            unshared_rank: Some(1),
-            sharing_rate_a: Some(7),
-            forward: Some(forward),
+        let opts = ProloraConfig {
+            unshared_rank: 1,
+            sharing_rate_a: 7,
+            forward,
             ..Default::default()
         };
+        let cfg = AdapterConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            ..AdapterConfig::of(opts.clone())
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let p = Prolora::init(
-            &Options::from_config(&cfg)?,
-            &target,
-            16.0,
-            0.0,
-            DType::F32,
-            &Device::Cpu,
-            &mut rng,
-        )?;
-        for (_, v) in p.params() {
+        let p = Prolora::init(&opts, &cfg, &target, DType::F32, &Device::Cpu, &mut rng)?;
+        for v in p.params().into_iter().map(|p| p.var) {
             v.set(&Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu)?)?;
         }
         Ok(p)

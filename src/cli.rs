@@ -1,7 +1,6 @@
 //! The command line: one subcommand per user verb.
 
-use crate::adapters::tied_lora::TIED_MODULES;
-use crate::adapters::{peft, AdapterConfig, AdapterKind, Axis};
+use crate::adapters::peft;
 use crate::config::RunConfig;
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Message, Role};
 use crate::data::convert::{prepare, Format};
@@ -153,30 +152,22 @@ pub struct ParamsArgs {
     /// A preset (tiny, llama2-7b, llama2-13b, llama2-70b), a local directory or a Hub repo id.
     #[arg(long, required_unless_present = "paper_tables")]
     pub model: Option<String>,
+    /// Hub revision: branch, tag or commit.
     #[arg(long, default_value = "main")]
     pub revision: String,
-    /// lora, prolora, vera or tied-lora.
+    /// The adapter method: lora, prolora, vera or tied-lora.
     #[arg(long, required_unless_present = "paper_tables")]
-    pub adapter: Option<String>,
+    pub method: Option<String>,
     /// Total rank r.
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
-    /// PRoLoRA: unshared rank u (default 1).
-    #[arg(long)]
-    pub unshared: Option<usize>,
-    /// PRoLoRA: sharing rate m of A (default 7).
-    #[arg(long)]
-    pub sharing: Option<usize>,
-    /// PRoLoRA: sharing rate n of B (default: --sharing).
-    #[arg(long)]
-    pub sharing_b: Option<usize>,
-    /// PRoLoRA: cut the chunks along `hidden` (default) or `rank`.
-    #[arg(long)]
-    pub share_axis: Option<String>,
-    /// Comma-separated linears (default: all seven; q,k,v for tied-lora).
+    /// Comma-separated linears (default: the method's, all seven or q,k,v for tied-lora).
     #[arg(long, value_delimiter = ',')]
     pub targets: Option<Vec<String>>,
-    /// Print one JSON object.
+    /// A method option as in a run config, e.g. --set adapter.unshared_rank=1 (repeatable).
+    #[arg(long = "set", value_name = "adapter.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
     /// Print the paper's Table 1 and Table 2 parameter column, computed here.
@@ -340,42 +331,11 @@ fn params(args: ParamsArgs) -> Result<()> {
         print!("{}", crate::params::paper_tables()?);
         return Ok(());
     }
-    let (Some(model), Some(adapter)) = (&args.model, &args.adapter) else {
-        bail!("--model and --adapter are required (or pass --paper-tables)");
+    let (Some(model), Some(method)) = (&args.model, &args.method) else {
+        bail!("--model and --method are required (or pass --paper-tables)");
     };
-    let kind = AdapterKind::parse(adapter)?;
-    let is_prolora = kind == AdapterKind::Prolora;
-    let targets = match (&args.targets, kind) {
-        (Some(t), _) => t.clone(),
-        (None, AdapterKind::TiedLora) => TIED_MODULES.map(String::from).to_vec(),
-        (None, _) => AdapterConfig::default().targets,
-    };
-    let share_axis = match args.share_axis.as_deref() {
-        None => None,
-        Some("hidden") => Some(Axis::Hidden),
-        Some("rank") => Some(Axis::Rank),
-        Some(other) => bail!("--share-axis {other:?}: use hidden or rank"),
-    };
-    for (flag, set) in [
-        ("--unshared", args.unshared.is_some()),
-        ("--sharing", args.sharing.is_some()),
-        ("--sharing-b", args.sharing_b.is_some()),
-        ("--share-axis", share_axis.is_some()),
-    ] {
-        if set && !is_prolora {
-            bail!("{flag} applies to --adapter prolora only");
-        }
-    }
-    let cfg = AdapterConfig {
-        kind,
-        rank: args.rank,
-        targets,
-        unshared_rank: args.unshared,
-        sharing_rate_a: args.sharing,
-        sharing_rate_b: args.sharing_b,
-        share_axis,
-        ..Default::default()
-    };
+    let cfg =
+        crate::params::adapter_config(method, args.rank, args.targets.clone(), &args.overrides)?;
     let (name, shapes) = ModelSource::resolve_shapes(model, &args.revision)?;
     let report = crate::params::report(&name, &shapes, &cfg)?;
     if args.json {

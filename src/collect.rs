@@ -32,7 +32,12 @@ fn setting_key(run: &Run) -> String {
 
 fn setting_label(run: &Run) -> String {
     let c = &run.config;
-    format!("{} r{} lr {:e}", c.adapter.kind, c.adapter.rank, c.optim.lr)
+    format!(
+        "{} r{} lr {:e}",
+        c.adapter.kind(),
+        c.adapter.rank,
+        c.optim.lr
+    )
 }
 
 /// The tables for every run under `root`, as markdown or CSV.

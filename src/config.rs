@@ -335,7 +335,7 @@ impl RunConfig {
 
 /// Sets `a.b.c = value` in `table`; the key must name a known section path (typos are caught
 /// by the struct's unknown-field check afterwards).
-fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
         .split_once('=')
         .with_context(|| format!("--set {assignment:?}: expected key=value, e.g. optim.lr=1e-4"))?;

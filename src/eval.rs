@@ -1,6 +1,6 @@
 //! Mean token cross-entropy over every label token of a dataset.
 
-use crate::adapters::Ctx;
+use crate::ctx::Ctx;
 use crate::data::batch::in_order;
 use crate::data::chat::Encoded;
 use crate::loss::summed_loss;

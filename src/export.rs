@@ -4,7 +4,7 @@
 //!
 //! [`Adapter::lora_factors`]: crate::adapters::Adapter::lora_factors
 
-use crate::adapters::{peft, peft_prefix, AdapterConfig, AdapterKind, AdapterSet};
+use crate::adapters::{peft, peft_prefix, AdapterConfig, AdapterSet};
 use crate::model::config::linear_path;
 use crate::model::LlamaConfig;
 use anyhow::{bail, Context, Result};
@@ -35,7 +35,6 @@ pub fn export_peft_lora(
     }
     let rank = rank.context("the adapter adapts no linear")?;
     let cfg = AdapterConfig {
-        kind: AdapterKind::Lora,
         rank,
         alpha: rank as f64,
         dropout: set.cfg.dropout,

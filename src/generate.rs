@@ -1,6 +1,6 @@
 //! Greedy decoding with the chat template, for smoke-testing an adapter.
 
-use crate::adapters::Ctx;
+use crate::ctx::Ctx;
 use crate::data::chat::ChatEncoder;
 use crate::data::chat::Message;
 use crate::model::Llama;

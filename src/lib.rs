@@ -1,9 +1,11 @@
 //! prolora: QLoRA-style finetuning of LLaMA-family models with LoRA-family adapters.
 
 pub mod adapters;
+pub mod atomic;
 pub mod cli;
 pub mod collect;
 pub mod config;
+pub mod ctx;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
@@ -12,6 +14,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod hub;
+pub mod kernels;
 pub mod loss;
 pub mod model;
 pub mod params;

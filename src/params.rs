@@ -1,17 +1,45 @@
 //! `prolora params`: exact trainable-parameter counts from the model's shapes alone (no
 //! weights), and the paper's parameter tables recomputed.
 
-use crate::adapters::{AdapterConfig, AdapterKind};
+use crate::adapters::registry;
+use crate::adapters::{AdapterConfig, ProloraConfig, TiedLoraConfig, VeraConfig};
 use crate::model::{preset, LlamaConfig};
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+
+/// The adapter config `prolora params` counts: `method` with `rank`, `targets` (default: the
+/// method's) and `adapter.KEY=VALUE` options, read exactly as a run config's `[adapter]`.
+pub fn adapter_config(
+    method: &str,
+    rank: usize,
+    targets: Option<Vec<String>>,
+    overrides: &[String],
+) -> Result<AdapterConfig> {
+    let reg = registry::by_kind(method).context("--method")?;
+    let targets =
+        targets.unwrap_or_else(|| reg.default_targets.iter().map(|s| s.to_string()).collect());
+    let mut table = toml::Table::new();
+    let mut adapter = toml::Table::new();
+    adapter.insert("kind".into(), method.into());
+    adapter.insert("rank".into(), (rank as i64).into());
+    adapter.insert("targets".into(), targets.into());
+    table.insert("adapter".into(), adapter.into());
+    for o in overrides {
+        if !o.starts_with("adapter.") {
+            bail!("--set {o:?}: params takes adapter options only, e.g. --set adapter.unshared_rank=1");
+        }
+        crate::config::apply_override(&mut table, o)?;
+    }
+    let adapter = table.remove("adapter").expect("inserted above");
+    Ok(adapter.try_into::<AdapterConfig>()?)
+}
 
 /// The count of `cfg` on `model` with its size in f32 and bf16.
 pub fn report(model_name: &str, model: &LlamaConfig, cfg: &AdapterConfig) -> Result<Value> {
     let n = cfg.param_count(model)?;
     let mut v = json!({
         "model": model_name,
-        "adapter": cfg.kind,
+        "adapter": cfg.kind(),
         "rank": cfg.rank,
         "targets": cfg.targets,
         "layers": model.num_hidden_layers,
@@ -19,25 +47,20 @@ pub fn report(model_name: &str, model: &LlamaConfig, cfg: &AdapterConfig) -> Res
         "bytes_f32": 4 * n,
         "bytes_bf16": 2 * n,
     });
-    if cfg.kind == AdapterKind::Prolora {
-        let o = crate::adapters::prolora::Options::from_config(cfg)?;
-        v["unshared_rank"] = json!(o.unshared);
-        v["sharing_rate_a"] = json!(o.rate_a);
-        v["sharing_rate_b"] = json!(o.rate_b);
-    }
+    // The method's own options (PRoLoRA's u, m, n, …).
+    v["options"] = serde_json::to_value(cfg.method.to_table())?;
     Ok(v)
 }
 
 /// One line of text for a report.
 pub fn describe(r: &Value) -> String {
     let n = r["params"].as_u64().unwrap_or(0);
-    let extra = match r.get("unshared_rank") {
-        Some(u) => format!(
-            ", unshared {u}, sharing {}/{}",
-            r["sharing_rate_a"], r["sharing_rate_b"]
-        ),
-        None => String::new(),
-    };
+    let extra: String = r["options"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(key, value)| format!(", {key} {value}"))
+        .collect();
     format!(
         "{}: {} rank {}{extra}, {} linears × {} layers: {} trainable parameters \
          ({} f32, {} bf16)",
@@ -82,11 +105,12 @@ fn lora(rank: usize) -> AdapterConfig {
 
 fn prolora(rank: usize, unshared: usize, sharing: usize) -> AdapterConfig {
     AdapterConfig {
-        kind: AdapterKind::Prolora,
         rank,
-        unshared_rank: Some(unshared),
-        sharing_rate_a: Some(sharing),
-        ..Default::default()
+        ..AdapterConfig::of(ProloraConfig {
+            unshared_rank: unshared,
+            sharing_rate_a: sharing,
+            ..Default::default()
+        })
     }
 }
 
@@ -162,9 +186,8 @@ pub fn paper_tables() -> Result<String> {
             "VeRA",
             "r 256",
             AdapterConfig {
-                kind: AdapterKind::Vera,
                 rank: 256,
-                ..Default::default()
+                ..AdapterConfig::of(VeraConfig::default())
             },
             "1.42M",
             "",
@@ -173,10 +196,9 @@ pub fn paper_tables() -> Result<String> {
             "Tied LoRA",
             "r 256, q/k/v",
             AdapterConfig {
-                kind: AdapterKind::TiedLora,
                 rank: 256,
                 targets: qkv,
-                ..Default::default()
+                ..AdapterConfig::of(TiedLoraConfig::default())
             },
             "4.60M",
             "",

@@ -166,7 +166,7 @@ pub fn plot(dirs: &[std::path::PathBuf], out: &Path) -> Result<()> {
         .iter()
         .map(|d| Run::read(d))
         .collect::<Result<Vec<_>>>()?;
-    crate::adapters::peft::write_atomic(out, svg(&runs)?.as_bytes())
+    crate::atomic::write(out, svg(&runs)?.as_bytes())
 }
 
 #[cfg(test)]

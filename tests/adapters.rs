@@ -3,10 +3,12 @@
 //! ablations, save → load round trips, parameter counts, the optimizer's lr groups.
 
 use candle_core::{DType, Device, Tensor, Var};
-use prolora::adapters::prolora::{Options, Prolora};
 use prolora::adapters::{
-    peft, Adapter, AdapterConfig, AdapterKind, AdapterSet, Axis, Ctx, ProloraForward, Target,
+    peft, Adapter, AdapterConfig, AdapterSet, Axis, Param, Prolora, ProloraConfig, ProloraForward,
+    Target, TiedLoraConfig, VeraConfig,
 };
+use prolora::ctx::Ctx;
+use prolora::model::llama::Delta;
 use prolora::model::{preset, LlamaConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -19,17 +21,28 @@ fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-fn prolora_cfg(r: usize, u: usize, m: usize, n: usize, alpha: f64) -> AdapterConfig {
-    AdapterConfig {
-        kind: AdapterKind::Prolora,
-        rank: r,
-        alpha,
-        dropout: 0.0,
-        unshared_rank: Some(u),
-        sharing_rate_a: Some(m),
+/// PRoLoRA's options u, m, n (the rest at their defaults).
+fn opts(u: usize, m: usize, n: usize) -> ProloraConfig {
+    ProloraConfig {
+        unshared_rank: u,
+        sharing_rate_a: m,
         sharing_rate_b: Some(n),
         ..Default::default()
     }
+}
+
+/// A PRoLoRA config of rank r, scaling α / r, no dropout.
+fn with_rank(r: usize, alpha: f64, o: ProloraConfig) -> AdapterConfig {
+    AdapterConfig {
+        rank: r,
+        alpha,
+        dropout: 0.0,
+        ..AdapterConfig::of(o)
+    }
+}
+
+fn prolora_cfg(r: usize, u: usize, m: usize, n: usize, alpha: f64) -> AdapterConfig {
+    with_rank(r, alpha, opts(u, m, n))
 }
 
 fn target(h: usize, o: usize) -> Target {
@@ -41,19 +54,22 @@ fn target(h: usize, o: usize) -> Target {
     }
 }
 
-fn prolora(cfg: &AdapterConfig, h: usize, o: usize, dtype: DType, seed: u64) -> Prolora {
-    let opts = Options::from_config(cfg).unwrap();
+/// PRoLoRA of rank r with options `o` on one (o × h) linear, initialised from `seed`.
+fn prolora(
+    (r, alpha, o): (usize, f64, &ProloraConfig),
+    h: usize,
+    out: usize,
+    dtype: DType,
+    seed: u64,
+) -> Prolora {
+    let cfg = with_rank(r, alpha, o.clone());
     let mut rng = StdRng::seed_from_u64(seed);
-    Prolora::init(
-        &opts,
-        &target(h, o),
-        cfg.alpha,
-        cfg.dropout,
-        dtype,
-        &Device::Cpu,
-        &mut rng,
-    )
-    .unwrap()
+    Prolora::init(o, &cfg, &target(h, out), dtype, &Device::Cpu, &mut rng).unwrap()
+}
+
+/// (name, var) pairs of an adapter's tensors.
+fn named(params: Vec<Param>) -> Vec<(String, Var)> {
+    params.into_iter().map(|p| (p.name, p.var)).collect()
 }
 
 fn max_abs(t: &Tensor) -> f64 {
@@ -112,11 +128,17 @@ fn prolora_matches_the_authors_expansion_forward_and_gradients() {
         let name = c["name"].as_str().unwrap();
         let mut results = Vec::new();
         for forward in [ProloraForward::Chunked, ProloraForward::Materialized] {
-            let cfg = AdapterConfig {
-                forward: Some(forward),
-                ..prolora_cfg(r, u, m, n, c["lora_alpha"].as_f64().unwrap())
+            let o_ = ProloraConfig {
+                forward,
+                ..opts(u, m, n)
             };
-            let p = prolora(&cfg, h, o, DType::F32, 0);
+            let p = prolora(
+                (r, c["lora_alpha"].as_f64().unwrap(), &o_),
+                h,
+                o,
+                DType::F32,
+                0,
+            );
             assert_eq!(
                 p.is_chunked(),
                 forward == ProloraForward::Chunked && u < r,
@@ -128,7 +150,7 @@ fn prolora_matches_the_authors_expansion_forward_and_gradients() {
                 ("lora_A_vec", "Au"),
                 ("lora_B_vec", "Bu"),
             ];
-            let params: HashMap<String, Var> = p.params().into_iter().collect();
+            let params: HashMap<String, Var> = named(p.params()).into_iter().collect();
             for (ours, theirs) in keys {
                 let want = &golden[theirs];
                 match params.get(ours) {
@@ -183,31 +205,37 @@ fn prolora_matches_the_authors_expansion_forward_and_gradients() {
 fn prolora_forwards_agree_at_4096_over_7_for_every_ablation() {
     let (h, o) = (4096, 4096 + 3);
     let x = Tensor::randn(0f32, 1.0, (2, 3, h), &Device::Cpu).unwrap();
-    let variants: Vec<(&str, AdapterConfig)> = vec![
-        ("prolora", prolora_cfg(8, 1, 7, 7, 16.0)),
+    let variants: Vec<(&str, usize, ProloraConfig)> = vec![
+        ("prolora", 8, opts(1, 7, 7)),
         (
             "clora",
-            AdapterConfig {
-                rotation: Some(false),
-                ..prolora_cfg(8, 0, 7, 7, 16.0)
+            8,
+            ProloraConfig {
+                rotation: false,
+                ..opts(0, 7, 7)
             },
         ),
-        ("rolora", prolora_cfg(8, 0, 7, 7, 16.0)),
+        ("rolora", 8, opts(0, 7, 7)),
         (
             "prolora-r",
-            AdapterConfig {
-                rotation: Some(false),
-                ..prolora_cfg(8, 1, 7, 5, 16.0)
+            8,
+            ProloraConfig {
+                rotation: false,
+                ..opts(1, 7, 5)
             },
         ),
-        ("m≠n", prolora_cfg(12, 2, 7, 3, 16.0)),
+        ("m≠n", 12, opts(2, 7, 3)),
     ];
-    for (name, cfg) in variants {
+    for (name, r, cfg) in variants {
         let chunked = prolora(
-            &AdapterConfig {
-                forward: Some(ProloraForward::Chunked),
-                ..cfg.clone()
-            },
+            (
+                r,
+                16.0,
+                &ProloraConfig {
+                    forward: ProloraForward::Chunked,
+                    ..cfg.clone()
+                },
+            ),
             h,
             o,
             DType::F32,
@@ -215,17 +243,21 @@ fn prolora_forwards_agree_at_4096_over_7_for_every_ablation() {
         );
         assert!(chunked.is_chunked(), "{name}");
         let materialized = prolora(
-            &AdapterConfig {
-                forward: Some(ProloraForward::Materialized),
-                ..cfg.clone()
-            },
+            (
+                r,
+                16.0,
+                &ProloraConfig {
+                    forward: ProloraForward::Materialized,
+                    ..cfg.clone()
+                },
+            ),
             h,
             o,
             DType::F32,
             1,
         );
         assert!(!materialized.is_chunked());
-        let (pc, pm) = (chunked.params(), materialized.params());
+        let (pc, pm) = (named(chunked.params()), named(materialized.params()));
         set_random(&pc, 2);
         set_random(&pm, 2);
         let yc = chunked.delta(&x, &Ctx::eval()).unwrap();
@@ -235,9 +267,9 @@ fn prolora_forwards_agree_at_4096_over_7_for_every_ablation() {
         assert!(e < 1e-5, "{name}: forwards differ by {e}");
     }
     // Columns of the last chunk (j = 6, width 580) are A0's first 580 columns rolled by 6·sA.
-    let p = prolora(&prolora_cfg(8, 1, 7, 7, 16.0), h, o, DType::F32, 3);
+    let p = prolora((8, 16.0, &opts(1, 7, 7)), h, o, DType::F32, 3);
     let (a, _, _) = p.lora_factors().unwrap();
-    let a0 = p.params()[0].1.as_tensor().clone();
+    let a0 = p.params()[0].var.as_tensor().clone();
     assert_eq!(a0.dims(), &[7, 586]);
     let a = a.to_vec2::<f32>().unwrap();
     let a0 = a0.to_vec2::<f32>().unwrap();
@@ -253,8 +285,8 @@ fn prolora_forwards_agree_at_4096_over_7_for_every_ablation() {
 fn prolora_without_sharing_is_lora() {
     let (h, o) = (24, 40);
     let x = Tensor::randn(0f32, 1.0, (5, h), &Device::Cpu).unwrap();
-    for cfg in [prolora_cfg(6, 6, 4, 2, 12.0), prolora_cfg(6, 0, 1, 1, 12.0)] {
-        let p = prolora(&cfg, h, o, DType::F32, 9);
+    for cfg in [opts(6, 4, 2), opts(0, 1, 1)] {
+        let p = prolora((6, 12.0, &cfg), h, o, DType::F32, 9);
         let mut rng = StdRng::seed_from_u64(9);
         let lora =
             prolora::adapters::Lora::init(h, o, 6, 12.0, 0.0, DType::F32, &Device::Cpu, &mut rng)
@@ -262,17 +294,17 @@ fn prolora_without_sharing_is_lora() {
         let (pa, _, ps) = p.lora_factors().unwrap();
         let (la, _, ls) = lora.lora_factors().unwrap();
         assert_eq!(ps, ls);
-        if cfg.unshared_rank == Some(6) {
+        if cfg.unshared_rank == 6 {
             // Same draws in the same order.
             assert_eq!(rel_err(&pa, &la), 0.0);
         }
         // Same B ⇒ same Δ.
         let b = Tensor::randn(0f32, 1.0, (o, 6), &Device::Cpu).unwrap();
-        let (lp, ll) = (p.params(), lora.params());
+        let (lp, ll) = (named(p.params()), named(lora.params()));
         let find = |v: &[(String, Var)], k: &str| v.iter().find(|(n, _)| n == k).unwrap().1.clone();
         ll[1].1.set(&b).unwrap();
         find(&ll, "lora_A.weight").set(&pa).unwrap();
-        if cfg.unshared_rank == Some(6) {
+        if cfg.unshared_rank == 6 {
             find(&lp, "lora_B_vec")
                 .set(&b.t().unwrap().contiguous().unwrap())
                 .unwrap();
@@ -292,21 +324,21 @@ fn prolora_without_sharing_is_lora() {
 fn prolora_table4_siblings_follow_their_definition() {
     let (h, o) = (10, 12);
     // Rank sharing, no rotation: the r_s = 6 shared ranks are 3 copies of 2 base rows.
-    let cfg = AdapterConfig {
-        share_axis: Some(Axis::Rank),
-        rotation: Some(false),
-        ..prolora_cfg(7, 1, 3, 3, 7.0)
+    let cfg = ProloraConfig {
+        share_axis: Axis::Rank,
+        rotation: false,
+        ..opts(1, 3, 3)
     };
-    let p = prolora(&cfg, h, o, DType::F32, 4);
-    set_random(&p.params(), 5);
-    let a0 = p.params()[0].1.as_tensor().to_vec2::<f32>().unwrap();
+    let p = prolora((7, 7.0, &cfg), h, o, DType::F32, 4);
+    set_random(&named(p.params()), 5);
+    let a0 = p.params()[0].var.as_tensor().to_vec2::<f32>().unwrap();
     assert_eq!((a0.len(), a0[0].len()), (2, h));
     let (a, b, _) = p.lora_factors().unwrap();
     let (a, b) = (a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
     for i in 0..6 {
         assert_eq!(a[i], a0[i % 2]);
     }
-    let b0 = p.params()[1].1.as_tensor().to_vec2::<f32>().unwrap();
+    let b0 = p.params()[1].var.as_tensor().to_vec2::<f32>().unwrap();
     assert_eq!((b0.len(), b0[0].len()), (o, 2));
     for q in 0..o {
         for c in 0..6 {
@@ -314,14 +346,14 @@ fn prolora_table4_siblings_follow_their_definition() {
         }
     }
     // Rank sharing, hidden rotation: copy j rolled along h by j·max(⌊h/m⌋, 1) = 3j.
-    let cfg = AdapterConfig {
-        share_axis: Some(Axis::Rank),
-        rotate_axis: Some(Axis::Hidden),
-        ..prolora_cfg(7, 1, 3, 3, 7.0)
+    let cfg = ProloraConfig {
+        share_axis: Axis::Rank,
+        rotate_axis: Axis::Hidden,
+        ..opts(1, 3, 3)
     };
-    let p = prolora(&cfg, h, o, DType::F32, 4);
-    set_random(&p.params(), 5);
-    let a0 = p.params()[0].1.as_tensor().to_vec2::<f32>().unwrap();
+    let p = prolora((7, 7.0, &cfg), h, o, DType::F32, 4);
+    set_random(&named(p.params()), 5);
+    let a0 = p.params()[0].var.as_tensor().to_vec2::<f32>().unwrap();
     let a = p.lora_factors().unwrap().0.to_vec2::<f32>().unwrap();
     for i in 0..6 {
         for col in 0..h {
@@ -329,14 +361,14 @@ fn prolora_table4_siblings_follow_their_definition() {
         }
     }
     // Hidden sharing, hidden rotation: chunk j (width cA = 4) rolled by j·max(⌊4/3⌋, 1) = j.
-    let cfg = AdapterConfig {
-        rotate_axis: Some(Axis::Hidden),
-        ..prolora_cfg(7, 1, 3, 3, 7.0)
+    let cfg = ProloraConfig {
+        rotate_axis: Axis::Hidden,
+        ..opts(1, 3, 3)
     };
-    let p = prolora(&cfg, h, o, DType::F32, 4);
+    let p = prolora((7, 7.0, &cfg), h, o, DType::F32, 4);
     assert!(!p.is_chunked());
-    set_random(&p.params(), 5);
-    let a0 = p.params()[0].1.as_tensor().to_vec2::<f32>().unwrap();
+    set_random(&named(p.params()), 5);
+    let a0 = p.params()[0].var.as_tensor().to_vec2::<f32>().unwrap();
     let a = p.lora_factors().unwrap().0.to_vec2::<f32>().unwrap();
     for i in 0..6 {
         for col in 0..h {
@@ -351,9 +383,9 @@ fn prolora_table4_siblings_follow_their_definition() {
 #[test]
 fn prolora_init_bounds() {
     let (h, o) = (4096, 256);
-    let bound = |cfg: &AdapterConfig| {
-        let p = prolora(cfg, h, o, DType::F32, 6);
-        let params = p.params();
+    let bound = |cfg: &ProloraConfig| {
+        let p = prolora((8, 16.0, cfg), h, o, DType::F32, 6);
+        let params = named(p.params());
         for (name, var) in &params[1..] {
             if name.starts_with("lora_B") {
                 assert_eq!(max_abs(var.as_tensor()), 0.0, "{name}");
@@ -361,14 +393,14 @@ fn prolora_init_bounds() {
         }
         max_abs(params[0].1.as_tensor())
     };
-    let rectified = bound(&prolora_cfg(8, 1, 7, 7, 16.0));
+    let rectified = bound(&opts(1, 7, 7));
     assert!(
         rectified <= 1.0 / 64.0 && rectified > 0.9 / 64.0,
         "{rectified}"
     );
-    let plain = bound(&AdapterConfig {
-        rectified_init: Some(false),
-        ..prolora_cfg(8, 1, 7, 7, 16.0)
+    let plain = bound(&ProloraConfig {
+        rectified_init: false,
+        ..opts(1, 7, 7)
     });
     let ca = (586f64).sqrt().recip();
     assert!(plain <= ca && plain > 0.9 * ca, "{plain}");
@@ -382,27 +414,28 @@ fn all_kinds() -> Vec<AdapterConfig> {
     vec![
         AdapterConfig::default(),
         prolora_cfg(8, 1, 7, 7, 16.0),
+        with_rank(
+            8,
+            16.0,
+            ProloraConfig {
+                rotation: false,
+                share_axis: Axis::Rank,
+                ..opts(2, 3, 2)
+            },
+        ),
         AdapterConfig {
-            rotation: Some(false),
-            share_axis: Some(Axis::Rank),
-            ..prolora_cfg(8, 2, 3, 2, 16.0)
-        },
-        AdapterConfig {
-            kind: AdapterKind::Vera,
             rank: 16,
-            ..Default::default()
+            ..AdapterConfig::of(VeraConfig::default())
         },
         AdapterConfig {
-            kind: AdapterKind::TiedLora,
             rank: 16,
             targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
-            ..Default::default()
+            ..AdapterConfig::of(TiedLoraConfig::default())
         },
         AdapterConfig {
-            kind: AdapterKind::TiedLora,
             rank: 4,
             targets: vec!["k_proj".into(), "q_proj".into()],
-            ..Default::default()
+            ..AdapterConfig::of(TiedLoraConfig::default())
         },
     ]
 }
@@ -420,14 +453,14 @@ fn save_load_round_trip_is_bit_identical_for_every_kind() {
             &mut StdRng::seed_from_u64(1),
         )
         .unwrap();
-        set_random(&set.tensors(), 2);
+        set_random(&named(set.tensors()), 2);
         let dir = tempfile::tempdir().unwrap();
         peft::save(dir.path(), &set, "tiny").unwrap();
         let back = peft::load(dir.path(), &model, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(back.cfg.kind, cfg.kind);
+        assert_eq!(back.cfg.kind(), cfg.kind());
         assert_eq!(back.cfg.rank, cfg.rank);
-        let ours = set.tensors();
-        let theirs: HashMap<String, Var> = back.tensors().into_iter().collect();
+        let ours = named(set.tensors());
+        let theirs: HashMap<String, Var> = named(back.tensors()).into_iter().collect();
         assert_eq!(ours.len(), theirs.len());
         for (key, var) in ours {
             let a = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -439,7 +472,7 @@ fn save_load_round_trip_is_bit_identical_for_every_kind() {
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{}: {key}",
-                cfg.kind
+                cfg.kind()
             );
         }
     }
@@ -458,12 +491,12 @@ fn param_count_equals_trainable_elements() {
             &mut StdRng::seed_from_u64(1),
         )
         .unwrap();
-        let actual: usize = set.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        let actual: usize = set.trainable().iter().map(|(_, v, _)| v.elem_count()).sum();
         assert_eq!(cfg.param_count(&model).unwrap(), actual, "{:?}", cfg);
     }
 }
 
-/// METHODS.md §9 on LLaMA-2-7B (a shape-only preset).
+/// docs/methods.md §9 on LLaMA-2-7B (a shape-only preset).
 #[test]
 fn param_counts_of_the_paper() {
     let m7 = preset::preset("llama2-7b").unwrap();
@@ -478,18 +511,16 @@ fn param_counts_of_the_paper() {
     assert_eq!(count(prolora_cfg(8, 1, 7, 7, 16.0)), 4_999_520);
     assert_eq!(
         count(AdapterConfig {
-            kind: AdapterKind::Vera,
             rank: 256,
-            ..Default::default()
+            ..AdapterConfig::of(VeraConfig::default())
         }),
         1_417_216
     );
     assert_eq!(
         count(AdapterConfig {
-            kind: AdapterKind::TiedLora,
             rank: 256,
             targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
-            ..Default::default()
+            ..AdapterConfig::of(TiedLoraConfig::default())
         }),
         4_595_712
     );
@@ -531,10 +562,9 @@ fn merge_into_a_sharded_checkpoint_gives_the_adapted_logits() {
     let source = ModelSource::resolve(dir.to_str().unwrap(), "main").unwrap();
     let ids = Tensor::new(&[[1u32, 7, 42, 9, 200, 3]], &Device::Cpu).unwrap();
     let tied = AdapterConfig {
-        kind: AdapterKind::TiedLora,
         rank: 4,
         targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
-        ..Default::default()
+        ..AdapterConfig::of(TiedLoraConfig::default())
     };
     for cfg in [prolora_cfg(8, 1, 7, 3, 16.0), tied] {
         let mut model = source.load(DType::F32, &Device::Cpu).unwrap();
@@ -546,8 +576,8 @@ fn merge_into_a_sharded_checkpoint_gives_the_adapted_logits() {
             &mut StdRng::seed_from_u64(1),
         )
         .unwrap();
-        set_random(&set.tensors(), 3);
-        model.attach(&set);
+        set_random(&named(set.tensors()), 3);
+        set.attach_to(&mut model);
         let adapted = model.logits(&ids, &Ctx::eval()).unwrap();
         let base = source.load(DType::F32, &Device::Cpu).unwrap();
         let before = base.logits(&ids, &Ctx::eval()).unwrap();
@@ -568,6 +598,6 @@ fn merge_into_a_sharded_checkpoint_gives_the_adapted_logits() {
             .unwrap();
         let logits = merged.logits(&ids, &Ctx::eval()).unwrap();
         let e = max_abs(&(&logits - &adapted).unwrap());
-        assert!(e < 1e-4, "{}: merged logits differ by {e}", cfg.kind);
+        assert!(e < 1e-4, "{}: merged logits differ by {e}", cfg.kind());
     }
 }

@@ -3,7 +3,7 @@
 //! with `prolora quantize`, and clear errors for broken ones.
 
 use candle_core::{DType, Device, Tensor};
-use prolora::adapters::Ctx;
+use prolora::ctx::Ctx;
 use prolora::model::config::{linear_path, BLOCK_LINEARS};
 use prolora::model::nf4::{Nf4Tensor, Quantization};
 use prolora::model::weights::{SafetensorsWeights, WeightSource};

@@ -609,22 +609,22 @@ fn export_and_merge_match_peft_and_transformers() {
 #[test]
 fn params_prints_the_papers_counts() {
     for (args, want) in [
-        (vec!["--adapter", "lora", "--rank", "2"], 4_997_120),
+        (vec!["--method", "lora", "--rank", "2"], 4_997_120),
         (
             vec![
-                "--adapter",
+                "--method",
                 "prolora",
                 "--rank",
                 "8",
-                "--unshared",
-                "1",
-                "--sharing",
-                "7",
+                "--set",
+                "adapter.unshared_rank=1",
+                "--set",
+                "adapter.sharing_rate_a=7",
             ],
             4_999_520,
         ),
-        (vec!["--adapter", "vera", "--rank", "256"], 1_417_216),
-        (vec!["--adapter", "tied-lora", "--rank", "256"], 4_595_712),
+        (vec!["--method", "vera", "--rank", "256"], 1_417_216),
+        (vec!["--method", "tied-lora", "--rank", "256"], 4_595_712),
     ] {
         let mut full = vec!["params", "--model", "llama2-7b", "--json"];
         full.extend(&args);
@@ -644,13 +644,13 @@ fn params_prints_the_papers_counts() {
         "params",
         "--model",
         "llama2-7b",
-        "--adapter",
+        "--method",
         "lora",
-        "--unshared",
-        "1",
+        "--set",
+        "adapter.unshared_rank=1",
     ]);
     assert!(
-        err.contains("--unshared applies to --adapter prolora only"),
+        err.contains("adapter.unshared_rank applies to kind = \"prolora\" only"),
         "{err}"
     );
 }

@@ -685,7 +685,7 @@ fn params_on_a_hub_id_fetches_only_the_config() {
             "params",
             "--model",
             "acme/shapes-only",
-            "--adapter",
+            "--method",
             "lora",
             "--rank",
             "2",

@@ -2,7 +2,10 @@
 //! differences. Goldens: scripts/reference/make_goldens.py.
 
 use candle_core::{DType, Device, Tensor};
-use prolora::adapters::{peft, AdapterConfig, AdapterKind, Axis, Ctx, ProloraForward};
+use prolora::adapters::{
+    peft, AdapterConfig, Axis, ProloraConfig, ProloraForward, TiedLoraConfig, VeraConfig,
+};
+use prolora::ctx::Ctx;
 use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
 use prolora::loss::summed_loss;
@@ -166,31 +169,35 @@ fn adapter_gradients_match_central_finite_differences() {
         dropout: 0.0,
         ..Default::default()
     };
-    let prolora = |forward: ProloraForward| AdapterConfig {
-        kind: AdapterKind::Prolora,
-        rank: 4,
-        unshared_rank: Some(1),
-        sharing_rate_a: Some(3),
+    let prolora_opts = |forward: ProloraForward| ProloraConfig {
+        unshared_rank: 1,
+        sharing_rate_a: 3,
         sharing_rate_b: Some(3),
-        forward: Some(forward),
+        forward,
+        ..Default::default()
+    };
+    let with = |method: ProloraConfig| AdapterConfig {
+        rank: 4,
+        method: Box::new(method),
         ..base.clone()
     };
+    let prolora = |forward: ProloraForward| with(prolora_opts(forward));
     let cases = [
         base.clone(),
         prolora(ProloraForward::Chunked),
         prolora(ProloraForward::Materialized),
+        with(ProloraConfig {
+            share_axis: Axis::Rank,
+            rotate_axis: Axis::Hidden,
+            ..prolora_opts(ProloraForward::Materialized)
+        }),
         AdapterConfig {
-            share_axis: Some(Axis::Rank),
-            rotate_axis: Some(Axis::Hidden),
-            ..prolora(ProloraForward::Materialized)
-        },
-        AdapterConfig {
-            kind: AdapterKind::Vera,
+            method: Box::new(VeraConfig::default()),
             ..base.clone()
         },
         AdapterConfig {
-            kind: AdapterKind::TiedLora,
             targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+            method: Box::new(TiedLoraConfig::default()),
             ..base.clone()
         },
     ];
@@ -235,10 +242,10 @@ fn check_gradients(cfg: &AdapterConfig, quant: Quantization) {
     let mut checked = 0;
     let trainable = set.trainable();
     assert!(!trainable.is_empty());
-    for (name, var) in &trainable {
+    for (name, var, _) in &trainable {
         let grad = grads
             .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{}: no gradient for {name}", cfg.kind));
+            .unwrap_or_else(|| panic!("{}: no gradient for {name}", cfg.kind()));
         let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
         let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
         // A few entries of every tensor, spread over it.
@@ -257,7 +264,7 @@ fn check_gradients(cfg: &AdapterConfig, quant: Quantization) {
             assert!(
                 (grad[i] - numeric).abs() < tol,
                 "{}: {name}[{i}]: backprop {} vs finite difference {numeric}",
-                cfg.kind,
+                cfg.kind(),
                 grad[i]
             );
             checked += 1;

@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use prolora::adapters::Ctx;
+use prolora::ctx::Ctx;
 use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
 use prolora::train::optim::{clip_factor, AdamW, AdamWParams};
@@ -114,7 +114,7 @@ fn examples() -> Vec<Encoded> {
 
 fn grads_of(micro: &[&[Encoded]], checkpointing: bool, dropout: f64) -> Vec<Vec<f64>> {
     let (model, set) = common::tiny_lora_model(dropout);
-    let vars: Vec<Var> = set.trainable().into_iter().map(|(_, v)| v).collect();
+    let vars: Vec<Var> = set.trainable().into_iter().map(|(_, v, _)| v).collect();
     let batches: Vec<Batch> = micro
         .iter()
         .map(|m| Batch::new(&m.iter().collect::<Vec<_>>()))
@@ -176,10 +176,7 @@ fn accumulated_micro_batches_give_the_whole_batch_gradient() {
 
 fn optimizer_for(set: &prolora::adapters::AdapterSet) -> AdamW {
     AdamW::new(
-        set.trainable()
-            .into_iter()
-            .map(|(k, v)| (k, v, 1.0))
-            .collect(),
+        set.trainable(),
         AdamWParams {
             beta1: 0.9,
             beta2: 0.999,
@@ -197,7 +194,7 @@ fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
     let (model, set) = common::tiny_lora_model(0.0);
     let mut opt = optimizer_for(&set);
     // One real update so the moments are non-zero.
-    let vars: Vec<Var> = set.trainable().into_iter().map(|(_, v)| v).collect();
+    let vars: Vec<Var> = set.trainable().into_iter().map(|(_, v, _)| v).collect();
     let batch = Batch::new(&examples().iter().collect::<Vec<_>>());
     let mut acc: Grads = vec![None; vars.len()];
     accumulate_grads(&model, &batch, &Ctx::eval(), &vars, 1.0, false, &mut acc).unwrap();
@@ -221,7 +218,7 @@ fn checkpoints_round_trip_and_a_half_written_one_is_never_used() {
     let mut fresh_opt = optimizer_for(&fresh);
     let restored = checkpoint::load(&listed[0].1, &fresh, &mut fresh_opt).unwrap();
     assert_eq!(restored, state);
-    for ((name, a), (_, b)) in set.trainable().iter().zip(fresh.trainable().iter()) {
+    for ((name, a, _), (_, b, _)) in set.trainable().iter().zip(fresh.trainable().iter()) {
         let (a, b): (Vec<f64>, Vec<f64>) = (
             a.flatten_all().unwrap().to_vec1().unwrap(),
             b.flatten_all().unwrap().to_vec1().unwrap(),

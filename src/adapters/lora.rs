@@ -1,9 +1,113 @@
 //! LoRA, as PEFT's `LoraLayer`: `Δ(x) = α/r · (dropout(x) Aᵀ) Bᵀ`.
 
-use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Ctx, Parts, Target};
+use super::method::{Method, PeftKeys, PeftRead};
+use super::registry::{options_from_toml, Registration};
+use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
+use crate::ctx::Ctx;
+use crate::model::config::BLOCK_LINEARS;
+use crate::model::llama::Delta;
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
 use std::rc::Rc;
+
+pub const REGISTRATION: Registration = Registration {
+    kind: "lora",
+    peft_type: "LORA",
+    from_toml: options_from_toml::<LoraConfig>,
+    from_peft: LoraConfig::from_peft,
+    default_targets: &BLOCK_LINEARS,
+};
+
+/// LoRA has no options beyond the shared keys.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {}
+
+impl LoraConfig {
+    /// PEFT's LoRA keys. Variants that change the math and are not implemented here are
+    /// refused; every optional key absent or `null` takes PEFT's default.
+    fn from_peft(keys: &PeftKeys) -> Result<PeftRead> {
+        for flag in ["use_rslora", "use_dora"] {
+            if keys.or(flag, false)? {
+                bail!("\"{flag}\": true is not supported");
+            }
+        }
+        for key in ["rank_pattern", "alpha_pattern"] {
+            let pattern: Map<String, Value> = keys.or(key, Map::new())?;
+            if !pattern.is_empty() {
+                bail!("a non-empty \"{key}\" is not supported");
+            }
+        }
+        Ok(PeftRead {
+            method: Box::new(LoraConfig {}),
+            alpha: Some(keys.require("lora_alpha")?),
+            dropout: keys.or("lora_dropout", 0.0)?,
+        })
+    }
+}
+
+impl Method for LoraConfig {
+    fn registration(&self) -> &'static Registration {
+        &REGISTRATION
+    }
+
+    fn validate(&self, _cfg: &AdapterConfig) -> Result<()> {
+        Ok(())
+    }
+
+    /// `r · (in + out)` per adapted linear.
+    fn trainable_count(&self, cfg: &AdapterConfig, targets: &[Target]) -> usize {
+        targets
+            .iter()
+            .map(|t| cfg.rank * (t.in_features + t.out_features))
+            .sum()
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        targets: &[Target],
+        dtype: DType,
+        device: &Device,
+        rng: &mut StdRng,
+    ) -> Result<Parts> {
+        let adapters = targets
+            .iter()
+            .map(|t| {
+                let lora = Lora::init(
+                    t.in_features,
+                    t.out_features,
+                    cfg.rank,
+                    cfg.alpha,
+                    cfg.dropout,
+                    dtype,
+                    device,
+                    rng,
+                )?;
+                Ok(Rc::new(lora) as Rc<dyn Adapter>)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Parts {
+            adapters,
+            shared: Vec::new(),
+        })
+    }
+
+    fn peft_keys(&self, cfg: &AdapterConfig) -> Value {
+        json!({
+            "lora_alpha": super::peft::number(cfg.alpha),
+            "lora_dropout": cfg.dropout,
+            "init_lora_weights": true,
+            "use_rslora": false,
+            "use_dora": false,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        })
+    }
+}
 
 pub struct Lora {
     /// (r, in)
@@ -39,7 +143,7 @@ impl Lora {
     }
 }
 
-impl Adapter for Lora {
+impl Delta for Lora {
     fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let out_dtype = x.dtype();
         let x = adapter_input(x, self.a.dtype(), self.dropout, ctx)?;
@@ -47,11 +151,13 @@ impl Adapter for Lora {
         let down = (x.matmul(&self.a.t()?)? * self.scaling)?;
         down.matmul(&self.b.t()?)?.to_dtype(out_dtype)
     }
+}
 
-    fn params(&self) -> Vec<(String, Var)> {
+impl Adapter for Lora {
+    fn params(&self) -> Vec<Param> {
         vec![
-            ("lora_A.weight".into(), self.a.clone()),
-            ("lora_B.weight".into(), self.b.clone()),
+            Param::new("lora_A.weight", &self.a, Role::TRAINED),
+            Param::new("lora_B.weight", &self.b, Role::TRAINED),
         ]
     }
 
@@ -62,41 +168,4 @@ impl Adapter for Lora {
             self.scaling,
         ))
     }
-}
-
-pub fn build(
-    cfg: &AdapterConfig,
-    targets: &[Target],
-    dtype: DType,
-    device: &Device,
-    rng: &mut StdRng,
-) -> candle_core::Result<Parts> {
-    let adapters = targets
-        .iter()
-        .map(|t| {
-            let lora = Lora::init(
-                t.in_features,
-                t.out_features,
-                cfg.rank,
-                cfg.alpha,
-                cfg.dropout,
-                dtype,
-                device,
-                rng,
-            )?;
-            Ok(Rc::new(lora) as Rc<dyn Adapter>)
-        })
-        .collect::<candle_core::Result<_>>()?;
-    Ok(Parts {
-        adapters,
-        shared: Vec::new(),
-    })
-}
-
-/// `r · (in + out)` per adapted linear.
-pub fn count(cfg: &AdapterConfig, targets: &[Target]) -> usize {
-    targets
-        .iter()
-        .map(|t| cfg.rank * (t.in_features + t.out_features))
-        .sum()
 }

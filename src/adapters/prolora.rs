@@ -8,63 +8,251 @@
 //! CLoRA (u = 0, no rotation), RoLoRA (u = 0), PRoLoRA⁻ʳ (`rotation = false`), PRoLoRA⁻ⁱ
 //! (`rectified_init = false`) and the Table 4 siblings (`share_axis`, `rotate_axis`).
 
-use super::{
-    adapter_input, uniform_var, Adapter, AdapterConfig, Axis, Ctx, Parts, ProloraForward, Target,
-};
+use super::method::{Method, PeftKeys, PeftRead};
+use super::registry::{options_from_toml, Registration};
+use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
+use crate::ctx::Ctx;
+use crate::model::config::BLOCK_LINEARS;
+use crate::model::llama::Delta;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::rc::Rc;
 
-/// PRoLoRA's hyper-parameters with the defaults applied.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Options {
-    pub rank: usize,
-    pub unshared: usize,
-    pub rate_a: usize,
-    pub rate_b: usize,
-    pub rotation: bool,
-    pub rectified_init: bool,
-    pub share_axis: Axis,
-    pub rotate_axis: Axis,
-    pub forward: ProloraForward,
+pub const REGISTRATION: Registration = Registration {
+    kind: "prolora",
+    peft_type: "PROLORA",
+    from_toml: options_from_toml::<ProloraConfig>,
+    from_peft: ProloraConfig::from_peft,
+    default_targets: &BLOCK_LINEARS,
+};
+
+/// An axis of a LoRA factor: the hidden (feature) axis or the rank axis.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Axis {
+    Hidden,
+    Rank,
 }
 
-impl Options {
-    pub fn from_config(cfg: &AdapterConfig) -> Result<Self> {
-        let rate_a = cfg.sharing_rate_a.unwrap_or(7);
-        let o = Self {
-            rank: cfg.rank,
-            unshared: cfg.unshared_rank.unwrap_or(1),
-            rate_a,
-            rate_b: cfg.sharing_rate_b.unwrap_or(rate_a),
-            rotation: cfg.rotation.unwrap_or(true),
-            rectified_init: cfg.rectified_init.unwrap_or(true),
-            share_axis: cfg.share_axis.unwrap_or(Axis::Hidden),
-            rotate_axis: cfg.rotate_axis.unwrap_or(Axis::Rank),
-            forward: cfg.forward.unwrap_or(ProloraForward::Materialized),
+/// PRoLoRA's two forwards (same math, other summation order).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProloraForward {
+    /// Never builds A and B (docs/methods.md §2): pads x to m·cA and works on the chunks.
+    /// Slower on CPU (`examples/prolora_forwards.rs`: 3× at h 4096), as the padded copy of x
+    /// costs more than gathering A (r × h) and B (o × r).
+    Chunked,
+    /// Gathers the full A and B, then two matmuls; the default.
+    Materialized,
+}
+
+/// PRoLoRA's options (`[adapter]` keys with `kind = "prolora"`); the defaults are the paper's
+/// method with its 7B setting (u 1, m = n = 7).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProloraConfig {
+    /// Unshared rank u (part of the rank).
+    pub unshared_rank: usize,
+    /// Sharing rate m of A.
+    pub sharing_rate_a: usize,
+    /// Sharing rate n of B (default m).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sharing_rate_b: Option<usize>,
+    /// Rotate the shared chunks (false: CLoRA / PRoLoRA⁻ʳ).
+    pub rotation: bool,
+    /// Rectified Kaiming init of A0 (false: PRoLoRA⁻ⁱ).
+    pub rectified_init: bool,
+    /// The axis the chunks are cut along (rank: a Table 4 sibling).
+    pub share_axis: Axis,
+    /// The axis the chunks are rolled along (hidden: a Table 4 sibling).
+    pub rotate_axis: Axis,
+    /// `materialized` (faster on CPU) or `chunked`.
+    pub forward: ProloraForward,
+    /// Learning-rate multiplier of the shared A0, B0.
+    pub shared_lr_scale: f64,
+    /// Learning-rate multiplier of the unshared Au, Bu.
+    pub unshared_lr_scale: f64,
+}
+
+impl Default for ProloraConfig {
+    fn default() -> Self {
+        Self {
+            unshared_rank: 1,
+            sharing_rate_a: 7,
+            sharing_rate_b: None,
+            rotation: true,
+            rectified_init: true,
+            share_axis: Axis::Hidden,
+            rotate_axis: Axis::Rank,
+            forward: ProloraForward::Materialized,
+            shared_lr_scale: 1.0,
+            unshared_lr_scale: 1.0,
+        }
+    }
+}
+
+/// The options resolved against the shared rank.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    rank: usize,
+    unshared: usize,
+    rate_a: usize,
+    rate_b: usize,
+    rotation: bool,
+    share_axis: Axis,
+    rotate_axis: Axis,
+}
+
+impl ProloraConfig {
+    /// Sharing rate n of B.
+    pub fn rate_b(&self) -> usize {
+        self.sharing_rate_b.unwrap_or(self.sharing_rate_a)
+    }
+
+    fn shape(&self, rank: usize) -> Shape {
+        Shape {
+            rank,
+            unshared: self.unshared_rank,
+            rate_a: self.sharing_rate_a,
+            rate_b: self.rate_b(),
+            rotation: self.rotation,
+            share_axis: self.share_axis,
+            rotate_axis: self.rotate_axis,
+        }
+    }
+
+    /// The paper's keys are required; our Table 4 extensions (`share_axis`, `rotate_axis`)
+    /// and the switches absent or `null` take the paper's method.
+    fn from_peft(keys: &PeftKeys) -> Result<PeftRead> {
+        let d = Self::default();
+        let rate_a = keys.require("sharing_rate_a")?;
+        let method = Self {
+            unshared_rank: keys.require("unshared_r")?,
+            sharing_rate_a: rate_a,
+            sharing_rate_b: Some(keys.require("sharing_rate_b")?),
+            rotation: keys.or("rotation", d.rotation)?,
+            rectified_init: keys.or("rectified_init", d.rectified_init)?,
+            share_axis: keys.or("share_axis", d.share_axis)?,
+            rotate_axis: keys.or("rotate_axis", d.rotate_axis)?,
+            ..d
         };
-        if o.unshared > o.rank {
+        Ok(PeftRead {
+            method: Box::new(method),
+            alpha: Some(keys.require("lora_alpha")?),
+            dropout: keys.or("lora_dropout", 0.0)?,
+        })
+    }
+}
+
+impl Method for ProloraConfig {
+    fn registration(&self) -> &'static Registration {
+        &REGISTRATION
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        if self.unshared_rank > cfg.rank {
             bail!(
                 "adapter.unshared_rank = {} exceeds adapter.rank = {}: the unshared ranks are part of the rank",
-                o.unshared,
-                o.rank
+                self.unshared_rank,
+                cfg.rank
             );
         }
-        if o.rate_a == 0 || o.rate_b == 0 {
+        if self.sharing_rate_a == 0 || self.rate_b() == 0 {
             bail!("adapter.sharing_rate_a and sharing_rate_b must be at least 1 (1 = no sharing)");
         }
         for (key, scale) in [
-            ("shared_lr_scale", cfg.shared_lr_scale),
-            ("unshared_lr_scale", cfg.unshared_lr_scale),
+            ("shared_lr_scale", self.shared_lr_scale),
+            ("unshared_lr_scale", self.unshared_lr_scale),
         ] {
-            if scale.is_some_and(|s| !(s > 0.0 && s.is_finite())) {
+            if !(scale > 0.0 && scale.is_finite()) {
                 bail!("adapter.{key} must be a positive number");
             }
         }
-        Ok(o)
+        Ok(())
     }
 
+    /// Rejects shapes the chunks cannot cover, naming the linear and the key.
+    fn check_target(&self, cfg: &AdapterConfig, t: &Target) -> Result<()> {
+        let s = self.shape(cfg.rank);
+        if s.shared_rank() == 0 {
+            return Ok(());
+        }
+        for (key, rate, axis_len, what) in [
+            ("sharing_rate_a", s.rate_a, t.in_features, "input features"),
+            (
+                "sharing_rate_b",
+                s.rate_b,
+                t.out_features,
+                "output features",
+            ),
+        ] {
+            let (len, what) = match s.share_axis {
+                Axis::Hidden => (axis_len, what),
+                Axis::Rank => (s.shared_rank(), "shared ranks (rank − unshared_rank)"),
+            };
+            if rate > len {
+                bail!(
+                    "adapter.{key} = {rate} exceeds the {len} {what} of {} (layer {}): every chunk needs at least one; lower it",
+                    t.module,
+                    t.layer
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Per linear: `u·(h + o)` plus the two base chunks (rounded-up chunk sizes).
+    fn trainable_count(&self, cfg: &AdapterConfig, targets: &[Target]) -> usize {
+        let s = self.shape(cfg.rank);
+        let size = |l: Layout| l.base().0 * l.base().1;
+        targets
+            .iter()
+            .map(|t| {
+                s.unshared * (t.in_features + t.out_features)
+                    + size(s.layout(t.in_features, s.rate_a))
+                    + size(s.layout(t.out_features, s.rate_b))
+            })
+            .sum()
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        targets: &[Target],
+        dtype: DType,
+        device: &Device,
+        rng: &mut StdRng,
+    ) -> Result<Parts> {
+        let mut adapters = Vec::with_capacity(targets.len());
+        for t in targets {
+            let p = Prolora::init(self, cfg, t, dtype, device, rng)?;
+            adapters.push(Rc::new(p) as Rc<dyn Adapter>);
+        }
+        Ok(Parts {
+            adapters,
+            shared: Vec::new(),
+        })
+    }
+
+    fn peft_keys(&self, cfg: &AdapterConfig) -> Value {
+        json!({
+            "lora_alpha": super::peft::number(cfg.alpha),
+            "lora_dropout": cfg.dropout,
+            "unshared_r": self.unshared_rank,
+            "sharing_rate_a": self.sharing_rate_a,
+            "sharing_rate_b": self.rate_b(),
+            "rotation": self.rotation,
+            "rectified_init": self.rectified_init,
+            "share_axis": self.share_axis,
+            "rotate_axis": self.rotate_axis,
+        })
+    }
+}
+
+impl Shape {
     fn shared_rank(&self) -> usize {
         self.rank - self.unshared
     }
@@ -78,40 +266,6 @@ impl Options {
             share: self.share_axis,
             rotate: self.rotation.then_some(self.rotate_axis),
         }
-    }
-
-    /// Rejects shapes the chunks cannot cover, naming the linear and the key.
-    fn check(&self, t: &Target) -> Result<()> {
-        if self.shared_rank() == 0 {
-            return Ok(());
-        }
-        for (key, rate, axis_len, what) in [
-            (
-                "sharing_rate_a",
-                self.rate_a,
-                t.in_features,
-                "input features",
-            ),
-            (
-                "sharing_rate_b",
-                self.rate_b,
-                t.out_features,
-                "output features",
-            ),
-        ] {
-            let (len, what) = match self.share_axis {
-                Axis::Hidden => (axis_len, what),
-                Axis::Rank => (self.shared_rank(), "shared ranks (rank − unshared_rank)"),
-            };
-            if rate > len {
-                bail!(
-                    "adapter.{key} = {rate} exceeds the {len} {what} of {} (layer {}): every chunk needs at least one; lower it",
-                    t.module,
-                    t.layer
-                );
-            }
-        }
-        Ok(())
     }
 }
 
@@ -210,7 +364,10 @@ pub struct Prolora {
     a_index: Tensor,
     b_index: Tensor,
     chunked: Option<Chunked>,
-    opts: Options,
+    shape: Shape,
+    /// A0, B0 and Au, Bu: two learning-rate groups.
+    shared_role: Role,
+    unshared_role: Role,
     in_features: usize,
     out_features: usize,
     scaling: f64,
@@ -226,18 +383,18 @@ impl Prolora {
     /// Rectified init: `A0, Au ~ U(±1/√h)` with the full h (unrectified: A0's own fan-in),
     /// drawn A0 first; `B0 = Bu = 0`.
     pub fn init(
-        opts: &Options,
+        opts: &ProloraConfig,
+        cfg: &AdapterConfig,
         t: &Target,
-        alpha: f64,
-        dropout: f64,
         dtype: DType,
         device: &Device,
         rng: &mut StdRng,
     ) -> candle_core::Result<Self> {
         let (h, o) = (t.in_features, t.out_features);
-        let (r_s, u) = (opts.shared_rank(), opts.unshared);
-        let la = opts.layout(h, opts.rate_a);
-        let lb = opts.layout(o, opts.rate_b);
+        let s = opts.shape(cfg.rank);
+        let (r_s, u) = (s.shared_rank(), s.unshared);
+        let la = s.layout(h, s.rate_a);
+        let lb = s.layout(o, s.rate_b);
         let kaiming = |fan_in: usize| 1.0 / (fan_in as f64).sqrt();
         let (a0, b0) = if r_s > 0 {
             let base_a = la.base();
@@ -254,18 +411,13 @@ impl Prolora {
         } else {
             (None, None)
         };
-        let chunked = match (
-            opts.forward,
-            opts.share_axis,
-            opts.rotate_axis,
-            opts.rotation,
-        ) {
+        let chunked = match (opts.forward, s.share_axis, s.rotate_axis, s.rotation) {
             (ProloraForward::Chunked, Axis::Hidden, Axis::Rank, _)
             | (ProloraForward::Chunked, Axis::Hidden, _, false)
                 if r_s > 0 =>
             {
                 let (sa, sb) = (la.stride(), lb.stride());
-                let (m, n) = (opts.rate_a, opts.rate_b);
+                let (m, n) = (s.rate_a, s.rate_b);
                 // 0/1 matrices: the rolls and the sum over chunks as two tiny GEMMs.
                 let mut sum_rolls = vec![0f32; m * r_s * r_s];
                 for j in 0..m {
@@ -297,11 +449,17 @@ impl Prolora {
             a_index: index_tensor(la.a_index(), device)?,
             b_index: index_tensor(lb.b_index(), device)?,
             chunked,
-            opts: *opts,
+            shape: s,
+            shared_role: Role::Trained {
+                lr_scale: opts.shared_lr_scale,
+            },
+            unshared_role: Role::Trained {
+                lr_scale: opts.unshared_lr_scale,
+            },
             in_features: h,
             out_features: o,
-            scaling: alpha / opts.rank as f64,
-            dropout,
+            scaling: cfg.alpha / cfg.rank as f64,
+            dropout: cfg.dropout,
         })
     }
 
@@ -309,7 +467,7 @@ impl Prolora {
     pub fn expand_a(&self) -> candle_core::Result<Tensor> {
         let mut parts = Vec::new();
         if let Some(a0) = &self.a0 {
-            let shape = (self.opts.shared_rank(), self.in_features);
+            let shape = (self.shape.shared_rank(), self.in_features);
             parts.push(gather(a0, &self.a_index, shape)?);
         }
         if let Some(au) = &self.au {
@@ -322,7 +480,7 @@ impl Prolora {
     pub fn expand_b(&self) -> candle_core::Result<Tensor> {
         let mut parts = Vec::new();
         if let Some(b0) = &self.b0 {
-            let shape = (self.out_features, self.opts.shared_rank());
+            let shape = (self.out_features, self.shape.shared_rank());
             parts.push(gather(b0, &self.b_index, shape)?);
         }
         if let Some(bu) = &self.bu {
@@ -340,7 +498,11 @@ impl Prolora {
     fn chunked_forward(&self, c: &Chunked, x: &Tensor) -> candle_core::Result<Tensor> {
         let (a0, b0) = (self.a0.as_ref().unwrap(), self.b0.as_ref().unwrap());
         let n = x.dim(0)?;
-        let (m, nb, r_s) = (self.opts.rate_a, self.opts.rate_b, self.opts.shared_rank());
+        let (m, nb, r_s) = (
+            self.shape.rate_a,
+            self.shape.rate_b,
+            self.shape.shared_rank(),
+        );
         let xp = x.pad_with_zeros(1, 0, m * c.ca - self.in_features)?;
         let z = xp
             .reshape((n * m, c.ca))?
@@ -366,7 +528,7 @@ fn gather(base: &Var, index: &Tensor, shape: (usize, usize)) -> candle_core::Res
     base.flatten_all()?.index_select(index, 0)?.reshape(shape)
 }
 
-impl Adapter for Prolora {
+impl Delta for Prolora {
     fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let out_dtype = x.dtype();
         let dtype = self.a0.as_ref().or(self.au.as_ref()).unwrap().dtype();
@@ -382,64 +544,22 @@ impl Adapter for Prolora {
         *dims.last_mut().unwrap() = self.out_features;
         y.reshape(dims)?.to_dtype(out_dtype)
     }
+}
 
-    fn params(&self) -> Vec<(String, Var)> {
+impl Adapter for Prolora {
+    fn params(&self) -> Vec<Param> {
         [
-            ("lora_A.weight", &self.a0),
-            ("lora_B.weight", &self.b0),
-            ("lora_A_vec", &self.au),
-            ("lora_B_vec", &self.bu),
+            ("lora_A.weight", &self.a0, self.shared_role),
+            ("lora_B.weight", &self.b0, self.shared_role),
+            ("lora_A_vec", &self.au, self.unshared_role),
+            ("lora_B_vec", &self.bu, self.unshared_role),
         ]
         .into_iter()
-        .filter_map(|(name, v)| v.as_ref().map(|v| (name.to_string(), v.clone())))
+        .filter_map(|(name, v, role)| v.as_ref().map(|v| Param::new(name, v, role)))
         .collect()
     }
 
     fn lora_factors(&self) -> candle_core::Result<(Tensor, Tensor, f64)> {
         Ok((self.expand_a()?, self.expand_b()?, self.scaling))
-    }
-}
-
-pub fn build(
-    cfg: &AdapterConfig,
-    targets: &[Target],
-    dtype: DType,
-    device: &Device,
-    rng: &mut StdRng,
-) -> Result<Parts> {
-    let opts = Options::from_config(cfg)?;
-    let mut adapters = Vec::with_capacity(targets.len());
-    for t in targets {
-        opts.check(t)?;
-        let p = Prolora::init(&opts, t, cfg.alpha, cfg.dropout, dtype, device, rng)?;
-        adapters.push(Rc::new(p) as Rc<dyn Adapter>);
-    }
-    Ok(Parts {
-        adapters,
-        shared: Vec::new(),
-    })
-}
-
-/// Per linear: `u·(h + o)` plus the two base chunks (rounded-up chunk sizes).
-pub fn count(cfg: &AdapterConfig, targets: &[Target]) -> Result<usize> {
-    let opts = Options::from_config(cfg)?;
-    let mut total = 0;
-    for t in targets {
-        opts.check(t)?;
-        let size = |l: Layout| l.base().0 * l.base().1;
-        total += opts.unshared * (t.in_features + t.out_features)
-            + size(opts.layout(t.in_features, opts.rate_a))
-            + size(opts.layout(t.out_features, opts.rate_b));
-    }
-    Ok(total)
-}
-
-/// Shared tensors (A0, B0, saved as `lora_{A,B}.weight`) train at `shared_lr_scale`, the
-/// unshared ones (`lora_{A,B}_vec`) at `unshared_lr_scale`.
-pub fn lr_scale(cfg: &AdapterConfig, key: &str) -> f64 {
-    if key.ends_with(".weight") {
-        cfg.shared_lr_scale.unwrap_or(1.0)
-    } else {
-        cfg.unshared_lr_scale.unwrap_or(1.0)
     }
 }

@@ -8,11 +8,25 @@
 //! Init (our choice; the paper's code is not public): A as LoRA (`U(±1/√d)`), B = 0, u = v = 1,
 //! so Δ = 0 at step 0 and the first steps train B, as in LoRA.
 
-use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Ctx, Parts, SharedTensor, Target};
+use super::method::{Method, PeftKeys, PeftRead};
+use super::registry::{options_from_toml, Registration};
+use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
+use crate::ctx::Ctx;
+use crate::model::llama::Delta;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::rc::Rc;
+
+pub const REGISTRATION: Registration = Registration {
+    kind: "tied-lora",
+    peft_type: "TIED_LORA",
+    from_toml: options_from_toml::<TiedLoraConfig>,
+    from_peft: TiedLoraConfig::from_peft,
+    default_targets: &TIED_MODULES,
+};
 
 pub const TIED_A: &str = "base_model.tied_lora_A";
 pub const TIED_B: &str = "base_model.tied_lora_B";
@@ -20,14 +34,99 @@ pub const TIED_B: &str = "base_model.tied_lora_B";
 /// The modules Tied-LoRA can adapt: they share one input and one down-projection.
 pub const TIED_MODULES: [&str; 3] = ["q_proj", "k_proj", "v_proj"];
 
-pub fn check_targets(targets: &[String]) -> Result<()> {
-    if let Some(t) = targets.iter().find(|t| !TIED_MODULES.contains(&t.as_str())) {
-        bail!(
-            "adapter.targets: tied-lora adapts q_proj, k_proj and v_proj only (they share A), not {t:?}; \
-             set adapter.targets = [\"q_proj\", \"k_proj\", \"v_proj\"]"
-        );
+/// Tied-LoRA has no options beyond the shared keys.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TiedLoraConfig {}
+
+impl TiedLoraConfig {
+    fn from_peft(keys: &PeftKeys) -> Result<PeftRead> {
+        Ok(PeftRead {
+            method: Box::new(TiedLoraConfig {}),
+            alpha: Some(keys.require("lora_alpha")?),
+            dropout: keys.or("lora_dropout", 0.0)?,
+        })
     }
-    Ok(())
+}
+
+impl Method for TiedLoraConfig {
+    fn registration(&self) -> &'static Registration {
+        &REGISTRATION
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        if let Some(t) = cfg
+            .targets
+            .iter()
+            .find(|t| !TIED_MODULES.contains(&t.as_str()))
+        {
+            bail!(
+                "adapter.targets: tied-lora adapts q_proj, k_proj and v_proj only (they share A), not {t:?}; \
+                 set adapter.targets = [\"q_proj\", \"k_proj\", \"v_proj\"]"
+            );
+        }
+        Ok(())
+    }
+
+    /// `r·d + rows·r` shared, plus `r + rows` per layer: `4·d·r + (r + 3d)·L` for q, k, v of a
+    /// model without GQA.
+    fn trainable_count(&self, cfg: &AdapterConfig, targets: &[Target]) -> usize {
+        let r = cfg.rank;
+        let d = targets.first().map_or(0, |t| t.in_features);
+        let (rows, _) = row_layout(targets);
+        let layers = targets.last().map_or(0, |t| t.layer + 1);
+        r * d + rows * r + layers * (r + rows)
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        targets: &[Target],
+        dtype: DType,
+        device: &Device,
+        rng: &mut StdRng,
+    ) -> Result<Parts> {
+        let r = cfg.rank;
+        let d = targets.first().map_or(0, |t| t.in_features);
+        let (rows, offsets) = row_layout(targets);
+        let a = uniform_var((r, d), 1.0 / (d as f64).sqrt(), dtype, device, rng)?;
+        let b = Var::zeros((rows, r), dtype, device)?;
+        let mut shared = vec![
+            Param::new(TIED_A, &a, Role::TRAINED),
+            Param::new(TIED_B, &b, Role::TRAINED),
+        ];
+        let mut adapters: Vec<Rc<dyn Adapter>> = Vec::with_capacity(targets.len());
+        let mut vectors: Option<(usize, Var, Var)> = None;
+        for (t, offset) in targets.iter().zip(offsets) {
+            if vectors.as_ref().map(|v| v.0) != Some(t.layer) {
+                let u = Var::ones(r, dtype, device)?;
+                let v = Var::ones(rows, dtype, device)?;
+                let [ku, kv] = layer_keys(t.layer);
+                shared.push(Param::new(ku, &u, Role::TRAINED));
+                shared.push(Param::new(kv, &v, Role::TRAINED));
+                vectors = Some((t.layer, u, v));
+            }
+            let (_, u, v) = vectors.as_ref().expect("set above");
+            adapters.push(Rc::new(TiedLora {
+                a: a.clone(),
+                b: b.clone(),
+                u: u.clone(),
+                v: v.clone(),
+                offset,
+                rows: t.out_features,
+                scaling: cfg.alpha / r as f64,
+                dropout: cfg.dropout,
+            }));
+        }
+        Ok(Parts { adapters, shared })
+    }
+
+    fn peft_keys(&self, cfg: &AdapterConfig) -> Value {
+        json!({
+            "lora_alpha": super::peft::number(cfg.alpha),
+            "lora_dropout": cfg.dropout,
+        })
+    }
 }
 
 pub struct TiedLora {
@@ -48,7 +147,7 @@ impl TiedLora {
     }
 }
 
-impl Adapter for TiedLora {
+impl Delta for TiedLora {
     fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let out_dtype = x.dtype();
         let x = adapter_input(x, self.a.dtype(), self.dropout, ctx)?;
@@ -59,9 +158,11 @@ impl Adapter for TiedLora {
             .broadcast_mul(&self.rows_of(&self.v)?)?;
         (up * self.scaling)?.to_dtype(out_dtype)
     }
+}
 
+impl Adapter for TiedLora {
     /// Everything is shared (listed once by the set).
-    fn params(&self) -> Vec<(String, Var)> {
+    fn params(&self) -> Vec<Param> {
         Vec::new()
     }
 
@@ -98,58 +199,4 @@ fn row_layout(targets: &[Target]) -> (usize, Vec<usize>) {
         layer_rows = layer_rows.max(rows);
     }
     (layer_rows, offsets)
-}
-
-pub fn build(
-    cfg: &AdapterConfig,
-    targets: &[Target],
-    dtype: DType,
-    device: &Device,
-    rng: &mut StdRng,
-) -> candle_core::Result<Parts> {
-    let r = cfg.rank;
-    let d = targets.first().map_or(0, |t| t.in_features);
-    let (rows, offsets) = row_layout(targets);
-    let a = uniform_var((r, d), 1.0 / (d as f64).sqrt(), dtype, device, rng)?;
-    let b = Var::zeros((rows, r), dtype, device)?;
-    let trainable = |key: String, var: &Var| SharedTensor {
-        key,
-        var: var.clone(),
-        trainable: true,
-    };
-    let mut shared = vec![trainable(TIED_A.into(), &a), trainable(TIED_B.into(), &b)];
-    let mut adapters: Vec<Rc<dyn Adapter>> = Vec::with_capacity(targets.len());
-    let mut vectors: Option<(usize, Var, Var)> = None;
-    for (t, offset) in targets.iter().zip(offsets) {
-        if vectors.as_ref().map(|v| v.0) != Some(t.layer) {
-            let u = Var::ones(r, dtype, device)?;
-            let v = Var::ones(rows, dtype, device)?;
-            let [ku, kv] = layer_keys(t.layer);
-            shared.push(trainable(ku, &u));
-            shared.push(trainable(kv, &v));
-            vectors = Some((t.layer, u, v));
-        }
-        let (_, u, v) = vectors.as_ref().expect("set above");
-        adapters.push(Rc::new(TiedLora {
-            a: a.clone(),
-            b: b.clone(),
-            u: u.clone(),
-            v: v.clone(),
-            offset,
-            rows: t.out_features,
-            scaling: cfg.alpha / r as f64,
-            dropout: cfg.dropout,
-        }));
-    }
-    Ok(Parts { adapters, shared })
-}
-
-/// `r·d + rows·r` shared, plus `r + rows` per layer: `4·d·r + (r + 3d)·L` for q, k, v of a
-/// model without GQA.
-pub fn count(cfg: &AdapterConfig, targets: &[Target]) -> usize {
-    let r = cfg.rank;
-    let d = targets.first().map_or(0, |t| t.in_features);
-    let (rows, _) = row_layout(targets);
-    let layers = targets.last().map_or(0, |t| t.layer + 1);
-    r * d + rows * r + layers * (r + rows)
 }

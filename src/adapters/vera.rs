@@ -2,10 +2,26 @@
 //! `vera_B (max_out × r)` for the whole model, sliced per layer, and trainable per-layer
 //! vectors: `Δ(x) = λ_b ⊙ ((λ_d ⊙ (dropout(x) A_sliceᵀ)) B_sliceᵀ)`. No α/r scaling.
 
-use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Ctx, Parts, SharedTensor, Target};
+use super::method::{Method, PeftKeys, PeftRead};
+use super::registry::{options_from_toml, Registration};
+use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
+use crate::ctx::Ctx;
+use crate::model::config::BLOCK_LINEARS;
+use crate::model::llama::Delta;
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::rc::Rc;
+
+pub const REGISTRATION: Registration = Registration {
+    kind: "vera",
+    peft_type: "VERA",
+    from_toml: options_from_toml::<VeraConfig>,
+    from_peft: VeraConfig::from_peft,
+    default_targets: &BLOCK_LINEARS,
+};
 
 /// PEFT's keys of the shared projections.
 pub const VERA_A: &str = "base_model.vera_A";
@@ -36,7 +52,110 @@ impl Vera {
     }
 }
 
-impl Adapter for Vera {
+/// VeRA's options (`[adapter]` keys with `kind = "vera"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VeraConfig {
+    /// Initial value of every λ_d (PEFT's `d_initial`).
+    pub d_initial: f64,
+}
+
+impl Default for VeraConfig {
+    fn default() -> Self {
+        Self { d_initial: 0.1 }
+    }
+}
+
+impl VeraConfig {
+    fn from_peft(keys: &PeftKeys) -> Result<PeftRead> {
+        if !keys.or("save_projection", true)? {
+            bail!(
+                "a VeRA adapter saved without its projections (save_projection: false) cannot be \
+                 read: PEFT regenerates them with torch's PRNG; re-save it with save_projection=True"
+            );
+        }
+        Ok(PeftRead {
+            method: Box::new(VeraConfig {
+                d_initial: keys.or("d_initial", Self::default().d_initial)?,
+            }),
+            alpha: None,
+            dropout: keys.or("vera_dropout", 0.0)?,
+        })
+    }
+}
+
+impl Method for VeraConfig {
+    fn registration(&self) -> &'static Registration {
+        &REGISTRATION
+    }
+
+    fn validate(&self, _cfg: &AdapterConfig) -> Result<()> {
+        if !self.d_initial.is_finite() {
+            bail!("adapter.d_initial must be a finite number");
+        }
+        Ok(())
+    }
+
+    /// `r + out` per adapted linear (the projections are frozen).
+    fn trainable_count(&self, cfg: &AdapterConfig, targets: &[Target]) -> usize {
+        targets.iter().map(|t| cfg.rank + t.out_features).sum()
+    }
+
+    /// The projections `U(±√(6/fan_in))` of their own shapes (PEFT's `_kaiming_init`), A
+    /// first; `λ_d = d_initial`, `λ_b = 0`.
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        targets: &[Target],
+        dtype: DType,
+        device: &Device,
+        rng: &mut StdRng,
+    ) -> Result<Parts> {
+        let r = cfg.rank;
+        let max_in = targets.iter().map(|t| t.in_features).max().unwrap_or(0);
+        let max_out = targets.iter().map(|t| t.out_features).max().unwrap_or(0);
+        let bound = |fan_in: usize| (6.0 / fan_in as f64).sqrt();
+        let vera_a = uniform_var((r, max_in), bound(max_in), dtype, device, rng)?;
+        let vera_b = uniform_var((max_out, r), bound(r), dtype, device, rng)?;
+        let adapters = targets
+            .iter()
+            .map(|t| {
+                let vera = Vera {
+                    vera_a: vera_a.clone(),
+                    vera_b: vera_b.clone(),
+                    lambda_d: Var::from_tensor(
+                        &(Tensor::ones(r, dtype, device)? * self.d_initial)?,
+                    )?,
+                    lambda_b: Var::zeros(t.out_features, dtype, device)?,
+                    in_features: t.in_features,
+                    out_features: t.out_features,
+                    dropout: cfg.dropout,
+                };
+                Ok(Rc::new(vera) as Rc<dyn Adapter>)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Parts {
+            adapters,
+            shared: vec![
+                Param::new(VERA_A, &vera_a, Role::Frozen),
+                Param::new(VERA_B, &vera_b, Role::Frozen),
+            ],
+        })
+    }
+
+    fn peft_keys(&self, cfg: &AdapterConfig) -> Value {
+        json!({
+            "vera_dropout": cfg.dropout,
+            "d_initial": self.d_initial,
+            "save_projection": true,
+            // PEFT regenerates the projections from this key only with torch's PRNG; ours are
+            // saved instead (save_projection), so the key is informational.
+            "projection_prng_key": 0,
+        })
+    }
+}
+
+impl Delta for Vera {
     fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let out_dtype = x.dtype();
         let x = adapter_input(x, self.lambda_d.dtype(), self.dropout, ctx)?;
@@ -46,11 +165,13 @@ impl Adapter for Vera {
             .broadcast_mul(&self.lambda_b)?
             .to_dtype(out_dtype)
     }
+}
 
-    fn params(&self) -> Vec<(String, Var)> {
+impl Adapter for Vera {
+    fn params(&self) -> Vec<Param> {
         vec![
-            ("vera_lambda_b".into(), self.lambda_b.clone()),
-            ("vera_lambda_d".into(), self.lambda_d.clone()),
+            Param::new("vera_lambda_b", &self.lambda_b, Role::TRAINED),
+            Param::new("vera_lambda_d", &self.lambda_d, Role::TRAINED),
         ]
     }
 
@@ -63,51 +184,4 @@ impl Adapter for Vera {
             1.0,
         ))
     }
-}
-
-/// The projections `U(±√(6/fan_in))` of their own shapes (PEFT's `_kaiming_init`), A first;
-/// `λ_d = d_initial` (0.1), `λ_b = 0`.
-pub fn build(
-    cfg: &AdapterConfig,
-    targets: &[Target],
-    dtype: DType,
-    device: &Device,
-    rng: &mut StdRng,
-) -> candle_core::Result<Parts> {
-    let r = cfg.rank;
-    let max_in = targets.iter().map(|t| t.in_features).max().unwrap_or(0);
-    let max_out = targets.iter().map(|t| t.out_features).max().unwrap_or(0);
-    let bound = |fan_in: usize| (6.0 / fan_in as f64).sqrt();
-    let vera_a = uniform_var((r, max_in), bound(max_in), dtype, device, rng)?;
-    let vera_b = uniform_var((max_out, r), bound(r), dtype, device, rng)?;
-    let d_initial = cfg.d_initial.unwrap_or(0.1);
-    let adapters = targets
-        .iter()
-        .map(|t| {
-            let vera = Vera {
-                vera_a: vera_a.clone(),
-                vera_b: vera_b.clone(),
-                lambda_d: Var::from_tensor(&(Tensor::ones(r, dtype, device)? * d_initial)?)?,
-                lambda_b: Var::zeros(t.out_features, dtype, device)?,
-                in_features: t.in_features,
-                out_features: t.out_features,
-                dropout: cfg.dropout,
-            };
-            Ok(Rc::new(vera) as Rc<dyn Adapter>)
-        })
-        .collect::<candle_core::Result<_>>()?;
-    let frozen = |key: &str, var: Var| SharedTensor {
-        key: key.into(),
-        var,
-        trainable: false,
-    };
-    Ok(Parts {
-        adapters,
-        shared: vec![frozen(VERA_A, vera_a), frozen(VERA_B, vera_b)],
-    })
-}
-
-/// `r + out` per adapted linear (the projections are frozen).
-pub fn count(cfg: &AdapterConfig, targets: &[Target]) -> usize {
-    targets.iter().map(|t| cfg.rank + t.out_features).sum()
 }

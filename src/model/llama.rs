@@ -6,19 +6,25 @@
 
 use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
-use super::heads::{merge_heads, split_heads, Rope};
 use super::nf4::Quantization;
-use super::ops::{causal_attention_probs, rms_norm, silu_mul_op};
 use super::weights::WeightSource;
-use crate::adapters::{Adapter, AdapterSet, Ctx};
+use crate::ctx::Ctx;
+use crate::kernels::heads::{merge_heads, split_heads, Rope};
+use crate::kernels::ops::{causal_attention_probs, rms_norm, silu_mul_op};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use std::rc::Rc;
 
+/// What an adapter adds to a frozen linear's output.
+pub trait Delta {
+    /// The addition for input rows `x` (n, in) → (n, out).
+    fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor>;
+}
+
 /// A frozen linear, optionally with an adapter whose output is added to it.
 pub struct Linear {
     base: FrozenLinear,
-    adapter: Option<Rc<dyn Adapter>>,
+    adapter: Option<Rc<dyn Delta>>,
 }
 
 impl Linear {
@@ -158,11 +164,11 @@ impl Llama {
         &self.device
     }
 
-    /// Attaches the adapters of `set` to their linears (and removes any others).
-    pub fn attach(&mut self, set: &AdapterSet) {
+    /// Gives every block linear the adapter `adapter_of(layer, module)` returns (or none).
+    pub fn attach(&mut self, adapter_of: impl Fn(usize, &str) -> Option<Rc<dyn Delta>>) {
         for (l, block) in self.blocks.iter_mut().enumerate() {
             for (m, lin) in BLOCK_LINEARS.iter().zip(block.linears.iter_mut()) {
-                lin.adapter = set.get(l, m);
+                lin.adapter = adapter_of(l, m);
             }
         }
     }
@@ -235,11 +241,24 @@ impl Llama {
 
     /// Normalised hidden states of the last layer, (b, t) ids → (b, t, d).
     pub fn hidden(&self, ids: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        self.hidden_with(ids, ctx, |_, x, _| Ok(x))
+    }
+
+    /// The forward: embeddings, the decoder layers, the final norm. After each layer `l`,
+    /// `after_layer(l, output, input)` decides what the next layer gets (activation
+    /// checkpointing detaches it and keeps the input).
+    pub fn hidden_with(
+        &self,
+        ids: &Tensor,
+        ctx: &Ctx,
+        mut after_layer: impl FnMut(usize, Tensor, Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let rope = self.rope(t)?;
         let mut x = self.embed(ids)?;
         for l in 0..self.blocks.len() {
-            x = self.block(l, &x, &rope, &ctx.for_layer(l))?;
+            let out = self.block(l, &x, &rope, &ctx.for_layer(l))?;
+            x = after_layer(l, out, x)?;
         }
         self.final_norm(&x)
     }

@@ -2,7 +2,7 @@
 //! (keep only each layer's input; in backward recompute one layer at a time and
 //! back-propagate `sum(out · upstream_grad)`), which gives exactly the same gradients.
 
-use crate::adapters::Ctx;
+use crate::ctx::Ctx;
 use crate::data::batch::Batch;
 use crate::loss::{summed_loss, summed_loss_of_hidden};
 use crate::model::Llama;
@@ -56,24 +56,30 @@ fn checkpointed(
     acc: &mut Grads,
 ) -> Result<(Tensor, usize)> {
     let ids = batch.input_ids(model.device())?;
-    let rope = model.rope(ids.dim(1)?)?;
-    // Forward without a graph, keeping each layer's input.
-    let mut inputs = Vec::with_capacity(model.num_layers());
-    let mut x = model.embed(&ids)?;
-    for l in 0..model.num_layers() {
-        let out = model.block(l, &x, &rope, &ctx.for_layer(l))?.detach();
-        inputs.push(x);
-        x = out;
-    }
-    // Head: the loss and its gradient w.r.t. the last layer's output.
-    let last = Var::from_tensor(&x)?;
-    let (sum, n) = summed_loss_of_hidden(model, &model.final_norm(last.as_tensor())?, batch, true)?;
+    let layers = model.num_layers();
+    // Forward keeping only each layer's input; the last output becomes a leaf, so the head's
+    // backward stops there with the gradient the layers need.
+    let mut inputs = Vec::with_capacity(layers);
+    let mut last = None;
+    let hidden = model.hidden_with(&ids, ctx, |l, out, input| {
+        inputs.push(input);
+        if l + 1 < layers {
+            return Ok(out.detach());
+        }
+        let leaf = Var::from_tensor(&out.detach())?;
+        let x = leaf.as_tensor().clone();
+        last = Some(leaf);
+        Ok(x)
+    })?;
+    let last = last.context("the model has no layers")?;
+    let (sum, n) = summed_loss_of_hidden(model, &hidden, batch, true)?;
     let store = (&sum / divisor)?.backward()?;
     let mut upstream = store
         .get(last.as_tensor())
         .context("no gradient reached the last hidden state")?
         .clone();
     drop(store);
+    let rope = model.rope(ids.dim(1)?)?;
     // Layers in reverse, each recomputed from its saved input.
     for l in (0..model.num_layers()).rev() {
         // The embedding output needs no gradient: layer 0 keeps a plain input.

@@ -5,8 +5,10 @@ use super::checkpoint::{self, TrainerState};
 use super::optim::{clip_factor, AdamW, AdamWParams};
 use super::schedule::{linear_with_warmup, warmup_steps};
 use super::step::{accumulate_grads, Grads};
-use crate::adapters::{adapter_dtype, mix_seed, peft, AdapterSet, Ctx};
+use crate::adapters::{adapter_dtype, peft, AdapterSet};
+use crate::atomic;
 use crate::config::RunConfig;
+use crate::ctx::{mix_seed, Ctx};
 use crate::data::batch::{split_eval, Batcher, Order};
 use crate::data::chat::{ChatEncoder, Encoded};
 use crate::data::dataset::{default_cache_dir, load, DataReport, LoadOptions};
@@ -130,7 +132,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    peft::write_atomic(path, kept.as_bytes())
+    atomic::write(path, kept.as_bytes())
 }
 
 pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<TrainSummary> {
@@ -170,7 +172,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         &device,
         &mut init_rng,
     )?;
-    model.attach(&adapters);
+    adapters.attach_to(&mut model);
     if let Some(dir) = &cfg.adapter.init_from {
         // The config decides the method and its training knobs (dropout); the saved adapter
         // only its starting values, which must fit tensor for tensor.
@@ -179,15 +181,12 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         peft::restore_values(&dir.join(peft::WEIGHTS_FILE), &adapters)?;
     }
     let named = adapters.trainable();
-    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let vars: Vec<_> = named.iter().map(|(_, v, _)| v.clone()).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
 
     let [beta1, beta2] = cfg.optim.betas;
     let mut optimizer = AdamW::new(
-        named
-            .iter()
-            .map(|(key, var)| (key.clone(), var.clone(), adapters.lr_scale(key)))
-            .collect(),
+        named.clone(),
         AdamWParams {
             beta1,
             beta2,
@@ -211,7 +210,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
 
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-    peft::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    atomic::write(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     let run_info = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "command": std::env::args().collect::<Vec<_>>(),
@@ -219,7 +218,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         "trainable_parameters": trainable,
         "device": crate::device::describe(&device),
     });
-    peft::write_atomic(
+    atomic::write(
         &run_dir.join("run.json"),
         serde_json::to_string_pretty(&run_info)?.as_bytes(),
     )?;
@@ -243,7 +242,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
 
     if resume_from.is_none() {
         // What the data loading kept, dropped and skipped, line by line.
-        peft::write_atomic(
+        atomic::write(
             &run_dir.join("data_report.json"),
             serde_json::to_string_pretty(&reports)?.as_bytes(),
         )?;
@@ -258,7 +257,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let total = cfg.train.steps;
     eprintln!(
         "training {} adapter ({trainable} parameters) on {} ({} examples) for {} steps of {} examples → {}",
-        cfg.adapter.kind,
+        cfg.adapter.kind(),
         model_source.name(),
         train_set.len(),
         total,

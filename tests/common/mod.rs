@@ -28,7 +28,7 @@ pub fn tiny_f64_model(cfg: &AdapterConfig, quant: Quantization) -> (Llama, Adapt
     .unwrap();
     let mut rng = StdRng::seed_from_u64(7);
     let set = AdapterSet::new(cfg, &model_cfg, DType::F64, &Device::Cpu, &mut rng).unwrap();
-    for (_, var) in set.tensors() {
+    for var in set.tensors().into_iter().map(|p| p.var) {
         let v: Vec<f64> = prolora::adapters::uniform(var.elem_count(), 0.5, &mut rng)
             .into_iter()
             .map(f64::from)
@@ -36,7 +36,7 @@ pub fn tiny_f64_model(cfg: &AdapterConfig, quant: Quantization) -> (Llama, Adapt
         var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
             .unwrap();
     }
-    model.attach(&set);
+    set.attach_to(&mut model);
     (model, set)
 }
 

@@ -3,8 +3,8 @@
 //! hash, not a tensor: it costs no memory, every core (or GPU thread) computes its own part,
 //! CPU and CUDA draw the same one, and backward applies it again to the gradient.
 
-use crate::model::ops::{per_float_dtype, slice, ELEMENTWISE_CHUNK as CHUNK};
-use crate::model::vecmath::with_avx2;
+use super::ops::{per_float_dtype, slice, ELEMENTWISE_CHUNK as CHUNK};
+use super::vecmath::with_avx2;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;

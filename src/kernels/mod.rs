@@ -1,0 +1,9 @@
+//! The numerical kernels of the training path: fused CPU passes with their own backwards (and
+//! CUDA forms where one exists), each equal to the composed candle ops it replaces. Nothing
+//! here knows about models or adapters.
+
+pub mod cross_entropy;
+pub mod dropout;
+pub mod heads;
+pub mod ops;
+pub(crate) mod vecmath;
