@@ -9,13 +9,14 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-/// The temporary sibling of `path`: hidden, in the same directory (so the rename is atomic).
-fn temporary(path: &Path) -> PathBuf {
+/// The temporary sibling of `path`, hidden, in the same directory (so the rename is atomic);
+/// `tag` keeps writers of the same path apart.
+fn temporary(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    path.with_file_name(format!(".{name}{tag}.tmp"))
 }
 
 /// The directory holding `path` (`.` for a bare file name).
@@ -39,7 +40,8 @@ pub fn write_with<T>(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> Result<T>,
 ) -> Result<T> {
-    let tmp = temporary(path);
+    // Per process: two runs may write the same shared file (a data cache) at once.
+    let tmp = temporary(path, &format!(".{}", std::process::id()));
     let written = (|| {
         let file = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         let mut w = BufWriter::new(file);
@@ -83,9 +85,10 @@ pub fn write_safetensors(
 }
 
 /// Builds the directory `dir` whole: `fill` writes into a temporary sibling directory, which
-/// then replaces `dir` (an existing `dir` is removed only once the new one is complete).
+/// then replaces `dir` (an existing `dir` is removed only once the new one is complete). A
+/// directory has one writer (a run owns its checkpoints), so a stale temporary is replaced.
 pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = temporary(dir);
+    let tmp = temporary(dir, "");
     let written = (|| {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;

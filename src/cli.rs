@@ -1,15 +1,21 @@
 //! The command line: one subcommand per user verb.
 
 use crate::adapters::peft;
+use crate::atomic;
+use crate::choice::named_enum;
 use crate::config::RunConfig;
 use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Message, Role};
 use crate::data::convert::{prepare, Format};
 use crate::data::dataset::{encode_file, LoadOptions};
 use crate::data::inspect;
-use crate::model::nf4::Quantization;
+use crate::device::{ComputeDtype, DeviceSpec};
+use crate::model::nf4::{Quantization, Storage};
 use crate::source::{self, ModelSource, Origin};
+use crate::train::run_dir::CONFIG_FILE;
+use crate::train::Start;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -62,7 +68,8 @@ pub enum DataCommand {
 
 #[derive(Args)]
 pub struct PrepareArgs {
-    #[arg(long, value_enum)]
+    /// The raw format: superni, flan_v2, cot, code_alpaca, alpaca, messages or prompt_completion.
+    #[arg(long, value_parser = choices::<Format>(Format::NAMES))]
     pub format: Format,
     /// The raw file or directory (see the formats).
     #[arg(long = "in")]
@@ -76,20 +83,24 @@ pub struct PrepareArgs {
     /// Skip, count and report bad records instead of stopping at the first.
     #[arg(long)]
     pub skip_invalid: bool,
+    /// Print one JSON object (what was written) on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What the data commands read.
 #[derive(Args)]
 pub struct DataInput {
-    /// A tokenizer.json, a model directory, a preset or a Hub repo id.
+    /// A tokenizer.json, a directory holding one, a preset or a Hub repo id.
     #[arg(long, default_value = "llama2-7b")]
     pub tokenizer: String,
     /// `{"messages": [...]}` jsonl.
     #[arg(long)]
     pub data: PathBuf,
+    /// Longest example in tokens; longer ones are truncated (as in training).
     #[arg(long, default_value_t = 512)]
     pub max_seq_len: usize,
-    /// Skip, count and report bad lines instead of stopping at the first.
+    /// Skip, count and report bad lines instead of stopping at the first one.
     #[arg(long)]
     pub skip_invalid: bool,
 }
@@ -101,6 +112,9 @@ pub struct EncodeArgs {
     /// Where to write the encoded jsonl.
     #[arg(long)]
     pub out: PathBuf,
+    /// Print one JSON object (what was written) on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -131,20 +145,30 @@ pub struct CollectArgs {
     pub csv: bool,
 }
 
+/// Where a model's files come from.
 #[derive(Args)]
-pub struct QuantizeArgs {
-    /// A preset, a local transformers directory, or a Hub repo id (org/name).
+pub struct ModelSpec {
+    /// A preset (tiny, llama2-7b, …), a local transformers directory, or a Hub repo id (org/name).
     #[arg(long)]
     pub model: String,
     /// Hub revision: branch, tag or commit.
     #[arg(long, default_value = "main")]
     pub revision: String,
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    pub model: ModelSpec,
     /// The output directory (model.safetensors, config.json, tokenizer files).
     #[arg(long)]
     pub out: PathBuf,
     /// Also quantize the block scales (double quantization).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub double_quant: bool,
+    /// Print one JSON object (what was written) on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -175,37 +199,50 @@ pub struct ParamsArgs {
     pub paper_tables: bool,
 }
 
+named_enum! {
+/// What `prolora export` writes.
+pub enum ExportFormat {
+    /// A plain PEFT LoRA of the equivalent rank.
+    PeftLora = "peft-lora",
+}
+}
+
 #[derive(Args)]
 pub struct ExportArgs {
-    /// Our adapter directory (any kind).
+    /// The adapter directory (any method).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Output format; `peft-lora` is the one there is.
-    #[arg(long, default_value = "peft-lora")]
-    pub format: String,
+    /// Output format.
+    #[arg(long, default_value = "peft-lora", value_parser = choices::<ExportFormat>(ExportFormat::NAMES))]
+    pub format: ExportFormat,
     /// Where to write the PEFT LoRA adapter.
     #[arg(long)]
     pub out: PathBuf,
     /// The base model (for its shapes); default: the adapter's base_model_name_or_path.
     #[arg(long)]
     pub model: Option<String>,
+    /// Hub revision of --model: branch, tag or commit.
     #[arg(long, default_value = "main")]
     pub revision: String,
+    /// Print one JSON object (what was written) on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
 pub struct MergeArgs {
     /// A local transformers directory or a Hub repo id.
-    #[arg(long)]
-    pub model: String,
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-    /// The adapter directory (any kind).
+    #[command(flatten)]
+    pub model: ModelSpec,
+    /// The adapter directory (any method).
     #[arg(long)]
     pub adapter: PathBuf,
     /// The output directory (a transformers checkpoint).
     #[arg(long)]
     pub out: PathBuf,
+    /// Print one JSON object (what was written) on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -228,36 +265,36 @@ pub struct TrainArgs {
     pub overwrite: bool,
     /// Compute device: auto, cpu, cuda or cuda:N (overrides the config's `device`).
     #[arg(long)]
-    pub device: Option<String>,
+    pub device: Option<DeviceSpec>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
-/// How to get the base model (shared by eval and generate).
+/// The base model a command runs, and the adapter on it.
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A preset (tiny), a local transformers directory, or a Hub repo id (org/name).
-    #[arg(long)]
-    pub model: String,
-    /// Hub revision: branch, tag or commit.
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-    /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[command(flatten)]
+    pub spec: ModelSpec,
+    /// An adapter directory (adapter_config.json + adapter_model.safetensors), any method.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// A tokenizer.json to use instead of the model's.
+    /// Another tokenizer than the model's: a tokenizer.json, a directory holding one, a preset
+    /// or a Hub repo id.
     #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16, f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    /// Storage of the block linears: none, or nf4 (4-bit, as bitsandbytes; quantized on load).
-    #[arg(long, default_value = "none")]
-    pub quantize: String,
+    pub tokenizer: Option<String>,
+    /// Compute dtype (auto: bf16 on a GPU, f32 on the CPU).
+    #[arg(long, default_value = "auto", value_parser = choices::<ComputeDtype>(ComputeDtype::NAMES))]
+    pub dtype: ComputeDtype,
+    /// Storage of the block linears (nf4: 4-bit, as bitsandbytes; quantized while loading).
+    #[arg(long, default_value = "none", value_parser = choices::<Storage>(Storage::NAMES))]
+    pub quantize: Storage,
     /// With --quantize nf4: also quantize the block scales (double quantization).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub double_quant: bool,
     /// Compute device: auto (CUDA when built with it and a GPU is present), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: DeviceSpec,
 }
 
 #[derive(Args)]
@@ -267,11 +304,13 @@ pub struct EvalArgs {
     /// `{"messages": [...]}` jsonl.
     #[arg(long)]
     pub data: PathBuf,
+    /// Longest example in tokens; longer ones are truncated (as in training).
     #[arg(long, default_value_t = 512)]
     pub max_seq_len: usize,
+    /// Examples per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Print one JSON object instead of text.
+    /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     pub json: bool,
 }
@@ -286,8 +325,25 @@ pub struct GenerateArgs {
     /// An optional system message.
     #[arg(long)]
     pub system: Option<String>,
+    /// Stop after this many new tokens (or at the end-of-sequence token).
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
+}
+
+/// A flag that takes one of `names`, listed in `--help` and in the error.
+fn choices<T: std::str::FromStr + Clone + Send + Sync + 'static>(
+    names: &'static [&'static str],
+) -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(names).map(|s| {
+        s.parse::<T>()
+            .unwrap_or_else(|_| unreachable!("{s} is a listed name"))
+    })
+}
+
+/// Machine output: one JSON object on stdout.
+fn print_json(v: serde_json::Value) {
+    println!("{v}");
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -297,7 +353,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Plot(a) => {
             crate::plot::plot(&a.runs, &a.out)?;
-            println!("wrote {}", a.out.display());
+            eprintln!("wrote {}", a.out.display());
             Ok(())
         }
         Command::Collect(a) => {
@@ -314,14 +370,28 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The summary of a writing command: a line on stderr, or with `--json` the same as JSON on
+/// stdout.
+fn report_written(json: bool, text: String, value: serde_json::Value) {
+    if json {
+        print_json(value);
+    } else {
+        eprintln!("{text}");
+    }
+}
+
 fn quantize(args: QuantizeArgs) -> Result<()> {
-    let source = ModelSource::resolve(&args.model, &args.revision)?;
+    let source = ModelSource::resolve(&args.model.model, &args.model.revision)?;
     let s = crate::quantize::quantize_model(&source, &args.out, args.double_quant)?;
-    println!(
-        "wrote {} tensors ({:.1} MiB) to {}",
-        s.tensors,
-        s.bytes as f64 / (1 << 20) as f64,
-        args.out.display()
+    report_written(
+        args.json,
+        format!(
+            "wrote {} tensors ({:.1} MiB) to {}",
+            s.tensors,
+            s.bytes as f64 / (1 << 20) as f64,
+            args.out.display()
+        ),
+        json!({"out": args.out, "tensors": s.tensors, "bytes": s.bytes}),
     );
     Ok(())
 }
@@ -339,7 +409,7 @@ fn params(args: ParamsArgs) -> Result<()> {
     let (name, shapes) = ModelSource::resolve_shapes(model, &args.revision)?;
     let report = crate::params::report(&name, &shapes, &cfg)?;
     if args.json {
-        println!("{report}");
+        print_json(report);
     } else {
         println!("{}", crate::params::describe(&report));
     }
@@ -347,7 +417,7 @@ fn params(args: ParamsArgs) -> Result<()> {
 }
 
 /// The base model an adapter was trained on: `--model`, else its recorded base.
-fn base_of(model: &Option<String>, adapter: &std::path::Path) -> Result<String> {
+fn base_of(model: &Option<String>, adapter: &Path) -> Result<String> {
     match model.clone().or_else(|| peft::base_model_of(adapter)) {
         Some(m) => Ok(m),
         None => bail!(
@@ -358,36 +428,42 @@ fn base_of(model: &Option<String>, adapter: &std::path::Path) -> Result<String> 
 }
 
 fn export(args: ExportArgs) -> Result<()> {
-    if args.format != "peft-lora" {
-        bail!(
-            "--format {:?} is not supported (use peft-lora)",
-            args.format
-        );
-    }
     let model = base_of(&args.model, &args.adapter)?;
     let source = ModelSource::resolve(&model, &args.revision)?;
-    crate::export::export_peft_lora(&args.adapter, &source.config, &model, &args.out)?;
-    println!("PEFT LoRA written to {}", args.out.display());
+    match args.format {
+        ExportFormat::PeftLora => {
+            crate::export::export_peft_lora(&args.adapter, &source.config, &model, &args.out)?
+        }
+    }
+    report_written(
+        args.json,
+        format!("{} adapter written to {}", args.format, args.out.display()),
+        json!({"out": args.out, "format": args.format}),
+    );
     Ok(())
 }
 
 fn merge(args: MergeArgs) -> Result<()> {
-    let source = ModelSource::resolve(&args.model, &args.revision)?;
+    let source = ModelSource::resolve(&args.model.model, &args.model.revision)?;
     let Origin::Dir(dir) = &source.origin else {
         bail!(
             "--model {}: a preset has no checkpoint files to merge into; pass a model directory or Hub id",
-            args.model
+            args.model.model
         );
     };
     crate::export::merge(dir, &source.config, &args.adapter, &args.out)?;
-    println!("merged model written to {}", args.out.display());
+    report_written(
+        args.json,
+        format!("merged model written to {}", args.out.display()),
+        json!({"out": args.out}),
+    );
     Ok(())
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let (cfg, start) = match &args.resume {
+    let (mut cfg, start) = match &args.resume {
         Some(run_dir) => {
-            let saved = run_dir.join("config.toml");
+            let saved = run_dir.join(CONFIG_FILE);
             let path = args.config.clone().unwrap_or_else(|| saved.clone());
             let mut cfg = RunConfig::load(&path, &args.overrides)?;
             cfg.output_dir = run_dir.display().to_string();
@@ -398,7 +474,7 @@ fn train(args: TrainArgs) -> Result<()> {
                     run_dir.display()
                 );
             }
-            (cfg, crate::train::Start::Resume)
+            (cfg, Start::Resume)
         }
         None => {
             let path = args
@@ -406,39 +482,42 @@ fn train(args: TrainArgs) -> Result<()> {
                 .as_ref()
                 .expect("clap requires --config without --resume");
             let start = if args.overwrite {
-                crate::train::Start::Overwrite
+                Start::Overwrite
             } else {
-                crate::train::Start::Fresh
+                Start::Fresh
             };
             (RunConfig::load(path, &args.overrides)?, start)
         }
     };
-    let mut cfg = cfg;
-    if let Some(device) = &args.device {
-        cfg.device = device.clone();
+    if let Some(device) = args.device {
+        cfg.device = device;
     }
     let s = crate::train::train(&cfg, start, !args.quiet)?;
-    println!(
-        "done: {} steps, loss {:.4} → {:.4}{}; adapter in {}",
-        s.steps,
-        s.first_loss,
-        s.last_loss,
-        s.final_eval_loss
-            .map(|l| format!(", eval loss {l:.4}"))
-            .unwrap_or_default(),
-        s.run_dir.display()
+    report_written(
+        args.json,
+        format!(
+            "done: {} steps, loss {:.4} → {:.4}{}; adapter in {}",
+            s.steps,
+            s.first_loss,
+            s.last_loss,
+            s.final_eval_loss
+                .map(|l| format!(", eval loss {l:.4}"))
+                .unwrap_or_default(),
+            s.run_dir.display()
+        ),
+        json!({"run_dir": s.run_dir, "steps": s.steps, "first_loss": s.first_loss,
+               "last_loss": s.last_loss, "eval_loss": s.final_eval_loss}),
     );
     Ok(())
 }
 
 /// The base model with the adapter (if any) attached, and its chat encoder.
 fn load_model(args: &ModelArgs) -> Result<(crate::model::Llama, ChatEncoder)> {
-    let source = ModelSource::resolve(&args.model, &args.revision)?;
+    let source = ModelSource::resolve(&args.spec.model, &args.spec.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
-    let quant = Quantization::parse(&args.quantize, args.double_quant).context("--quantize")?;
-    let device = crate::device::open(&args.device)?;
-    let dtype = source::compute_dtype(&args.dtype, &device)?;
-    let mut model = source.load_quantized(dtype, quant, &device)?;
+    let device = crate::device::open(args.device)?;
+    let quant = Quantization::new(args.quantize, args.double_quant);
+    let mut model = source.load_quantized(args.dtype.on(&device), quant, &device)?;
     if let Some(dir) = &args.adapter {
         peft::load_into(dir, &mut model)?;
     }
@@ -461,16 +540,13 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     let (loss, tokens) = crate::eval::evaluate(&model, &encoded, args.batch_size)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "loss": loss,
-                "tokens": tokens,
-                "examples": encoded.len(),
-                "dropped": dropped,
-                "perplexity": loss.exp(),
-            })
-        );
+        print_json(json!({
+            "loss": loss,
+            "tokens": tokens,
+            "examples": encoded.len(),
+            "dropped": dropped,
+            "perplexity": loss.exp(),
+        }));
     } else {
         println!(
             "loss {loss:.6} (perplexity {:.3}) over {tokens} label tokens in {} examples{}",
@@ -506,16 +582,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--tokenizer`: a tokenizer.json file, a directory holding one, else a model spec.
 fn data_encoder(spec: &str) -> Result<ChatEncoder> {
-    let path = Path::new(spec);
-    if path.is_file() {
-        return ChatEncoder::from_file(path);
-    }
-    if path.join("tokenizer.json").is_file() {
-        return ChatEncoder::from_file(&path.join("tokenizer.json"));
-    }
-    ChatEncoder::new(ModelSource::resolve(spec, "main")?.tokenizer(None)?)
+    ChatEncoder::new(source::tokenizer(spec, "main")?)
 }
 
 fn data_options(input: &DataInput) -> Result<LoadOptions> {
@@ -529,47 +597,20 @@ fn data_options(input: &DataInput) -> Result<LoadOptions> {
     })
 }
 
-/// Writes `out` through `write`, into `out.partial` renamed at the end, so a failed run leaves
-/// no partial file.
-fn write_then_rename<T>(
-    out: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<T>,
-) -> Result<T> {
-    let mut tmp = out.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    let mut w = std::io::BufWriter::new(file);
-    let result = write(&mut w).and_then(|r| {
-        w.flush()
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        Ok(r)
-    });
-    match result {
-        Ok(r) => {
-            std::fs::rename(&tmp, out)
-                .with_context(|| format!("cannot write {}", out.display()))?;
-            Ok(r)
-        }
-        Err(e) => {
-            // Best effort: the error is what the user needs to see.
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
-}
-
 fn data_encode(args: EncodeArgs) -> Result<()> {
     let encoder = data_encoder(&args.input.tokenizer)?;
     let opts = data_options(&args.input)?;
-    let report = write_then_rename(&args.out, |out| {
+    let report = atomic::write_with(&args.out, |out| {
         encode_file(&encoder, &args.input.data, &opts, |e| {
-            let line = serde_json::json!({"input_ids": e.input_ids, "labels": e.labels});
+            let line = json!({"input_ids": e.input_ids, "labels": e.labels});
             writeln!(out, "{line}").with_context(|| format!("cannot write {}", args.out.display()))
         })
     })?;
-    eprintln!("{} → {}", report.summary(), args.out.display());
+    report_written(
+        args.json,
+        format!("{} → {}", report.summary(), args.out.display()),
+        json!({"out": args.out, "report": report}),
+    );
     Ok(())
 }
 
@@ -619,21 +660,25 @@ fn data_inspect(args: InspectArgs) -> Result<()> {
 }
 
 fn data_prepare(args: PrepareArgs) -> Result<()> {
-    let report = write_then_rename(&args.out, |out| {
+    let report = atomic::write_with(&args.out, |out| {
         prepare(args.format, &args.input, out, args.seed, args.skip_invalid)
     })?;
-    eprintln!(
-        "wrote {} examples to {}{}",
-        report.written,
-        args.out.display(),
-        if report.skipped.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " ({} bad records skipped, listed above)",
-                report.skipped.len()
-            )
-        }
+    report_written(
+        args.json,
+        format!(
+            "wrote {} examples to {}{}",
+            report.written,
+            args.out.display(),
+            if report.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} bad records skipped, listed above)",
+                    report.skipped.len()
+                )
+            }
+        ),
+        json!({"out": args.out, "written": report.written, "skipped": report.skipped}),
     );
     Ok(())
 }

@@ -1,7 +1,10 @@
 //! The run config: TOML with every knob, unknown keys rejected by name, `key=value` overrides.
 
 use crate::adapters::AdapterConfig;
-use crate::model::nf4::Quantization;
+use crate::choice::named_enum;
+use crate::data::batch::Order;
+use crate::device::{ComputeDtype, DeviceSpec};
+use crate::model::nf4::{Quantization, Storage};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -17,7 +20,7 @@ pub struct RunConfig {
     /// `auto` (a CUDA GPU when built with CUDA and one is present, else the CPU), `cpu`,
     /// `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
-    pub device: String,
+    pub device: DeviceSpec,
     pub model: ModelConfig,
     #[serde(default)]
     pub adapter: AdapterConfig,
@@ -35,18 +38,19 @@ pub struct ModelConfig {
     /// Hub revision (branch, tag or commit).
     #[serde(default = "default_revision")]
     pub revision: String,
-    /// A tokenizer.json to use instead of the model's own.
+    /// Another tokenizer than the model's own: a tokenizer.json, a directory holding one, a
+    /// preset or a Hub repo id.
     #[serde(default)]
     pub tokenizer: Option<String>,
     /// Compute dtype of the frozen base: `auto` (bf16 on a GPU, f32 on the CPU), `f32`, `bf16`,
     /// `f16`. Also accepted as
     /// `compute_dtype` (the name the 4-bit options go with).
     #[serde(default = "default_dtype", alias = "compute_dtype")]
-    pub dtype: String,
+    pub dtype: ComputeDtype,
     /// Storage of the seven linears of each block: `"none"` (the compute dtype) or `"nf4"`
     /// (4-bit NormalFloat, as bitsandbytes; quantized while loading).
     #[serde(default = "default_quantize")]
-    pub quantize: String,
+    pub quantize: Storage,
     /// With `quantize = "nf4"`: also quantize the block scales (the paper's setting).
     #[serde(default = "default_true")]
     pub double_quant: bool,
@@ -54,8 +58,8 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// The storage `quantize` and `double_quant` ask for.
-    pub fn quantization(&self) -> Result<Quantization> {
-        Quantization::parse(&self.quantize, self.double_quant).context("model.quantize")
+    pub fn quantization(&self) -> Quantization {
+        Quantization::new(self.quantize, self.double_quant)
     }
 }
 
@@ -72,7 +76,7 @@ pub struct DataConfig {
     /// `length_grouped` (HF's group_by_length, the paper's), `shuffle` (a seeded permutation
     /// each epoch) or `file` (strict file order, for parity checks against another trainer).
     #[serde(default = "default_order")]
-    pub order: String,
+    pub order: Order,
     /// Hold out this many `train` examples as the eval set (the paper: 1024); excludes `eval`.
     #[serde(default)]
     pub eval_size: usize,
@@ -105,6 +109,16 @@ pub struct OptimConfig {
     pub warmup_ratio: f64,
 }
 
+named_enum! {
+/// What a non-finite loss or gradient does (`train.on_nonfinite`).
+pub enum OnNonFinite {
+    /// Stop with the step number, keeping the last checkpoint.
+    Stop = "stop",
+    /// Skip the step and go on.
+    Skip = "skip",
+}
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -128,7 +142,7 @@ pub struct TrainConfig {
     pub keep_last: usize,
     /// On a non-finite loss or gradient: `stop` (keeping the last checkpoint) or `skip` the step.
     #[serde(default = "default_on_nonfinite")]
-    pub on_nonfinite: String,
+    pub on_nonfinite: OnNonFinite,
     /// Write a metrics line every this many steps.
     #[serde(default = "default_one")]
     pub log_every: usize,
@@ -140,17 +154,17 @@ pub struct TrainConfig {
 fn default_seed() -> u64 {
     1
 }
-fn default_device() -> String {
-    "auto".into()
+fn default_device() -> DeviceSpec {
+    DeviceSpec::Auto
 }
 fn default_revision() -> String {
     "main".into()
 }
-fn default_dtype() -> String {
-    "auto".into()
+fn default_dtype() -> ComputeDtype {
+    ComputeDtype::Auto
 }
-fn default_quantize() -> String {
-    "none".into()
+fn default_quantize() -> Storage {
+    Storage::None
 }
 fn default_true() -> bool {
     true
@@ -182,14 +196,14 @@ fn default_batch_size() -> usize {
 fn default_one() -> usize {
     1
 }
-fn default_order() -> String {
-    "length_grouped".into()
+fn default_order() -> Order {
+    Order::LengthGrouped
 }
 fn default_keep_last() -> usize {
     2
 }
-fn default_on_nonfinite() -> String {
-    "stop".into()
+fn default_on_nonfinite() -> OnNonFinite {
+    OnNonFinite::Stop
 }
 
 impl Default for OptimConfig {
@@ -267,30 +281,12 @@ impl RunConfig {
         if self.data.eval_size > 0 && self.data.eval.is_some() {
             bail!("data.eval and data.eval_size are both set; keep one of them");
         }
-        if !matches!(
-            self.data.order.as_str(),
-            "length_grouped" | "shuffle" | "file"
-        ) {
-            bail!(
-                "data.order = {:?}: use \"length_grouped\", \"shuffle\" or \"file\"",
-                self.data.order
-            );
-        }
-        if !matches!(self.train.on_nonfinite.as_str(), "stop" | "skip") {
-            bail!(
-                "train.on_nonfinite = {:?}: use \"stop\" or \"skip\"",
-                self.train.on_nonfinite
-            );
-        }
         if self.data.max_seq_len < 2 {
             bail!("data.max_seq_len must be at least 2");
         }
         if !(0.0..1.0).contains(&self.optim.warmup_ratio) {
             bail!("optim.warmup_ratio must be in [0, 1)");
         }
-        crate::source::compute_dtype(&self.model.dtype, &candle_core::Device::Cpu)
-            .context("model.dtype")?;
-        self.model.quantization()?;
         Ok(())
     }
 
@@ -326,7 +322,7 @@ impl RunConfig {
         let as_value = |c: &RunConfig| {
             let mut c = c.clone();
             c.output_dir.clear();
-            c.device.clear();
+            c.device = DeviceSpec::Auto;
             toml::Value::try_from(c).ok()
         };
         walk("", &as_value(self)?, &as_value(other)?)

@@ -2,20 +2,93 @@
 //! one is present, else the CPU), `cpu`, `cuda` or `cuda:N`; and what to tell the user when the
 //! GPU runs out of memory.
 
+use crate::choice::named_enum;
 use anyhow::{bail, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
+
+/// Where a command computes (`device`, `--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// A CUDA GPU when this binary has CUDA and the driver finds one, else the CPU.
+    Auto,
+    Cpu,
+    /// GPU `N` (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(Self::Cuda(ordinal)),
+                _ => Err(format!(
+                    "unknown device {other:?} (use auto, cpu, cuda or cuda:N)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl serde::Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        s.parse().map_err(<D::Error as serde::de::Error>::custom)
+    }
+}
+
+named_enum! {
+/// The compute dtype of the frozen base (`model.dtype`, `--dtype`).
+pub enum ComputeDtype {
+    /// bf16 on a GPU (the paper's), f32 on the CPU (its fast path).
+    Auto = "auto",
+    F32 = "f32",
+    Bf16 = "bf16",
+    F16 = "f16",
+    F64 = "f64",
+}
+}
+
+impl ComputeDtype {
+    /// The dtype on `device`.
+    pub fn on(self, device: &Device) -> DType {
+        match self {
+            Self::Auto if device.is_cpu() => DType::F32,
+            Self::Auto | Self::Bf16 => DType::BF16,
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::F64 => DType::F64,
+        }
+    }
+}
 
 /// The device `spec` names.
-pub fn open(spec: &str) -> Result<Device> {
+pub fn open(spec: DeviceSpec) -> Result<Device> {
     match spec {
-        "cpu" => Ok(Device::Cpu),
+        DeviceSpec::Cpu => Ok(Device::Cpu),
         // A CUDA build on a machine whose driver finds no GPU falls back to the CPU.
-        "auto" => Ok(cuda(0).unwrap_or(Device::Cpu)),
-        "cuda" => cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => cuda(ordinal),
-            _ => bail!("unknown device {other:?} (use auto, cpu, cuda or cuda:N)"),
-        },
+        DeviceSpec::Auto => Ok(cuda(0).unwrap_or(Device::Cpu)),
+        DeviceSpec::Cuda(ordinal) => cuda(ordinal),
     }
 }
 

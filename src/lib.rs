@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod atomic;
+pub mod choice;
 pub mod cli;
 pub mod collect;
 pub mod config;

@@ -32,10 +32,38 @@ fn configure_threads() -> rayon::ThreadPool {
         .expect("a thread pool")
 }
 
+/// The command line, or the exit for `--help`, `--version` and usage errors. A bad flag value
+/// is one `error:` line, like every other error.
+fn parse_args() -> Result<prolora::cli::Cli, std::process::ExitCode> {
+    use clap::error::ErrorKind;
+    match prolora::cli::Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::InvalidValue | ErrorKind::ValueValidation
+            ) =>
+        {
+            let text = e.render().to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                .collect();
+            eprintln!("{}", line.join(" "));
+            Err(std::process::ExitCode::from(2))
+        }
+        Err(e) => e.exit(),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
     let pool = configure_threads();
-    let cli = prolora::cli::Cli::parse();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     match pool.install(|| prolora::cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

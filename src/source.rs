@@ -108,10 +108,10 @@ impl ModelSource {
         })
     }
 
-    /// The model's tokenizer, or `override_path` when given.
-    pub fn tokenizer(&self, override_path: Option<&Path>) -> Result<Tokenizer> {
-        if let Some(p) = override_path {
-            return load_tokenizer(p);
+    /// The model's tokenizer, or the one `spec` names (see [`tokenizer`]) when given.
+    pub fn tokenizer(&self, spec: Option<&str>) -> Result<Tokenizer> {
+        if let Some(spec) = spec {
+            return tokenizer(spec, "main");
         }
         match &self.origin {
             Origin::Preset(_) => Tokenizer::from_bytes(LLAMA2_TOKENIZER_JSON)
@@ -138,19 +138,22 @@ impl ModelSource {
     }
 }
 
+/// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json, a directory holding one,
+/// or a model (a preset or a Hub repo id) whose tokenizer to use.
+pub fn tokenizer(spec: &str, revision: &str) -> Result<Tokenizer> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return load_tokenizer(path);
+    }
+    if path.join("tokenizer.json").is_file() {
+        return load_tokenizer(&path.join("tokenizer.json"));
+    }
+    ModelSource::resolve(spec, revision)?.tokenizer(None)
+}
+
 fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path)
         .map_err(|e| anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))
-}
-
-/// The compute dtype `spec` names on `device`: `auto` is bf16 on a GPU (the paper's) and f32 on
-/// the CPU (its fast path), else as [`parse_dtype`].
-pub fn compute_dtype(spec: &str, device: &Device) -> Result<DType> {
-    match spec {
-        "auto" if device.is_cpu() => Ok(DType::F32),
-        "auto" => Ok(DType::BF16),
-        other => parse_dtype(other),
-    }
 }
 
 /// `f32`, `bf16`, `f16` or `f64`.

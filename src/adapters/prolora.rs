@@ -1,5 +1,5 @@
 //! PRoLoRA (Wang et al., 2024), exactly as the authors' `chunkwise_sharing_LoRA.py` expands it
-//! (METHODS.md §2): `A (r × h)` is the shared chunk `A0 (r_s × ceil(h/m))` repeated along the
+//! (docs/methods.md §2): `A (r × h)` is the shared chunk `A0 (r_s × ceil(h/m))` repeated along the
 //! hidden axis, chunk j rolled along the rank axis by −j·sA, truncated to h columns, with the u
 //! unshared rows `Au` after the shared ones; `B (o × r)` likewise from `B0` and `Bu` along the
 //! output axis. `Δ(x) = α/r · (dropout(x) Aᵀ) Bᵀ` with the full rank r.

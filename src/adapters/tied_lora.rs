@@ -1,5 +1,5 @@
 //! Tied-LoRA (Renduchintala et al., 2023) in the configuration PRoLoRA compares against
-//! (METHODS.md §4): q, k and v only; one trainable `A (r × d)` and one trainable
+//! (docs/methods.md §4): q, k and v only; one trainable `A (r × d)` and one trainable
 //! `B (q_out + k_out + v_out, r)` shared by all layers, the down-projection A shared by q, k
 //! and v; per layer trainable `u ∈ ℝʳ` and `v ∈ ℝ^{rows}`:
 //! `ΔW⁽ˡ⁾ = α/r · diag(v⁽ˡ⁾) B diag(u⁽ˡ⁾) A`, split row-wise into the q, k, v parts (with GQA the

@@ -1,5 +1,6 @@
 //! Padded batches of encoded examples, in HF's length-grouped order.
 
+use crate::choice::named_enum;
 use crate::data::chat::{Encoded, IGNORE_INDEX};
 use crate::data::rng::Mt19937;
 use anyhow::{bail, Result};
@@ -105,28 +106,16 @@ pub fn length_grouped_order(lengths: &[usize], batch_size: usize, perm: &[usize]
     groups.concat()
 }
 
-/// The order examples are drawn in within an epoch.
-#[derive(Clone, Copy, Debug, PartialEq)]
+named_enum! {
+/// The order examples are drawn in within an epoch (`data.order`).
 pub enum Order {
     /// HF's `group_by_length` (the paper's setting).
-    LengthGrouped,
+    LengthGrouped = "length_grouped",
     /// A fresh random permutation each epoch (HF's `RandomSampler`).
-    Shuffle,
+    Shuffle = "shuffle",
     /// File order, every epoch (for parity checks against another trainer).
-    File,
+    File = "file",
 }
-
-impl Order {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "length_grouped" => Self::LengthGrouped,
-            "shuffle" => Self::Shuffle,
-            "file" => Self::File,
-            other => {
-                bail!("data.order = {other:?}: use \"length_grouped\", \"shuffle\" or \"file\"")
-            }
-        })
-    }
 }
 
 /// Endless training batches, epoch after epoch, as HF's `Trainer`: each epoch is an order of

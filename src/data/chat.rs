@@ -1,8 +1,8 @@
 //! Chat examples (`{"messages": [...]}`) → token ids and loss labels.
 //!
 //! Reproduces open-instruct's 2023 `encode_with_messages_format` (the encoder of the paper's
-//! training code) exactly, including its quirks; see METHODS.md §7 and
-//! `tests/fixtures/chat-encoding/README.md` for the rules and golden cases.
+//! training code) exactly, including its quirks; see docs/methods.md §7 for the rules and
+//! `tests/fixtures/chat-encoding/*.jsonl` for the golden cases.
 
 use std::path::Path;
 
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokenizers::Tokenizer;
 
-use crate::data::dataset::line_text;
+use crate::data::jsonl::{for_each_chunk, line_text};
 
 /// Label of a position that is not trained on (PyTorch's `CrossEntropyLoss` default).
 pub const IGNORE_INDEX: i64 = -100;
@@ -279,7 +279,7 @@ impl ChatEncoder {
 /// For training-size files use [`crate::data::dataset::load`], which streams.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     let mut examples = Vec::new();
-    crate::data::dataset::for_each_chunk(path, 1024, |chunk| {
+    for_each_chunk(path, 1024, |chunk| {
         for (lineno, raw) in chunk {
             let parsed = line_text(lineno, &raw)
                 .and_then(|t| t.map(parse_line).transpose())

@@ -13,29 +13,30 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::choice::named_enum;
 use crate::data::chat::{parse_line, py_strip};
-use crate::data::dataset::{for_each_chunk, line_text, Skipped};
+use crate::data::jsonl::{for_each_chunk, line_text, Skipped};
 use crate::data::rng::Mt19937;
 
+named_enum! {
 /// The raw formats `prolora data prepare` reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-#[value(rename_all = "snake_case")]
 pub enum Format {
     /// A Super-NaturalInstructions checkout (`splits/xlingual/train_tasks.txt`, `tasks/*.json`),
     /// a directory of task files, or one task file.
-    Superni,
+    Superni = "superni",
     /// jsonl of `{"inputs", "targets"}` (open-instruct's resampled Flan V2 file).
-    FlanV2,
+    FlanV2 = "flan_v2",
     /// A directory with `cot_zsopt.jsonl` and `cot_fsopt.jsonl`, or one `{"inputs", "targets"}` jsonl.
-    Cot,
+    Cot = "cot",
     /// JSON list of `{"instruction", "input", "output"}` (`code_alpaca_20k.json`).
-    CodeAlpaca,
+    CodeAlpaca = "code_alpaca",
     /// JSON list of `{"instruction", "input", "output"}` (`alpaca_data.json`).
-    Alpaca,
+    Alpaca = "alpaca",
     /// `{"messages": [...]}` jsonl: validated and passed through unchanged.
-    Messages,
+    Messages = "messages",
     /// jsonl of `{"prompt", "completion"}`: one user turn, one assistant turn.
-    PromptCompletion,
+    PromptCompletion = "prompt_completion",
+}
 }
 
 /// Per SuperNI task: zero-shot instances, two-shot instances, exemplars per two-shot prompt.

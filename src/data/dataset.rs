@@ -2,7 +2,7 @@
 //! (never all parsed at once), each chunk is parsed and tokenized on all cores, and the result
 //! is cached on disk under a key of everything it depends on, so a second run skips the work.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -10,7 +10,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::atomic;
 use crate::data::chat::{parse_line, ChatEncoder, Encoded, IGNORE_INDEX};
+use crate::data::jsonl::Skipped;
+use crate::data::jsonl::{for_each_chunk, line_text};
 
 /// Lines parsed and tokenized together: enough to keep every core busy, few enough that the
 /// raw text of one chunk is all that is held.
@@ -26,13 +29,6 @@ pub struct LoadOptions {
     pub skip_invalid: bool,
     /// Where tokenized files are cached; `None`: no cache.
     pub cache_dir: Option<PathBuf>,
-}
-
-/// A line that was skipped and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Skipped {
-    pub line: usize,
-    pub error: String,
 }
 
 /// What loading a file did, for the user and the run directory.
@@ -75,56 +71,6 @@ pub fn default_cache_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("prolora").join("tokenized"))
-}
-
-/// One raw line: its text, or why it is not text. A UTF-8 byte-order mark on line 1 is
-/// tolerated (some editors write one); blank lines give `Ok(None)`.
-pub fn line_text(lineno: usize, raw: &[u8]) -> std::result::Result<Option<&str>, String> {
-    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-    let text = std::str::from_utf8(raw).map_err(|e| {
-        format!(
-            "not valid UTF-8 (bad byte at byte {} of the line); save the file as UTF-8",
-            e.valid_up_to() + 1
-        )
-    })?;
-    let text = if lineno == 1 {
-        text.trim_start_matches('\u{feff}')
-    } else {
-        text
-    };
-    Ok((!text.trim().is_empty()).then_some(text))
-}
-
-/// Calls `f` with successive chunks of (line number, raw bytes) of a file, streaming.
-pub fn for_each_chunk(
-    path: &Path,
-    chunk_lines: usize,
-    mut f: impl FnMut(Vec<(usize, Vec<u8>)>) -> Result<()>,
-) -> Result<()> {
-    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut lineno = 0;
-    loop {
-        let mut chunk = Vec::with_capacity(chunk_lines);
-        while chunk.len() < chunk_lines {
-            let mut buf = Vec::new();
-            let n = reader
-                .read_until(b'\n', &mut buf)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            lineno += 1;
-            if buf.last() == Some(&b'\n') {
-                buf.pop();
-            }
-            chunk.push((lineno, buf));
-        }
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        f(chunk)?;
-    }
 }
 
 /// The outcome of one line.
@@ -301,33 +247,27 @@ const MAGIC: &[u8; 8] = b"PRLTOK01";
 fn write_cache(file: &Path, examples: &[Encoded], report: &DataReport) -> Result<()> {
     let dir = file.parent().expect("a cache file has a directory");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    let mut w = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?,
-    );
     let meta = serde_json::to_vec(report)?;
-    w.write_all(MAGIC)?;
-    w.write_all(&(meta.len() as u64).to_le_bytes())?;
-    w.write_all(&meta)?;
-    w.write_all(&(examples.len() as u64).to_le_bytes())?;
-    for e in examples {
-        w.write_all(&(e.input_ids.len() as u32).to_le_bytes())?;
-        for id in &e.input_ids {
-            w.write_all(&id.to_le_bytes())?;
+    // Atomic, so a cache file is either complete or absent.
+    atomic::write_with(file, |w| {
+        w.write_all(MAGIC)?;
+        w.write_all(&(meta.len() as u64).to_le_bytes())?;
+        w.write_all(&meta)?;
+        w.write_all(&(examples.len() as u64).to_le_bytes())?;
+        for e in examples {
+            w.write_all(&(e.input_ids.len() as u32).to_le_bytes())?;
+            for id in &e.input_ids {
+                w.write_all(&id.to_le_bytes())?;
+            }
+            let mask: Vec<u8> = e
+                .labels
+                .iter()
+                .map(|&l| u8::from(l != IGNORE_INDEX))
+                .collect();
+            w.write_all(&mask)?;
         }
-        let mask: Vec<u8> = e
-            .labels
-            .iter()
-            .map(|&l| u8::from(l != IGNORE_INDEX))
-            .collect();
-        w.write_all(&mask)?;
-    }
-    w.into_inner()
-        .map_err(|e| anyhow!("writing {}: {e}", tmp.display()))?
-        .sync_all()?;
-    // Rename last, so a cache file is either complete or absent.
-    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
-    Ok(())
+        Ok(())
+    })
 }
 
 fn read_cache(file: &Path) -> Result<(Vec<Encoded>, DataReport)> {

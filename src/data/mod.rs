@@ -5,4 +5,5 @@ pub mod chat;
 pub mod convert;
 pub mod dataset;
 pub mod inspect;
+pub mod jsonl;
 pub mod rng;

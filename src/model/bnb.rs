@@ -1,4 +1,4 @@
-//! bitsandbytes' serialized 4-bit layout (METHODS.md §5), as transformers' `save_pretrained`
+//! bitsandbytes' serialized 4-bit layout (docs/methods.md §5), as transformers' `save_pretrained`
 //! writes a `load_in_4bit` model: `{p}.weight` (u8 codes), `{p}.weight.absmax`, `.quant_map`,
 //! `.nested_absmax`, `.nested_quant_map` and `.quant_state.bitsandbytes__nf4` (JSON bytes).
 //! Reading checks every part against the tensor's shape and the NF4 contract, so a corrupt or

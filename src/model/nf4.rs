@@ -1,11 +1,12 @@
 //! NF4 4-bit block quantization, bit-exact with bitsandbytes `quantize_4bit(quant_type="nf4")`
-//! (METHODS.md §5, rules pinned by `tests/fixtures/nf4/README.md`), with double quantization of
+//! (docs/methods.md §5, rules pinned by `tests/fixtures/nf4/README.md`), with double quantization of
 //! the per-block scales.
 //!
 //! Layout, as bitsandbytes: the tensor is flattened row-major and cut into blocks of 64 (the last
 //! block may be partial); two codes per byte, the first element in the high nibble (an odd count
 //! pads the last low nibble with the code of 0).
 
+use crate::choice::named_enum;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -363,13 +364,21 @@ pub enum Quantization {
     Nf4 { double_quant: bool },
 }
 
+named_enum! {
+/// How the block linears are kept (`model.quantize`, `--quantize`).
+pub enum Storage {
+    /// In the compute dtype.
+    None = "none",
+    /// 4-bit NormalFloat, as bitsandbytes.
+    Nf4 = "nf4",
+}
+}
+
 impl Quantization {
-    /// From the config / command-line words: `none` or `nf4`.
-    pub fn parse(kind: &str, double_quant: bool) -> Result<Self> {
-        Ok(match kind {
-            "none" => Self::None,
-            "nf4" => Self::Nf4 { double_quant },
-            other => bail!("unknown quantization {other:?} (use \"nf4\" or \"none\")"),
-        })
+    pub fn new(storage: Storage, double_quant: bool) -> Self {
+        match storage {
+            Storage::None => Self::None,
+            Storage::Nf4 => Self::Nf4 { double_quant },
+        }
     }
 }

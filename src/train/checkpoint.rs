@@ -1,12 +1,12 @@
 //! Checkpoints: everything a run needs to continue bit-identically — adapter, optimizer
-//! moments, step, data position. Written into a temporary directory, each file fsynced, then
-//! renamed into place, so a crash or a full disk never leaves a half checkpoint that loads.
+//! moments, step, data position. Built whole in a temporary directory and renamed into place
+//! ([`atomic::write_dir`]), so a crash or a full disk never leaves a half checkpoint that loads.
 
 use super::optim::AdamW;
 use crate::adapters::{peft, AdapterSet};
+use crate::atomic;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -14,7 +14,7 @@ const STATE_FILE: &str = "trainer_state.json";
 
 /// Where the loop stands. Dropout masks and the data order are functions of the seed and these
 /// counters, so no generator state needs saving.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
     /// Optimizer steps completed.
     pub step: usize,
@@ -57,12 +57,6 @@ pub fn list(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(found)
 }
 
-fn fsync(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync {}", path.display()))
-}
-
 /// Writes the checkpoint of `state.step` and keeps only the newest `keep_last`.
 pub fn save(
     run_dir: &Path,
@@ -73,33 +67,16 @@ pub fn save(
     keep_last: usize,
 ) -> Result<PathBuf> {
     let parent = checkpoints_dir(run_dir);
-    let name = step_dir_name(state.step);
-    let tmp = parent.join(format!(".{name}.tmp"));
-    let target = parent.join(&name);
-    let written = (|| -> Result<()> {
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
-        std::fs::create_dir_all(&tmp)?;
-        peft::save(&tmp, adapters, base_model)?;
-        candle_core::safetensors::save(&optimizer.state_tensors()?, tmp.join(OPTIMIZER_FILE))?;
-        std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
-        for f in [
-            peft::WEIGHTS_FILE,
-            peft::CONFIG_FILE,
-            OPTIMIZER_FILE,
-            STATE_FILE,
-        ] {
-            fsync(&tmp.join(f))?;
-        }
-        if target.exists() {
-            std::fs::remove_dir_all(&target)?;
-        }
-        std::fs::rename(&tmp, &target)?;
-        fsync(&parent)
-    })();
+    let target = parent.join(step_dir_name(state.step));
+    let written = atomic::write_dir(&target, |dir| {
+        peft::save(dir, adapters, base_model)?;
+        atomic::write_safetensors(&dir.join(OPTIMIZER_FILE), &optimizer.state_tensors()?, None)?;
+        atomic::write(
+            &dir.join(STATE_FILE),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )
+    });
     if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
         bail!(
             "cannot write the checkpoint of step {} in {}: {e:#} (earlier checkpoints are kept)",
             state.step,

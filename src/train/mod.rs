@@ -2,8 +2,10 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod run_dir;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
 
-pub use trainer::{train, Start, TrainSummary};
+pub use run_dir::{RunDir, Start};
+pub use trainer::{train, TrainSummary};

@@ -1,0 +1,181 @@
+//! The run directory: every file a run writes, by name, and how each is written.
+//!
+//! | file | written |
+//! |---|---|
+//! | `config.toml` | at the start: the resolved config, overrides included |
+//! | `run.json` | at the start: tool version, command line, device, trainable count |
+//! | `data_report.json` | at the start of a fresh run: what loading kept, dropped, skipped |
+//! | `metrics.jsonl` | one JSON line per logged step and per evaluation (appended) |
+//! | `checkpoints/step-N/` | every `train.save_every` steps and at the end, whole or not at all |
+//! | `adapter_model.safetensors`, `adapter_config.json` | at the end: the adapter in PEFT's layout |
+
+use super::checkpoint::{self, TrainerState};
+use super::optim::AdamW;
+use crate::adapters::{peft, AdapterSet};
+use crate::atomic;
+use crate::config::RunConfig;
+use crate::data::dataset::DataReport;
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const RUN_FILE: &str = "run.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const DATA_REPORT_FILE: &str = "data_report.json";
+
+/// How `train` treats an existing run directory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Start {
+    /// A new run; an existing finished or checkpointed run in the directory is an error.
+    Fresh,
+    /// A new run that replaces whatever the directory holds.
+    Overwrite,
+    /// Continue from the newest checkpoint in the directory.
+    Resume,
+}
+
+/// A run directory, checked against how the run starts.
+pub struct RunDir {
+    path: PathBuf,
+    /// The checkpoint a resumed run continues from.
+    resume_from: Option<PathBuf>,
+}
+
+impl RunDir {
+    /// Checks `path` against `start`: a fresh run refuses a directory that holds a run, an
+    /// overwrite clears the old run's checkpoints and adapter, a resume finds the newest
+    /// checkpoint. Nothing is created yet.
+    pub fn open(path: &Path, start: Start) -> Result<Self> {
+        let checkpoints = checkpoint::list(path)?;
+        let finished = path.join(peft::WEIGHTS_FILE).exists();
+        let resume_from = match start {
+            Start::Resume => match checkpoints.last() {
+                Some((_, dir)) => Some(dir.clone()),
+                None => bail!(
+                    "--resume: {} has no checkpoint to resume from (train.save_every writes them)",
+                    path.display()
+                ),
+            },
+            Start::Fresh if finished || !checkpoints.is_empty() => bail!(
+                "{} already holds a run: pass --resume to continue it, --overwrite to replace it, \
+                 or choose another output_dir (--set output_dir=…)",
+                path.display()
+            ),
+            Start::Overwrite => {
+                for stale in [path.join("checkpoints"), path.join(peft::WEIGHTS_FILE)] {
+                    if stale.is_dir() {
+                        std::fs::remove_dir_all(&stale)?;
+                    } else if stale.exists() {
+                        std::fs::remove_file(&stale)?;
+                    }
+                }
+                None
+            }
+            Start::Fresh => None,
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            resume_from,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The checkpoint a resumed run continues from (None for a new run).
+    pub fn resume_from(&self) -> Option<&Path> {
+        self.resume_from.as_deref()
+    }
+
+    /// Creates the directory and writes the resolved config and the run's description.
+    pub fn write_header(&self, cfg: &RunConfig, run_info: &Value) -> Result<()> {
+        std::fs::create_dir_all(&self.path)
+            .with_context(|| format!("cannot create run directory {}", self.path.display()))?;
+        atomic::write(&self.path.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+        atomic::write(
+            &self.path.join(RUN_FILE),
+            serde_json::to_string_pretty(run_info)?.as_bytes(),
+        )
+    }
+
+    pub fn write_data_report(&self, reports: &[DataReport]) -> Result<()> {
+        atomic::write(
+            &self.path.join(DATA_REPORT_FILE),
+            serde_json::to_string_pretty(reports)?.as_bytes(),
+        )
+    }
+
+    pub fn data_report_path(&self) -> PathBuf {
+        self.path.join(DATA_REPORT_FILE)
+    }
+
+    /// The metrics log: emptied for a new run; for a resumed one, cut back to the lines of
+    /// steps up to `resumed_at` (what came after is rewritten).
+    pub fn metrics(&self, resumed_at: Option<usize>) -> Result<Metrics> {
+        let path = self.path.join(METRICS_FILE);
+        let kept = match (resumed_at, std::fs::read_to_string(&path)) {
+            (Some(step), Ok(text)) => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            _ => String::new(),
+        };
+        atomic::write(&path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Metrics { file, path })
+    }
+
+    /// Writes the checkpoint of `state.step`, keeping the newest `keep_last`.
+    pub fn save_checkpoint(
+        &self,
+        adapters: &AdapterSet,
+        base_model: &str,
+        optimizer: &AdamW,
+        state: &TrainerState,
+        keep_last: usize,
+    ) -> Result<()> {
+        checkpoint::save(
+            &self.path, adapters, base_model, optimizer, state, keep_last,
+        )
+        .map(|_| ())
+    }
+
+    /// Which checkpoint survives a stop, for the error that stops the run.
+    pub fn kept_checkpoint(&self) -> Result<String> {
+        Ok(checkpoint::list(&self.path)?
+            .last()
+            .map(|(s, _)| format!("the checkpoint of step {s} is kept"))
+            .unwrap_or_else(|| "no checkpoint was written yet".into()))
+    }
+
+    /// The final adapter, in PEFT's layout at the top of the directory.
+    pub fn save_adapter(&self, adapters: &AdapterSet, base_model: &str) -> Result<()> {
+        peft::save(&self.path, adapters, base_model)
+    }
+}
+
+/// `metrics.jsonl`, one JSON object a line.
+pub struct Metrics {
+    file: File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    pub fn log(&mut self, line: Value) -> Result<()> {
+        writeln!(self.file, "{line}")
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
