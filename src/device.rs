@@ -131,7 +131,7 @@ pub fn peak_memory_mib(device: &Device) -> Option<f64> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
-            crate::cuda::peak_memory_bytes(d).map(|b| b as f64 / (1u64 << 20) as f64)
+            crate::kernels::cuda::peak_memory_bytes(d).map(|b| b as f64 / (1u64 << 20) as f64)
         }
         _ => None,
     }

@@ -7,8 +7,6 @@ pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod ctx;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod eval;

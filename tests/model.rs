@@ -1,27 +1,18 @@
 //! The decoder against transformers' `LlamaForCausalLM`, and its gradients against finite
 //! differences. Goldens: scripts/reference/make_goldens.py.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use prolora::adapters::{
     peft, AdapterConfig, Axis, ProloraConfig, ProloraForward, TiedLoraConfig, VeraConfig,
 };
 use prolora::ctx::Ctx;
-use prolora::data::batch::Batch;
 use prolora::data::chat::Encoded;
-use prolora::loss::summed_loss;
 use prolora::model::nf4::Quantization;
-use prolora::model::{Llama, LlamaConfig};
+use prolora::model::LlamaConfig;
 use prolora::source::ModelSource;
-use std::path::PathBuf;
 
 mod common;
-use common::tiny_f64_model;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
+use common::{check_gradients, fixture};
 
 /// Max |ours − golden| of the logits of a transformers-written model.
 fn logits_error(dir: &str) -> f32 {
@@ -216,59 +207,4 @@ fn adapter_gradients_match_central_finite_differences_with_nf4_base() {
         ..Default::default()
     };
     check_gradients(&lora, Quantization::Nf4 { double_quant: true });
-}
-
-fn check_gradients(cfg: &AdapterConfig, quant: Quantization) {
-    let (model, set) = tiny_f64_model(cfg, quant);
-    let examples = [
-        Encoded {
-            input_ids: vec![1, 5, 7, 3, 9, 2],
-            labels: vec![-100, -100, 7, 3, 9, 2],
-        },
-        Encoded {
-            input_ids: vec![1, 4, 4, 10],
-            labels: vec![-100, -100, -100, 10],
-        },
-    ];
-    let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
-    let ctx = Ctx::eval();
-    let loss = |m: &Llama| {
-        let (sum, n) = summed_loss(m, &batch, &ctx, false).unwrap();
-        sum.to_scalar::<f64>().unwrap() / n as f64
-    };
-    let (sum, n) = summed_loss(&model, &batch, &ctx, true).unwrap();
-    let grads = (sum / n as f64).unwrap().backward().unwrap();
-    let eps = 1e-6;
-    let mut checked = 0;
-    let trainable = set.trainable();
-    assert!(!trainable.is_empty());
-    for (name, var, _) in &trainable {
-        let grad = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{}: no gradient for {name}", cfg.kind()));
-        let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
-        let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
-        // A few entries of every tensor, spread over it.
-        for &i in &[0, base.len() / 2, base.len() - 1] {
-            let probe = |delta: f64| {
-                let mut v = base.clone();
-                v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss(&model)
-            };
-            let numeric = (probe(eps) - probe(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let tol = 1e-6 + 1e-5 * numeric.abs();
-            assert!(
-                (grad[i] - numeric).abs() < tol,
-                "{}: {name}[{i}]: backprop {} vs finite difference {numeric}",
-                cfg.kind(),
-                grad[i]
-            );
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, 3 * trainable.len());
 }

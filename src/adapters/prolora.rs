@@ -9,7 +9,7 @@
 //! (`rectified_init = false`) and the Table 4 siblings (`share_axis`, `rotate_axis`).
 
 use super::method::{Method, PeftKeys, PeftRead};
-use super::registry::{options_from_toml, Registration};
+use super::registry::Registration;
 use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
 use crate::ctx::Ctx;
 use crate::model::config::BLOCK_LINEARS;
@@ -24,7 +24,7 @@ use std::rc::Rc;
 pub const REGISTRATION: Registration = Registration {
     kind: "prolora",
     peft_type: "PROLORA",
-    from_toml: options_from_toml::<ProloraConfig>,
+    from_toml: ProloraConfig::from_toml,
     from_peft: ProloraConfig::from_peft,
     default_targets: &BLOCK_LINEARS,
 };
@@ -110,6 +110,14 @@ impl ProloraConfig {
     /// Sharing rate n of B.
     pub fn rate_b(&self) -> usize {
         self.sharing_rate_b.unwrap_or(self.sharing_rate_a)
+    }
+
+    /// From the `[adapter]` keys, with `sharing_rate_b` resolved (absent: `sharing_rate_a`), so
+    /// a config reads the same whichever way it spells the default.
+    fn from_toml(table: toml::Table) -> std::result::Result<Box<dyn Method>, toml::de::Error> {
+        let mut c: Self = table.try_into()?;
+        c.sharing_rate_b.get_or_insert(c.sharing_rate_a);
+        Ok(Box::new(c))
     }
 
     fn shape(&self, rank: usize) -> Shape {

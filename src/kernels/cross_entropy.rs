@@ -166,7 +166,7 @@ impl CustomOp1 for FusedHeadLoss {
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let value = crate::cuda::scalar(h.device(), self.value, h.dtype())?;
+        let value = crate::kernels::cuda::scalar(h.device(), self.value, h.dtype())?;
         Ok((value, Shape::from(())))
     }
 

@@ -78,7 +78,7 @@ impl CustomOp1 for Dropout {
         xs: &candle_core::CudaStorage,
         xl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = crate::cuda::dropout(xs, xl, self.seed, self.threshold, self.scale)?;
+        let y = crate::kernels::cuda::dropout(xs, xl, self.seed, self.threshold, self.scale)?;
         Ok((y, xl.shape().clone()))
     }
 

@@ -1,9 +1,12 @@
 //! The numerical kernels of the training path: fused CPU passes with their own backwards (and
-//! CUDA forms where one exists), each equal to the composed candle ops it replaces. Nothing
+//! CUDA forms, in `cuda/`, where one exists), each equal to the composed candle ops it replaces. Nothing
 //! here knows about models or adapters.
 
 pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dropout;
 pub mod heads;
+pub mod nf4_codes;
 pub mod ops;
 pub(crate) mod vecmath;

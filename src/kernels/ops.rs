@@ -95,7 +95,7 @@ impl CustomOp2 for RmsNorm {
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         Ok((
-            crate::cuda::rms_norm(xs, xl, ws, wl, self.eps)?,
+            crate::kernels::cuda::rms_norm(xs, xl, ws, wl, self.eps)?,
             xl.shape().clone(),
         ))
     }
@@ -167,7 +167,7 @@ impl CustomOp3 for RmsNormGrad {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dx = crate::cuda::rms_norm_grad((xs, xl), (ws, wl), (gs, gl), self.eps)?;
+        let dx = crate::kernels::cuda::rms_norm_grad((xs, xl), (ws, wl), (gs, gl), self.eps)?;
         Ok((dx, xl.shape().clone()))
     }
 }
@@ -222,7 +222,7 @@ impl CustomOp1 for CausalSoftmax {
         xs: &candle_core::CudaStorage,
         xl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = crate::cuda::causal_softmax(xs, xl, self.scale)?;
+        let y = crate::kernels::cuda::causal_softmax(xs, xl, self.scale)?;
         Ok((y, xl.shape().clone()))
     }
 
@@ -281,7 +281,7 @@ impl CustomOp2 for SoftmaxGrad {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dx = crate::cuda::softmax_grad(ys, yl, gs, gl, self.scale)?;
+        let dx = crate::kernels::cuda::softmax_grad(ys, yl, gs, gl, self.scale)?;
         Ok((dx, yl.shape().clone()))
     }
 }

@@ -200,14 +200,14 @@ impl CustomOp1 for Nf4Matmul {
         let (p, _) = packed.storage_and_layout();
         let (sc, _) = scales.storage_and_layout();
         let codes = absmax_codes.as_ref().map(|c| c.storage_and_layout().0);
-        let q = crate::cuda::DeviceNf4 {
+        let q = crate::kernels::cuda::DeviceNf4 {
             packed: on_gpu::<u8>(&p)?,
             absmax_codes: codes.as_deref().map(on_gpu::<u8>).transpose()?,
             scales: on_gpu::<f32>(&sc)?,
             offset: *offset,
             elems: shape.0 * shape.1,
         };
-        let w = crate::cuda::nf4_dequantize(x.device(), &q, x.dtype())?;
+        let w = crate::kernels::cuda::nf4_dequantize(x.device(), &q, x.dtype())?;
         self.product
             .apply(x, layout, &w, &Layout::contiguous(*shape))
     }

@@ -1,23 +1,48 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (not every test binary uses every one).
+#![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
 use prolora::adapters::{AdapterConfig, AdapterSet};
+use prolora::ctx::Ctx;
+use prolora::data::batch::Batch;
+use prolora::data::chat::Encoded;
+use prolora::loss::summed_loss;
 use prolora::model::nf4::Quantization;
 use prolora::model::weights::RandomWeights;
 use prolora::model::{Llama, LlamaConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use std::path::PathBuf;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file under tests/fixtures.
+pub fn fixture(rel: &str) -> PathBuf {
+    root().join("tests/fixtures").join(rel)
+}
+
+/// The tiny decoder of the gradient checks: hidden 8, GQA (one key/value head), 2 layers.
+pub const TINY_GQA: &str = r#"{"vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "rms_norm_eps": 1e-5, "rope_theta": 100.0, "tie_word_embeddings": false}"#;
 
 /// A tiny f64 model (block linears stored as `quant`) with an adapter of `cfg` everywhere it
 /// applies and every adapter tensor random (so B-like factors are non-zero and every tensor
 /// has a gradient).
 pub fn tiny_f64_model(cfg: &AdapterConfig, quant: Quantization) -> (Llama, AdapterSet) {
-    let model_cfg = LlamaConfig::from_json(
-        r#"{"vocab_size": 11, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
-            "rope_theta": 100.0, "tie_word_embeddings": false}"#,
-    )
-    .unwrap();
+    tiny_f64_model_of(TINY_GQA, cfg, quant)
+}
+
+/// The same for the model of `config_json`.
+pub fn tiny_f64_model_of(
+    config_json: &str,
+    cfg: &AdapterConfig,
+    quant: Quantization,
+) -> (Llama, AdapterSet) {
+    let model_cfg = LlamaConfig::from_json(config_json).unwrap();
     let mut model = Llama::load_quantized(
         &model_cfg,
         &RandomWeights::new(3),
@@ -41,7 +66,6 @@ pub fn tiny_f64_model(cfg: &AdapterConfig, quant: Quantization) -> (Llama, Adapt
 }
 
 /// LoRA (rank 2, α 4) with dropout `dropout` on every linear of a full-precision tiny model.
-#[allow(dead_code)] // not every test binary uses every helper
 pub fn tiny_lora_model(dropout: f64) -> (Llama, AdapterSet) {
     let cfg = AdapterConfig {
         rank: 2,
@@ -50,4 +74,66 @@ pub fn tiny_lora_model(dropout: f64) -> (Llama, AdapterSet) {
         ..Default::default()
     };
     tiny_f64_model(&cfg, Quantization::None)
+}
+
+/// [`check_gradients_on`] the default tiny model.
+pub fn check_gradients(cfg: &AdapterConfig, quant: Quantization) {
+    check_gradients_on(TINY_GQA, cfg, quant)
+}
+
+/// Every trainable tensor's backprop gradient (a few entries each) against central finite
+/// differences, through a tiny f64 model (`config_json`) with the adapter `cfg`.
+pub fn check_gradients_on(config_json: &str, cfg: &AdapterConfig, quant: Quantization) {
+    let (model, set) = tiny_f64_model_of(config_json, cfg, quant);
+    let examples = [
+        Encoded {
+            input_ids: vec![1, 5, 7, 3, 9, 2],
+            labels: vec![-100, -100, 7, 3, 9, 2],
+        },
+        Encoded {
+            input_ids: vec![1, 4, 4, 10],
+            labels: vec![-100, -100, -100, 10],
+        },
+    ];
+    let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
+    let ctx = Ctx::eval();
+    let loss = |m: &Llama| {
+        let (sum, n) = summed_loss(m, &batch, &ctx, false).unwrap();
+        sum.to_scalar::<f64>().unwrap() / n as f64
+    };
+    let (sum, n) = summed_loss(&model, &batch, &ctx, true).unwrap();
+    let grads = (sum / n as f64).unwrap().backward().unwrap();
+    let eps = 1e-6;
+    let mut checked = 0;
+    let trainable = set.trainable();
+    assert!(!trainable.is_empty());
+    for (name, var, _) in &trainable {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{}: no gradient for {name}", cfg.kind()));
+        let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
+        // A few entries of every tensor, spread over it.
+        for &i in &[0, base.len() / 2, base.len() - 1] {
+            let probe = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&model)
+            };
+            let numeric = (probe(eps) - probe(-eps)) / (2.0 * eps);
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let tol = 1e-6 + 1e-5 * numeric.abs();
+            assert!(
+                (grad[i] - numeric).abs() < tol,
+                "{}: {name}[{i}]: backprop {} vs finite difference {numeric}",
+                cfg.kind(),
+                grad[i]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3 * trainable.len());
 }

@@ -2,7 +2,7 @@
 //! device on first use, and the launches that the custom ops' `cuda_fwd` make. Every launch
 //! takes contiguous inputs and writes a fresh output; dtypes are f32, f64 and bf16.
 
-use crate::model::nf4::{dynamic_map, BLOCK, NESTED_BLOCK, NF4};
+use super::nf4_codes::{dynamic_map, BLOCK, NESTED_BLOCK, NF4};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc;
