@@ -4,9 +4,11 @@ data, one after the other in one run. Prints a markdown table with the time rati
 
     cargo build --release
     python scripts/bench/make_7b_bf16.py /tmp/l7b          # once, 13.5 GB
-    /tmp/refenv/bin/python scripts/bench/step_7b.py /tmp/l7b DATA.jsonl [--rss-limit-gib 20]
+    /tmp/refenv/bin/python scripts/bench/step_7b.py /tmp/l7b [DATA.jsonl] [--rss-limit-gib 20]
 
-Batch 1 x 128 (every token labelled in the bench data), LoRA r 8 on all seven linears, f32
+Batch 1 x 128 of DATA.jsonl, by default scripts/bench/data/all_labelled.jsonl (a one-word user
+turn, then an answer filling the sequence: nearly every token labelled); the config is
+scripts/bench/train.toml, the binary as in train_step.py. LoRA r 8 on all seven linears, f32
 compute; each tool runs 3 steps and the third is timed. A tool whose resident set passes
 --rss-limit-gib is stopped (this machine has 24 GiB) and reported as such.
 """
@@ -19,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_step import ROOT, write_config  # noqa: E402
+from train_step import BIN, DATA, ROOT, write_config  # noqa: E402
 STEPS = 3
 
 
@@ -51,8 +53,7 @@ def ours(model, data, checkpointing, work, limit_mib):
     run = os.path.join(work, "run")
     cfg = os.path.join(work, "bench7b.toml")
     write_config(cfg, run, model, data, STEPS, 128, 1, checkpointing, nf4=True)
-    _, peak, stopped = watched([os.path.join(ROOT, "target/release/prolora"), "train", "--config",
-                                cfg, "--overwrite", "--quiet"], limit_mib)
+    _, peak, stopped = watched([BIN, "train", "--config", cfg, "--overwrite", "--quiet"], limit_mib)
     if stopped:
         return None, peak
     steps = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"loss"' in l]
@@ -74,7 +75,8 @@ def peer(model, data, checkpointing, limit_mib):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("data")
+    ap.add_argument("data", nargs="?", default=os.path.join(DATA, "all_labelled.jsonl"),
+                    help="chat jsonl (default: the bench's nearly-all-labelled data)")
     ap.add_argument("--rss-limit-gib", type=float, default=20)
     ap.add_argument("--checkpointing", choices=["on", "off", "both"], default="both")
     args = ap.parse_args()

@@ -4,9 +4,12 @@ and the same machine, in one run. Prints a markdown table with the time ratio.
     cargo build --release
     /tmp/refenv/bin/python scripts/bench/train_step.py [--steps 12] [--hidden 256 --layers 4] [--nf4]
 
-Rows: every token labelled (assistant-only examples) and real chat batches (only the answer
-labelled), each with and without activation checkpointing; batch 4 x 128, LoRA r 8 on all
-seven linears, f32 on the CPU.
+The binary is $PROLORA_BIN, else $CARGO_TARGET_DIR/release/prolora, else target/release/prolora.
+Rows: nearly every token labelled (a one-token user turn, then an answer filling the sequence)
+and real chat batches (only the answer labelled), each with and without activation
+checkpointing; batch 4 x 128, LoRA r 8 on all seven linears, f32 on the CPU. The data is
+scripts/bench/data/ (scripts/bench/make_bench_data.py) and the config scripts/bench/train.toml;
+tests/bench_inputs.rs trains on both, so they stay valid input for `prolora train`.
 """
 import argparse
 import json
@@ -17,38 +20,30 @@ import sys
 import tempfile
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.environ.get("PROLORA_BIN") or os.path.join(
+    os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release", "prolora")
+DATA = os.path.join(ROOT, "scripts/bench/data")
+TEMPLATE = os.path.join(ROOT, "scripts/bench/train.toml")
 
 
 def write_config(path, run, model, data, steps, seq, batch, checkpointing, nf4):
-    """The `prolora train` config both benchmarks run: LoRA r 8, alpha 16, dropout 0.1."""
+    """The `prolora train` config both benchmarks run: scripts/bench/train.toml filled in."""
+    with open(TEMPLATE) as f:
+        text = f.read()
+    values = {"run": run, "model": model, "data": data, "steps": steps, "seq": seq, "batch": batch,
+              "checkpointing": str(checkpointing).lower(), "quantize": "nf4" if nf4 else "none"}
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", str(value))
     with open(path, "w") as f:
-        f.write(f"""seed = 1
-output_dir = "{run}"
-[model]
-source = "{model}"
-quantize = "{'nf4' if nf4 else 'none'}"
-[adapter]
-rank = 8
-alpha = 16
-dropout = 0.1
-[data]
-train = "{data}"
-max_seq_len = {seq}
-[optim]
-lr = 1e-4
-[train]
-steps = {steps}
-batch_size = {batch}
-gradient_checkpointing = {str(checkpointing).lower()}
-""")
+        f.write(text)
 
 
 def ours(model, data, steps, seq, batch, checkpointing, workdir, nf4):
     run = os.path.join(workdir, "run")
     cfg = os.path.join(workdir, "bench.toml")
     write_config(cfg, run, model, data, steps, seq, batch, checkpointing, nf4)
-    done = subprocess.run([os.path.join(ROOT, "target/release/prolora"), "train", "--config", cfg,
-                           "--overwrite", "--quiet"], capture_output=True, text=True)
+    done = subprocess.run([BIN, "train", "--config", cfg, "--overwrite", "--quiet"],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"prolora train failed:\n{done.stderr}")
     lines = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if l.strip()]
@@ -88,7 +83,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for data in ["all_labelled", "chat"]:
         for ckpt in [False, True]:
-            path = os.path.join(work, f"{data}.jsonl")
+            path = os.path.join(DATA, f"{data}.jsonl")
             p = peer(model, path, args.steps, args.seq, args.batch, ckpt, args.nf4)
             o = ours(model, path, args.steps, args.seq, args.batch, ckpt, work, args.nf4)
             print(f"| {data} | {'on' if ckpt else 'off'} | {p['label_fraction']:.2f} | {o['step_s']:.3f} | "

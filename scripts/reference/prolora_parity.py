@@ -99,7 +99,7 @@ def main():
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(WARMUP_RATIO * STEPS), STEPS)
     order = [encoded[i:i + BATCH] for i in range(0, len(encoded), BATCH)]
-    losses = []
+    losses, lrs, norms = [], [], []
     for step in range(STEPS):
         batch = order[step % len(order)]
         length = max(len(e["input_ids"]) for e in batch)
@@ -108,9 +108,11 @@ def main():
         for r, e in enumerate(batch):
             ids[r, :len(e["input_ids"])] = e["input_ids"]
             labels[r, :len(e["labels"])] = e["labels"]
+        lrs.append(opt.param_groups[0]["lr"])
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        # The total norm before clipping, as `prolora train` logs it (`grad_norm`).
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, MAX_NORM)))
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -123,7 +125,8 @@ def main():
         final[f"{key}.lora_B_vec"] = m.Bu.detach().contiguous()
     save_file(final, os.path.join(OUT, "final_adapter.safetensors"))
     json.dump({"steps": STEPS, "batch_size": BATCH, "max_seq_len": MAX_LEN, "lr": LR,
-               "warmup_ratio": WARMUP_RATIO, "max_grad_norm": MAX_NORM, "losses": losses},
+               "warmup_ratio": WARMUP_RATIO, "max_grad_norm": MAX_NORM, "losses": losses,
+               "lrs": lrs, "grad_norms": norms},
               open(os.path.join(OUT, "expected.json"), "w"), indent=1)
     print("losses", [round(x, 5) for x in losses])
 
