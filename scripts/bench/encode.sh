@@ -2,9 +2,9 @@
 # Encoding throughput: `prolora data encode` on 1 thread and on all cores, next to open-instruct's
 # encoder on HF tokenizers (Python, 1 process and one per core), on the same 20 000 examples;
 # also checks the two outputs are identical. Needs the reference venv (scripts/reference/README.md).
-#   scripts/bench/encode.sh [/tmp/refenv/bin/python]
+#   scripts/bench/encode.sh [.venv-ref/bin/python]
 set -euo pipefail
-PY=${1:-/tmp/refenv/bin/python}
+PY=${1:-.venv-ref/bin/python}
 CORES=$(nproc)
 TOK=assets/llama2-tokenizer.json
 WORK=$(mktemp -d)

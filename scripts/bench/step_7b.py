@@ -3,8 +3,8 @@ to PyTorch + PEFT + bitsandbytes, the same bf16 checkpoint quantized while loadi
 data, one after the other in one run. Prints a markdown table with the time ratio.
 
     cargo build --release
-    python scripts/bench/make_7b_bf16.py /tmp/l7b          # once, 13.5 GB
-    /tmp/refenv/bin/python scripts/bench/step_7b.py /tmp/l7b [DATA.jsonl] [--rss-limit-gib 20]
+    python scripts/bench/make_7b_bf16.py <7b-dir>          # once, 13.5 GB
+    .venv-ref/bin/python scripts/bench/step_7b.py <7b-dir> [DATA.jsonl] [--rss-limit-gib 20]
 
 Batch 1 x 128 of DATA.jsonl, by default scripts/bench/data/all_labelled.jsonl (a one-word user
 turn, then an answer filling the sequence: nearly every token labelled); the config is

@@ -2,7 +2,7 @@
 and the same machine, in one run. Prints a markdown table with the time ratio.
 
     cargo build --release
-    /tmp/refenv/bin/python scripts/bench/train_step.py [--steps 12] [--hidden 256 --layers 4] [--nf4]
+    .venv-ref/bin/python scripts/bench/train_step.py [--steps 12] [--hidden 256 --layers 4] [--nf4]
 
 The binary is $PROLORA_BIN, else $CARGO_TARGET_DIR/release/prolora, else target/release/prolora.
 Rows: nearly every token labelled (a one-token user turn, then an answer filling the sequence)

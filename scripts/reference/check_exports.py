@@ -19,7 +19,7 @@ then records PyTorch's numbers in tests/fixtures/our-exports/expected.json:
 
 The loss is the definition of make_goldens.py (summed token CE / label tokens, batch 1).
 
-    cargo build && /tmp/refenv/bin/python scripts/reference/check_exports.py
+    cargo build && .venv-ref/bin/python scripts/reference/check_exports.py
 """
 import json
 import os

@@ -3,7 +3,7 @@
 This is the golden for tests/cli.rs `our_adapter_loads_in_peft_with_the_same_loss`: the input
 (tests/fixtures/our-lora/adapter) is ours, the number is PyTorch + PEFT's.
 
-    /tmp/refenv/bin/python scripts/reference/check_our_adapter.py
+    .venv-ref/bin/python scripts/reference/check_our_adapter.py
 """
 import json
 import os

@@ -2,8 +2,8 @@
 """Checks that a checkpoint written by `prolora quantize` loads in transformers + bitsandbytes and
 gives the logits of bitsandbytes' own quantization of the same model.
 
-    cargo run -- quantize --model tests/fixtures/llama-gqa --out /tmp/ours-gqa
-    python scripts/reference/check_our_nf4.py /tmp/ours-gqa
+    cargo run -- quantize --model tests/fixtures/llama-gqa --out <out-dir>
+    python scripts/reference/check_our_nf4.py <out-dir>
 
 Compares with tests/fixtures/bnb-4bit-gqa/golden.safetensors (llama-gqa quantized by
 bitsandbytes, make_nf4_model_goldens.py, whose CPU work-arounds this script shares). The two

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Goldens for the data pipeline, made by the reference implementations. Run from the repo root:
 
-    /tmp/refenv/bin/python scripts/reference/make_data_goldens.py [sampler] [chat] [prepare]
+    .venv-ref/bin/python scripts/reference/make_data_goldens.py [sampler] [chat] [prepare]
 
 sampler  tests/fixtures/length-grouped/cases.json: transformers' LengthGroupedSampler with
          generator=torch.Generator().manual_seed(seed), iterated for two epochs (the generator

@@ -37,8 +37,8 @@ import peft
 from peft import LoraConfig, PeftModel, get_peft_model
 
 FIXTURES = "tests/fixtures"
-TOKENIZER_JSON = "/work/shared/fixtures/llama2-tokenizer/tokenizer.json"
-CHAT_CASES = "/work/shared/fixtures/chat-encoding/cases.jsonl"
+TOKENIZER_JSON = "assets/llama2-tokenizer.json"
+CHAT_CASES = "tests/fixtures/chat-encoding/cases.jsonl"
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)

@@ -22,7 +22,7 @@ Writes (after deleting them first):
 
 bitsandbytes on a CPU with AVX512-BF16 (this machine's) switches Linear4bit, in eval mode
 without autograd, to a repacked kernel that first rounds the block scales to bf16 — a CPU-only
-shortcut that differs from what the CUDA kernels (and the quantization contract, METHODS.md §5)
+shortcut that differs from what the CUDA kernels (and the quantization contract, docs/methods.md §5)
 compute. We turn it off (`support_avx512bf16_for_cpu = False`) so the layers run bitsandbytes'
 reference path: dequantize_4bit to the compute dtype, then a matmul.
 

@@ -3,7 +3,7 @@
 
 Run from the repository root (after make_goldens.py, whose tiny base and encodings it reuses):
 
-    /tmp/refenv/bin/python scripts/reference/make_vera_golden.py
+    .venv-ref/bin/python scripts/reference/make_vera_golden.py
 
 Writes tests/fixtures/peft-vera/: adapter/ (PEFT `save_pretrained`, save_projection=True, r=8,
 all seven projections, vera_dropout 0.1, lambda_d ~ 0.1 + 0.5·N(0,1), lambda_b ~ 0.5·N(0,1)) and

@@ -1,7 +1,7 @@
 """PyTorch golden for AdamW + linear warmup schedule + global grad-norm clipping.
 
 Run from the repo root:
-    /tmp/refenv/bin/python scripts/reference/optim_golden.py
+    .venv-ref/bin/python scripts/reference/optim_golden.py
 
 Writes tests/fixtures/optim/adamw_golden.json (see scripts/reference/README.md).
 Deterministic: CPU, single thread, fixed seeds, fixed gradients.

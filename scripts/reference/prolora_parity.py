@@ -1,14 +1,14 @@
 """The first 20 optimizer steps of PRoLoRA in PyTorch: the golden for tests/parity.rs.
 
-PRoLoRA's forward is the authors' (METHODS.md §2): A and B are expanded from the compact A0, B0,
+PRoLoRA's forward is the authors' (docs/methods.md §2): A and B are expanded from the compact A0, B0,
 Au, Bu by rolled chunks and truncation, then Δ = α/r · (x Aᵀ) Bᵀ; autograd through the expansion
 sums each shared gradient over its rotated copies. The expansion below is checked bit for bit
-against the authors' own `de_reduce` output in shared/fixtures/prolora-expansion before use.
+against the authors' own `de_reduce` output in tests/fixtures/prolora-expansion before use.
 Everything else is as trainer_parity.py: same base, data, batches (file order, batch 4,
 drop_last=False), dropout off, torch.optim.AdamW + clip_grad_norm_ + linear warm-up. The start
 is tests/fixtures/parity-prolora/init (written by `prolora train` with lr 0: the untrained init).
 
-    /tmp/refenv/bin/python scripts/reference/prolora_parity.py
+    .venv-ref/bin/python scripts/reference/prolora_parity.py
 """
 import glob
 import json
@@ -27,13 +27,13 @@ from make_goldens import encode_with_messages_format  # noqa: E402
 FIX = "tests/fixtures/peft-lora"
 INIT = "tests/fixtures/parity-prolora/init"
 OUT = "tests/fixtures/parity-prolora"
-EXPANSION = os.environ.get("PROLORA_EXPANSION", "../shared/fixtures/prolora-expansion")
+EXPANSION = os.environ.get("PROLORA_EXPANSION", "tests/fixtures/prolora-expansion")
 STEPS, BATCH, MAX_LEN = 20, 4, 64
 LR, WARMUP_RATIO, MAX_NORM = 5e-3, 0.1, 0.3
 
 
 def expand(A0, B0, Au, Bu, r, u, m, n, h, o):
-    """A (r × h) and B (o × r) from the compact tensors, METHODS.md §2."""
+    """A (r × h) and B (o × r) from the compact tensors, docs/methods.md §2."""
     rs = r - u
     sa, sb = max(rs // m, 1), max(rs // n, 1)
     a_sh = torch.cat([torch.roll(A0, shifts=-j * sa, dims=0) for j in range(m)], dim=1)[:, :h]

@@ -7,7 +7,7 @@ DataLoader with drop_last=False; right padding),
 dropout off, torch.optim.AdamW + clip_grad_norm_ + get_linear_schedule_with_warmup; the loss of
 a batch is the mean over all its label tokens (transformers' causal-LM loss).
 
-    /tmp/refenv/bin/python scripts/reference/trainer_parity.py
+    .venv-ref/bin/python scripts/reference/trainer_parity.py
 """
 import json
 import math
