@@ -71,6 +71,12 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Copies `from` to `to` atomically.
+pub fn copy(from: &Path, to: &Path) -> Result<()> {
+    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+    write(to, &bytes)
+}
+
 /// Writes `tensors` as a safetensors file, sorted by name, with `metadata`.
 pub fn write_safetensors(
     path: &Path,

@@ -5,6 +5,7 @@
 //! [`Adapter::lora_factors`]: crate::adapters::Adapter::lora_factors
 
 use crate::adapters::{peft, peft_prefix, AdapterConfig, AdapterSet};
+use crate::atomic;
 use crate::model::config::linear_path;
 use crate::model::LlamaConfig;
 use anyhow::{bail, Context, Result};
@@ -86,15 +87,11 @@ pub fn merge(model_dir: &Path, model: &LlamaConfig, adapter_dir: &Path, out: &Pa
                     *w = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
                 }
             }
-            let mut sorted: Vec<_> = tensors.into_iter().collect();
-            sorted.sort_by(|a, b| a.0.cmp(&b.0));
             // transformers checks this metadata key.
             let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-            safetensors::serialize_to_file(sorted, Some(metadata), &dest)
-                .with_context(|| format!("cannot write {}", dest.display()))?;
+            atomic::write_safetensors(&dest, &tensors, Some(metadata))?;
         } else {
-            std::fs::copy(&path, &dest)
-                .with_context(|| format!("cannot copy {} to {}", path.display(), dest.display()))?;
+            atomic::copy(&path, &dest)?;
         }
     }
     if let Some(key) = deltas.keys().min() {

@@ -2,6 +2,7 @@
 //! layout (what transformers' `save_pretrained` writes for `load_in_4bit`), so it loads both here
 //! and with `from_pretrained`. Embeddings, norms and the head keep the checkpoint's dtype.
 
+use crate::atomic;
 use crate::model::config::{linear_path, BLOCK_LINEARS};
 use crate::model::preset::LLAMA2_TOKENIZER_JSON;
 use crate::model::{bnb, LlamaConfig};
@@ -63,8 +64,7 @@ pub fn quantize_model(
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let st = out.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &st)
-        .with_context(|| format!("cannot write {}", st.display()))?;
+    atomic::write_safetensors(&st, &tensors, None)?;
     let mut config = match &source.origin {
         Origin::Dir(dir) => {
             let p = dir.join("config.json");
@@ -74,9 +74,9 @@ pub fn quantize_model(
         Origin::Preset(_) => hf_config(cfg),
     };
     config["quantization_config"] = bnb::quantization_config(double_quant, "float32");
-    std::fs::write(
-        out.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
+    atomic::write(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
     match &source.origin {
         Origin::Dir(dir) => {
@@ -87,12 +87,11 @@ pub fn quantize_model(
                 "generation_config.json",
             ] {
                 if dir.join(f).exists() {
-                    std::fs::copy(dir.join(f), out.join(f))
-                        .with_context(|| format!("cannot copy {f} to {}", out.display()))?;
+                    atomic::copy(&dir.join(f), &out.join(f))?;
                 }
             }
         }
-        Origin::Preset(_) => std::fs::write(out.join("tokenizer.json"), LLAMA2_TOKENIZER_JSON)?,
+        Origin::Preset(_) => atomic::write(&out.join("tokenizer.json"), LLAMA2_TOKENIZER_JSON)?,
     }
     Ok(QuantizeSummary {
         tensors: tensors.len(),

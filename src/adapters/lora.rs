@@ -1,6 +1,6 @@
 //! LoRA, as PEFT's `LoraLayer`: `Δ(x) = α/r · (dropout(x) Aᵀ) Bᵀ`.
 
-use super::method::{Method, PeftKeys, PeftRead};
+use super::method::{lora_keys_and, Method, PeftKeys, PeftRead};
 use super::registry::{options_from_toml, Registration};
 use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
 use crate::ctx::Ctx;
@@ -41,11 +41,7 @@ impl LoraConfig {
                 bail!("a non-empty \"{key}\" is not supported");
             }
         }
-        Ok(PeftRead {
-            method: Box::new(LoraConfig {}),
-            alpha: Some(keys.require("lora_alpha")?),
-            dropout: keys.or("lora_dropout", 0.0)?,
-        })
+        PeftRead::with_lora_keys(keys, Box::new(LoraConfig {}))
     }
 }
 
@@ -97,15 +93,16 @@ impl Method for LoraConfig {
     }
 
     fn peft_keys(&self, cfg: &AdapterConfig) -> Value {
-        json!({
-            "lora_alpha": super::peft::number(cfg.alpha),
-            "lora_dropout": cfg.dropout,
+        lora_keys_and(
+            cfg,
+            json!({
             "init_lora_weights": true,
             "use_rslora": false,
             "use_dora": false,
             "rank_pattern": {},
             "alpha_pattern": {},
-        })
+            }),
+        )
     }
 }
 

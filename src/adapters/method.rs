@@ -79,6 +79,33 @@ pub struct PeftRead {
     pub dropout: f64,
 }
 
+impl PeftRead {
+    /// For methods that store α and dropout under LoRA's names (`lora_alpha` required,
+    /// `lora_dropout` default 0).
+    pub fn with_lora_keys(keys: &PeftKeys, method: Box<dyn Method>) -> Result<Self> {
+        Ok(Self {
+            method,
+            alpha: Some(keys.require("lora_alpha")?),
+            dropout: keys.or("lora_dropout", 0.0)?,
+        })
+    }
+}
+
+/// `lora_alpha` and `lora_dropout` of `cfg` (as PEFT types them), then the keys of `more`.
+pub fn lora_keys_and(cfg: &AdapterConfig, more: Value) -> Value {
+    // PEFT types lora_alpha as an int; keep whole numbers integral.
+    let alpha = if cfg.alpha.fract() == 0.0 {
+        serde_json::json!(cfg.alpha as i64)
+    } else {
+        serde_json::json!(cfg.alpha)
+    };
+    let mut keys = serde_json::json!({"lora_alpha": alpha, "lora_dropout": cfg.dropout});
+    if let (Value::Object(keys), Value::Object(more)) = (&mut keys, more) {
+        keys.extend(more);
+    }
+    keys
+}
+
 /// The keys of an `adapter_config.json`. PEFT writes `null` for many unset options: absent and
 /// `null` both mean "the default".
 pub struct PeftKeys<'a>(pub &'a Value);

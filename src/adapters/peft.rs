@@ -42,15 +42,6 @@ pub fn write_adapter(dir: &Path, tensors: &HashMap<String, Tensor>, config: &Val
     )
 }
 
-/// PEFT types lora_alpha as an int; keep whole numbers integral.
-pub fn number(x: f64) -> Value {
-    if x.fract() == 0.0 {
-        json!(x as i64)
-    } else {
-        json!(x)
-    }
-}
-
 /// `adapter_config.json` for `cfg`: the shared keys, then the method's.
 pub fn config_json(cfg: &AdapterConfig, base_model: &str) -> Value {
     let mut c = json!({

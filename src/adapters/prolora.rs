@@ -8,7 +8,7 @@
 //! CLoRA (u = 0, no rotation), RoLoRA (u = 0), PRoLoRA⁻ʳ (`rotation = false`), PRoLoRA⁻ⁱ
 //! (`rectified_init = false`) and the Table 4 siblings (`share_axis`, `rotate_axis`).
 
-use super::method::{Method, PeftKeys, PeftRead};
+use super::method::{lora_keys_and, Method, PeftKeys, PeftRead};
 use super::registry::Registration;
 use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
 use crate::ctx::Ctx;
@@ -147,11 +147,7 @@ impl ProloraConfig {
             rotate_axis: keys.or("rotate_axis", d.rotate_axis)?,
             ..d
         };
-        Ok(PeftRead {
-            method: Box::new(method),
-            alpha: Some(keys.require("lora_alpha")?),
-            dropout: keys.or("lora_dropout", 0.0)?,
-        })
+        PeftRead::with_lora_keys(keys, Box::new(method))
     }
 }
 
@@ -246,9 +242,9 @@ impl Method for ProloraConfig {
     }
 
     fn peft_keys(&self, cfg: &AdapterConfig) -> Value {
-        json!({
-            "lora_alpha": super::peft::number(cfg.alpha),
-            "lora_dropout": cfg.dropout,
+        lora_keys_and(
+            cfg,
+            json!({
             "unshared_r": self.unshared_rank,
             "sharing_rate_a": self.sharing_rate_a,
             "sharing_rate_b": self.rate_b(),
@@ -256,7 +252,8 @@ impl Method for ProloraConfig {
             "rectified_init": self.rectified_init,
             "share_axis": self.share_axis,
             "rotate_axis": self.rotate_axis,
-        })
+            }),
+        )
     }
 }
 

@@ -8,7 +8,7 @@
 //! Init (our choice; the paper's code is not public): A as LoRA (`U(±1/√d)`), B = 0, u = v = 1,
 //! so Δ = 0 at step 0 and the first steps train B, as in LoRA.
 
-use super::method::{Method, PeftKeys, PeftRead};
+use super::method::{lora_keys_and, Method, PeftKeys, PeftRead};
 use super::registry::{options_from_toml, Registration};
 use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
 use crate::ctx::Ctx;
@@ -41,11 +41,7 @@ pub struct TiedLoraConfig {}
 
 impl TiedLoraConfig {
     fn from_peft(keys: &PeftKeys) -> Result<PeftRead> {
-        Ok(PeftRead {
-            method: Box::new(TiedLoraConfig {}),
-            alpha: Some(keys.require("lora_alpha")?),
-            dropout: keys.or("lora_dropout", 0.0)?,
-        })
+        PeftRead::with_lora_keys(keys, Box::new(TiedLoraConfig {}))
     }
 }
 
@@ -122,10 +118,7 @@ impl Method for TiedLoraConfig {
     }
 
     fn peft_keys(&self, cfg: &AdapterConfig) -> Value {
-        json!({
-            "lora_alpha": super::peft::number(cfg.alpha),
-            "lora_dropout": cfg.dropout,
-        })
+        lora_keys_and(cfg, json!({}))
     }
 }
 
