@@ -13,13 +13,9 @@ use prolora::model::{preset, LlamaConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
+mod common;
+use common::fixture;
 
 /// PRoLoRA's options u, m, n (the rest at their defaults).
 fn opts(u: usize, m: usize, n: usize) -> ProloraConfig {

@@ -9,13 +9,10 @@ use prolora::model::nf4::{Nf4Tensor, Quantization};
 use prolora::model::weights::{SafetensorsWeights, WeightSource};
 use prolora::source::ModelSource;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
+mod common;
+use common::fixture;
 
 fn linear_names(source: &ModelSource) -> Vec<(String, [usize; 2])> {
     let cfg = &source.config;

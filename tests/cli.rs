@@ -1,12 +1,11 @@
 //! The binary as a user runs it: the demo trains, eval reproduces PyTorch+PEFT, bad input gives
 //! one clear line and a non-zero exit.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::root;
 
 fn prolora(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_prolora"))
@@ -33,12 +32,9 @@ fn error_of(args: &[&str]) -> String {
     lines[0].to_string()
 }
 
+/// A fixture's path as a command-line or config argument.
 fn fixture(rel: &str) -> String {
-    root()
-        .join("tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
+    common::fixture(rel).display().to_string()
 }
 
 fn json_of(o: &Output) -> serde_json::Value {

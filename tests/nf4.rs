@@ -5,13 +5,9 @@
 use candle_core::{DType, Device, Tensor};
 use prolora::model::nf4::{dynamic_map, Absmax, NestedAbsmax, Nf4Tensor, NF4};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
+mod common;
+use common::fixture;
 
 fn load(rel: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(rel), &Device::Cpu).unwrap()

@@ -2,15 +2,13 @@
 //! initial weights on identical batches (scripts/reference/trainer_parity.py), and the same for
 //! PRoLoRA (scripts/reference/prolora_parity.py).
 
-use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
+
+/// A fixture's path as a command-line or config argument.
 fn fixture(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
+    common::fixture(rel).display().to_string()
 }
 
 /// Relative tolerance on the pre-clip gradient norm of each step (`grad_norm` in metrics.jsonl

@@ -9,9 +9,8 @@ use prolora::data::convert::{prepare, Format};
 use prolora::data::dataset::{load, LoadOptions};
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::root;
 
 fn ours(format: Format, input: &str, seed: u64) -> Vec<Value> {
     let mut out = Vec::new();
