@@ -3,7 +3,8 @@
 
 use super::lora::LoraConfig;
 use super::method::Method;
-use super::registry::{self, Registration, METHODS};
+use super::method::Registration;
+use super::registry::{self, METHODS};
 use super::Target;
 use crate::model::config::{LlamaConfig, BLOCK_LINEARS};
 use anyhow::{bail, Result};

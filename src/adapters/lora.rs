@@ -1,7 +1,6 @@
 //! LoRA, as PEFT's `LoraLayer`: `Δ(x) = α/r · (dropout(x) Aᵀ) Bᵀ`.
 
-use super::method::{lora_keys_and, Method, PeftKeys, PeftRead};
-use super::registry::{options_from_toml, Registration};
+use super::method::{lora_keys_and, options_from_toml, Method, PeftKeys, PeftRead, Registration};
 use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
 use crate::ctx::Ctx;
 use crate::model::config::BLOCK_LINEARS;

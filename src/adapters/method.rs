@@ -1,7 +1,6 @@
 //! What an adapter method is: everything the rest of the tool needs to know about one, behind
 //! one trait implemented by the method's typed options.
 
-use super::registry::Registration;
 use super::{AdapterConfig, Parts, Target};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -40,6 +39,27 @@ pub trait Method: std::fmt::Debug + Options {
     /// Its own keys of `adapter_config.json`, as one JSON object (scaling, dropout and options;
     /// `peft_type`, `r` and `target_modules` are written by the caller).
     fn peft_keys(&self, cfg: &AdapterConfig) -> Value;
+}
+
+/// How to recognise and read one method.
+pub struct Registration {
+    /// `[adapter] kind`.
+    pub kind: &'static str,
+    /// `peft_type` in `adapter_config.json`.
+    pub peft_type: &'static str,
+    /// The options from the method's own `[adapter]` keys (the shared keys already removed).
+    pub from_toml: fn(toml::Table) -> std::result::Result<Box<dyn Method>, toml::de::Error>,
+    /// The options and shared keys from an `adapter_config.json`.
+    pub from_peft: fn(&PeftKeys) -> Result<PeftRead>,
+    /// The linears adapted when the user names none.
+    pub default_targets: &'static [&'static str],
+}
+
+/// `from_toml` for options that deserialize with serde.
+pub fn options_from_toml<T: Method + DeserializeOwned + 'static>(
+    table: toml::Table,
+) -> std::result::Result<Box<dyn Method>, toml::de::Error> {
+    Ok(Box::new(table.try_into::<T>()?))
 }
 
 /// What every method's options get for free from `Clone + Serialize`.

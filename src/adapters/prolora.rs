@@ -8,8 +8,7 @@
 //! CLoRA (u = 0, no rotation), RoLoRA (u = 0), PRoLoRA⁻ʳ (`rotation = false`), PRoLoRA⁻ⁱ
 //! (`rectified_init = false`) and the Table 4 siblings (`share_axis`, `rotate_axis`).
 
-use super::method::{lora_keys_and, Method, PeftKeys, PeftRead};
-use super::registry::Registration;
+use super::method::{lora_keys_and, Method, PeftKeys, PeftRead, Registration};
 use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
 use crate::ctx::Ctx;
 use crate::model::config::BLOCK_LINEARS;

@@ -8,8 +8,7 @@
 //! Init (our choice; the paper's code is not public): A as LoRA (`U(±1/√d)`), B = 0, u = v = 1,
 //! so Δ = 0 at step 0 and the first steps train B, as in LoRA.
 
-use super::method::{lora_keys_and, Method, PeftKeys, PeftRead};
-use super::registry::{options_from_toml, Registration};
+use super::method::{lora_keys_and, options_from_toml, Method, PeftKeys, PeftRead, Registration};
 use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
 use crate::ctx::Ctx;
 use crate::model::llama::Delta;

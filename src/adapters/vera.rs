@@ -2,8 +2,7 @@
 //! `vera_B (max_out × r)` for the whole model, sliced per layer, and trainable per-layer
 //! vectors: `Δ(x) = λ_b ⊙ ((λ_d ⊙ (dropout(x) A_sliceᵀ)) B_sliceᵀ)`. No α/r scaling.
 
-use super::method::{Method, PeftKeys, PeftRead};
-use super::registry::{options_from_toml, Registration};
+use super::method::{options_from_toml, Method, PeftKeys, PeftRead, Registration};
 use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
 use crate::ctx::Ctx;
 use crate::model::config::BLOCK_LINEARS;

@@ -276,7 +276,7 @@ impl ChatEncoder {
 /// Reads a `{"messages": …}` jsonl file. Blank lines are skipped. Any bad line (not JSON, no
 /// "messages", a message without role/content, an unknown role, empty messages list, not UTF-8)
 /// gives an error `"{path}:{line}: {what is wrong}"` (one line, says the fix where possible).
-/// For training-size files use [`crate::data::dataset::load`], which streams.
+/// For training-size files use the streaming loader (`data::dataset::load`).
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     let mut examples = Vec::new();
     for_each_chunk(path, 1024, |chunk| {
