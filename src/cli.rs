@@ -528,6 +528,9 @@ fn eval(args: EvalArgs) -> Result<()> {
     if args.max_seq_len < 2 {
         bail!("--max-seq-len must be at least 2");
     }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
     let (model, encoder) = load_model(&args.model)?;
     let examples = read_jsonl(&args.data)?;
     let (encoded, dropped) = encode_all(&encoder, &examples, args.max_seq_len)?;

@@ -219,6 +219,49 @@ impl Default for OptimConfig {
     }
 }
 
+impl OptimConfig {
+    /// The ranges `torch.optim.AdamW` and `clip_grad_norm_` accept, and a finite schedule.
+    fn validate(&self) -> Result<()> {
+        let [beta1, beta2] = self.betas;
+        for (key, value, ok, range) in [
+            ("optim.lr", self.lr, self.lr >= 0.0, "≥ 0"),
+            ("optim.eps", self.eps, self.eps >= 0.0, "≥ 0"),
+            (
+                "optim.weight_decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "≥ 0",
+            ),
+            (
+                "optim.betas[0]",
+                beta1,
+                (0.0..1.0).contains(&beta1),
+                "in [0, 1)",
+            ),
+            (
+                "optim.betas[1]",
+                beta2,
+                (0.0..1.0).contains(&beta2),
+                "in [0, 1)",
+            ),
+            (
+                "optim.max_grad_norm",
+                self.max_grad_norm,
+                self.max_grad_norm >= 0.0,
+                "≥ 0 (0 turns clipping off)",
+            ),
+        ] {
+            if !(ok && value.is_finite()) {
+                bail!("{key} = {value} must be finite and {range}, as PyTorch requires");
+            }
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            bail!("optim.warmup_ratio must be in [0, 1)");
+        }
+        Ok(())
+    }
+}
+
 impl TrainConfig {
     pub fn micro_batch_size(&self) -> usize {
         self.micro_batch_size.unwrap_or(self.batch_size)
@@ -265,6 +308,10 @@ impl RunConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.adapter.validate()?;
+        if self.output_dir.trim().is_empty() {
+            bail!("output_dir is empty: name the run directory, e.g. output_dir = \"runs/my-run\"");
+        }
+        self.optim.validate()?;
         if self.train.steps == 0 {
             bail!("train.steps must be at least 1");
         }
@@ -283,9 +330,6 @@ impl RunConfig {
         }
         if self.data.max_seq_len < 2 {
             bail!("data.max_seq_len must be at least 2");
-        }
-        if !(0.0..1.0).contains(&self.optim.warmup_ratio) {
-            bail!("optim.warmup_ratio must be in [0, 1)");
         }
         Ok(())
     }

@@ -21,7 +21,9 @@ pub fn adapter_config(
     let mut table = toml::Table::new();
     let mut adapter = toml::Table::new();
     adapter.insert("kind".into(), method.into());
-    adapter.insert("rank".into(), (rank as i64).into());
+    let rank =
+        i64::try_from(rank).map_err(|_| anyhow::anyhow!("--rank {rank} is beyond any model"))?;
+    adapter.insert("rank".into(), rank.into());
     adapter.insert("targets".into(), targets.into());
     table.insert("adapter".into(), adapter.into());
     for o in overrides {

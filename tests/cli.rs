@@ -674,3 +674,69 @@ fn every_shipped_config_is_valid() {
     }
     assert!(checked >= 8, "{checked} configs");
 }
+
+/// Values PyTorch and PEFT refuse are refused here too, one line naming the key and the range.
+#[test]
+fn absurd_values_are_refused_naming_the_key() {
+    for (set, says) in [
+        ("optim.lr=-1e-3", "optim.lr = -0.001 must be finite and ≥ 0"),
+        (
+            "optim.betas=[1.5, 0.999]",
+            "optim.betas[0] = 1.5 must be finite and in [0, 1)",
+        ),
+        (
+            "optim.betas=[0.9, 1.0]",
+            "optim.betas[1] = 1 must be finite and in [0, 1)",
+        ),
+        ("optim.eps=nan", "optim.eps = NaN must be finite"),
+        (
+            "optim.weight_decay=-1",
+            "optim.weight_decay = -1 must be finite and ≥ 0",
+        ),
+        (
+            "optim.max_grad_norm=-1",
+            "optim.max_grad_norm = -1 must be finite and ≥ 0",
+        ),
+        (
+            "adapter.alpha=0",
+            "adapter.alpha = 0 must be a positive number",
+        ),
+        (
+            "adapter.rank=1000",
+            "adapter.rank = 1000 exceeds min(in, out) = 128 of q_proj",
+        ),
+        (
+            "adapter.rank=4611686018427387904",
+            "adapter.rank = 4611686018427387904 is beyond any model",
+        ),
+        (
+            "adapter.targets=[\"q_proj\", \"q_proj\"]",
+            "adapter.targets names \"q_proj\" twice",
+        ),
+        ("output_dir=", "output_dir is empty"),
+    ] {
+        let err = error_of(&["train", "--config", "configs/demo.toml", "--set", set]);
+        assert!(err.contains(says), "--set {set}: {err}");
+    }
+    let err = error_of(&[
+        "params",
+        "--model",
+        "llama2-7b",
+        "--method",
+        "vera",
+        "--rank",
+        "18446744073709551615",
+    ]);
+    assert!(err.contains("beyond any model"), "{err}");
+    let data = fixture("peft-lora/data.jsonl");
+    let err = error_of(&[
+        "eval",
+        "--model",
+        "tiny",
+        "--data",
+        &data,
+        "--batch-size",
+        "0",
+    ]);
+    assert!(err.contains("--batch-size must be at least 1"), "{err}");
+}

@@ -65,15 +65,32 @@ impl AdapterConfig {
         if self.rank == 0 {
             bail!("adapter.rank must be at least 1");
         }
+        // Far above any model's width (LLaMA-2-70B: 28,672); it keeps every count in range.
+        const MAX_RANK: usize = 1 << 20;
+        if self.rank > MAX_RANK {
+            bail!(
+                "adapter.rank = {} is beyond any model (at most {MAX_RANK})",
+                self.rank
+            );
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("adapter.dropout must be in [0, 1), got {}", self.dropout);
+        }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            bail!(
+                "adapter.alpha = {} must be a positive number (the scaling is alpha / rank)",
+                self.alpha
+            );
         }
         if self.targets.is_empty() {
             bail!("adapter.targets is empty: name at least one of {BLOCK_LINEARS:?}");
         }
-        for t in &self.targets {
+        for (i, t) in self.targets.iter().enumerate() {
             if !BLOCK_LINEARS.contains(&t.as_str()) {
                 bail!("adapter.targets: unknown module {t:?} (choose from {BLOCK_LINEARS:?})");
+            }
+            if self.targets[..i].contains(t) {
+                bail!("adapter.targets names {t:?} twice: list each module once");
             }
         }
         self.method.validate(self)
@@ -105,6 +122,17 @@ impl AdapterConfig {
         self.validate()?;
         let targets = self.targets_in(model);
         for t in &targets {
+            let widest = t.in_features.min(t.out_features);
+            if self.method.rank_bounded_by_shape() && self.rank > widest {
+                bail!(
+                    "adapter.rank = {} exceeds min(in, out) = {widest} of {} ({} × {}): a larger \
+                     rank adds parameters but no capacity; lower it",
+                    self.rank,
+                    t.module,
+                    t.out_features,
+                    t.in_features
+                );
+            }
             self.method.check_target(self, t)?;
         }
         Ok(targets)
@@ -120,7 +148,10 @@ impl AdapterConfig {
     fn to_table(&self) -> toml::Table {
         let mut t = toml::Table::new();
         t.insert("kind".into(), self.kind().into());
-        t.insert("rank".into(), (self.rank as i64).into());
+        t.insert(
+            "rank".into(),
+            i64::try_from(self.rank).unwrap_or(i64::MAX).into(),
+        );
         t.insert("alpha".into(), self.alpha.into());
         t.insert("dropout".into(), self.dropout.into());
         let targets: Vec<toml::Value> = self.targets.iter().map(|s| s.as_str().into()).collect();

@@ -18,6 +18,12 @@ pub trait Method: std::fmt::Debug + Options {
     /// Rejects options that contradict each other or the shared keys, naming the key.
     fn validate(&self, cfg: &AdapterConfig) -> Result<()>;
 
+    /// Whether `rank` may not exceed a target's smaller side (true for factorisations of ΔW;
+    /// VeRA's rank is that of its random projections, which may be wider).
+    fn rank_bounded_by_shape(&self) -> bool {
+        true
+    }
+
     /// Rejects a linear this method cannot adapt with these options, naming it and the key.
     fn check_target(&self, _cfg: &AdapterConfig, _target: &Target) -> Result<()> {
         Ok(())

@@ -88,6 +88,10 @@ impl Method for VeraConfig {
         &REGISTRATION
     }
 
+    fn rank_bounded_by_shape(&self) -> bool {
+        false
+    }
+
     fn validate(&self, _cfg: &AdapterConfig) -> Result<()> {
         if !self.d_initial.is_finite() {
             bail!("adapter.d_initial must be a finite number");
