@@ -20,5 +20,6 @@ pub mod params;
 pub mod plot;
 pub mod quantize;
 pub mod runs;
+pub mod signals;
 pub mod source;
 pub mod train;

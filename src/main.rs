@@ -66,10 +66,17 @@ fn main() -> std::process::ExitCode {
     };
     match pool.install(|| prolora::cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: the outermost context first, then its causes.
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<prolora::signals::Interrupted>() {
+            // Not a failure: the run stopped where it was asked to, as a signal's exit code says.
+            Some(stop) => {
+                eprintln!("{stop}");
+                std::process::ExitCode::from((128 + stop.signal) as u8)
+            }
+            None => {
+                // One line: the outermost context first, then its causes.
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
 }

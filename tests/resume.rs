@@ -238,3 +238,113 @@ fn a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint() {
     let metrics = std::fs::read_to_string(skipped.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"skipped\":true"), "{metrics}");
 }
+
+/// Training steps logged so far in `run`'s metrics.
+fn steps_logged(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"loss\""))
+        .count()
+}
+
+/// Waits (up to two minutes) until `run` has logged more than `after` steps.
+fn wait_for_steps(run: &Path, after: usize, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while steps_logged(run) <= after && Instant::now() < deadline {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (Slurm's warning) each stop the run between two steps
+/// with a checkpoint and exit 128 + the signal; resumed after each, the run ends with the
+/// adapter of an uninterrupted run, bit for bit.
+#[test]
+fn stop_signals_checkpoint_and_the_resumed_run_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_saves = ["--set", "train.save_every=0"];
+    let reference = tmp.path().join("reference");
+    let cfg = write_config(tmp.path(), &reference);
+    succeeds(train(
+        &[&["--config", cfg.to_str().unwrap()][..], &no_saves].concat(),
+    ));
+    let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
+
+    let run = tmp.path().join("stopped");
+    let cfg = write_config(tmp.path(), &run);
+    for (signal, name) in [
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGUSR1, "SIGUSR1"),
+    ] {
+        let before = steps_logged(&run);
+        let mut child = if before == 0 {
+            train(&[&["--config", cfg.to_str().unwrap()][..], &no_saves].concat())
+        } else {
+            train(&["--resume", run.to_str().unwrap()])
+        }
+        .spawn()
+        .unwrap();
+        wait_for_steps(&run, before + 1, &mut child);
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(128 + signal), "{name}: {err}");
+        assert!(
+            err.contains(&format!("stopped by {name} after step"))
+                && err.contains("prolora train --resume"),
+            "{name}: {err}"
+        );
+        let at = newest_checkpoint(&run);
+        assert!(at > before, "{name}: no checkpoint past step {before}");
+        assert!(!run.join("adapter_model.safetensors").exists());
+    }
+    succeeds(train(&["--resume", run.to_str().unwrap()]));
+    let got = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        got == want,
+        "the resumed adapter differs from the uninterrupted run"
+    );
+}
+
+/// A second process on a running run's directory is refused with the owner's pid, whatever it
+/// asks (a new run, --overwrite, --resume); the first finishes as if alone.
+#[test]
+fn a_second_owner_of_a_run_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("reference");
+    let cfg = write_config(tmp.path(), &reference);
+    succeeds(train(&["--config", cfg.to_str().unwrap()]));
+    let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
+
+    let run = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &run);
+    let mut first = train(&["--config", cfg.to_str().unwrap()]).spawn().unwrap();
+    wait_for_steps(&run, 2, &mut first);
+    let owner = format!("pid {}", first.id());
+    for args in [
+        vec!["--config", cfg.to_str().unwrap()],
+        vec!["--config", cfg.to_str().unwrap(), "--overwrite"],
+        vec!["--resume", run.to_str().unwrap()],
+    ] {
+        let out = train(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} ran beside the owner");
+        assert!(
+            err.contains("is in use by another prolora train") && err.contains(&owner),
+            "{args:?}: {err}"
+        );
+    }
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    assert!(got == want, "the owner's run was disturbed");
+    // A lock left by a finished (or killed) process does not block.
+    succeeds(train(&["--config", cfg.to_str().unwrap(), "--overwrite"]));
+}

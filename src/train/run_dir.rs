@@ -8,6 +8,7 @@
 //! | `metrics.jsonl` | one JSON line per logged step and per evaluation (appended) |
 //! | `checkpoints/step-N/` | every `train.save_every` steps and at the end, whole or not at all |
 //! | `adapter_model.safetensors`, `adapter_config.json` | at the end: the adapter in PEFT's layout |
+//! | `.lock` | held (an exclusive `flock`) by the one process that runs in the directory |
 
 use super::checkpoint::{self, TrainerState};
 use super::optim::AdamW;
@@ -25,6 +26,7 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const RUN_FILE: &str = "run.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const DATA_REPORT_FILE: &str = "data_report.json";
+pub const LOCK_FILE: &str = ".lock";
 
 /// How `train` treats an existing run directory.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,11 +39,13 @@ pub enum Start {
     Resume,
 }
 
-/// A run directory, checked against how the run starts.
+/// A run directory, owned by this process, checked against how the run starts.
 pub struct RunDir {
     path: PathBuf,
     /// The checkpoint a resumed run continues from.
     resume_from: Option<PathBuf>,
+    /// Holds the directory's lock until the run ends (the kernel drops it if the process dies).
+    _lock: File,
 }
 
 impl RunDir {
@@ -49,6 +53,7 @@ impl RunDir {
     /// overwrite clears the old run's checkpoints and adapter, a resume finds the newest
     /// checkpoint. Nothing is created yet.
     pub fn open(path: &Path, start: Start) -> Result<Self> {
+        let lock = lock(path)?;
         let checkpoints = checkpoint::list(path)?;
         let finished = path.join(peft::WEIGHTS_FILE).exists();
         let resume_from = match start {
@@ -79,6 +84,7 @@ impl RunDir {
         Ok(Self {
             path: path.to_path_buf(),
             resume_from,
+            _lock: lock,
         })
     }
 
@@ -167,6 +173,68 @@ impl RunDir {
     }
 }
 
+/// Takes the exclusive lock of run directory `path` (created if needed), or says who holds it.
+fn lock(path: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(path)
+        .with_context(|| format!("cannot create run directory {}", path.display()))?;
+    let lock_path = path.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let owner = std::fs::read_to_string(&lock_path).unwrap_or_default();
+        bail!(
+            "{} is in use by another prolora train ({}); wait for it to end or choose another \
+             output_dir",
+            path.display(),
+            match owner.trim() {
+                "" => "owner unknown",
+                o => o,
+            }
+        );
+    }
+    file.set_len(0)?;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    write!(
+        file,
+        "pid {}, started {}",
+        std::process::id(),
+        utc_time(started)
+    )?;
+    file.flush()?;
+    Ok(file)
+}
+
+/// `2026-12-02 16:21:07 UTC` for seconds since 1970.
+fn utc_time(secs: u64) -> String {
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let days = (secs / 86_400) as i64 + 719_468;
+    let era = days.div_euclid(146_097);
+    let doe = days.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let t = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
+}
+
 /// `metrics.jsonl`, one JSON object a line.
 pub struct Metrics {
     file: File,
@@ -177,5 +245,21 @@ impl Metrics {
     pub fn log(&mut self, line: Value) -> Result<()> {
         writeln!(self.file, "{line}")
             .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_times_match_the_civil_calendar() {
+        // Values from Python's datetime.utcfromtimestamp.
+        for (secs, want) in [
+            (0, "1970-01-01 00:00:00 UTC"),
+            (951_782_400, "2000-02-29 00:00:00 UTC"),
+            (1_796_231_222, "2026-12-02 17:07:02 UTC"),
+            (4_102_444_799, "2099-12-31 23:59:59 UTC"),
+        ] {
+            assert_eq!(super::utc_time(secs), want);
+        }
     }
 }

@@ -15,6 +15,7 @@ use crate::data::chat::{ChatEncoder, Encoded};
 use crate::data::dataset::{default_cache_dir, load, DataReport, LoadOptions};
 use crate::eval::evaluate;
 use crate::model::Llama;
+use crate::signals::{self, Interrupted};
 use crate::source::ModelSource;
 use anyhow::{bail, Result};
 use candle_core::{Device, Var};
@@ -108,6 +109,8 @@ struct Trainer<'a> {
     state: TrainerState,
     run: RunDir,
     metrics: Metrics,
+    /// The step of the newest checkpoint this process wrote.
+    saved_step: Option<usize>,
 }
 
 /// One optimizer step's gradients, before the update.
@@ -198,6 +201,7 @@ impl<'a> Trainer<'a> {
             state,
             run,
             metrics,
+            saved_step: None,
         })
     }
 
@@ -211,7 +215,12 @@ impl<'a> Trainer<'a> {
         let started = Instant::now();
         let mut tokens_seen = 0;
         let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+        let stop_signals = signals::catch_stop_signals();
         for step in self.state.step..total {
+            if let Some(signal) = signals::requested() {
+                bar.abandon();
+                return Err(self.stop(signal)?.into());
+            }
             let lr = linear_with_warmup(cfg.optim.lr, step, total, warmup);
             let s = self.forward_backward(step)?;
             self.state.step = step + 1;
@@ -270,6 +279,7 @@ impl<'a> Trainer<'a> {
             }
         }
         bar.finish();
+        drop(stop_signals); // from here on the run ends by itself
 
         let final_eval_loss = self.evaluate(total)?;
         self.save_checkpoint()?;
@@ -335,14 +345,35 @@ impl<'a> Trainer<'a> {
         Ok(Some(loss))
     }
 
-    fn save_checkpoint(&self) -> Result<()> {
+    fn save_checkpoint(&mut self) -> Result<()> {
         self.run.save_checkpoint(
             &self.adapters,
             &self.base_model,
             &self.optimizer,
             &self.state,
             self.cfg.train.keep_last,
-        )
+        )?;
+        self.saved_step = Some(self.state.step);
+        Ok(())
+    }
+
+    /// After a stop signal, between two steps: the checkpoint of the steps done, and how to
+    /// continue.
+    fn stop(&mut self, signal: i32) -> Result<Interrupted> {
+        if self.saved_step != Some(self.state.step) {
+            self.save_checkpoint()?;
+        }
+        let dir = self.run.path().display();
+        Ok(Interrupted {
+            signal,
+            message: format!(
+                "stopped by {} after step {} of {}: checkpoint written in {dir}/checkpoints; \
+                 continue with `prolora train --resume {dir}`",
+                signals::name(signal),
+                self.state.step,
+                self.cfg.train.steps
+            ),
+        })
     }
 }
 
