@@ -162,10 +162,20 @@ pub fn svg(runs: &[Run]) -> Result<String> {
 
 /// Writes the plot of the runs in `dirs` to `out`.
 pub fn plot(dirs: &[std::path::PathBuf], out: &Path) -> Result<()> {
-    let runs = dirs
+    // One broken run does not cost the plot of the others.
+    let runs: Vec<Run> = dirs
         .iter()
-        .map(|d| Run::read(d))
-        .collect::<Result<Vec<_>>>()?;
+        .filter_map(|d| match Run::read(d) {
+            Ok(run) => Some(run),
+            Err(e) => {
+                eprintln!("warning: skipping {}: {e:#}", d.display());
+                None
+            }
+        })
+        .collect();
+    if runs.is_empty() {
+        anyhow::bail!("no readable run among the {} given", dirs.len());
+    }
     crate::atomic::write(out, svg(&runs)?.as_bytes())
 }
 

@@ -2,7 +2,8 @@
 //! `plot`.
 
 use crate::config::RunConfig;
-use anyhow::{Context, Result};
+use crate::train::run_dir::{CONFIG_FILE, METRICS_FILE};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// One run directory as the tool left it.
@@ -19,18 +20,23 @@ pub struct Run {
 
 impl Run {
     pub fn read(dir: &Path) -> Result<Self> {
-        let config = RunConfig::load(&dir.join("config.toml"), &[])?;
-        let path = dir.join("metrics.jsonl");
+        let config = RunConfig::load(&dir.join(CONFIG_FILE), &[])?;
+        let path = dir.join(METRICS_FILE);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let (mut train, mut eval) = (Vec::new(), Vec::new());
-        for (i, line) in text
+        let lines: Vec<(usize, &str)> = text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not a metrics line", path.display(), i + 1))?;
+            .collect();
+        for (k, &(i, line)) in lines.iter().enumerate() {
+            let v: serde_json::Value = match serde_json::from_str(line) {
+                Ok(v) => v,
+                // A run killed mid-write leaves a partial last line: the lines before it stand.
+                Err(_) if k + 1 == lines.len() && !text.ends_with('\n') => break,
+                Err(e) => bail!("{}:{}: not a metrics line ({e})", path.display(), i + 1),
+            };
             let Some(step) = v["step"].as_u64() else {
                 continue;
             };
@@ -55,8 +61,12 @@ impl Run {
         let mut runs = Vec::new();
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
-            if dir.join("config.toml").exists() && dir.join("metrics.jsonl").exists() {
-                runs.push(Run::read(&dir)?);
+            if dir.join(CONFIG_FILE).exists() && dir.join(METRICS_FILE).exists() {
+                // One broken run does not hide the others.
+                match Run::read(&dir) {
+                    Ok(run) => runs.push(run),
+                    Err(e) => eprintln!("warning: skipping {}: {e:#}", dir.display()),
+                }
                 continue;
             }
             let entries = std::fs::read_dir(&dir)

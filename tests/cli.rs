@@ -740,3 +740,49 @@ fn absurd_values_are_refused_naming_the_key() {
     ]);
     assert!(err.contains("--batch-size must be at least 1"), "{err}");
 }
+
+/// `collect` and `plot` skip a broken run with a warning naming it, and read a run whose last
+/// metrics line was cut short by a kill.
+#[test]
+fn collect_and_plot_skip_a_broken_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    let o = prolora(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        &format!("output_dir={}", good.display()),
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.eval_every=0",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(good.join("metrics.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut metrics, b"{\"step\": 3, \"lo").unwrap();
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("config.toml"), "not = [toml").unwrap();
+    std::fs::write(broken.join("metrics.jsonl"), "").unwrap();
+
+    let o = prolora(&["collect", tmp.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: skipping") && stderr(&o).contains("broken"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("lora r8"));
+
+    let svg = tmp.path().join("loss.svg");
+    let o = prolora(&[
+        "plot",
+        good.to_str().unwrap(),
+        broken.to_str().unwrap(),
+        "--out",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("skipping") && svg.exists());
+}
