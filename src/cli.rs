@@ -464,15 +464,25 @@ fn train(args: TrainArgs) -> Result<()> {
     let (mut cfg, start) = match &args.resume {
         Some(run_dir) => {
             let saved = run_dir.join(CONFIG_FILE);
-            let path = args.config.clone().unwrap_or_else(|| saved.clone());
+            let path = match (&args.config, saved.exists()) {
+                (Some(path), _) => path.clone(),
+                (None, true) => saved.clone(),
+                (None, false) => bail!(
+                    "--resume {}: no config.toml there (the run never started); pass --config \
+                     with the run's config",
+                    run_dir.display()
+                ),
+            };
             let mut cfg = RunConfig::load(&path, &args.overrides)?;
             cfg.output_dir = run_dir.display().to_string();
-            let previous = RunConfig::load(&saved, &[])?;
-            if let Some(key) = cfg.first_difference(&previous) {
-                bail!(
-                    "--resume {}: the config differs from the run's config.toml at `{key}`; resume with the same settings",
-                    run_dir.display()
-                );
+            if saved.exists() {
+                let previous = RunConfig::load(&saved, &[])?;
+                if let Some(key) = cfg.first_difference(&previous) {
+                    bail!(
+                        "--resume {}: the config differs from the run's config.toml at `{key}`; resume with the same settings",
+                        run_dir.display()
+                    );
+                }
             }
             (cfg, Start::Resume)
         }
@@ -493,6 +503,18 @@ fn train(args: TrainArgs) -> Result<()> {
         cfg.device = device;
     }
     let s = crate::train::train(&cfg, start, !args.quiet)?;
+    if s.already_finished {
+        report_written(
+            args.json,
+            format!(
+                "{} already finished ({} steps); nothing to do",
+                s.run_dir.display(),
+                s.steps
+            ),
+            json!({"run_dir": s.run_dir, "steps": s.steps, "already_finished": true}),
+        );
+        return Ok(());
+    }
     report_written(
         args.json,
         format!(

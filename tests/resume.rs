@@ -348,3 +348,71 @@ fn a_second_owner_of_a_run_directory_is_refused() {
     // A lock left by a finished (or killed) process does not block.
     succeeds(train(&["--config", cfg.to_str().unwrap(), "--overwrite"]));
 }
+
+/// `--resume` is always safe to call: on a finished run it changes nothing, and with no
+/// checkpoint yet (a job killed before its first) it starts at step 0 and ends as a fresh run.
+#[test]
+fn resume_of_a_finished_or_unstarted_run_is_safe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let short = ["--set", "train.steps=4"];
+    let done = tmp.path().join("done");
+    let cfg = write_config(tmp.path(), &done);
+    succeeds(train(
+        &[&["--config", cfg.to_str().unwrap()][..], &short].concat(),
+    ));
+    let files = [
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "run.json",
+        "config.toml",
+    ];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(done.join(f)).unwrap())
+        .collect();
+    let out = train(&["--resume", done.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("already finished"),
+        "{err}"
+    );
+    for (f, b) in files.iter().zip(&before) {
+        assert!(&std::fs::read(done.join(f)).unwrap() == b, "{f} changed");
+    }
+
+    let fresh = tmp.path().join("fresh");
+    let cfg = write_config(tmp.path(), &fresh);
+    let out = train(
+        &[
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--resume",
+                fresh.to_str().unwrap(),
+            ][..],
+            &short,
+        ]
+        .concat(),
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("starting at step 0"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(fresh.join("adapter_model.safetensors")).unwrap() == before[0],
+        "a resume from nothing differs from a fresh run"
+    );
+    let out = train(&["--resume", tmp.path().join("never").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("pass --config"),
+        "{err}"
+    );
+}

@@ -57,12 +57,22 @@ impl RunDir {
         let checkpoints = checkpoint::list(path)?;
         let finished = path.join(peft::WEIGHTS_FILE).exists();
         let resume_from = match start {
+            // No checkpoint yet (killed before the first): start at step 0, so a requeued job
+            // can always run the same command.
             Start::Resume => match checkpoints.last() {
                 Some((_, dir)) => Some(dir.clone()),
-                None => bail!(
-                    "--resume: {} has no checkpoint to resume from (train.save_every writes them)",
+                None if finished => bail!(
+                    "--resume: {} holds a finished run but no checkpoint; pass --overwrite to \
+                     train it again",
                     path.display()
                 ),
+                None => {
+                    eprintln!(
+                        "--resume: {} has no checkpoint yet; starting at step 0",
+                        path.display()
+                    );
+                    None
+                }
             },
             Start::Fresh if finished || !checkpoints.is_empty() => bail!(
                 "{} already holds a run: pass --resume to continue it, --overwrite to replace it, \
@@ -86,6 +96,13 @@ impl RunDir {
             resume_from,
             _lock: lock,
         })
+    }
+
+    /// Whether the run already ended: its final adapter is written and its newest checkpoint
+    /// is of step `steps` or later.
+    pub fn is_finished(&self, steps: usize) -> Result<bool> {
+        let newest = checkpoint::list(&self.path)?.last().map(|(s, _)| *s);
+        Ok(self.path.join(peft::WEIGHTS_FILE).exists() && newest.is_some_and(|s| s >= steps))
     }
 
     pub fn path(&self) -> &Path {

@@ -33,6 +33,8 @@ pub struct TrainSummary {
     pub first_loss: f64,
     pub last_loss: f64,
     pub final_eval_loss: Option<f64>,
+    /// A `--resume` found the run already finished and did nothing.
+    pub already_finished: bool,
 }
 
 /// Trains the adapter `cfg` describes, starting as `start` says.
@@ -45,6 +47,17 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     // Data before the model: a bad line should not wait for a 13 GB load.
     let data = Data::load(cfg, &encoder)?;
     let run = RunDir::open(Path::new(&cfg.output_dir), start)?;
+    if start == Start::Resume && run.is_finished(cfg.train.steps)? {
+        // Resuming a finished run changes nothing.
+        return Ok(TrainSummary {
+            run_dir: run.path().to_path_buf(),
+            steps: cfg.train.steps,
+            first_loss: f64::NAN,
+            last_loss: f64::NAN,
+            final_eval_loss: None,
+            already_finished: true,
+        });
+    }
     Trainer::setup(cfg, &source, &device, &data, run)?.run(show_progress)
 }
 
@@ -297,6 +310,7 @@ impl<'a> Trainer<'a> {
             first_loss,
             last_loss,
             final_eval_loss,
+            already_finished: false,
         })
     }
 
