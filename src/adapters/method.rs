@@ -18,8 +18,8 @@ pub trait Method: std::fmt::Debug + Options {
     /// Rejects options that contradict each other or the shared keys, naming the key.
     fn validate(&self, cfg: &AdapterConfig) -> Result<()>;
 
-    /// Whether `rank` may not exceed a target's smaller side (true for factorisations of ΔW;
-    /// VeRA's rank is that of its random projections, which may be wider).
+    /// Whether `rank` may not exceed a target's smaller side (true for a per-layer factorisation
+    /// of ΔW; VeRA's projections and Tied-LoRA's factors are shared across layers).
     fn rank_bounded_by_shape(&self) -> bool {
         true
     }

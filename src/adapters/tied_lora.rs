@@ -49,6 +49,13 @@ impl Method for TiedLoraConfig {
         &REGISTRATION
     }
 
+    /// A and B are shared by every layer, each layer scaling them by its own u and v: a rank
+    /// above one layer's width still adds capacity across layers (the paper's r 256 at d 4096
+    /// is the demo's r 256 at d 128).
+    fn rank_bounded_by_shape(&self) -> bool {
+        false
+    }
+
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         if let Some(t) = cfg
             .targets
