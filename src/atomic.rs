@@ -2,7 +2,7 @@
 //! renamed over the destination, and the directory fsynced. A crash, a full disk or an error
 //! half-way leaves the old file (or none) in place, never a torn one.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::fs::File;
@@ -27,6 +27,59 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
+/// `path` made absolute with every existing link resolved (the parts that do not exist yet
+/// kept as given).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => resolved(if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        })
+        .join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Refuses an output `out` (given by `flag`) that would destroy what a command reads: one that
+/// is, contains or lies inside one of `inputs` ([`check_apart`]), or one that exists and is not
+/// empty unless `overwrite` (the old output is then replaced only once the new one is complete).
+pub fn check_output(out: &Path, flag: &str, inputs: &[&Path], overwrite: bool) -> Result<()> {
+    check_apart(out, flag, inputs)?;
+    let o = resolved(out);
+    let non_empty = match std::fs::metadata(&o) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(&o)?.next().is_some(),
+        Ok(m) => m.is_file() && m.len() > 0,
+        Err(_) => false,
+    };
+    if non_empty && !overwrite {
+        bail!(
+            "{flag} {} exists: pass --overwrite to replace it, or write somewhere else",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses an output `out` that is, contains or lies inside one of `inputs`.
+pub fn check_apart(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
+    let o = resolved(out);
+    for input in inputs {
+        let i = resolved(input);
+        if o == i || i.starts_with(&o) || o.starts_with(&i) {
+            bail!(
+                "{flag} {} would overwrite the input {}: write somewhere else",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Makes a rename or a new entry in `dir` durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -40,6 +93,20 @@ pub fn write_with<T>(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> Result<T>,
 ) -> Result<T> {
+    // A link is written through, never replaced by a file; a device or a pipe is written to.
+    let target = resolved(path);
+    if std::fs::metadata(&target).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let mut w = BufWriter::new(file);
+        let value = write(&mut w)?;
+        w.flush()
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(value);
+    }
+    let path = target.as_path();
     // Per process: two runs may write the same shared file (a data cache) at once.
     let tmp = temporary(path, &format!(".{}", std::process::id()));
     let written = (|| {
@@ -94,6 +161,8 @@ pub fn write_safetensors(
 /// then replaces `dir` (an existing `dir` is removed only once the new one is complete). A
 /// directory has one writer (a run owns its checkpoints), so a stale temporary is replaced.
 pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = resolved(dir);
+    let dir = dir.as_path();
     let tmp = temporary(dir, "");
     let written = (|| {
         if tmp.exists() {

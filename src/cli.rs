@@ -74,7 +74,7 @@ pub struct PrepareArgs {
     /// The raw file or directory (see the formats).
     #[arg(long = "in")]
     pub input: PathBuf,
-    /// The `{"messages": [...]}` jsonl to write.
+    /// The `{"messages": [...]}` jsonl to write (`-`: stdout).
     #[arg(long)]
     pub out: PathBuf,
     /// Seeds the template choice and the sampling (the reference's `random.seed`).
@@ -86,6 +86,9 @@ pub struct PrepareArgs {
     /// Print one JSON object (what was written) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Replace an existing output (built beside it, swapped in at the end).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// What the data commands read.
@@ -109,12 +112,15 @@ pub struct DataInput {
 pub struct EncodeArgs {
     #[command(flatten)]
     pub input: DataInput,
-    /// Where to write the encoded jsonl.
+    /// Where to write the encoded jsonl (`-`: stdout).
     #[arg(long)]
     pub out: PathBuf,
     /// Print one JSON object (what was written) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Replace an existing output (built beside it, swapped in at the end).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -169,6 +175,9 @@ pub struct QuantizeArgs {
     /// Print one JSON object (what was written) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Replace an existing output (built beside it, swapped in at the end).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -227,6 +236,9 @@ pub struct ExportArgs {
     /// Print one JSON object (what was written) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Replace an existing output (built beside it, swapped in at the end).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -243,6 +255,9 @@ pub struct MergeArgs {
     /// Print one JSON object (what was written) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Replace an existing output (built beside it, swapped in at the end).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -382,6 +397,7 @@ fn report_written(json: bool, text: String, value: serde_json::Value) {
 
 fn quantize(args: QuantizeArgs) -> Result<()> {
     let source = ModelSource::resolve(&args.model.model, &args.model.revision)?;
+    atomic::check_output(&args.out, "--out", &local_dirs(&source), args.overwrite)?;
     let s = crate::quantize::quantize_model(&source, &args.out, args.double_quant)?;
     report_written(
         args.json,
@@ -430,6 +446,9 @@ fn base_of(model: &Option<String>, adapter: &Path) -> Result<String> {
 fn export(args: ExportArgs) -> Result<()> {
     let model = base_of(&args.model, &args.adapter)?;
     let source = ModelSource::resolve(&model, &args.revision)?;
+    let mut inputs = local_dirs(&source);
+    inputs.push(&args.adapter);
+    atomic::check_output(&args.out, "--out", &inputs, args.overwrite)?;
     match args.format {
         ExportFormat::PeftLora => {
             crate::export::export_peft_lora(&args.adapter, &source.config, &model, &args.out)?
@@ -451,6 +470,7 @@ fn merge(args: MergeArgs) -> Result<()> {
             args.model.model
         );
     };
+    atomic::check_output(&args.out, "--out", &[dir, &args.adapter], args.overwrite)?;
     crate::export::merge(dir, &source.config, &args.adapter, &args.out)?;
     report_written(
         args.json,
@@ -607,6 +627,32 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The local directories a model is read from (none for a preset).
+fn local_dirs(source: &ModelSource) -> Vec<&Path> {
+    match &source.origin {
+        Origin::Dir(dir) => vec![dir.as_path()],
+        Origin::Preset(_) => Vec::new(),
+    }
+}
+
+/// Writes a data command's output: `-` streams to stdout; a file is checked against the
+/// inputs and written atomically.
+fn write_output<T>(
+    out: &Path,
+    inputs: &[&Path],
+    overwrite: bool,
+    write: impl FnOnce(&mut dyn Write) -> Result<T>,
+) -> Result<T> {
+    if out == Path::new("-") {
+        let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+        let value = write(&mut stdout)?;
+        stdout.flush().context("cannot write to stdout")?;
+        return Ok(value);
+    }
+    atomic::check_output(out, "--out", inputs, overwrite)?;
+    atomic::write_with(out, |w| write(w))
+}
+
 fn data_encoder(spec: &str) -> Result<ChatEncoder> {
     ChatEncoder::new(source::tokenizer(spec, "main")?)
 }
@@ -625,7 +671,12 @@ fn data_options(input: &DataInput) -> Result<LoadOptions> {
 fn data_encode(args: EncodeArgs) -> Result<()> {
     let encoder = data_encoder(&args.input.tokenizer)?;
     let opts = data_options(&args.input)?;
-    let report = atomic::write_with(&args.out, |out| {
+    let tokenizer = Path::new(&args.input.tokenizer);
+    let mut inputs = vec![args.input.data.as_path()];
+    if tokenizer.exists() {
+        inputs.push(tokenizer);
+    }
+    let report = write_output(&args.out, &inputs, args.overwrite, |out| {
         encode_file(&encoder, &args.input.data, &opts, |e| {
             let line = json!({"input_ids": e.input_ids, "labels": e.labels});
             writeln!(out, "{line}").with_context(|| format!("cannot write {}", args.out.display()))
@@ -685,8 +736,14 @@ fn data_inspect(args: InspectArgs) -> Result<()> {
 }
 
 fn data_prepare(args: PrepareArgs) -> Result<()> {
-    let report = atomic::write_with(&args.out, |out| {
-        prepare(args.format, &args.input, out, args.seed, args.skip_invalid)
+    let report = write_output(&args.out, &[&args.input], args.overwrite, |mut out| {
+        prepare(
+            args.format,
+            &args.input,
+            &mut out,
+            args.seed,
+            args.skip_invalid,
+        )
     })?;
     report_written(
         args.json,

@@ -42,7 +42,8 @@ pub fn export_peft_lora(
         targets: set.cfg.targets.clone(),
         ..Default::default()
     };
-    peft::write_adapter(out, &tensors, &peft::config_json(&cfg, base_model))
+    let config = peft::config_json(&cfg, base_model);
+    atomic::write_dir(out, |dir| peft::write_adapter(dir, &tensors, &config))
 }
 
 /// ΔW of every adapted linear, keyed by the checkpoint's weight name.
@@ -61,14 +62,11 @@ fn deltas(set: &AdapterSet) -> Result<HashMap<String, Tensor>> {
 /// file of the directory copied, so transformers loads it as it loads the original.
 pub fn merge(model_dir: &Path, model: &LlamaConfig, adapter_dir: &Path, out: &Path) -> Result<()> {
     let set = peft::load(adapter_dir, model, DType::F32, &Device::Cpu)?;
-    let mut deltas = deltas(&set)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    if out.canonicalize()? == model_dir.canonicalize()? {
-        bail!(
-            "--out {} is the model directory: choose another",
-            out.display()
-        );
-    }
+    let deltas = deltas(&set)?;
+    atomic::write_dir(out, |out| merge_into(model_dir, deltas, out))
+}
+
+fn merge_into(model_dir: &Path, mut deltas: HashMap<String, Tensor>, out: &Path) -> Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(model_dir)
         .with_context(|| format!("cannot read {}", model_dir.display()))?
         .collect::<std::io::Result<_>>()?;

@@ -19,9 +19,22 @@ pub struct QuantizeSummary {
     pub bytes: u64,
 }
 
-/// Quantizes `source` into `out` (created if needed): `model.safetensors`, `config.json` with
-/// `quantization_config`, and the tokenizer files.
+/// Quantizes `source` into the directory `out`, built whole beside it and swapped in at the end:
+/// `model.safetensors`, `config.json` with `quantization_config`, and the tokenizer files.
 pub fn quantize_model(
+    source: &ModelSource,
+    out: &Path,
+    double_quant: bool,
+) -> Result<QuantizeSummary> {
+    let mut summary = None;
+    atomic::write_dir(out, |dir| {
+        summary = Some(write_quantized(source, dir, double_quant)?);
+        Ok(())
+    })?;
+    Ok(summary.expect("written"))
+}
+
+fn write_quantized(
     source: &ModelSource,
     out: &Path,
     double_quant: bool,
@@ -62,7 +75,6 @@ pub fn quantize_model(
             tensors.extend(bnb::write(&name, &q)?);
         }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let st = out.join("model.safetensors");
     atomic::write_safetensors(&st, &tensors, None)?;
     let mut config = match &source.origin {

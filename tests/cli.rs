@@ -786,3 +786,117 @@ fn collect_and_plot_skip_a_broken_run() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("skipping") && svg.exists());
 }
+
+/// Every writing command refuses an output that is, contains or lies inside one of its inputs,
+/// and an existing output without --overwrite; `--out -` streams to stdout; a link is written
+/// through, not replaced.
+#[test]
+fn write_commands_never_destroy_their_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("chat.jsonl");
+    std::fs::copy(root().join("data/sample_chat.jsonl"), &data).unwrap();
+    let original = std::fs::read(&data).unwrap();
+    let data = data.to_str().unwrap();
+    let model = fixture("peft-lora/base");
+    let adapter = fixture("peft-lora/adapter");
+    let parent = fixture("peft-lora");
+    let cases: Vec<Vec<&str>> = vec![
+        vec![
+            "data",
+            "encode",
+            "--tokenizer",
+            "tiny",
+            "--data",
+            data,
+            "--out",
+            data,
+        ],
+        vec![
+            "data", "prepare", "--format", "messages", "--in", data, "--out", data,
+        ],
+        vec!["quantize", "--model", &model, "--out", &model],
+        vec![
+            "export",
+            "--adapter",
+            &adapter,
+            "--model",
+            &model,
+            "--out",
+            &adapter,
+        ],
+        vec![
+            "merge",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--out",
+            &model,
+        ],
+        // An output that contains an input (the base and the adapter both lie in it).
+        vec![
+            "merge",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--out",
+            &parent,
+        ],
+    ];
+    for args in &cases {
+        let err = error_of(args);
+        assert!(err.contains("would overwrite the input"), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read(data).unwrap(), original);
+    let err = error_of(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        "output_dir=data",
+    ]);
+    assert!(
+        err.contains("output_dir data would overwrite the input"),
+        "{err}"
+    );
+
+    // An existing output needs --overwrite; then it is replaced whole.
+    let out = tmp.path().join("prepared.jsonl");
+    std::fs::write(&out, "old").unwrap();
+    let out_s = out.to_str().unwrap();
+    let prepare = |extra: &[&str]| {
+        let mut args = vec![
+            "data", "prepare", "--format", "messages", "--in", data, "--out",
+        ];
+        args.extend(extra);
+        prolora(&args)
+    };
+    let o = prepare(&[out_s]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("pass --overwrite"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "old");
+    let o = prepare(&[out_s, "--overwrite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), original);
+
+    // A link is written through.
+    let link = tmp.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&out, &link).unwrap();
+    std::fs::write(&out, "old").unwrap();
+    let o = prepare(&[link.to_str().unwrap(), "--overwrite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&out).unwrap(), original);
+
+    // `-` is stdout.
+    let o = prepare(&["-"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout, original);
+}

@@ -8,6 +8,7 @@ use super::run_dir::{Metrics, RunDir, Start};
 use super::schedule::{linear_with_warmup, warmup_steps};
 use super::step::{accumulate_grads, Grads};
 use crate::adapters::{adapter_dtype, peft, AdapterSet};
+use crate::atomic;
 use crate::config::{OnNonFinite, RunConfig};
 use crate::ctx::{mix_seed, Ctx};
 use crate::data::batch::{split_eval, Batcher};
@@ -39,6 +40,13 @@ pub struct TrainSummary {
 
 /// Trains the adapter `cfg` describes, starting as `start` says.
 pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<TrainSummary> {
+    // The run directory must not be (or hold, or lie in) anything the run reads.
+    let model_dir = Path::new(&cfg.model.source);
+    let mut inputs = vec![Path::new(&cfg.data.train)];
+    inputs.extend(cfg.data.eval.as_deref().map(Path::new));
+    inputs.extend(cfg.adapter.init_from.as_deref().map(Path::new));
+    inputs.extend(model_dir.exists().then_some(model_dir));
+    atomic::check_apart(Path::new(&cfg.output_dir), "output_dir", &inputs)?;
     let device = crate::device::open(cfg.device)?;
     let source = ModelSource::resolve(&cfg.model.source, &cfg.model.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(cfg.model.tokenizer.as_deref())?)?;
