@@ -584,6 +584,12 @@ fn eval(args: EvalArgs) -> Result<()> {
         );
     }
     let (loss, tokens) = crate::eval::evaluate(&model, &encoded, args.batch_size)?;
+    if !loss.is_finite() {
+        bail!(
+            "the loss over {} is {loss}: the model or the adapter produces non-finite values",
+            args.data.display()
+        );
+    }
     if args.json {
         print_json(json!({
             "loss": loss,

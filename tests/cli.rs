@@ -900,3 +900,72 @@ fn write_commands_never_destroy_their_inputs() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(o.stdout, original);
 }
+
+/// NaN in any loaded tensor — embeddings of the base, a tensor of the adapter — is an error
+/// naming it, not a `loss NaN` with exit 0.
+#[test]
+fn non_finite_tensors_are_refused_by_name() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let poison = |from: &Path, to: &Path, tensor: &str| {
+        let mut tensors = candle_core::safetensors::load(from, &Device::Cpu).unwrap();
+        let t = &tensors[tensor];
+        let mut v: Vec<f32> = t
+            .flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        v[1] = f32::NAN;
+        let poisoned = Tensor::from_vec(v, t.shape(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(t.dtype())
+            .unwrap();
+        tensors.insert(tensor.to_string(), poisoned);
+        candle_core::safetensors::save(&tensors, to).unwrap();
+    };
+    let base = root().join("tests/fixtures/peft-lora/base");
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(base.join(f), model.join(f)).unwrap();
+    }
+    poison(
+        &base.join("model.safetensors"),
+        &model.join("model.safetensors"),
+        "model.embed_tokens.weight",
+    );
+    let data = fixture("peft-lora/data.jsonl");
+    let err = error_of(&["eval", "--model", model.to_str().unwrap(), "--data", &data]);
+    assert!(
+        err.contains("model.embed_tokens.weight") && err.contains("NaN"),
+        "{err}"
+    );
+
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    let peft = root().join("tests/fixtures/peft-lora/adapter");
+    std::fs::copy(
+        peft.join("adapter_config.json"),
+        adapter.join("adapter_config.json"),
+    )
+    .unwrap();
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    poison(
+        &peft.join("adapter_model.safetensors"),
+        &adapter.join("adapter_model.safetensors"),
+        key,
+    );
+    let base = fixture("peft-lora/base");
+    let err = error_of(&[
+        "eval",
+        "--model",
+        &base,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        &data,
+    ]);
+    assert!(err.contains(key) && err.contains("NaN"), "{err}");
+}

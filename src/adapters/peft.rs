@@ -106,6 +106,8 @@ pub fn restore_values(weights_path: &Path, set: &AdapterSet) -> Result<()> {
                 var.dims()
             );
         }
+        crate::model::weights::check_finite(&key, &t)
+            .with_context(|| weights_path.display().to_string())?;
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     if let Some(key) = tensors.keys().min() {

@@ -40,6 +40,26 @@ fn read_and_quantize(
     Nf4Tensor::quantize(name, &values, shape, double_quant)
 }
 
+/// Refuses a tensor holding NaN or ±∞ (a damaged checkpoint, or one saved from a diverged
+/// run). Sums of 1M-element slices in f32 are finite exactly when their elements are (f16 and
+/// bf16 sums could overflow; a whole-tensor f32 copy would raise the loading peak).
+pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    const SLICE: usize = 1 << 20;
+    let flat = t.flatten_all()?;
+    let n = flat.elem_count();
+    for start in (0..n).step_by(SLICE) {
+        let part = flat.narrow(0, start, SLICE.min(n - start))?;
+        let sum = part.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            bail!(
+                "tensor {name} holds NaN or infinite values: the checkpoint is damaged or comes \
+                 from a diverged run"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Where one stored tensor lies.
 struct Entry {
     file: usize,
@@ -253,6 +273,7 @@ impl WeightSource for SafetensorsWeights {
                 t.dims()
             );
         }
+        check_finite(name, &t)?;
         Ok(t.to_dtype(dtype)?)
     }
 
