@@ -343,6 +343,9 @@ pub struct GenerateArgs {
     /// Stop after this many new tokens (or at the end-of-sequence token).
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
+    /// Go on past the model's max_position_embeddings (RoPE is defined for any position).
+    #[arg(long)]
+    pub past_max_positions: bool,
 }
 
 /// A flag that takes one of `names`, listed in `--help` and in the error.
@@ -557,6 +560,7 @@ fn train(args: TrainArgs) -> Result<()> {
 fn load_model(args: &ModelArgs) -> Result<(crate::model::Llama, ChatEncoder)> {
     let source = ModelSource::resolve(&args.spec.model, &args.spec.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
+    encoder.check_fits(source.config.vocab_size)?;
     let device = crate::device::open(args.device)?;
     let quant = Quantization::new(args.quantize, args.double_quant);
     let mut model = source.load_quantized(args.dtype.on(&device), quant, &device)?;
@@ -628,7 +632,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
     });
     println!(
         "{}",
-        crate::generate::generate(&model, &encoder, &messages, args.max_new_tokens)?
+        crate::generate::generate(
+            &model,
+            &encoder,
+            &messages,
+            args.max_new_tokens,
+            args.past_max_positions
+        )?
     );
     Ok(())
 }

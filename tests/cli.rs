@@ -969,3 +969,51 @@ fn non_finite_tensors_are_refused_by_name() {
     ]);
     assert!(err.contains(key) && err.contains("NaN"), "{err}");
 }
+
+/// `generate` stops at the model's positions unless told to go on, so a huge
+/// --max-new-tokens ends.
+#[test]
+fn generate_stops_at_the_models_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = root().join("tests/fixtures/peft-lora/base");
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = model.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = serde_json::json!(24);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let o = prolora(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "1000000",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stopped at the model's 24 positions"),
+        "{}",
+        stderr(&o)
+    );
+    // A tokenizer with ids beyond the model's vocabulary is one clear line, not a backtrace.
+    let err = error_of(&[
+        "generate",
+        "--model",
+        &fixture("llama-tied"),
+        "--tokenizer",
+        "tiny",
+        "--prompt",
+        "Hi",
+    ]);
+    assert!(
+        err.contains("the tokenizer has 32000 tokens but the model's vocab_size is 256"),
+        "{err}"
+    );
+}

@@ -136,6 +136,18 @@ pub struct ChatEncoder {
 }
 
 impl ChatEncoder {
+    /// Refuses a tokenizer with ids the model has no embedding for.
+    pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
+        let n = self.tokenizer.get_vocab_size(true);
+        if n > vocab_size {
+            bail!(
+                "the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}: use the \
+                 model's own tokenizer (or --tokenizer / model.tokenizer naming a matching one)"
+            );
+        }
+        Ok(())
+    }
+
     /// Wraps `tokenizer`. Any truncation or padding configured on it is removed (truncation is
     /// done here, and padding belongs to batching). Errors if it has no `</s>` token or does not
     /// split `</s>` out of text as one token (the chat format relies on both).

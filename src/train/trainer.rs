@@ -50,6 +50,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let device = crate::device::open(cfg.device)?;
     let source = ModelSource::resolve(&cfg.model.source, &cfg.model.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(cfg.model.tokenizer.as_deref())?)?;
+    encoder.check_fits(source.config.vocab_size)?;
     // The adapter must fit the model's shapes: say so before any data or weights are read.
     cfg.adapter.param_count(&source.config)?;
     // Data before the model: a bad line should not wait for a 13 GB load.
