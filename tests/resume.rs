@@ -416,3 +416,38 @@ fn resume_of_a_finished_or_unstarted_run_is_safe() {
         "{err}"
     );
 }
+
+/// A damaged newest checkpoint (its adapter cut short) is named and skipped: the run resumes
+/// from the newest intact one and still ends bit-identical.
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("reference");
+    let cfg = write_config(tmp.path(), &reference);
+    succeeds(train(&["--config", cfg.to_str().unwrap()]));
+    let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
+
+    let run = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &run);
+    succeeds(train(&["--config", cfg.to_str().unwrap()]));
+    // Make it unfinished with a damaged newest checkpoint (keep_last 2: steps 14 and 16).
+    std::fs::remove_file(run.join("adapter_model.safetensors")).unwrap();
+    let newest = run.join(format!(
+        "checkpoints/step-{STEPS:07}/adapter_model.safetensors"
+    ));
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let out = train(&["--resume", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("skipping the checkpoint of step {STEPS}"))
+            && err.contains("resuming from")
+            && err.contains(&format!("step {}", STEPS - 2)),
+        "{err}"
+    );
+    let got = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    assert!(got == want, "the run resumed from the fallback differs");
+}

@@ -11,6 +11,15 @@ use std::path::{Path, PathBuf};
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "trainer_state.json";
+/// Size and sha256 of every other file, written last: a checkpoint whose files do not match it
+/// is damaged (a disk error, a copy cut short) and is not resumed from.
+const MANIFEST_FILE: &str = "manifest.json";
+const CHECKED_FILES: [&str; 4] = [
+    peft::WEIGHTS_FILE,
+    peft::CONFIG_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+];
 
 /// Where the loop stands. Dropout masks and the data order are functions of the seed and these
 /// counters, so no generator state needs saving.
@@ -57,6 +66,38 @@ pub fn list(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(found)
 }
 
+/// `{"bytes": N, "sha256": "…"}` of a file.
+fn fingerprint(path: &Path) -> Result<serde_json::Value> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let hash: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(serde_json::json!({"bytes": bytes.len(), "sha256": hash}))
+}
+
+/// Checks checkpoint `dir` against its manifest, naming the first file that differs. A
+/// checkpoint from before manifests (none there) is taken as it is.
+pub fn verify(dir: &Path) -> Result<()> {
+    let path = dir.join(MANIFEST_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let manifest: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    for f in CHECKED_FILES {
+        let file = dir.join(f);
+        if !file.exists() {
+            bail!("{} is missing", file.display());
+        }
+        if fingerprint(&file)? != manifest[f] {
+            bail!("{} does not match its manifest (damaged)", file.display());
+        }
+    }
+    Ok(())
+}
+
 /// Writes the checkpoint of `state.step` and keeps only the newest `keep_last`.
 pub fn save(
     run_dir: &Path,
@@ -74,6 +115,14 @@ pub fn save(
         atomic::write(
             &dir.join(STATE_FILE),
             serde_json::to_string_pretty(state)?.as_bytes(),
+        )?;
+        let mut manifest = serde_json::Map::new();
+        for f in CHECKED_FILES {
+            manifest.insert(f.into(), fingerprint(&dir.join(f))?);
+        }
+        atomic::write(
+            &dir.join(MANIFEST_FILE),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
         )
     });
     if let Err(e) = written {

@@ -59,8 +59,8 @@ impl RunDir {
         let resume_from = match start {
             // No checkpoint yet (killed before the first): start at step 0, so a requeued job
             // can always run the same command.
-            Start::Resume => match checkpoints.last() {
-                Some((_, dir)) => Some(dir.clone()),
+            Start::Resume => match newest_intact(&checkpoints) {
+                Some(dir) => Some(dir),
                 None if finished => bail!(
                     "--resume: {} holds a finished run but no checkpoint; pass --overwrite to \
                      train it again",
@@ -68,8 +68,13 @@ impl RunDir {
                 ),
                 None => {
                     eprintln!(
-                        "--resume: {} has no checkpoint yet; starting at step 0",
-                        path.display()
+                        "--resume: {} has no {}checkpoint; starting at step 0",
+                        path.display(),
+                        if checkpoints.is_empty() {
+                            ""
+                        } else {
+                            "intact "
+                        }
                     );
                     None
                 }
@@ -188,6 +193,18 @@ impl RunDir {
     pub fn save_adapter(&self, adapters: &AdapterSet, base_model: &str) -> Result<()> {
         peft::save(&self.path, adapters, base_model)
     }
+}
+
+/// The newest checkpoint that matches its manifest; each damaged newer one is named and
+/// skipped.
+fn newest_intact(checkpoints: &[(usize, PathBuf)]) -> Option<PathBuf> {
+    for (step, dir) in checkpoints.iter().rev() {
+        match checkpoint::verify(dir) {
+            Ok(()) => return Some(dir.clone()),
+            Err(e) => eprintln!("skipping the checkpoint of step {step}: {e:#}"),
+        }
+    }
+    None
 }
 
 /// Takes the exclusive lock of run directory `path` (created if needed), or says who holds it.
