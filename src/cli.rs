@@ -497,7 +497,10 @@ fn train(args: TrainArgs) -> Result<()> {
                 ),
             };
             let mut cfg = RunConfig::load(&path, &args.overrides)?;
-            cfg.output_dir = run_dir.display().to_string();
+            cfg.output_dir = std::path::absolute(run_dir)
+                .unwrap_or_else(|_| run_dir.clone())
+                .display()
+                .to_string();
             if saved.exists() {
                 let previous = RunConfig::load(&saved, &[])?;
                 if let Some(key) = cfg.first_difference(&previous) {

@@ -303,7 +303,29 @@ impl RunConfig {
             })?
         };
         cfg.validate()?;
-        Ok(cfg)
+        Ok(cfg.with_absolute_paths())
+    }
+
+    /// Every local path made absolute (against the working directory, where relative paths are
+    /// meant), so the run's config.toml resumes from anywhere. Presets and Hub ids stay.
+    fn with_absolute_paths(mut self) -> Self {
+        let absolute = |p: &mut String| {
+            if let Ok(a) = std::path::absolute(Path::new(p.as_str())) {
+                *p = a.display().to_string();
+            }
+        };
+        absolute(&mut self.output_dir);
+        absolute(&mut self.data.train);
+        self.data.eval.as_mut().map(absolute);
+        self.adapter.init_from.as_mut().map(absolute);
+        let local = |p: &str| crate::model::preset::preset(p).is_none() && Path::new(p).exists();
+        if local(&self.model.source) {
+            absolute(&mut self.model.source);
+        }
+        if let Some(t) = self.model.tokenizer.as_mut().filter(|t| local(t)) {
+            absolute(t);
+        }
+        self
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -857,7 +857,7 @@ fn write_commands_never_destroy_their_inputs() {
         "output_dir=data",
     ]);
     assert!(
-        err.contains("output_dir data would overwrite the input"),
+        err.contains("output_dir") && err.contains("would overwrite the input"),
         "{err}"
     );
 
@@ -1015,5 +1015,28 @@ fn generate_stops_at_the_models_positions() {
     assert!(
         err.contains("the tokenizer has 32000 tokens but the model's vocab_size is 256"),
         "{err}"
+    );
+}
+
+/// Tied-LoRA's default targets are q, k, v in `train` as in `params`.
+#[test]
+fn tied_lora_defaults_to_q_k_v_everywhere() {
+    let cfg: prolora::config::RunConfig = toml::from_str(
+        "output_dir = \"x\"\n[model]\nsource = \"tiny\"\n[adapter]\nkind = \"tied-lora\"\n\
+         [data]\ntrain = \"d.jsonl\"\n[train]\nsteps = 1\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.adapter.targets, ["q_proj", "k_proj", "v_proj"]);
+    let out = json_of(&prolora(&[
+        "params",
+        "--model",
+        "tiny",
+        "--method",
+        "tied-lora",
+        "--json",
+    ]));
+    assert_eq!(
+        out["targets"],
+        serde_json::json!(["q_proj", "k_proj", "v_proj"])
     );
 }

@@ -45,6 +45,16 @@ keep_last = 2
     cfg
 }
 
+/// The adapter of an uninterrupted run of the test config (with `extra` flags) in `dir`.
+fn reference_adapter(dir: &Path, extra: &[&str]) -> Vec<u8> {
+    let reference = dir.join("reference");
+    let cfg = write_config(dir, &reference);
+    succeeds(train(
+        &[&["--config", cfg.to_str().unwrap()][..], extra].concat(),
+    ));
+    std::fs::read(reference.join("adapter_model.safetensors")).unwrap()
+}
+
 fn train(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_prolora"));
     c.arg("train")
@@ -86,10 +96,7 @@ fn newest_checkpoint(run: &Path) -> usize {
 fn resume_after_sigkill_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
 
-    let reference = tmp.path().join("reference");
-    let cfg = write_config(tmp.path(), &reference);
-    succeeds(train(&["--config", cfg.to_str().unwrap()]));
-    let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
+    let want = reference_adapter(tmp.path(), &[]);
 
     let run = tmp.path().join("killed");
     let cfg = write_config(tmp.path(), &run);
@@ -264,12 +271,7 @@ fn wait_for_steps(run: &Path, after: usize, child: &mut std::process::Child) {
 fn stop_signals_checkpoint_and_the_resumed_run_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let no_saves = ["--set", "train.save_every=0"];
-    let reference = tmp.path().join("reference");
-    let cfg = write_config(tmp.path(), &reference);
-    succeeds(train(
-        &[&["--config", cfg.to_str().unwrap()][..], &no_saves].concat(),
-    ));
-    let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
+    let want = reference_adapter(tmp.path(), &no_saves);
 
     let run = tmp.path().join("stopped");
     let cfg = write_config(tmp.path(), &run);
@@ -314,10 +316,7 @@ fn stop_signals_checkpoint_and_the_resumed_run_is_bit_identical() {
 #[test]
 fn a_second_owner_of_a_run_directory_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let reference = tmp.path().join("reference");
-    let cfg = write_config(tmp.path(), &reference);
-    succeeds(train(&["--config", cfg.to_str().unwrap()]));
-    let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
+    let want = reference_adapter(tmp.path(), &[]);
 
     let run = tmp.path().join("run");
     let cfg = write_config(tmp.path(), &run);
@@ -422,10 +421,7 @@ fn resume_of_a_finished_or_unstarted_run_is_safe() {
 #[test]
 fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let reference = tmp.path().join("reference");
-    let cfg = write_config(tmp.path(), &reference);
-    succeeds(train(&["--config", cfg.to_str().unwrap()]));
-    let want = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
+    let want = reference_adapter(tmp.path(), &[]);
 
     let run = tmp.path().join("run");
     let cfg = write_config(tmp.path(), &run);
@@ -450,4 +446,99 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
     );
     let got = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
     assert!(got == want, "the run resumed from the fallback differs");
+}
+
+/// The saved config holds absolute paths: a run resumes from any working directory, however
+/// relative the paths it was started with.
+#[test]
+fn a_run_resumes_from_another_working_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        "output_dir = \"runs/rel\"\n[model]\nsource = \"tiny\"\n[adapter]\nrank = 2\n\
+         [data]\ntrain = \"data/sample_chat.jsonl\"\nmax_seq_len = 48\n\
+         [train]\nsteps = 2\nbatch_size = 2\nsave_every = 1\n",
+    )
+    .unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(work.join("data")).unwrap();
+    std::fs::copy(
+        root().join("data/sample_chat.jsonl"),
+        work.join("data/sample_chat.jsonl"),
+    )
+    .unwrap();
+    let mut first = train(&["--config", cfg.to_str().unwrap()]);
+    first.current_dir(&work);
+    succeeds(first);
+    let run = work.join("runs/rel");
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        saved.contains(&work.join("data/sample_chat.jsonl").display().to_string()),
+        "{saved}"
+    );
+    // Unfinish it, then resume from elsewhere.
+    std::fs::remove_file(run.join("adapter_model.safetensors")).unwrap();
+    std::fs::remove_dir_all(run.join("checkpoints/step-0000002")).unwrap();
+    let mut again = train(&["--resume", run.to_str().unwrap()]);
+    again.current_dir(tmp.path());
+    succeeds(again);
+    assert!(run.join("adapter_model.safetensors").exists());
+}
+
+/// A resume refuses a run whose config.toml was edited or whose training file changed, naming
+/// the file; restored, it resumes.
+#[test]
+fn resume_refuses_an_edited_config_or_changed_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    std::fs::copy(root().join("data/sample_chat.jsonl"), &data).unwrap();
+    let run = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &run);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &root().join("data/sample_chat.jsonl").display().to_string(),
+        &data.display().to_string(),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    succeeds(train(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=4",
+    ]));
+    // Unfinish it: no final adapter, no final checkpoint.
+    std::fs::remove_file(run.join("adapter_model.safetensors")).unwrap();
+    std::fs::remove_dir_all(run.join("checkpoints/step-0000004")).unwrap();
+    let resume = || {
+        train(&["--resume", run.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+
+    let saved = run.join("config.toml");
+    let original = std::fs::read_to_string(&saved).unwrap();
+    std::fs::write(&saved, format!("{original}# edited\n")).unwrap();
+    let out = resume();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("config.toml was edited"),
+        "{err}"
+    );
+    std::fs::write(&saved, &original).unwrap();
+
+    let lines = std::fs::read(&data).unwrap();
+    std::fs::write(&data, &lines[..lines.len() - 1]).unwrap();
+    let out = resume();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("train.jsonl changed since the run read it"),
+        "{err}"
+    );
+    std::fs::write(&data, &lines).unwrap();
+    let out = resume();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -174,7 +174,9 @@ impl AdapterConfig {
             rank: take(&mut table, "rank")?.unwrap_or(default.rank),
             alpha: take(&mut table, "alpha")?.unwrap_or(default.alpha),
             dropout: take(&mut table, "dropout")?.unwrap_or(default.dropout),
-            targets: take(&mut table, "targets")?.unwrap_or(default.targets),
+            // Unset, the method's own (Tied-LoRA: q, k, v), as `prolora params` takes them.
+            targets: take(&mut table, "targets")?
+                .unwrap_or_else(|| reg.default_targets.iter().map(|s| s.to_string()).collect()),
             init_from: take(&mut table, "init_from")?,
             method: method_options(reg, table)?,
         };

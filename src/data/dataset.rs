@@ -213,7 +213,8 @@ fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
 }
 
 /// sha256 over (data file, tokenizer, max length, template), hex.
-fn cache_key(encoder: &ChatEncoder, path: &Path, opts: &LoadOptions) -> Result<String> {
+/// The sha256 of a file's bytes, streamed.
+pub fn file_sha256(path: &Path) -> Result<String> {
     let mut data = Sha256::new();
     let mut file =
         std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
@@ -227,13 +228,17 @@ fn cache_key(encoder: &ChatEncoder, path: &Path, opts: &LoadOptions) -> Result<S
         }
         data.update(&buf[..n]);
     }
+    Ok(format!("{:x}", data.finalize()))
+}
+
+fn cache_key(encoder: &ChatEncoder, path: &Path, opts: &LoadOptions) -> Result<String> {
+    let data = file_sha256(path)?;
     let tokenizer = encoder
         .tokenizer()
         .to_string(false)
         .map_err(|e| anyhow!("serializing the tokenizer for the cache key: {e}"))?;
     let key = format!(
-        "data {:x}\ntokenizer {}\nmax_seq_len {}\ntemplate {TEMPLATE}\n",
-        data.finalize(),
+        "data {data}\ntokenizer {}\nmax_seq_len {}\ntemplate {TEMPLATE}\n",
         sha256_hex(tokenizer),
         opts.max_seq_len
     );

@@ -119,15 +119,50 @@ impl RunDir {
         self.resume_from.as_deref()
     }
 
-    /// Creates the directory and writes the resolved config and the run's description.
-    pub fn write_header(&self, cfg: &RunConfig, run_info: &Value) -> Result<()> {
+    /// Creates the directory and writes the resolved config and the run's description, with the
+    /// fingerprints a resume checks: the config's and the data files' sha256.
+    pub fn write_header(&self, cfg: &RunConfig, run_info: &Value, data: &Value) -> Result<()> {
         std::fs::create_dir_all(&self.path)
             .with_context(|| format!("cannot create run directory {}", self.path.display()))?;
-        atomic::write(&self.path.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+        let config = cfg.to_toml()?;
+        atomic::write(&self.path.join(CONFIG_FILE), config.as_bytes())?;
+        let mut info = run_info.clone();
+        info["config_sha256"] = Value::String(sha256_hex(config.as_bytes()));
+        info["data_sha256"] = data.clone();
         atomic::write(
             &self.path.join(RUN_FILE),
-            serde_json::to_string_pretty(run_info)?.as_bytes(),
+            serde_json::to_string_pretty(&info)?.as_bytes(),
         )
+    }
+
+    /// For a resume: the run's config.toml is as the run wrote it, and every data file as it
+    /// was read (`data`: file → sha256). Runs from before the fingerprints pass.
+    pub fn check_unchanged(&self, data: &Value) -> Result<()> {
+        let Ok(text) = std::fs::read_to_string(self.path.join(RUN_FILE)) else {
+            return Ok(());
+        };
+        let info: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let config = self.path.join(CONFIG_FILE);
+        if let (Some(want), Ok(bytes)) = (info["config_sha256"].as_str(), std::fs::read(&config)) {
+            if sha256_hex(&bytes) != want {
+                bail!(
+                    "{} was edited after the run wrote it: restore it to resume, or start a new \
+                     run (--overwrite, or another output_dir)",
+                    config.display()
+                );
+            }
+        }
+        if let Some(before) = info["data_sha256"].as_object() {
+            for (file, want) in before {
+                if data.get(file) != Some(want) {
+                    bail!(
+                        "{file} changed since the run read it (its sha256 differs): a resumed run \
+                         would not continue the same data order; restore it, or start a new run"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn write_data_report(&self, reports: &[DataReport]) -> Result<()> {
@@ -267,6 +302,11 @@ fn utc_time(secs: u64) -> String {
         t / 60 % 60,
         t % 60
     )
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(bytes))
 }
 
 /// `metrics.jsonl`, one JSON object a line.

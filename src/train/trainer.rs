@@ -13,7 +13,7 @@ use crate::config::{OnNonFinite, RunConfig};
 use crate::ctx::{mix_seed, Ctx};
 use crate::data::batch::{split_eval, Batcher};
 use crate::data::chat::{ChatEncoder, Encoded};
-use crate::data::dataset::{default_cache_dir, load, DataReport, LoadOptions};
+use crate::data::dataset::{default_cache_dir, file_sha256, load, DataReport, LoadOptions};
 use crate::eval::evaluate;
 use crate::model::Llama;
 use crate::signals::{self, Interrupted};
@@ -67,7 +67,20 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
             already_finished: true,
         });
     }
-    Trainer::setup(cfg, &source, &device, &data, run)?.run(show_progress)
+    let fingerprints = data_fingerprints(cfg)?;
+    if run.resume_from().is_some() {
+        run.check_unchanged(&fingerprints)?;
+    }
+    Trainer::setup(cfg, &source, &device, &data, run, &fingerprints)?.run(show_progress)
+}
+
+/// file → sha256 of every data file the run reads.
+fn data_fingerprints(cfg: &RunConfig) -> Result<serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    for file in std::iter::once(&cfg.data.train).chain(&cfg.data.eval) {
+        map.insert(file.clone(), file_sha256(Path::new(file))?.into());
+    }
+    Ok(map.into())
 }
 
 /// The training and held-out examples, and what loading them reported.
@@ -152,6 +165,7 @@ impl<'a> Trainer<'a> {
         device: &Device,
         data: &'a Data,
         run: RunDir,
+        fingerprints: &serde_json::Value,
     ) -> Result<Self> {
         let (model, adapters) = setup_model(cfg, source, device)?;
         let named = adapters.trainable();
@@ -190,6 +204,7 @@ impl<'a> Trainer<'a> {
                 "trainable_parameters": trainable,
                 "device": crate::device::describe(device),
             }),
+            fingerprints,
         )?;
         let mut metrics = run.metrics(resumed.then_some(state.step))?;
         if !resumed {
