@@ -1040,3 +1040,20 @@ fn tied_lora_defaults_to_q_k_v_everywhere() {
         serde_json::json!(["q_proj", "k_proj", "v_proj"])
     );
 }
+
+/// A run checks what it can locally before it downloads a model: a missing data file is named
+/// before the Hub (here: offline, nothing cached) is asked for the 13 GB model.
+#[test]
+fn a_missing_data_file_is_named_before_any_download() {
+    let err = error_of(&[
+        "train",
+        "--config",
+        "configs/superni.toml",
+        "--set",
+        "data.train=no/such/train.jsonl",
+    ]);
+    assert!(
+        err.contains("data file") && err.contains("no/such/train.jsonl"),
+        "{err}"
+    );
+}

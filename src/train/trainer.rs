@@ -18,7 +18,7 @@ use crate::eval::evaluate;
 use crate::model::Llama;
 use crate::signals::{self, Interrupted};
 use crate::source::ModelSource;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -47,12 +47,17 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     inputs.extend(cfg.adapter.init_from.as_deref().map(Path::new));
     inputs.extend(model_dir.exists().then_some(model_dir));
     atomic::check_apart(Path::new(&cfg.output_dir), "output_dir", &inputs)?;
+    // Everything that can be checked here is, before a model download: the data files are
+    // there, and the adapter fits the shapes (for a Hub id, from its config.json alone).
+    for file in std::iter::once(&cfg.data.train).chain(&cfg.data.eval) {
+        std::fs::File::open(file).with_context(|| format!("data file {file}"))?;
+    }
+    let (_, shapes) = ModelSource::resolve_shapes(&cfg.model.source, &cfg.model.revision)?;
+    cfg.adapter.param_count(&shapes)?;
     let device = crate::device::open(cfg.device)?;
     let source = ModelSource::resolve(&cfg.model.source, &cfg.model.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(cfg.model.tokenizer.as_deref())?)?;
     encoder.check_fits(source.config.vocab_size)?;
-    // The adapter must fit the model's shapes: say so before any data or weights are read.
-    cfg.adapter.param_count(&source.config)?;
     // Data before the model: a bad line should not wait for a 13 GB load.
     let data = Data::load(cfg, &encoder)?;
     let run = RunDir::open(Path::new(&cfg.output_dir), start)?;
