@@ -3,7 +3,7 @@
 //! GPU runs out of memory.
 
 use crate::choice::named_enum;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Device};
 
 /// Where a command computes (`device`, `--device`).
@@ -107,7 +107,7 @@ fn cuda(ordinal: usize) -> Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_ordinal: usize) -> Result<Device> {
-    bail!(
+    anyhow::bail!(
         "this prolora was built without CUDA; rebuild with `cargo build --release --features cuda` \
          (scripts/cuda-build.sh does it on a machine without a CUDA toolkit), or use --device cpu"
     )
