@@ -61,9 +61,27 @@ fn deltas(set: &AdapterSet) -> Result<HashMap<String, Tensor>> {
 /// stored in each weight's own dtype) to `out`: the same shard files and names, every other
 /// file of the directory copied, so transformers loads it as it loads the original.
 pub fn merge(model_dir: &Path, model: &LlamaConfig, adapter_dir: &Path, out: &Path) -> Result<()> {
+    refuse_quantized(model_dir)?;
     let set = peft::load(adapter_dir, model, DType::F32, &Device::Cpu)?;
     let deltas = deltas(&set)?;
     atomic::write_dir(out, |out| merge_into(model_dir, deltas, out))
+}
+
+/// A 4-bit checkpoint has no full-precision weights to add ΔW to; say so before any work.
+fn refuse_quantized(model_dir: &Path) -> Result<()> {
+    let path = model_dir.join("config.json");
+    let config: serde_json::Value = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    if let Some(method) = config["quantization_config"]["quant_method"].as_str() {
+        bail!(
+            "{} is stored quantized ({method}): merge into the full-precision checkpoint it was \
+             quantized from (the adapter applies to it unchanged), then `prolora quantize` that",
+            model_dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn merge_into(model_dir: &Path, mut deltas: HashMap<String, Tensor>, out: &Path) -> Result<()> {

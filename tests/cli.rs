@@ -1057,3 +1057,24 @@ fn a_missing_data_file_is_named_before_any_download() {
         "{err}"
     );
 }
+
+/// `merge` into a 4-bit checkpoint says in one line why not, and writes nothing.
+#[test]
+fn merge_into_a_4bit_checkpoint_says_why_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let err = error_of(&[
+        "merge",
+        "--model",
+        &fixture("bnb-4bit-gqa"),
+        "--adapter",
+        &fixture("peft-lora/adapter"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("stored quantized (bitsandbytes)") && err.contains("full-precision"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
