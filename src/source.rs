@@ -24,6 +24,8 @@ pub enum Origin {
 pub struct ModelSource {
     pub origin: Origin,
     pub config: LlamaConfig,
+    /// The Hub id the directory was downloaded for: what adapters record as their base.
+    pub repo_id: Option<String>,
 }
 
 impl ModelSource {
@@ -33,15 +35,18 @@ impl ModelSource {
             return Ok(Self {
                 origin: Origin::Preset(spec.to_string()),
                 config,
+                repo_id: None,
             });
         }
         let path = Path::new(spec);
+        let mut repo_id = None;
         let dir = if path.is_dir() {
             path.to_path_buf()
         } else if path.exists() {
             bail!("model {spec}: is a file; pass the directory that holds config.json and the safetensors weights");
         } else if hub::looks_like_repo_id(spec) {
-            hub::fetch_model(spec, revision, &hub::HubOptions::from_env())?
+            repo_id = Some(spec.to_string());
+            hub::fetch_model(spec, revision, &hub::HubOptions::from_env()?)?
         } else {
             bail!(
                 "model {spec}: no such directory, not a preset ({}) and not a Hub repo id (org/name)",
@@ -58,6 +63,7 @@ impl ModelSource {
         Ok(Self {
             config: LlamaConfig::from_file(&config_path)?,
             origin: Origin::Dir(dir),
+            repo_id,
         })
     }
 
@@ -71,7 +77,7 @@ impl ModelSource {
             let source = Self::resolve(spec, revision)?;
             return Ok((source.name(), source.config));
         }
-        let config = hub::fetch_config(spec, revision, &hub::HubOptions::from_env())?;
+        let config = hub::fetch_config(spec, revision, &hub::HubOptions::from_env()?)?;
         Ok((spec.to_string(), LlamaConfig::from_file(&config)?))
     }
 
@@ -129,8 +135,12 @@ impl ModelSource {
         }
     }
 
-    /// A short name for logs and adapter_config.json.
+    /// A short name for logs and adapter_config.json: the Hub id for a downloaded model,
+    /// so an adapter names a base any machine can fetch.
     pub fn name(&self) -> String {
+        if let Some(id) = &self.repo_id {
+            return id.clone();
+        }
         match &self.origin {
             Origin::Preset(n) => n.clone(),
             Origin::Dir(d) => d.display().to_string(),

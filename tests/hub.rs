@@ -1,5 +1,6 @@
-//! Drives `prolora::hub` through hf-hub's real HTTP download path against a tiny in-process
-//! imitation of the Hub's `/{repo}/resolve/{revision}/{file}` endpoint on 127.0.0.1.
+//! Drives `prolora::hub` through its real HTTP download path against a tiny in-process
+//! imitation of the Hub's `/{repo}/resolve/{revision}/{file}` endpoint on 127.0.0.1, with
+//! the faults a real network has: 5xx answers, connections cut mid-file, no answer at all.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use prolora::hub::{fetch_model, looks_like_repo_id, HubOptions};
+use prolora::hub::{fetch_model, looks_like_repo_id, HubOptions, Patience};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 // The server stops by itself even if a test forgets it or hangs.
@@ -30,16 +31,30 @@ struct Request {
     headers: HashMap<String, String>,
 }
 
+/// What goes wrong on the next requests.
+#[derive(Default)]
+struct Faults {
+    /// Answer this many of the next requests with 503.
+    unavailable: usize,
+    /// Send only the first half of the next file body of more than one byte, then close.
+    cut_next_body: bool,
+}
+
 struct FakeHub {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<Request>>>,
+    faults: Arc<Mutex<Faults>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl FakeHub {
     fn start(repos: Vec<FakeRepo>) -> FakeHub {
-        // ureq 2 (inside hf-hub) honours these but ignores NO_PROXY, so 127.0.0.1 would be
+        Self::start_with(repos, Faults::default())
+    }
+
+    fn start_with(repos: Vec<FakeRepo>, faults: Faults) -> FakeHub {
+        // ureq 2 honours these but ignores NO_PROXY, so 127.0.0.1 would be
         // sent to the proxy; fail with the reason instead of a confusing error.
         for var in [
             "ALL_PROXY",
@@ -59,13 +74,14 @@ impl FakeHub {
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (thread_log, thread_stop) = (log.clone(), stop.clone());
+        let faults = Arc::new(Mutex::new(faults));
+        let (thread_log, thread_stop, thread_faults) = (log.clone(), stop.clone(), faults.clone());
         let thread = std::thread::spawn(move || {
             let started = Instant::now();
             while !thread_stop.load(Ordering::SeqCst) && started.elapsed() < SERVER_LIFETIME {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let _ = serve(stream, addr, &repos, &thread_log);
+                        let _ = serve(stream, addr, &repos, &thread_log, &thread_faults);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(2))
@@ -77,6 +93,7 @@ impl FakeHub {
         FakeHub {
             addr,
             log,
+            faults,
             stop,
             thread: Some(thread),
         }
@@ -114,6 +131,7 @@ fn serve(
     addr: SocketAddr,
     repos: &[FakeRepo],
     log: &Mutex<Vec<Request>>,
+    faults: &Mutex<Faults>,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -141,8 +159,17 @@ fn serve(
         headers,
     };
     log.lock().unwrap().push(req.clone());
+    let mut faults = faults.lock().unwrap();
+    if faults.unavailable > 0 {
+        faults.unavailable -= 1;
+        return write_response(stream, &req, respond(503, &[]), None);
+    }
     let resp = route(&req, addr, repos);
-    write_response(stream, &req, resp)
+    let cut = (faults.cut_next_body && resp.body.len() > 1).then(|| {
+        faults.cut_next_body = false;
+        resp.body.len() / 2
+    });
+    write_response(stream, &req, resp, cut)
 }
 
 struct Response {
@@ -256,7 +283,13 @@ fn ranged(req: &Request, bytes: &[u8], mut headers: Vec<(String, String)>) -> Re
     }
 }
 
-fn write_response(mut stream: TcpStream, req: &Request, resp: Response) -> std::io::Result<()> {
+/// Writes `resp`; with `cut`, only that many bytes of the body before the connection closes.
+fn write_response(
+    mut stream: TcpStream,
+    req: &Request,
+    resp: Response,
+    cut: Option<usize>,
+) -> std::io::Result<()> {
     let reason = match resp.status {
         200 => "OK",
         206 => "Partial Content",
@@ -264,6 +297,7 @@ fn write_response(mut stream: TcpStream, req: &Request, resp: Response) -> std::
         401 => "Unauthorized",
         404 => "Not Found",
         416 => "Range Not Satisfiable",
+        503 => "Service Unavailable",
         _ => "Other",
     };
     let mut head = format!("HTTP/1.1 {} {reason}\r\n", resp.status);
@@ -276,7 +310,7 @@ fn write_response(mut stream: TcpStream, req: &Request, resp: Response) -> std::
     ));
     stream.write_all(head.as_bytes())?;
     if req.method != "HEAD" {
-        stream.write_all(&resp.body)?;
+        stream.write_all(&resp.body[..cut.unwrap_or(resp.body.len())])?;
     }
     stream.flush()
 }
@@ -288,6 +322,17 @@ fn opts(endpoint: &str, cache: &Path) -> HubOptions {
         token: None,
         offline: false,
         progress: false,
+        patience: quick(Duration::from_secs(5)),
+    }
+}
+
+/// Short timeouts and waits, so a fault costs the test milliseconds.
+fn quick(timeout: Duration) -> Patience {
+    Patience {
+        etag_timeout: timeout,
+        download_timeout: timeout,
+        retries: 3,
+        retry_wait: Duration::from_millis(10),
     }
 }
 
@@ -712,4 +757,214 @@ fn params_on_a_hub_id_fetches_only_the_config() {
         asked.iter().all(|t| t.ends_with("/config.json")),
         "{asked:?}"
     );
+}
+
+/// Accepts connections and never answers; holds them until dropped.
+struct SilentHub {
+    addr: SocketAddr,
+    _thread: JoinHandle<()>,
+}
+
+impl SilentHub {
+    fn start() -> SilentHub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut held = Vec::new();
+            listener.set_nonblocking(true).unwrap();
+            while started.elapsed() < SERVER_LIFETIME {
+                if let Ok((stream, _)) = listener.accept() {
+                    held.push(stream);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        SilentHub {
+            addr,
+            _thread: thread,
+        }
+    }
+}
+
+#[test]
+fn a_hub_that_never_answers_fails_within_the_timeout() {
+    let silent = SilentHub::start();
+    let cache = tempfile::tempdir().unwrap();
+    let o = HubOptions {
+        patience: quick(Duration::from_secs(1)),
+        ..opts(&format!("http://{}", silent.addr), cache.path())
+    };
+    let started = Instant::now();
+    let msg = err_text(fetch_model("acme/tiny-llama", "main", &o));
+    // Not a speed check: without a timeout this call never returns at all.
+    assert!(started.elapsed() < Duration::from_secs(20), "{msg}");
+    assert!(msg.contains("did not answer within 1 s"), "{msg}");
+    assert!(msg.contains("HF_HUB_ETAG_TIMEOUT"), "{msg}");
+
+    // The same through the binary, with huggingface_hub's environment variable.
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(["params", "--model", "acme/tiny-llama", "--method", "lora"])
+        .env("HF_ENDPOINT", format!("http://{}", silent.addr))
+        .env("HF_HUB_ETAG_TIMEOUT", "1")
+        .env("HF_HUB_CACHE", cache.path())
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(20), "{err}");
+    assert!(err.contains("did not answer within 1 s"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(["params", "--model", "acme/tiny-llama", "--method", "lora"])
+        .env("HF_ENDPOINT", format!("http://{}", silent.addr))
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "soon")
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HF_HUB_DOWNLOAD_TIMEOUT=\"soon\" is not a timeout"),
+        "{err}"
+    );
+}
+
+#[test]
+fn server_errors_are_retried_and_then_named() {
+    let faults = Faults {
+        unavailable: 2,
+        ..Faults::default()
+    };
+    let hub = FakeHub::start_with(vec![sharded_repo("acme/tiny-llama")], faults);
+    let cache = tempfile::tempdir().unwrap();
+    let dir = fetch_model("acme/tiny-llama", "main", &opts(&hub.endpoint(), cache.path())).unwrap();
+    assert_has_files(&dir, &sharded_repo("acme/tiny-llama"));
+    let reqs = hub.requests();
+    assert_eq!(reqs[0].target, reqs[2].target, "the first request, tried three times");
+
+    hub.faults.lock().unwrap().unavailable = 100;
+    let other = tempfile::tempdir().unwrap();
+    let msg = err_text(fetch_model(
+        "acme/tiny-llama",
+        "main",
+        &opts(&hub.endpoint(), other.path()),
+    ));
+    assert!(msg.contains("HTTP 503") && msg.contains("after 3 retries"), "{msg}");
+}
+
+#[test]
+fn a_connection_cut_mid_file_resumes_with_a_range_request() {
+    let faults = Faults {
+        cut_next_body: true,
+        ..Faults::default()
+    };
+    let hub = FakeHub::start_with(vec![sharded_repo("acme/tiny-llama")], faults);
+    let cache = tempfile::tempdir().unwrap();
+    let dir = fetch_model("acme/tiny-llama", "main", &opts(&hub.endpoint(), cache.path())).unwrap();
+    assert_has_files(&dir, &sharded_repo("acme/tiny-llama"));
+    let half = CONFIG.len() / 2;
+    let config_ranges: Vec<String> = hub
+        .requests()
+        .iter()
+        .filter(|r| r.target.ends_with("/config.json"))
+        .map(|r| r.headers["range"].clone())
+        .collect();
+    assert_eq!(
+        config_ranges,
+        ["bytes=0-0", "bytes=0-", &format!("bytes={half}-")],
+        "metadata, the cut transfer, its resumption"
+    );
+}
+
+#[test]
+fn a_partial_download_left_by_an_earlier_run_is_resumed() {
+    let hub = FakeHub::start(vec![sharded_repo("acme/tiny-llama")]);
+    let cache = tempfile::tempdir().unwrap();
+    let blobs = cache.path().join("models--acme--tiny-llama/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    // What huggingface_hub or an interrupted prolora leaves: the first bytes, named by hash.
+    std::fs::write(
+        blobs.join(format!("{}.incomplete", etag(CONFIG))),
+        &CONFIG[..10],
+    )
+    .unwrap();
+    let dir = fetch_model("acme/tiny-llama", "main", &opts(&hub.endpoint(), cache.path())).unwrap();
+    assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), CONFIG);
+    let reqs = hub.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r.target.ends_with("/config.json") && r.headers["range"] == "bytes=10-"),
+        "{reqs:?}"
+    );
+    assert!(!blobs.join(format!("{}.incomplete", etag(CONFIG))).exists());
+}
+
+#[test]
+fn credentials_in_the_endpoint_are_never_echoed() {
+    let hub = FakeHub::start(vec![sharded_repo("acme/tiny-llama")]);
+    let cache = tempfile::tempdir().unwrap();
+    let with_secret = format!("http://user:s3cret@{}", hub.addr);
+    let msg = err_text(fetch_model(
+        "acme/no-such-model",
+        "main",
+        &opts(&with_secret, cache.path()),
+    ));
+    assert!(msg.contains(&format!("http://***@{}", hub.addr)), "{msg}");
+    assert!(!msg.contains("s3cret"), "{msg}");
+
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = format!("http://user:s3cret@127.0.0.1:{port}");
+    let msg = err_text(fetch_model("acme/tiny-llama", "main", &opts(&closed, cache.path())));
+    assert!(msg.contains("cannot reach http://***@127.0.0.1"), "{msg}");
+    assert!(!msg.contains("s3cret"), "{msg}");
+}
+
+/// An adapter trained on a downloaded model names the Hub id as its base, not the cache path.
+#[test]
+fn a_trained_adapter_records_the_hub_id_as_its_base() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-lora");
+    let file = |name: &str| std::fs::read(base.join("base").join(name)).unwrap();
+    let hub = FakeHub::start(vec![FakeRepo {
+        id: "acme/peft-base",
+        token: None,
+        files: vec![
+            ("config.json", file("config.json")),
+            ("tokenizer.json", file("tokenizer.json")),
+            ("model.safetensors", file("model.safetensors")),
+        ],
+    }]);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let data = base.join("data.jsonl");
+    let set = |kv: String| ["--set".to_string(), kv];
+    let mut args = vec!["train".to_string(), "--config".into(), "configs/demo.toml".into()];
+    for kv in [
+        format!("output_dir={}", run.display()),
+        "model.source=acme/peft-base".into(),
+        format!("data.train={}", data.display()),
+        format!("data.eval={}", data.display()),
+        "data.max_seq_len=64".into(),
+        "train.steps=1".into(),
+        "train.eval_every=0".into(),
+    ] {
+        args.extend(set(kv));
+    }
+    args.push("--quiet".into());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(&args)
+        .env("HF_ENDPOINT", hub.endpoint())
+        .env("HF_HUB_CACHE", tmp.path().join("hub"))
+        .env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let adapter: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(adapter["base_model_name_or_path"], "acme/peft-base");
 }

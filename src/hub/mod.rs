@@ -1,16 +1,22 @@
 //! Resolving a Hugging Face Hub model id to a local snapshot directory.
 //!
-//! Downloads go through `hf-hub` into the standard Hub cache layout
-//! (`<cache>/models--org--name/{blobs,refs,snapshots/<commit>}`), so models already
-//! downloaded by Python tools are reused and vice versa.
+//! Downloads land in the standard Hub cache layout (`cache.rs`), so models already
+//! downloaded by Python tools are reused and vice versa. The requests are our own (`http.rs`)
+//! rather than hf-hub's: its client has no timeouts, so a Hub that stops answering would
+//! hang a run forever.
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::anyhow;
-use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
-use hf_hub::{Cache, Repo, RepoType};
+
+mod cache;
+mod http;
+
+use cache::RepoCache;
+pub use http::Patience;
+use http::{Client, Failure};
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 const CONFIG: &str = "config.json";
@@ -23,7 +29,8 @@ const INDEX: &str = "model.safetensors.index.json";
 /// `from_env()` reads HF_ENDPOINT (default https://huggingface.co), HF_TOKEN (falling back
 /// to the token file that `huggingface-cli login` writes under HF_HOME), HF_HOME /
 /// HF_HUB_CACHE for the cache dir (standard locations, so files downloaded by Python tools
-/// are reused), HF_HUB_OFFLINE=1.
+/// are reused), HF_HUB_OFFLINE=1, and the timeouts HF_HUB_ETAG_TIMEOUT (metadata requests)
+/// and HF_HUB_DOWNLOAD_TIMEOUT (file transfers), in seconds, 10 each by default.
 #[derive(Clone)]
 pub struct HubOptions {
     /// Base URL of the Hub, without a trailing slash.
@@ -36,6 +43,8 @@ pub struct HubOptions {
     pub offline: bool,
     /// Show download progress bars on stderr.
     pub progress: bool,
+    /// Timeouts and retries.
+    pub patience: Patience,
 }
 
 // Written by hand so that logging the options never leaks the token.
@@ -47,6 +56,7 @@ impl fmt::Debug for HubOptions {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("offline", &self.offline)
             .field("progress", &self.progress)
+            .field("patience", &self.patience)
             .finish()
     }
 }
@@ -65,9 +75,24 @@ fn env_flag(name: &str) -> bool {
     })
 }
 
+/// A timeout in seconds from the environment, huggingface_hub's 10 s when unset.
+fn env_seconds(name: &str) -> anyhow::Result<std::time::Duration> {
+    let Some(value) = env_var(name) else {
+        return Ok(Patience::default().etag_timeout);
+    };
+    match value.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
+            Ok(std::time::Duration::from_secs_f64(s))
+        }
+        _ => Err(anyhow!(
+            "{name}={value:?} is not a timeout: give seconds, a number above 0 and at most 86400 (the default is 10)"
+        )),
+    }
+}
+
 impl HubOptions {
     /// Options from the same environment variables huggingface_hub (Python) reads.
-    pub fn from_env() -> Self {
+    pub fn from_env() -> anyhow::Result<Self> {
         // Resolved like huggingface_hub does, so both tools share one cache and one login.
         let hf_home = env_var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
             let xdg = env_var("XDG_CACHE_HOME")
@@ -90,14 +115,20 @@ impl HubOptions {
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty());
         let endpoint = env_var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-        HubOptions {
+        let patience = Patience {
+            etag_timeout: env_seconds("HF_HUB_ETAG_TIMEOUT")?,
+            download_timeout: env_seconds("HF_HUB_DOWNLOAD_TIMEOUT")?,
+            ..Patience::default()
+        };
+        Ok(HubOptions {
             // hf-hub appends "/{repo}/resolve/…" verbatim; a trailing slash would double it.
             endpoint: endpoint.trim().trim_end_matches('/').to_string(),
             cache_dir,
             token,
             offline: env_flag("HF_HUB_OFFLINE"),
             progress: !env_flag("HF_HUB_DISABLE_PROGRESS_BARS"),
-        }
+            patience,
+        })
     }
 }
 
@@ -175,33 +206,17 @@ impl<'a> Fetcher<'a> {
         } else {
             revision
         };
-        let endpoint = opts.endpoint.trim_end_matches('/').to_string();
-        let api = if opts.offline {
-            None
-        } else {
-            // from_cache rather than ApiBuilder::new: new() panics without a home directory and
-            // reads ~/.cache/huggingface/token behind our back; the token is set explicitly.
-            let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
-            .with_endpoint(endpoint.clone())
-            .with_token(opts.token.clone())
-            .with_progress(opts.progress)
-            .with_user_agent("prolora", env!("CARGO_PKG_VERSION"))
-            .build()
-            .map_err(|e| {
-                anyhow!("cannot set up an HTTPS client for {endpoint} ({e}): set HF_HUB_OFFLINE=1 to use the local cache, or pass a local model directory")
-            })?;
-            Some(api.repo(Repo::with_revision(
-                repo_id.to_string(),
-                RepoType::Model,
-                revision.to_string(),
-            )))
-        };
+        cache::check_revision(revision)?;
+        let client = (!opts.offline).then(|| {
+            Client::new(&opts.endpoint, opts.token.clone(), &opts.patience, opts.progress)
+        });
         Ok(Fetcher {
             repo_id,
             revision,
-            endpoint,
+            endpoint: http::redacted(&opts.endpoint),
             opts,
-            api,
+            cache: RepoCache::new(&opts.cache_dir, repo_id),
+            client,
         })
     }
 }
@@ -209,9 +224,18 @@ impl<'a> Fetcher<'a> {
 struct Fetcher<'a> {
     repo_id: &'a str,
     revision: &'a str,
+    /// The endpoint as messages show it: without credentials.
     endpoint: String,
     opts: &'a HubOptions,
-    api: Option<ApiRepo>,
+    cache: RepoCache,
+    client: Option<Client>,
+}
+
+/// Which request failed, for the timeout to name.
+#[derive(Clone, Copy)]
+enum Phase {
+    Metadata,
+    Bytes,
 }
 
 impl Fetcher<'_> {
@@ -268,71 +292,76 @@ impl Fetcher<'_> {
         }
     }
 
-    // Our own lookup instead of hf-hub's CacheRepo::get: that one does not trim the ref file
-    // and misses Python's layout for commit-hash revisions (no refs/<hash> file).
     fn cached(&self, file: &str) -> Option<PathBuf> {
-        let repo_dir = self
-            .opts
-            .cache_dir
-            .join(format!("models--{}", self.repo_id.replace('/', "--")));
-        let commit = match std::fs::read_to_string(repo_dir.join("refs").join(self.revision)) {
-            Ok(c) => c.trim().to_string(),
-            Err(_) if is_commit_hash(self.revision) => self.revision.to_string(),
-            Err(_) => return None,
-        };
-        let path = repo_dir.join("snapshots").join(commit).join(file);
-        path.is_file().then_some(path)
+        self.cache.file(self.revision, file)
     }
 
     fn download(&self, file: &str) -> anyhow::Result<Option<PathBuf>> {
-        let Some(api) = &self.api else {
+        let Some(client) = &self.client else {
             return Ok(None);
         };
-        match api.download(file) {
-            Ok(path) => Ok(Some(path)),
-            Err(e) => self.map_error(file, e),
+        let url = format!(
+            "{}/{}/resolve/{}/{}",
+            self.opts.endpoint,
+            self.repo_id,
+            http::encode(self.revision, false),
+            http::encode(file, true)
+        );
+        let remote = match client.metadata(&url) {
+            Ok(remote) => remote,
+            Err(failure) => return self.failed(file, failure, Phase::Metadata),
+        };
+        let blob = self.cache.blob(&remote.etag);
+        if !blob.is_file() {
+            let blobs = blob.parent().expect("blobs/ holds it");
+            std::fs::create_dir_all(blobs).map_err(|e| self.unstorable(file, e))?;
+            // Another process may download the same blob: one writes, the other waits.
+            let _lock = lock(&self.cache.lock(&remote.etag)).map_err(|e| self.unstorable(file, e))?;
+            if !blob.is_file() {
+                let partial = self.cache.partial(&remote.etag);
+                if let Err(failure) = client.download(&remote, &partial, file) {
+                    return self.failed(file, failure, Phase::Bytes);
+                }
+                std::fs::rename(&partial, &blob).map_err(|e| self.unstorable(file, e))?;
+            }
         }
+        let linked = self
+            .cache
+            .link(self.revision, &remote.commit, file, &remote.etag)
+            .map_err(|e| self.unstorable(file, e))?;
+        Ok(Some(linked))
     }
 
-    /// Turns an hf-hub error into one actionable sentence; `Ok(None)` for "file not in repo".
-    fn map_error(&self, file: &str, err: ApiError) -> anyhow::Result<Option<PathBuf>> {
+    /// Turns a failed request into one actionable sentence; `Ok(None)` for "file not in repo".
+    fn failed(&self, file: &str, failure: Failure, phase: Phase) -> anyhow::Result<Option<PathBuf>> {
         let (repo_id, revision, endpoint) = (self.repo_id, self.revision, &self.endpoint);
-        let ureq_err = match err {
-            ApiError::RequestError(e) => *e,
-            ApiError::TooManyRetries(inner) => return self.map_error(file, *inner),
-            ApiError::MissingHeader(h) | ApiError::InvalidHeader(h) => {
+        let later = "set HF_HUB_OFFLINE=1 to use only the local cache, or pass a local model directory";
+        let (status, code) = match failure {
+            Failure::Status { status, code } => (status, code),
+            Failure::Transport { timed_out: true, .. } => {
+                let (variable, seconds) = match phase {
+                    Phase::Metadata => ("HF_HUB_ETAG_TIMEOUT", self.opts.patience.etag_timeout),
+                    Phase::Bytes => ("HF_HUB_DOWNLOAD_TIMEOUT", self.opts.patience.download_timeout),
+                };
                 return Err(anyhow!(
-                    "{endpoint} did not answer like the Hugging Face Hub for {file} of {repo_id} (header {h} missing or invalid): check HF_ENDPOINT, or pass a local model directory"
+                    "{endpoint} did not answer within {} s for {file} of {repo_id}: check the network and HF_ENDPOINT, raise {variable} (seconds), or {later}",
+                    seconds.as_secs_f64()
                 ));
             }
-            ApiError::ParseIntError(_) => {
+            Failure::Transport { detail, .. } => {
                 return Err(anyhow!(
-                    "{endpoint} did not answer like the Hugging Face Hub for {file} of {repo_id} (header Content-Range invalid): check HF_ENDPOINT, or pass a local model directory"
+                    "cannot reach {endpoint} to download {file} of {repo_id} ({detail}): check the network and HF_ENDPOINT, or {later}"
                 ));
             }
-            other => {
-                let repo_dir = self
-                    .opts
-                    .cache_dir
-                    .join(format!("models--{}", repo_id.replace('/', "--")));
+            Failure::NotHub(what) => {
                 return Err(anyhow!(
-                    "could not store {file} of {repo_id} in the cache ({other}): check that {} is writable and has free space, or delete {} to start that model over",
-                    self.opts.cache_dir.display(),
-                    repo_dir.display()
+                    "{endpoint} did not answer like the Hugging Face Hub for {file} of {repo_id} ({what}): check HF_ENDPOINT, or pass a local model directory"
                 ));
             }
+            Failure::Io(e) => return Err(self.unstorable(file, e)),
         };
-        // hf-hub does not re-export ureq, so its error is taken apart through methods.
-        let detail = ureq_err.to_string();
-        let Some(response) = ureq_err.into_response() else {
-            return Err(anyhow!(
-                "cannot reach {endpoint} to download {file} of {repo_id} ({detail}): check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only the local cache, or pass a local model directory"
-            ));
-        };
-        let status = response.status();
         // The Hub says which thing is missing; 401 also covers repos that do not exist,
         // because anonymous requests must not learn whether a private repo exists.
-        let code = response.header("x-error-code").unwrap_or("").to_string();
         match (status, code.as_str()) {
             (401 | 403 | 404, "RepoNotFound" | "RevisionNotFound") => Err(self.not_found(status, &code)),
             (401 | 403, _) => {
@@ -350,9 +379,19 @@ impl Fetcher<'_> {
             }
             (404, _) => Ok(None),
             _ => Err(anyhow!(
-                "{endpoint} answered HTTP {status} for {file} of {repo_id} (revision {revision}): try again later, or set HF_HUB_OFFLINE=1 to use only the local cache, or pass a local model directory"
+                "{endpoint} answered HTTP {status} for {file} of {repo_id} (revision {revision}), also after {} retries: try again later, or {later}",
+                self.opts.patience.retries
             )),
         }
+    }
+
+    fn unstorable(&self, file: &str, e: impl fmt::Display) -> anyhow::Error {
+        anyhow!(
+            "could not store {file} of {} in the cache ({e}): check that {} is writable and has free space, or delete {} to start that model over",
+            self.repo_id,
+            self.opts.cache_dir.display(),
+            self.cache.dir().display()
+        )
     }
 
     fn not_found(&self, status: u16, why: &str) -> anyhow::Error {
@@ -369,7 +408,7 @@ impl Fetcher<'_> {
 
     /// The error for a missing file: `online` when the Hub said 404, else the offline one.
     fn absent(&self, what: &str, online: impl FnOnce() -> anyhow::Error) -> anyhow::Error {
-        if self.api.is_some() {
+        if self.client.is_some() {
             return online();
         }
         anyhow!(
@@ -379,6 +418,21 @@ impl Fetcher<'_> {
             self.opts.cache_dir.display()
         )
     }
+}
+
+/// An exclusive lock on `path`, waiting for another holder; released when the file closes.
+fn lock(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 #[derive(serde::Deserialize)]
@@ -410,10 +464,6 @@ fn shard_names(index: &Path, repo_id: &str) -> anyhow::Result<BTreeSet<String>> 
         }
     }
     Ok(shards)
-}
-
-fn is_commit_hash(rev: &str) -> bool {
-    rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The snapshot directory of `path`, the local copy of the repo file `name`.
