@@ -134,9 +134,10 @@ pub struct TrainConfig {
     /// Recompute each decoder layer in backward instead of keeping its activations.
     #[serde(default)]
     pub gradient_checkpointing: bool,
-    /// Write a checkpoint every this many steps (0: only at the end).
+    /// Write a checkpoint every this many steps (0: only at the end); by default every 5 % of
+    /// the run, so a crash loses at most that.
     #[serde(default)]
-    pub save_every: usize,
+    pub save_every: Option<usize>,
     /// Checkpoints kept on disk (older ones are removed after a newer one is complete).
     #[serde(default = "default_keep_last")]
     pub keep_last: usize,
@@ -149,6 +150,9 @@ pub struct TrainConfig {
     /// Evaluate on `data.eval` every this many steps (0: only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// Refuse a run whose memory estimate exceeds what the machine (or GPU) has.
+    #[serde(default = "default_true")]
+    pub check_memory: bool,
 }
 
 fn default_seed() -> u64 {
@@ -263,6 +267,11 @@ impl OptimConfig {
 }
 
 impl TrainConfig {
+    /// The checkpoint period: `save_every`, by default a twentieth of the run.
+    pub fn save_every(&self) -> usize {
+        self.save_every.unwrap_or(self.steps.div_ceil(20))
+    }
+
     pub fn micro_batch_size(&self) -> usize {
         self.micro_batch_size.unwrap_or(self.batch_size)
     }

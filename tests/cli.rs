@@ -1078,3 +1078,81 @@ fn merge_into_a_4bit_checkpoint_says_why_not() {
     );
     assert!(!out.exists());
 }
+
+/// A run that cannot fit is refused before anything large is allocated, with the estimate and
+/// the knobs that lower it; no machine has the terabytes these need.
+#[test]
+fn a_run_too_large_for_the_machine_is_refused_with_the_estimate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = format!("output_dir={}", tmp.path().join("run").display());
+    let base = ["train", "--config", "configs/demo.toml", "--set", &out];
+
+    // The base alone (from its config, before any weight exists): 70B in f64.
+    let mut args = base.to_vec();
+    args.extend(["--set", "model.source=llama2-70b", "--set", "model.dtype=f64"]);
+    let err = error_of(&args);
+    assert!(err.contains("this run needs about") && err.contains("GiB"), "{err}");
+    assert!(err.contains("base weights 5"), "{err}");
+    assert!(err.contains("set model.quantize = \"nf4\""), "{err}");
+    assert!(!err.contains("micro_batch_size"), "{err}");
+
+    // Activations: the whole data set in one pass through 13B without checkpointing.
+    let mut args = base.to_vec();
+    args.extend([
+        "--set",
+        "model.source=llama2-13b",
+        "--set",
+        "model.quantize=nf4",
+        "--set",
+        "model.dtype=f64",
+        "--set",
+        "train.batch_size=400",
+    ]);
+    let o = prolora(&args);
+    let err = stderr(&o);
+    assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(last.starts_with("error: this run needs about"), "{err}");
+    for knob in [
+        "train.micro_batch_size (now 400",
+        "data.max_seq_len",
+        "train.gradient_checkpointing = true",
+        "train.check_memory = false",
+    ] {
+        assert!(last.contains(knob), "{knob}: {last}");
+    }
+    assert!(!tmp.path().join("run").exists(), "nothing written");
+}
+
+/// Without `save_every` a run checkpoints every 5 % of its steps, so a crash loses little.
+#[test]
+fn checkpoints_are_written_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let o = prolora(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        &format!("output_dir={}", run.display()),
+        "--set",
+        "train.steps=40",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.keep_last=100",
+        "--set",
+        "train.batch_size=2",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut steps: Vec<usize> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .collect();
+    steps.sort();
+    assert_eq!(steps, (1..=20).map(|k| 2 * k).collect::<Vec<_>>());
+}

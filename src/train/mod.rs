@@ -1,6 +1,7 @@
 //! Training: the optimizer, the schedule and the loop.
 
 pub mod checkpoint;
+pub mod memory;
 pub mod optim;
 pub mod run_dir;
 pub mod schedule;

@@ -3,6 +3,7 @@
 //! (accumulated over micro-batches) → clip → AdamW step → log / evaluate / checkpoint.
 
 use super::checkpoint::{self, TrainerState};
+use super::memory;
 use super::optim::{clip_factor, AdamW, AdamWParams};
 use super::run_dir::{Metrics, RunDir, Start};
 use super::schedule::{linear_with_warmup, warmup_steps};
@@ -53,13 +54,24 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         std::fs::File::open(file).with_context(|| format!("data file {file}"))?;
     }
     let (_, shapes) = ModelSource::resolve_shapes(&cfg.model.source, &cfg.model.revision)?;
-    cfg.adapter.param_count(&shapes)?;
+    let trainable = cfg.adapter.param_count(&shapes)?;
     let device = crate::device::open(cfg.device)?;
+    let need = |pass| {
+        let dtype = cfg.model.dtype.on(&device);
+        let checkpointing = cfg.train.gradient_checkpointing;
+        memory::estimate(&shapes, dtype, cfg.model.quantization(), trainable, pass, checkpointing)
+    };
+    // The base alone must fit before it is downloaded.
+    memory::check(cfg, &need(None), &device, None)?;
     let source = ModelSource::resolve(&cfg.model.source, &cfg.model.revision)?;
     let encoder = ChatEncoder::new(source.tokenizer(cfg.model.tokenizer.as_deref())?)?;
     encoder.check_fits(source.config.vocab_size)?;
     // Data before the model: a bad line should not wait for a 13 GB load.
     let data = Data::load(cfg, &encoder)?;
+    let pass = data.largest_pass(cfg.train.micro_batch_size());
+    let estimate = need(Some(pass));
+    memory::check(cfg, &estimate, &device, Some(pass))?;
+    eprintln!("{}", memory::describe(&estimate, &device));
     let run = RunDir::open(Path::new(&cfg.output_dir), start)?;
     if start == Start::Resume && run.is_finished(cfg.train.steps)? {
         // Resuming a finished run changes nothing.
@@ -96,6 +108,15 @@ struct Data {
 }
 
 impl Data {
+    /// The largest forward pass of training: a micro-batch of the longest examples.
+    fn largest_pass(&self, micro_batch: usize) -> memory::Pass {
+        memory::Pass {
+            batch: micro_batch.min(self.train.len()).max(1),
+            seq_len: self.train.iter().map(|e| e.input_ids.len()).max().unwrap_or(1),
+            labels: self.train.iter().map(Encoded::num_trained).max().unwrap_or(1),
+        }
+    }
+
     fn load(cfg: &RunConfig, encoder: &ChatEncoder) -> Result<Self> {
         let (train, report) = load_split(encoder, Path::new(&cfg.data.train), cfg)?;
         let mut reports = vec![report];
@@ -316,7 +337,7 @@ impl<'a> Trainer<'a> {
             if due(cfg.train.eval_every, step + 1) && !last {
                 self.evaluate(step + 1)?;
             }
-            if due(cfg.train.save_every, step + 1) && !last {
+            if due(cfg.train.save_every(), step + 1) && !last {
                 self.save_checkpoint()?;
             }
         }

@@ -315,6 +315,14 @@ pub fn peak_memory_bytes(dev: &CudaDevice) -> Option<u64> {
     Some(high)
 }
 
+/// Bytes of device memory free now, or `None` where the driver does not say.
+pub fn free_memory_bytes(dev: &CudaDevice) -> Option<u64> {
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread().ok()?;
+    let (free, _total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+    Some(free as u64)
+}
+
 #[cfg(test)]
 mod tests {
     /// NVRTC runs on the host: the kernels must compile on any machine with the CUDA libraries,
