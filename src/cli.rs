@@ -340,8 +340,8 @@ pub struct GenerateArgs {
     /// An optional system message.
     #[arg(long)]
     pub system: Option<String>,
-    /// Stop after this many new tokens (or at the end-of-sequence token).
-    #[arg(long, default_value_t = 128)]
+    /// Stop after this many new tokens (or at the end-of-sequence token); at least 1.
+    #[arg(long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_new_tokens: usize,
     /// Go on past the model's max_position_embeddings (RoPE is defined for any position).
     #[arg(long)]

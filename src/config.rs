@@ -349,6 +349,12 @@ impl RunConfig {
         if self.train.batch_size == 0 {
             bail!("train.batch_size must be at least 1");
         }
+        if self.train.keep_last == 0 {
+            bail!("train.keep_last must be at least 1: the newest checkpoint is what --resume continues from");
+        }
+        if self.train.log_every == 0 {
+            bail!("train.log_every must be at least 1 (metrics every this many steps)");
+        }
         let micro = self.train.micro_batch_size();
         if micro == 0 || !self.train.batch_size.is_multiple_of(micro) {
             bail!(

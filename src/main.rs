@@ -32,16 +32,18 @@ fn configure_threads() -> rayon::ThreadPool {
         .expect("a thread pool")
 }
 
-/// The command line, or the exit for `--help`, `--version` and usage errors. A bad flag value
-/// is one `error:` line, like every other error.
+/// The command line, or the exit for `--help`, `--version` and usage errors. A usage error (a
+/// bad flag value, an unknown or missing argument) is one `error:` line, like every other error.
 fn parse_args() -> Result<prolora::cli::Cli, std::process::ExitCode> {
     use clap::error::ErrorKind;
     match prolora::cli::Cli::try_parse() {
         Ok(cli) => Ok(cli),
         Err(e)
-            if matches!(
+            if !matches!(
                 e.kind(),
-                ErrorKind::InvalidValue | ErrorKind::ValueValidation
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
             ) =>
         {
             let text = e.render().to_string();

@@ -714,6 +714,8 @@ fn absurd_values_are_refused_naming_the_key() {
             "adapter.targets names \"q_proj\" twice",
         ),
         ("output_dir=", "output_dir is empty"),
+        ("train.keep_last=0", "train.keep_last must be at least 1"),
+        ("train.log_every=0", "train.log_every must be at least 1"),
     ] {
         let err = error_of(&["train", "--config", "configs/demo.toml", "--set", set]);
         assert!(err.contains(says), "--set {set}: {err}");
@@ -739,6 +741,39 @@ fn absurd_values_are_refused_naming_the_key() {
         "0",
     ]);
     assert!(err.contains("--batch-size must be at least 1"), "{err}");
+    // transformers refuses max_new_tokens = 0; a negative number is one line too.
+    for n in ["0", "-1"] {
+        let err = error_of(&["generate", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", n]);
+        assert!(err.contains(&format!("'{n}'")), "{err}");
+    }
+}
+
+/// PyTorch accepts eps = 0, and a parameter without gradient then becomes 0/0: the run stops at
+/// the non-finite eval loss, exits non-zero and names the likely causes with the run's values.
+#[test]
+fn a_non_finite_eval_loss_stops_the_run_naming_the_causes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = prolora(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        &format!("output_dir={}", tmp.path().join("run").display()),
+        "--set",
+        "optim.eps=0",
+        "--set",
+        "train.steps=1",
+        "--quiet",
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(last.contains("eval loss NaN after step 1"), "{last}");
+    assert!(
+        last.contains("likely causes, most likely first: the learning rate is too high (lower optim.lr = 2e-3); optim.eps = 0"),
+        "{last}"
+    );
+    assert!(!tmp.path().join("run/adapter_model.safetensors").exists());
 }
 
 /// `collect` and `plot` skip a broken run with a warning naming it, and read a run whose last

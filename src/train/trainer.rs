@@ -50,10 +50,16 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     atomic::check_apart(Path::new(&cfg.output_dir), "output_dir", &inputs)?;
     // Everything that can be checked here is, before a model download: the data files are
     // there, and the adapter fits the shapes (for a Hub id, from its config.json alone).
-    for file in std::iter::once(&cfg.data.train).chain(&cfg.data.eval) {
-        std::fs::File::open(file).with_context(|| format!("data file {file}"))?;
+    for (key, file) in std::iter::once(("data.train", &cfg.data.train))
+        .chain(cfg.data.eval.iter().map(|f| ("data.eval", f)))
+    {
+        std::fs::File::open(file).with_context(|| format!("{key}: data file {file}"))?;
+        if Path::new(file).is_dir() {
+            bail!("{key}: data file {file} is a directory; give a chat jsonl file");
+        }
     }
-    let (_, shapes) = ModelSource::resolve_shapes(&cfg.model.source, &cfg.model.revision)?;
+    let (_, shapes) = ModelSource::resolve_shapes(&cfg.model.source, &cfg.model.revision)
+        .context("model.source")?;
     let trainable = cfg.adapter.param_count(&shapes)?;
     let device = crate::device::open(cfg.device)?;
     let need = |pass| {
@@ -63,8 +69,13 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     };
     // The base alone must fit before it is downloaded.
     memory::check(cfg, &need(None), &device, None)?;
-    let source = ModelSource::resolve(&cfg.model.source, &cfg.model.revision)?;
-    let encoder = ChatEncoder::new(source.tokenizer(cfg.model.tokenizer.as_deref())?)?;
+    let source =
+        ModelSource::resolve(&cfg.model.source, &cfg.model.revision).context("model.source")?;
+    let tokenizer = match cfg.model.tokenizer.as_deref() {
+        Some(spec) => source.tokenizer(Some(spec)).context("model.tokenizer")?,
+        None => source.tokenizer(None)?,
+    };
+    let encoder = ChatEncoder::new(tokenizer)?;
     encoder.check_fits(source.config.vocab_size)?;
     // Data before the model: a bad line should not wait for a 13 GB load.
     let data = Data::load(cfg, &encoder)?;
@@ -297,12 +308,13 @@ impl<'a> Trainer<'a> {
                     continue;
                 }
                 bail!(
-                    "step {}: loss {}, gradient norm {}: stopping ({}); lower optim.lr, \
-                     check the data, or set train.on_nonfinite = \"skip\"",
+                    "step {}: loss {}, gradient norm {}: stopping ({}); {}, or set \
+                     train.on_nonfinite = \"skip\" to skip such steps",
                     step + 1,
                     s.loss,
                     s.grad_norm,
-                    self.run.kept_checkpoint()?
+                    self.run.kept_checkpoint()?,
+                    nonfinite_causes(cfg)
                 );
             }
             self.optimizer.step(&s.grads, lr, s.clip_scale)?;
@@ -406,6 +418,13 @@ impl<'a> Trainer<'a> {
         let (loss, tokens) = evaluate(&self.model, eval_set, self.cfg.train.micro_batch_size())?;
         self.metrics
             .log(json!({"step": step, "eval_loss": loss, "eval_tokens": tokens}))?;
+        if !loss.is_finite() {
+            bail!(
+                "eval loss {loss} after step {step}: the adapter is no longer finite, stopping ({}); {}",
+                self.run.kept_checkpoint()?,
+                nonfinite_causes(self.cfg)
+            );
+        }
         Ok(Some(loss))
     }
 
@@ -474,6 +493,28 @@ fn setup_model(
         peft::restore_values(&dir.join(peft::WEIGHTS_FILE), &adapters)?;
     }
     Ok((model, adapters))
+}
+
+/// What makes a loss non-finite, the most likely first, with this run's values.
+fn nonfinite_causes(cfg: &RunConfig) -> String {
+    let mut causes = vec![format!(
+        "the learning rate is too high (lower optim.lr = {:e})",
+        cfg.optim.lr
+    )];
+    if cfg.optim.eps == 0.0 {
+        causes.push(
+            "optim.eps = 0 divides 0 by 0 for a parameter whose gradient is zero (PyTorch's default is 1e-8)"
+                .into(),
+        );
+    }
+    if cfg.model.dtype == crate::device::ComputeDtype::F16 {
+        causes.push("f16 overflows (set model.dtype = \"bf16\" or \"f32\")".into());
+    }
+    if cfg.optim.max_grad_norm == 0.0 {
+        causes.push("no gradient clipping (optim.max_grad_norm = 0; the paper uses 0.3)".into());
+    }
+    causes.push("a damaged or extreme training example (check the data)".into());
+    format!("likely causes, most likely first: {}", causes.join("; "))
 }
 
 /// Whether a periodic action with period `every` (0: never) falls on `step`.
