@@ -54,7 +54,12 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
         .iter()
         .map(|r| {
             [
-                r.name(),
+                r.dir
+                    .strip_prefix(root)
+                    .ok()
+                    .map(|p| p.display().to_string())
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or_else(|| r.name()),
                 setting_label(r),
                 r.config.seed.to_string(),
                 format!(

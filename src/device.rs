@@ -113,6 +113,18 @@ fn cuda(_ordinal: usize) -> Result<Device> {
     )
 }
 
+/// GPUs the driver sees (0 in a build without CUDA).
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        if result::init().is_ok() {
+            return result::device::get_count().map_or(0, |n| n.max(0) as usize);
+        }
+    }
+    0
+}
+
 /// Short name of the device for logs: `cpu`, or the GPU's name.
 pub fn describe(device: &Device) -> String {
     match device {

@@ -22,4 +22,5 @@ pub mod quantize;
 pub mod runs;
 pub mod signals;
 pub mod source;
+pub mod sweep;
 pub mod train;

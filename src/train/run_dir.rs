@@ -283,6 +283,19 @@ fn lock(path: &Path) -> Result<File> {
     Ok(file)
 }
 
+/// Who runs in `path` now ("pid P, started T"), or None when no process holds its lock.
+pub fn owner(path: &Path) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    let lock_path = path.join(LOCK_FILE);
+    let file = File::open(&lock_path).ok()?;
+    // SAFETY: flock on a file descriptor this function owns; a shared lock taken and dropped.
+    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    if free {
+        return None;
+    }
+    Some(std::fs::read_to_string(&lock_path).unwrap_or_default().trim().to_string())
+}
+
 /// `2026-12-02 16:21:07 UTC` for seconds since 1970.
 fn utc_time(secs: u64) -> String {
     // Days to a civil date (Howard Hinnant's algorithm).

@@ -1,0 +1,106 @@
+//! The local backend: up to `jobs` points at a time, each its own `prolora sweep task`
+//! process (its own lock, its own signals), its output appended to `logs/<point>.log`.
+
+use super::Sweep;
+use crate::signals;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Runs every point not yet finished; on SIGINT/SIGTERM/SIGUSR1 passes the signal on to the
+/// running points (each checkpoints and stops) and waits for them.
+pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the prolora binary")?;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let todo: Vec<usize> = sweep
+        .points
+        .iter()
+        .filter(|p| !p.run_dir.join(crate::adapters::peft::WEIGHTS_FILE).exists())
+        .map(|p| p.index)
+        .collect();
+    eprintln!(
+        "sweep {}: {} points, {} to run, {jobs} at a time",
+        dir.display(),
+        sweep.points.len(),
+        todo.len()
+    );
+    let _guard = signals::catch_stop_signals();
+    let mut queue = todo.into_iter();
+    // (point, slot, child)
+    let mut running: Vec<(usize, usize, Child)> = Vec::new();
+    let mut failed = Vec::new();
+    let mut stopping = None;
+    loop {
+        if stopping.is_none() {
+            if let Some(signal) = signals::requested() {
+                for (_, _, child) in &running {
+                    // SAFETY: a signal to a child this process started and has not reaped.
+                    unsafe { libc::kill(child.id() as i32, signal) };
+                }
+                stopping = Some(signal);
+            }
+        }
+        while stopping.is_none() && running.len() < jobs {
+            let Some(index) = queue.next() else { break };
+            let slot = (0..jobs).find(|s| running.iter().all(|r| r.1 != *s)).unwrap_or(0);
+            let point = &sweep.points[index];
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(logs.join(format!("{}.log", point.name)))?;
+            let mut cmd = Command::new(&exe);
+            // Its own process group: a terminal's Ctrl-C reaches the task once, through us (a
+            // second SIGINT would abort it without a checkpoint).
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            cmd.args(["sweep", "task"])
+                .arg(dir)
+                .args(["--index", &index.to_string(), "--quiet"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            if gpus > 0 {
+                cmd.env("CUDA_VISIBLE_DEVICES", (slot % gpus).to_string());
+            }
+            eprintln!("start {}", point.name);
+            running.push((index, slot, cmd.spawn().context("cannot start a sweep task")?));
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let mut k = 0;
+        while k < running.len() {
+            if let Some(status) = running[k].2.try_wait()? {
+                let (index, _, _) = running.remove(k);
+                let name = &sweep.points[index].name;
+                if status.success() {
+                    eprintln!("finished {name}");
+                } else {
+                    eprintln!("{name} ended with {status}: see {}", logs.join(format!("{name}.log")).display());
+                    failed.push(name.clone());
+                }
+            } else {
+                k += 1;
+            }
+        }
+    }
+    if let Some(signal) = stopping {
+        let message = format!(
+            "sweep stopped by {}: the running points wrote checkpoints; continue with the same `prolora sweep` command",
+            signals::name(signal)
+        );
+        return Err(signals::Interrupted { signal, message }.into());
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} points failed ({}): `prolora sweep status {}` shows why",
+            failed.len(),
+            sweep.points.len(),
+            failed.join(", "),
+            dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! `prolora sweep`: a grid of runs of one config, run here or on a scheduler, where any point
+//! can be killed and rerun at any moment with the same result.
+//!
+//! A sweep directory holds `sweep.json` (the resolved grid: each point's overrides and run
+//! directory), `runs/<point>/` (ordinary run directories) and `points/<index>.json` (how the
+//! last attempt at a point ended). Every point runs as one command, `prolora sweep task DIR
+//! --index I`, which starts, resumes or skips it: what a requeued Slurm task reruns.
+
+pub mod grid;
+pub mod local;
+pub mod slurm;
+pub mod status;
+
+use crate::atomic;
+use crate::config::RunConfig;
+use crate::data::dataset::file_sha256;
+use crate::train::{self, Start};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub use grid::Axis;
+
+pub const SWEEP_FILE: &str = "sweep.json";
+
+/// One point of the grid.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Point {
+    pub index: usize,
+    pub name: String,
+    /// `key=value` overrides of this point, in grid order.
+    pub overrides: Vec<String>,
+    pub run_dir: PathBuf,
+}
+
+/// What `sweep.json` holds.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Sweep {
+    pub config: PathBuf,
+    pub config_sha256: String,
+    /// The working directory relative paths in the config are read against.
+    pub workdir: PathBuf,
+    /// `--set` overrides shared by every point.
+    pub sets: Vec<String>,
+    pub grid: Vec<Axis>,
+    pub points: Vec<Point>,
+    /// The Slurm array job last submitted for this sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<String>,
+}
+
+impl Sweep {
+    /// The sweep of `config` over `grid` in `dir`; every point's config is loaded, so an
+    /// unknown key or a bad value is refused before anything runs.
+    pub fn plan(config: &Path, sets: &[String], grid: Vec<Axis>, dir: &Path) -> Result<Self> {
+        grid::check(&grid, sets)?;
+        let dir = std::path::absolute(dir)?;
+        let config = std::path::absolute(config)?;
+        let config_sha256 = file_sha256(&config).with_context(|| format!("--config {}", config.display()))?;
+        let points = grid::points(&grid, &dir.join("runs"));
+        let sweep = Sweep {
+            config,
+            config_sha256,
+            workdir: std::env::current_dir()?,
+            sets: sets.to_vec(),
+            grid,
+            points,
+            slurm_job: None,
+        };
+        for point in &sweep.points {
+            sweep
+                .point_config(point)
+                .with_context(|| format!("grid point {}", point.name))?;
+        }
+        Ok(sweep)
+    }
+
+    /// The config of `point`: the base config, the shared `--set`s, the point's values and its
+    /// run directory.
+    pub fn point_config(&self, point: &Point) -> Result<RunConfig> {
+        let mut overrides = self.sets.clone();
+        overrides.extend(point.overrides.iter().cloned());
+        overrides.push(format!("output_dir={}", toml_string(&point.run_dir)));
+        RunConfig::load(&self.config, &overrides)
+    }
+
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(SWEEP_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("{}: not a sweep directory (no {SWEEP_FILE}); start one with `prolora sweep --config … --grid … --out {}`", dir.display(), dir.display())
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{}: unreadable", path.display()))
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        atomic::write(&dir.join(SWEEP_FILE), &serde_json::to_vec_pretty(self)?)
+    }
+
+    /// This sweep in `dir`: the one recorded there when it is the same grid (rerunning a
+    /// sweep continues it), a new one when there is none, an error when it differs.
+    pub fn open(self, dir: &Path) -> Result<Self> {
+        if !dir.join(SWEEP_FILE).exists() {
+            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+                bail!("--out {}: exists and is not a sweep directory; pick an empty or new directory", dir.display());
+            }
+            self.write(dir)?;
+            return Ok(self);
+        }
+        let old = Sweep::read(dir)?;
+        let same = old.config == self.config
+            && old.sets == self.sets
+            && old.grid == self.grid
+            && old.points == self.points;
+        if !same {
+            bail!(
+                "--out {}: holds another sweep (of {}, grid {}); rerun that sweep's command to continue it, or pick another --out",
+                dir.display(),
+                old.config.display(),
+                old.grid.iter().map(Axis::to_string).collect::<Vec<_>>().join(" ")
+            );
+        }
+        if old.config_sha256 != self.config_sha256 {
+            bail!(
+                "{} changed since this sweep started (sha256 differs): its finished points would not match the new ones; restore it, or start a new sweep with another --out",
+                self.config.display()
+            );
+        }
+        Ok(old)
+    }
+}
+
+/// `path` as a TOML string value, for an override.
+fn toml_string(path: &Path) -> String {
+    toml::Value::String(path.display().to_string()).to_string()
+}
+
+/// Runs point `index` of the sweep in `dir` to its end: starts it, resumes it from its newest
+/// checkpoint, or does nothing when it is finished. Records how the attempt ended.
+pub fn run_task(dir: &Path, index: usize, show_progress: bool) -> Result<()> {
+    let sweep = Sweep::read(dir)?;
+    let Some(point) = sweep.points.get(index) else {
+        bail!("{}: no point {index} (the grid has {})", dir.display(), sweep.points.len());
+    };
+    if file_sha256(&sweep.config)? != sweep.config_sha256 {
+        bail!(
+            "{} changed since this sweep started (sha256 differs); restore it to run point {}",
+            sweep.config.display(),
+            point.name
+        );
+    }
+    std::env::set_current_dir(&sweep.workdir)
+        .with_context(|| format!("the sweep's working directory {}", sweep.workdir.display()))?;
+    let result = sweep.point_config(point).and_then(|cfg| {
+        check_saved_config(&cfg, &point.run_dir)?;
+        train::train(&cfg, Start::Resume, show_progress)
+    });
+    status::record(dir, point, &result)?;
+    let summary = result?;
+    if summary.already_finished {
+        eprintln!("{}: finished before; nothing to do", point.name);
+    } else {
+        eprintln!("{}: done ({} steps)", point.name, summary.steps);
+    }
+    Ok(())
+}
+
+/// A resumed point continues with the settings it started with.
+fn check_saved_config(cfg: &RunConfig, run_dir: &Path) -> Result<()> {
+    let saved = run_dir.join(crate::train::run_dir::CONFIG_FILE);
+    if !saved.exists() {
+        return Ok(());
+    }
+    let previous = RunConfig::load(&saved, &[])?;
+    if let Some(key) = cfg.first_difference(&previous) {
+        bail!(
+            "{}: its config.toml differs from the sweep's at `{key}`; restore it, or delete the run directory to start the point over",
+            run_dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! `prolora sweep` on this machine: the grid, idempotent reruns, a Ctrl-C that keeps every
+//! point's progress, and `sweep status` on points in every state.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::root;
+
+fn prolora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(args)
+        .current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("the binary runs")
+}
+
+fn sweep_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "sweep", "--config", "configs/demo.toml", "--grid", "optim.lr=1e-3,2e-3", "--set",
+        steps, "--set", "train.eval_every=0", "--set", "train.batch_size=4", "--out", out,
+    ]
+}
+
+fn adapter(run: &Path) -> Vec<u8> {
+    std::fs::read(run.join("adapter_model.safetensors")).unwrap()
+}
+
+fn status(dir: &str) -> serde_json::Value {
+    let o = prolora(&["sweep", "status", dir, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn an_interrupted_sweep_continues_to_the_same_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let steps = "train.steps=20";
+
+    // Uninterrupted.
+    let o = prolora(&sweep_args(a, steps));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Interrupted by SIGINT once the first point has logged a few steps, then the same command.
+    let child = Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(sweep_args(b, steps))
+        .current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = Path::new(b).join("runs/optim.lr=1e-3/metrics.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.matches("\"loss\"").count()) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the point never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("sweep stopped by SIGINT"), "{err}");
+    let s = status(b);
+    assert_eq!(s[0]["state"], "interrupted", "{s}");
+    assert_eq!(s[1]["state"], "pending", "{s}");
+
+    let o = prolora(&sweep_args(b, steps));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for point in ["optim.lr=1e-3", "optim.lr=2e-3"] {
+        let (x, y) = (Path::new(a).join("runs").join(point), Path::new(b).join("runs").join(point));
+        assert!(adapter(&x) == adapter(&y), "{point}: adapters differ");
+    }
+    let s = status(b);
+    assert!(s.as_array().unwrap().iter().all(|p| p["state"] == "finished"), "{s}");
+
+    // Rerunning a finished sweep runs nothing; the tables of both sweeps are the same.
+    let o = prolora(&sweep_args(b, steps));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("0 to run"));
+    let table = |d: &str| String::from_utf8(prolora(&["collect", d]).stdout).unwrap();
+    assert_eq!(table(a), table(b));
+
+    // Another grid into the same directory is refused.
+    let o = prolora(&sweep_args(b, "train.steps=21"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("holds another sweep"));
+}
+
+#[test]
+fn bad_grids_are_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s");
+    let out = out.to_str().unwrap();
+    let err = |extra: &[&str]| {
+        let mut args = vec!["sweep", "--config", "configs/demo.toml", "--out", out];
+        args.extend(extra);
+        let o = prolora(&args);
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = err(&["--grid", "optim.learning_rate=1,2"]);
+    assert!(e.contains("learning_rate"), "{e}");
+    let e = err(&["--grid", "optim.lr=1e-3,2e-3", "--set", "optim.lr=1e-4"]);
+    assert!(e.contains("conflicts with --set optim.lr=1e-4"), "{e}");
+    let e = err(&["--grid", "optim.lr=-1,1e-3"]);
+    assert!(e.contains("optim.lr") && e.contains("grid point optim.lr=-1"), "{e}");
+    assert!(!Path::new(out).exists(), "nothing written");
+    let e = err(&["--grid", "seed=1,2", "--slurm-args", "--partition=gpu"]);
+    assert!(e.contains("--backend slurm only"), "{e}");
+}
