@@ -111,3 +111,47 @@ fn bad_grids_are_refused_before_anything_runs() {
     let e = err(&["--grid", "seed=1,2", "--slurm-args", "--partition=gpu"]);
     assert!(e.contains("--backend slurm only"), "{e}");
 }
+
+/// `sweep status` tells a failed point (with its error) and a running one (with its owner)
+/// from finished and pending ones.
+#[test]
+fn status_names_failed_and_running_points() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s");
+    let out = out.to_str().unwrap();
+    // max_seq_len 2 leaves no example with a label token: the point fails when it loads data.
+    let o = prolora(&[
+        "sweep", "--config", "configs/demo.toml", "--grid", "data.max_seq_len=2,64", "--set",
+        "train.steps=200", "--set", "train.eval_every=0", "--out", out, "--dry-run",
+    ]);
+    assert!(o.status.success());
+    let plan = String::from_utf8(o.stdout).unwrap();
+    assert!(plan.starts_with("0\tdata.max_seq_len=2\t"), "{plan}");
+    assert!(!Path::new(out).exists(), "a dry run writes nothing");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args([
+            "sweep", "--config", "configs/demo.toml", "--grid", "data.max_seq_len=2,64", "--set",
+            "train.steps=200", "--set", "train.eval_every=0", "--out", out,
+        ])
+        .current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = Path::new(out).join("runs/data.max_seq_len=64/metrics.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.matches("\"loss\"").count()) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the second point never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = status(out);
+    assert_eq!(s[0]["state"], "failed", "{s}");
+    assert!(s[0]["detail"].as_str().unwrap().contains("data"), "{s}");
+    assert_eq!(s[1]["state"], "running", "{s}");
+    assert!(s[1]["detail"].as_str().unwrap().starts_with("pid "), "{s}");
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    assert_eq!(status(out)[1]["state"], "interrupted");
+}
