@@ -1,4 +1,4 @@
-//! Greedy decoding with the chat template, for smoke-testing an adapter.
+//! Greedy decoding with the chat template, on a KV cache.
 
 use crate::ctx::Ctx;
 use crate::data::chat::ChatEncoder;
@@ -7,9 +7,7 @@ use crate::model::Llama;
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
-/// The assistant's reply to `messages`: greedy tokens until EOS, `max_new_tokens`, or (unless
-/// `past_positions`) the model's `max_position_embeddings`, with a warning.
-/// Recomputes the whole sequence each step (no KV cache): simple, and fast enough for a check.
+/// The assistant's reply to `messages`: [`greedy`] from the chat prompt, decoded.
 pub fn generate(
     model: &Llama,
     encoder: &ChatEncoder,
@@ -17,22 +15,40 @@ pub fn generate(
     max_new_tokens: usize,
     past_positions: bool,
 ) -> Result<String> {
-    let mut ids = encoder.encode_prompt(messages)?;
-    let prompt_len = ids.len();
+    let prompt = encoder.encode_prompt(messages)?;
+    let reply = greedy(model, &prompt, max_new_tokens, past_positions)?;
+    encoder
+        .tokenizer()
+        .decode(&reply, true)
+        .map_err(|e| anyhow::anyhow!("cannot decode the generated tokens: {e}"))
+}
+
+/// Greedy tokens after `prompt` until EOS, `max_new_tokens`, or (unless `past_positions`) the
+/// model's `max_position_embeddings`, with a warning. The prompt is computed once into a KV
+/// cache; each new token then costs one position.
+pub fn greedy(
+    model: &Llama,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    past_positions: bool,
+) -> Result<Vec<u32>> {
     let ctx = Ctx::eval();
     let eos = model.cfg.eos_token_id;
     let limit = model.cfg.max_position_embeddings;
+    let mut cache = model.new_cache();
+    let mut input = prompt.to_vec();
+    let mut reply = Vec::new();
     for _ in 0..max_new_tokens {
-        if ids.len() >= limit && !past_positions {
+        if cache.len() + input.len() >= limit && !past_positions {
             eprintln!(
                 "warning: stopped at the model's {limit} positions (max_position_embeddings); \
                  --past-max-positions goes on"
             );
             break;
         }
-        let input = Tensor::from_slice(&ids, (1, ids.len()), model.device())?;
-        let hidden = model.hidden(&input, &ctx)?;
-        let last = hidden.narrow(1, ids.len() - 1, 1)?;
+        let ids = Tensor::from_slice(&input, (1, input.len()), model.device())?;
+        let hidden = model.hidden_cached(&ids, &ctx, &mut cache)?;
+        let last = hidden.narrow(1, input.len() - 1, 1)?;
         let next = model
             .head(&last)?
             .flatten_all()?
@@ -41,10 +57,8 @@ pub fn generate(
         if next == eos {
             break;
         }
-        ids.push(next);
+        reply.push(next);
+        input = vec![next];
     }
-    encoder
-        .tokenizer()
-        .decode(&ids[prompt_len..], true)
-        .map_err(|e| anyhow::anyhow!("cannot decode the generated tokens: {e}"))
+    Ok(reply)
 }

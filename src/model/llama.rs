@@ -6,6 +6,7 @@
 
 use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
+use super::kv_cache::KvCache;
 use super::nf4::Quantization;
 use super::weights::WeightSource;
 use crate::ctx::Ctx;
@@ -175,7 +176,12 @@ impl Llama {
 
     /// Rotary tables for positions 0..t.
     pub fn rope(&self, t: usize) -> candle_core::Result<Rope> {
-        let angles: Vec<f64> = (0..t)
+        self.rope_from(0, t)
+    }
+
+    /// Rotary tables for positions start..start + t.
+    fn rope_from(&self, start: usize, t: usize) -> candle_core::Result<Rope> {
+        let angles: Vec<f64> = (start..start + t)
             .flat_map(|pos| self.inv_freq.iter().map(move |f| pos as f64 * f))
             .collect();
         Rope::new(&angles, t, self.dtype, &self.device)
@@ -202,6 +208,19 @@ impl Llama {
         rope: &Rope,
         ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
+        self.block_cached(l, x, rope, ctx, None)
+    }
+
+    /// [`Self::block`] for positions that follow those in `cache` (whose keys and values this
+    /// layer attends to as well, and to which it appends its own).
+    fn block_cached(
+        &self,
+        l: usize,
+        x: &Tensor,
+        rope: &Rope,
+        ctx: &Ctx,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
         let block = &self.blocks[l];
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (
@@ -217,11 +236,21 @@ impl Llama {
         let q = heads("q_proj", nh, Some(rope))?;
         let k = heads("k_proj", nkv, Some(rope))?;
         let v = heads("v_proj", nkv, None)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(l, k, v)?,
+            None => (k, v),
+        };
+        let past = k.dim(2)? - q.dim(2)?;
         let k = repeat_kv(k, nh / nkv)?;
         let v = repeat_kv(v, nh / nkv)?;
 
         let scores = q.matmul(&k.t()?)?;
-        let probs = causal_attention_probs(&scores, 1.0 / (hd as f64).sqrt())?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let probs = if past == 0 {
+            causal_attention_probs(&scores, scale)?
+        } else {
+            attention_probs_after(&scores, scale, past)?
+        };
         let attn = merge_heads(&probs.matmul(&v)?)?;
         let x = (x + block.linear("o_proj").forward(&attn, ctx)?)?;
 
@@ -263,6 +292,28 @@ impl Llama {
         self.final_norm(&x)
     }
 
+    /// [`Self::hidden`] of `ids` (b, t), the positions after those in `cache`, which it
+    /// extends: prefill with the prompt, then one position per step.
+    pub fn hidden_cached(
+        &self,
+        ids: &Tensor,
+        ctx: &Ctx,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let rope = self.rope_from(cache.len(), t)?;
+        let mut x = self.embed(ids)?;
+        for l in 0..self.blocks.len() {
+            x = self.block_cached(l, &x, &rope, &ctx.for_layer(l), Some(&mut *cache))?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// An empty cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.blocks.len())
+    }
+
     /// The vocabulary head's weight (vocab, d) (the embedding when tied).
     pub fn head_weight(&self) -> &Tensor {
         self.lm_head
@@ -279,4 +330,21 @@ impl Llama {
     pub fn logits(&self, ids: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         self.head(&self.hidden(ids, ctx)?)
     }
+}
+
+/// Softmax over keys for queries that follow `past` cached positions: query i (at position
+/// past + i) sees keys 0..=past + i.
+fn attention_probs_after(scores: &Tensor, scale: f64, past: usize) -> candle_core::Result<Tensor> {
+    let scores = (scores * scale)?;
+    let (t, keys) = (scores.dim(2)?, scores.dim(3)?);
+    let scores = if t == 1 {
+        scores
+    } else {
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..keys).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, keys), scores.device())?.to_dtype(scores.dtype())?;
+        scores.broadcast_add(&mask)?
+    };
+    candle_nn::ops::softmax_last_dim(&scores)
 }

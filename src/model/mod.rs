@@ -3,6 +3,7 @@
 pub mod bnb;
 pub mod config;
 pub mod frozen;
+pub mod kv_cache;
 pub mod llama;
 pub mod nf4;
 pub mod preset;
