@@ -402,14 +402,39 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The user message.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub prompt: Option<String>,
     /// An optional system message.
     #[arg(long)]
     pub system: Option<String>,
+    /// Batch mode: a jsonl file of prompts, one per line: {"prompt": "…"} (optionally "system"
+    /// and "id"), or {"messages": [...]}; completions go to --out as jsonl.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub prompts: Option<PathBuf>,
+    /// Batch mode: where the completions go (`-` or absent: stdout).
+    #[arg(long, requires = "prompts")]
+    pub out: Option<PathBuf>,
+    /// Replace an existing --out.
+    #[arg(long, requires = "out")]
+    pub overwrite: bool,
+    /// Batch mode: prompts decoded together (each gets the tokens it would get alone).
+    #[arg(long, default_value_t = 8, requires = "prompts", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub batch_size: usize,
     /// Stop after this many new tokens (or at the end-of-sequence token); at least 1.
     #[arg(long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_new_tokens: usize,
+    /// 0 is greedy; above 0, sample from softmax(logits / temperature).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: only the most probable tokens whose probabilities reach this.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// The sampling seed: the same seed gives the same completions.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the output contains this text (repeatable); the output ends before it.
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
     /// Go on past the model's max_position_embeddings (RoPE is defined for any position).
     #[arg(long)]
     pub past_max_positions: bool,
@@ -689,9 +714,84 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
+    use crate::generate::{complete_batch, generate as complete, Ended, Settings};
+    let settings = Settings {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop: args.stop.clone(),
+        past_positions: args.past_max_positions,
+    };
+    settings.validate().map_err(|e| anyhow::anyhow!("--{e}").context("generate"))?;
+    let Some(file) = &args.prompts else {
+        let (model, encoder) = load_model(&args.model)?;
+        let messages = chat(args.system.clone(), args.prompt.clone().unwrap_or_default());
+        println!("{}", complete(&model, &encoder, &messages, &settings)?.text);
+        return Ok(());
+    };
+    let out = args.out.as_ref().filter(|o| o.as_os_str() != "-");
+    if let Some(out) = out {
+        atomic::check_output(out, "--out", &[file.as_path()], args.overwrite)?;
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("--prompts {}", file.display()))?;
+    let mut requests = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{}:{}", file.display(), n + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+        let messages = match (&v["messages"], v["prompt"].as_str()) {
+            (serde_json::Value::Array(_), _) => serde_json::from_value::<Vec<Message>>(v["messages"].clone())
+                .with_context(|| format!("{}: \"messages\" is not a list of {{role, content}}", at()))?,
+            (_, Some(prompt)) => chat(v["system"].as_str().map(String::from), prompt.to_string()),
+            _ => bail!("{}: needs \"prompt\": \"…\" or \"messages\": [...]", at()),
+        };
+        let id = v.get("id").cloned().unwrap_or(json!(n + 1));
+        requests.push((id, messages));
+    }
     let (model, encoder) = load_model(&args.model)?;
+    let bar = indicatif::ProgressBar::new(requests.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{pos}/{len} prompts {bar:30} {per_sec} eta {eta}")
+            .expect("a valid template"),
+    );
+    let mut lines = String::new();
+    for chunk in requests.chunks(args.batch_size) {
+        let prompts = chunk
+            .iter()
+            .map(|(_, messages)| {
+                let prompt = encoder.encode_prompt(messages)?;
+                Ok(crate::generate::Request { prompt, seed: settings.seed })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let done = complete_batch(&model, encoder.tokenizer(), &prompts, &settings)?;
+        for ((id, messages), c) in chunk.iter().zip(done) {
+            let ended = match &c.ended {
+                Ended::Eos => json!("eos"),
+                Ended::Stop(s) => json!({"stop": s}),
+                Ended::MaxNewTokens => json!("max_new_tokens"),
+                Ended::Positions => json!("max_position_embeddings"),
+            };
+            let line = json!({"id": id, "prompt": encoder.prompt_text(messages)?, "output": c.text,
+                "tokens": c.ids.len(), "ended": ended});
+            lines.push_str(&format!("{line}\n"));
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    match out {
+        Some(out) => {
+            atomic::write(out, lines.as_bytes())?;
+            eprintln!("wrote {} completions to {}", requests.len(), out.display());
+        }
+        None => print!("{lines}"),
+    }
+    Ok(())
+}
+
+/// A chat of an optional system message and one user message.
+fn chat(system: Option<String>, prompt: String) -> Vec<Message> {
     let mut messages = Vec::new();
-    if let Some(s) = args.system {
+    if let Some(s) = system {
         messages.push(Message {
             role: Role::System,
             content: s,
@@ -699,19 +799,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     messages.push(Message {
         role: Role::User,
-        content: args.prompt,
+        content: prompt,
     });
-    println!(
-        "{}",
-        crate::generate::generate(
-            &model,
-            &encoder,
-            &messages,
-            args.max_new_tokens,
-            args.past_max_positions
-        )?
-    );
-    Ok(())
+    messages
 }
 
 /// The local directories a model is read from (none for a preset).

@@ -1,64 +1,380 @@
-//! Greedy decoding with the chat template, on a KV cache.
+//! The generation engine: a prompt computed once into a KV cache, then one position per new
+//! token, greedy or sampled (temperature, nucleus top-p, a seed), until EOS, a stop sequence
+//! in the decoded text, `max_new_tokens` or the model's positions.
 
 use crate::ctx::Ctx;
 use crate::data::chat::ChatEncoder;
 use crate::data::chat::Message;
+use crate::model::kv_cache::KvCache;
 use crate::model::Llama;
-use anyhow::Result;
-use candle_core::{Tensor, D};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokenizers::Tokenizer;
 
-/// The assistant's reply to `messages`: [`greedy`] from the chat prompt, decoded.
+/// How tokens are chosen and when generation stops.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub max_new_tokens: usize,
+    /// 0: greedy (argmax); above 0: sample from softmax(logits / temperature).
+    pub temperature: f64,
+    /// Sample only from the smallest set of tokens whose probabilities reach `top_p` (1: all).
+    pub top_p: f64,
+    /// The sampling stream: the same seed gives the same completion.
+    pub seed: u64,
+    /// Stop when the decoded output contains one of these; the output ends before it.
+    pub stop: Vec<String>,
+    /// Go on past the model's max_position_embeddings (RoPE is defined for any position).
+    pub past_positions: bool,
+}
+
+impl Settings {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Settings {
+            max_new_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            past_positions: false,
+        }
+    }
+
+    /// Refuses what transformers' GenerationConfig refuses.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens == 0 {
+            bail!("max_new_tokens must be at least 1");
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("temperature = {} must be finite and ≥ 0 (0 is greedy)", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("top_p = {} must be in (0, 1]", self.top_p);
+        }
+        if self.stop.iter().any(String::is_empty) {
+            bail!("a stop sequence is empty: every output contains it");
+        }
+        Ok(())
+    }
+}
+
+/// Why a completion ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ended {
+    Eos,
+    Stop(String),
+    MaxNewTokens,
+    Positions,
+}
+
+/// A generated continuation.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// The new token ids (up to and including the token that completed a stop sequence).
+    pub ids: Vec<u32>,
+    /// The decoded text, cut before a stop sequence.
+    pub text: String,
+    pub ended: Ended,
+}
+
+/// The assistant's reply to `messages` with the chat template.
 pub fn generate(
     model: &Llama,
     encoder: &ChatEncoder,
     messages: &[Message],
-    max_new_tokens: usize,
-    past_positions: bool,
-) -> Result<String> {
+    settings: &Settings,
+) -> Result<Completion> {
     let prompt = encoder.encode_prompt(messages)?;
-    let reply = greedy(model, &prompt, max_new_tokens, past_positions)?;
-    encoder
-        .tokenizer()
-        .decode(&reply, true)
+    complete(model, encoder.tokenizer(), &prompt, settings)
+}
+
+/// The continuation of `prompt` (token ids) under `settings`.
+pub fn complete(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    settings: &Settings,
+) -> Result<Completion> {
+    let request = Request {
+        prompt: prompt.to_vec(),
+        seed: settings.seed,
+    };
+    let mut done = complete_batch(model, tokenizer, &[request], settings)?;
+    Ok(done.remove(0))
+}
+
+/// A prompt (token ids) to continue, with its own sampling stream.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub seed: u64,
+}
+
+/// The continuations of every request, decoded together: each prompt is prefilled alone, then
+/// the batch steps one token at a time, left-padded in one KV cache (each row at its own
+/// positions, its padding masked), and a row leaves the batch when it ends. A row's tokens do
+/// not depend on the rows beside it.
+pub fn complete_batch(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    requests: &[Request],
+    settings: &Settings,
+) -> Result<Vec<Completion>> {
+    settings.validate()?;
+    if let Some(n) = requests.iter().position(|r| r.prompt.is_empty()) {
+        bail!("prompt {} has no tokens", n + 1);
+    }
+    let ctx = Ctx::eval();
+    let limit = model.cfg.max_position_embeddings;
+    let mut rows: Vec<Row> = requests.iter().map(|r| Row::new(r.seed)).collect();
+    let mut at_limit = false;
+    let mut caches = Vec::new();
+    let mut active = Vec::new();
+    let mut next = Vec::new();
+    for (i, request) in requests.iter().enumerate() {
+        if request.prompt.len() >= limit && !settings.past_positions {
+            rows[i].ended = Some(Ended::Positions);
+            at_limit = true;
+            continue;
+        }
+        let mut cache = model.new_cache();
+        let ids = Tensor::from_slice(&request.prompt, (1, request.prompt.len()), model.device())?;
+        let hidden = model.hidden_cached(&ids, &ctx, &mut cache)?;
+        let last = hidden.narrow(1, request.prompt.len() - 1, 1)?;
+        let logits = last_logits(model, &last)?;
+        if let Some(token) = rows[i].accept(&logits[0], model, tokenizer, settings)? {
+            caches.push(cache);
+            active.push(i);
+            next.push(token);
+        }
+    }
+    let mut cache = KvCache::stack(caches)?;
+    while !active.is_empty() {
+        let keep: Vec<usize> = (0..active.len())
+            .filter(|&r| settings.past_positions || cache.next_position(r) + 1 < limit)
+            .collect();
+        if keep.len() < active.len() {
+            for r in (0..active.len()).filter(|r| !keep.contains(r)) {
+                rows[active[r]].ended = Some(Ended::Positions);
+            }
+            at_limit = true;
+            cache.retain(&keep)?;
+            active = keep.iter().map(|&r| active[r]).collect();
+            next = keep.iter().map(|&r| next[r]).collect();
+            if active.is_empty() {
+                break;
+            }
+        }
+        let ids = Tensor::from_slice(&next, (next.len(), 1), model.device())?;
+        let logits = last_logits(model, &model.hidden_cached(&ids, &ctx, &mut cache)?)?;
+        let mut keep = Vec::new();
+        let mut tokens = Vec::new();
+        for (r, logits) in logits.iter().enumerate() {
+            if let Some(token) = rows[active[r]].accept(logits, model, tokenizer, settings)? {
+                keep.push(r);
+                tokens.push(token);
+            }
+        }
+        if keep.len() < active.len() {
+            cache.retain(&keep)?;
+            active = keep.iter().map(|&r| active[r]).collect();
+        }
+        next = tokens;
+    }
+    if at_limit {
+        eprintln!(
+            "warning: stopped at the model's {limit} positions (max_position_embeddings); \
+             --past-max-positions goes on"
+        );
+    }
+    rows.into_iter().map(|row| row.finish(tokenizer)).collect()
+}
+
+/// The vocabulary logits of hidden states (b, 1, d), one f32 row per batch row.
+fn last_logits(model: &Llama, last: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(model.head(last)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?)
+}
+
+/// One completion in progress.
+struct Row {
+    rng: StdRng,
+    ids: Vec<u32>,
+    text: Option<String>,
+    ended: Option<Ended>,
+}
+
+impl Row {
+    fn new(seed: u64) -> Self {
+        Row {
+            rng: StdRng::seed_from_u64(seed),
+            ids: Vec::new(),
+            text: None,
+            ended: None,
+        }
+    }
+
+    /// Chooses the next token from `logits`; returns it while the completion goes on.
+    fn accept(
+        &mut self,
+        logits: &[f32],
+        model: &Llama,
+        tokenizer: &Tokenizer,
+        settings: &Settings,
+    ) -> Result<Option<u32>> {
+        let token = choose(logits, settings, &mut self.rng);
+        if token == model.cfg.eos_token_id {
+            self.ended = Some(Ended::Eos);
+            return Ok(None);
+        }
+        self.ids.push(token);
+        if !settings.stop.is_empty() {
+            let mut text = decode(tokenizer, &self.ids)?;
+            if let Some((at, stop)) = first_stop(&text, &settings.stop) {
+                text.truncate(at);
+                self.text = Some(text);
+                self.ended = Some(Ended::Stop(stop.to_string()));
+                return Ok(None);
+            }
+        }
+        if self.ids.len() == settings.max_new_tokens {
+            self.ended = Some(Ended::MaxNewTokens);
+            return Ok(None);
+        }
+        Ok(Some(token))
+    }
+
+    fn finish(self, tokenizer: &Tokenizer) -> Result<Completion> {
+        let text = match self.text {
+            Some(text) => text,
+            None => decode(tokenizer, &self.ids)?,
+        };
+        let ended = self.ended.unwrap_or(Ended::MaxNewTokens);
+        Ok(Completion { ids: self.ids, text, ended })
+    }
+}
+
+fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer
+        .decode(ids, true)
         .map_err(|e| anyhow::anyhow!("cannot decode the generated tokens: {e}"))
 }
 
-/// Greedy tokens after `prompt` until EOS, `max_new_tokens`, or (unless `past_positions`) the
-/// model's `max_position_embeddings`, with a warning. The prompt is computed once into a KV
-/// cache; each new token then costs one position.
-pub fn greedy(
-    model: &Llama,
-    prompt: &[u32],
-    max_new_tokens: usize,
-    past_positions: bool,
-) -> Result<Vec<u32>> {
-    let ctx = Ctx::eval();
-    let eos = model.cfg.eos_token_id;
-    let limit = model.cfg.max_position_embeddings;
-    let mut cache = model.new_cache();
-    let mut input = prompt.to_vec();
-    let mut reply = Vec::new();
-    for _ in 0..max_new_tokens {
-        if cache.len() + input.len() >= limit && !past_positions {
-            eprintln!(
-                "warning: stopped at the model's {limit} positions (max_position_embeddings); \
-                 --past-max-positions goes on"
-            );
-            break;
-        }
-        let ids = Tensor::from_slice(&input, (1, input.len()), model.device())?;
-        let hidden = model.hidden_cached(&ids, &ctx, &mut cache)?;
-        let last = hidden.narrow(1, input.len() - 1, 1)?;
-        let next = model
-            .head(&last)?
-            .flatten_all()?
-            .argmax(D::Minus1)?
-            .to_scalar::<u32>()?;
-        if next == eos {
-            break;
-        }
-        reply.push(next);
-        input = vec![next];
+/// The earliest stop sequence in `text`: where it starts, and which.
+fn first_stop<'a>(text: &str, stops: &'a [String]) -> Option<(usize, &'a str)> {
+    stops
+        .iter()
+        .filter_map(|s| text.find(s.as_str()).map(|at| (at, s.as_str())))
+        .min_by_key(|(at, _)| *at)
+}
+
+/// The next token: the argmax at temperature 0, else a sample from the tempered softmax
+/// restricted to the nucleus (transformers' TopPLogitsWarper: the most probable tokens whose
+/// probabilities sum to at least `top_p`, and never fewer than one).
+fn choose(logits: &[f32], settings: &Settings, rng: &mut StdRng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            .0 as u32
+    };
+    if settings.temperature == 0.0 {
+        return argmax();
     }
-    Ok(reply)
+    let t = settings.temperature;
+    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i, ((v as f64 - top) / t).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.iter_mut().for_each(|p| p.1 /= total);
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for p in &probs {
+        kept += 1;
+        mass += p.1;
+        if mass >= settings.top_p {
+            break;
+        }
+    }
+    let nucleus = &probs[..kept];
+    let mut u = rng.random::<f64>() * mass;
+    for &(i, p) in nucleus {
+        if u < p {
+            return i as u32;
+        }
+        u -= p;
+    }
+    nucleus[kept - 1].0 as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(temperature: f64, top_p: f64, seed: u64) -> Settings {
+        Settings {
+            temperature,
+            top_p,
+            seed,
+            ..Settings::greedy(1)
+        }
+    }
+
+    #[test]
+    fn temperature_zero_is_the_argmax_and_a_seed_repeats_its_samples() {
+        let logits = [0.1f32, 2.0, -1.0, 1.9];
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(choose(&logits, &settings(0.0, 1.0, 0), &mut rng), 1);
+        let draw = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..50).map(|_| choose(&logits, &settings(1.0, 1.0, seed), &mut rng)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(5), draw(5));
+        assert_ne!(draw(5), draw(6));
+        // Every token is reachable at temperature 1 with the whole vocabulary.
+        let seen: std::collections::BTreeSet<u32> = draw(1).into_iter().chain(draw(2)).collect();
+        assert!(seen.len() >= 3, "{seen:?}");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus() {
+        // Probabilities ≈ 0.64, 0.24, 0.09, 0.03: top_p 0.8 keeps the first two, 0.5 the first.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let draws = |top_p| {
+            let mut rng = StdRng::seed_from_u64(3);
+            (0..400)
+                .map(|_| choose(&logits, &settings(1.0, top_p, 3), &mut rng))
+                .collect::<std::collections::BTreeSet<u32>>()
+        };
+        assert_eq!(draws(0.5), [0].into());
+        assert_eq!(draws(0.8), [0, 1].into());
+        assert_eq!(draws(1.0), [0, 1, 2, 3].into());
+    }
+
+    #[test]
+    fn the_earliest_stop_sequence_wins() {
+        let stops = vec!["\n\n".to_string(), "Question:".to_string()];
+        assert_eq!(first_stop("a Question: b\n\n", &stops), Some((2, "Question:")));
+        assert_eq!(first_stop("no stop", &stops), None);
+    }
+
+    #[test]
+    fn settings_transformers_refuses_are_refused() {
+        let bad = [
+            Settings { max_new_tokens: 0, ..Settings::greedy(1) },
+            settings(-0.5, 1.0, 0),
+            settings(f64::NAN, 1.0, 0),
+            settings(1.0, 0.0, 0),
+            settings(1.0, 1.5, 0),
+            Settings { stop: vec![String::new()], ..Settings::greedy(1) },
+        ];
+        for s in bad {
+            assert!(s.validate().is_err(), "{s:?}");
+        }
+    }
 }

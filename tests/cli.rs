@@ -1191,3 +1191,47 @@ fn checkpoints_are_written_by_default() {
     steps.sort();
     assert_eq!(steps, (1..=20).map(|k| 2 * k).collect::<Vec<_>>());
 }
+
+/// Batch mode: prompts from a jsonl file, one completion line each, in order; sampling is
+/// repeatable by seed; an existing --out is not replaced without --overwrite.
+#[test]
+fn generate_batch_mode_writes_one_completion_per_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"a\", \"prompt\": \"What is 2 + 2?\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate", "--model", "tiny", "--prompts", prompts.to_str().unwrap(), "--out",
+            out.to_str().unwrap(), "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "3",
+        ];
+        args.extend(extra);
+        prolora(&args)
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<serde_json::Value> = first.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["id"], "a");
+    assert_eq!(lines[1]["id"], 3, "the line number when no id is given");
+    assert_eq!(lines[0]["prompt"], "<|user|>\nWhat is 2 + 2?\n<|assistant|>\n");
+    assert!(lines.iter().all(|l| l["tokens"].as_u64().unwrap() <= 6 && l["output"].is_string()));
+
+    let again = run(&[]);
+    assert!(!again.status.success() && stderr(&again).contains("--out"), "{}", stderr(&again));
+    let o = run(&["--overwrite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), first, "the same seed, the same samples");
+
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"x\"}\n").unwrap();
+    let err = error_of(&["generate", "--model", "tiny", "--prompts", bad.to_str().unwrap()]);
+    assert!(err.contains("bad.jsonl:1") && err.contains("\"prompt\""), "{err}");
+    let err = error_of(&["generate", "--model", "tiny", "--prompt", "x", "--top-p", "0"]);
+    assert!(err.contains("top_p = 0 must be in (0, 1]"), "{err}");
+}

@@ -5,7 +5,7 @@
 #                                                  # prints `export SLURM_CONF=DIR/slurm.conf`
 #   scripts/slurm/cluster.sh stop DIR              # stops what start started, by pid
 # Runs as root, without systemd. A requeued job waits ~2 minutes before it may start again;
-# `scontrol update jobid=J starttime=now` makes it eligible at once.
+# `scontrol update jobid=J starttime=now+1` makes it eligible at once.
 set -euo pipefail
 
 log() { echo "cluster: $*" >&2; }

@@ -40,12 +40,14 @@ done
 scontrol requeue "${job}_0"
 say "requeued ${job}_0 at step $n"
 # A requeued task waits ~2 minutes (BeginTime) unless its start time is reset, which only
-# takes once it is pending again (not while its first run is still stopping).
+# takes once it is pending again (not while its first run is still stopping). now+1, not now:
+# slurmd revoked the task's credential in the second of the requeue and refuses a relaunch
+# signed in that same second ("Job credential revoked"), failing the task for good.
 pending=0
 for _ in $(seq 300); do
     state=$(squeue -h -j "${job}_0" -o "%T %r" 2>/dev/null || true)
     case "$state" in
-        "PENDING BeginTime") scontrol update jobid="${job}_0" starttime=now; pending=1 ;;
+        "PENDING BeginTime") scontrol update jobid="${job}_0" starttime=now+1; pending=1 ;;
         PENDING*) pending=1 ;;
         RUNNING*|"") [ "$pending" = 1 ] && break ;;
     esac

@@ -279,9 +279,14 @@ impl ChatEncoder {
     /// The prompt for generation: the chat text of the messages followed by "<|assistant|>\n",
     /// tokenized with BOS (as open-instruct's generation prompt). Not truncated.
     pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        self.ids(&self.prompt_text(messages)?)
+    }
+
+    /// The exact text [`Self::encode_prompt`] tokenizes: the chat, then the assistant's tag.
+    pub fn prompt_text(&self, messages: &[Message]) -> Result<String> {
         let mut text = ChatText::new(messages).text;
         text.push_str(ASSISTANT_TAG);
-        self.ids(&text)
+        Ok(text)
     }
 }
 

@@ -10,25 +10,40 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, W
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Rotary tables for positions 0..t: `cos`/`sin` (t, hd) as tensors of the compute dtype and as
-/// f64 rows for the fused CPU op. Each row repeats its hd/2 angles twice (LLaMA's layout).
+/// Rotary tables for t positions: `cos`/`sin` (t, hd) — or (rows, 1, t, hd) when each batch row
+/// has its own positions — as tensors of the compute dtype and as f64 rows for the fused CPU op.
+/// Each row repeats its hd/2 angles twice (LLaMA's layout).
 #[derive(Clone)]
 pub struct Rope {
     pub cos: Tensor,
     pub sin: Tensor,
+    /// 1: one table shared by every batch row; b: a table per row.
+    rows: usize,
     cos64: Arc<Vec<f64>>,
     sin64: Arc<Vec<f64>>,
 }
 
 impl Rope {
-    /// From `angles` (t, hd/2) in f64.
+    /// From `angles` (t, hd/2) in f64, shared by every batch row.
     pub fn new(
         angles: &[f64],
         t: usize,
         dtype: DType,
         device: &candle_core::Device,
     ) -> Result<Self> {
-        let half = angles.len() / t.max(1);
+        Self::per_row(angles, 1, t, dtype, device)
+    }
+
+    /// From `angles` (rows, t, hd/2) in f64: batch row r is rotated by its own table
+    /// (left-padded sequences decoded together sit at different positions).
+    pub fn per_row(
+        angles: &[f64],
+        rows: usize,
+        t: usize,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let half = angles.len() / (rows * t).max(1);
         let row = |f: fn(f64) -> f64| -> Vec<f64> {
             angles
                 .chunks(half)
@@ -36,11 +51,17 @@ impl Rope {
                 .collect()
         };
         let (cos64, sin64) = (row(f64::cos), row(f64::sin));
-        let tensor =
-            |v: &Vec<f64>| Tensor::from_vec(v.clone(), (t, 2 * half), device)?.to_dtype(dtype);
+        let tensor = |v: &Vec<f64>| {
+            let table = Tensor::from_vec(v.clone(), (rows * t, 2 * half), device)?;
+            match rows {
+                1 => table.to_dtype(dtype),
+                _ => table.reshape((rows, 1, t, 2 * half))?.to_dtype(dtype),
+            }
+        };
         Ok(Self {
             cos: tensor(&cos64)?,
             sin: tensor(&sin64)?,
+            rows,
             cos64: Arc::new(cos64),
             sin64: Arc::new(sin64),
         })
@@ -105,8 +126,9 @@ impl Heads {
             match &self.rope {
                 None => out.copy_from_slice(xr),
                 Some((rope, sign)) => {
-                    let cos = &rope.cos64[ti * hd..(ti + 1) * hd];
-                    let sin = &rope.sin64[ti * hd..(ti + 1) * hd];
+                    let p = if rope.rows == 1 { ti } else { bi * t + ti };
+                    let cos = &rope.cos64[p * hd..(p + 1) * hd];
+                    let sin = &rope.sin64[p * hd..(p + 1) * hd];
                     for i in 0..hd {
                         let rotated = if i < half {
                             -xr[i + half].to_f64()
@@ -226,6 +248,29 @@ mod tests {
                 .max_all()
                 .unwrap();
             assert!(gd.to_scalar::<f64>().unwrap() < 1e-12);
+        }
+    }
+
+    /// A per-row table rotates each batch row as its own shared table would, fused and composed.
+    #[test]
+    fn per_row_tables_rotate_each_row_by_its_own_positions() {
+        let dev = Device::Cpu;
+        let (b, t, n, hd) = (3, 2, 2, 8);
+        let angles: Vec<f64> = (0..b * t * hd / 2).map(|i| 0.21 * i as f64 + 0.5).collect();
+        let rope = Rope::per_row(&angles, b, t, DType::F64, &dev).unwrap();
+        let x = Tensor::randn(0f64, 1.0, (b, t, n * hd), &dev).unwrap();
+        let fused = split_heads(&x, n, Some(&rope)).unwrap();
+        let heads = x.reshape((b, t, n, hd)).unwrap().transpose(1, 2).unwrap();
+        let composed = apply_rope(&heads, &rope).unwrap();
+        let per_row = t * hd / 2;
+        for r in 0..b {
+            let own = Rope::new(&angles[r * per_row..(r + 1) * per_row], t, DType::F64, &dev).unwrap();
+            let alone = split_heads(&x.narrow(0, r, 1).unwrap(), n, Some(&own)).unwrap();
+            for batched in [&fused, &composed] {
+                let diff = (batched.narrow(0, r, 1).unwrap() - &alone).unwrap();
+                let diff = diff.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(diff < 1e-12, "row {r}: {diff}");
+            }
         }
     }
 }

@@ -1,22 +1,27 @@
 //! The keys and values of the positions a decoder has already seen, per layer, so that
 //! generation computes each new position once instead of re-running the whole sequence.
+//! Sequences of different lengths decode together left-padded: row r's first `pads[r]` cached
+//! positions are zeros that attention masks out.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// One sequence batch's cached keys and values, (b, kv heads, positions, head dim) per layer,
 /// before the grouped-query repeat.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per batch row, how many leading cached positions are padding.
+    pads: Vec<usize>,
 }
 
 impl KvCache {
     pub fn new(layers: usize) -> Self {
         KvCache {
             layers: vec![None; layers],
+            pads: Vec::new(),
         }
     }
 
-    /// Positions cached so far.
+    /// Cached positions (columns, padding included).
     pub fn len(&self) -> usize {
         self.layers
             .first()
@@ -28,13 +33,102 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Batch rows (0 before the first append).
+    pub fn rows(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(0).unwrap_or(0))
+    }
+
+    /// The position of row `r`'s next token: its real tokens so far.
+    pub fn next_position(&self, r: usize) -> usize {
+        self.len() - self.pads.get(r).copied().unwrap_or(0)
+    }
+
+    /// Whether some row starts with padding.
+    pub fn is_ragged(&self) -> bool {
+        self.pads.iter().any(|&p| p > 0)
+    }
+
+    /// The additive attention mask (b, 1, t, len + t) for `t` new positions: −∞ where a key is
+    /// padding or lies after the query.
+    pub fn mask(&self, b: usize, t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let (past, keys) = (self.len(), self.len() + t);
+        let mask: Vec<f32> = (0..b)
+            .flat_map(|r| {
+                let pad = self.pads.get(r).copied().unwrap_or(0);
+                (0..t).flat_map(move |i| {
+                    (0..keys).map(move |j| if j < pad || j > past + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+            })
+            .collect();
+        Tensor::from_vec(mask, (b, 1, t, keys), device)?.to_dtype(dtype)
+    }
+
     /// Appends the new positions' `k`, `v` to layer `l`; returns every position's.
     pub fn append(&mut self, l: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if self.pads.is_empty() {
+            self.pads = vec![0; k.dim(0)?];
+        }
         let kv = match self.layers[l].take() {
             None => (k, v),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
         };
         self.layers[l] = Some(kv.clone());
         Ok(kv)
+    }
+
+    /// One batch of every row of `caches`, each left-padded to the longest.
+    pub fn stack(caches: Vec<KvCache>) -> Result<KvCache> {
+        let longest = caches.iter().map(KvCache::len).max().unwrap_or(0);
+        let layers = caches.first().map_or(0, |c| c.layers.len());
+        let pad = |t: &Tensor, n: usize| -> Result<Tensor> {
+            if n == 0 {
+                return Ok(t.clone());
+            }
+            let (b, h, _, d) = t.dims4()?;
+            let zeros = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
+            Tensor::cat(&[&zeros, t], 2)
+        };
+        let mut stacked = KvCache::new(layers);
+        for l in 0..layers {
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            for c in &caches {
+                let Some((k, v)) = &c.layers[l] else {
+                    candle_core::bail!("stacking a cache with an empty layer {l}");
+                };
+                ks.push(pad(k, longest - c.len())?);
+                vs.push(pad(v, longest - c.len())?);
+            }
+            stacked.layers[l] = Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+        }
+        stacked.pads = caches
+            .iter()
+            .flat_map(|c| c.pads.iter().map(move |p| p + longest - c.len()))
+            .collect();
+        Ok(stacked)
+    }
+
+    /// Keeps only batch rows `keep` (in that order), and drops leading columns that became
+    /// padding for every remaining row.
+    pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
+        let Some(first) = self.layers.first().and_then(|l| l.as_ref()) else {
+            return Ok(());
+        };
+        let index = Tensor::from_vec(
+            keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            keep.len(),
+            first.0.device(),
+        )?;
+        let pads: Vec<usize> = keep.iter().map(|&r| self.pads[r]).collect();
+        let trim = pads.iter().copied().min().unwrap_or(0);
+        let len = self.len();
+        for layer in self.layers.iter_mut().flatten() {
+            let select = |t: &Tensor| t.index_select(&index, 0)?.narrow(2, trim, len - trim);
+            *layer = (select(&layer.0)?, select(&layer.1)?);
+        }
+        self.pads = pads.iter().map(|p| p - trim).collect();
+        Ok(())
     }
 }

@@ -181,10 +181,14 @@ impl Llama {
 
     /// Rotary tables for positions start..start + t.
     fn rope_from(&self, start: usize, t: usize) -> candle_core::Result<Rope> {
-        let angles: Vec<f64> = (start..start + t)
+        Rope::new(&self.angles(start, t), t, self.dtype, &self.device)
+    }
+
+    /// The rotary angles (t, hd/2) of positions start..start + t.
+    fn angles(&self, start: usize, t: usize) -> Vec<f64> {
+        (start..start + t)
             .flat_map(|pos| self.inv_freq.iter().map(move |f| pos as f64 * f))
-            .collect();
-        Rope::new(&angles, t, self.dtype, &self.device)
+            .collect()
     }
 
     /// Token embeddings of `ids` (b, t) → (b, t, d).
@@ -212,14 +216,15 @@ impl Llama {
     }
 
     /// [`Self::block`] for positions that follow those in `cache` (whose keys and values this
-    /// layer attends to as well, and to which it appends its own).
+    /// layer attends to as well, and to which it appends its own), under the cache's additive
+    /// `mask` when it has one (padding, or several new positions after cached ones).
     fn block_cached(
         &self,
         l: usize,
         x: &Tensor,
         rope: &Rope,
         ctx: &Ctx,
-        cache: Option<&mut KvCache>,
+        cache: Option<(&mut KvCache, Option<&Tensor>)>,
     ) -> candle_core::Result<Tensor> {
         let block = &self.blocks[l];
         let cfg = &self.cfg;
@@ -236,9 +241,12 @@ impl Llama {
         let q = heads("q_proj", nh, Some(rope))?;
         let k = heads("k_proj", nkv, Some(rope))?;
         let v = heads("v_proj", nkv, None)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(l, k, v)?,
-            None => (k, v),
+        let (k, v, mask) = match cache {
+            Some((cache, mask)) => {
+                let (k, v) = cache.append(l, k, v)?;
+                (k, v, mask)
+            }
+            None => (k, v, None),
         };
         let past = k.dim(2)? - q.dim(2)?;
         let k = repeat_kv(k, nh / nkv)?;
@@ -246,10 +254,10 @@ impl Llama {
 
         let scores = q.matmul(&k.t()?)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let probs = if past == 0 {
-            causal_attention_probs(&scores, scale)?
-        } else {
-            attention_probs_after(&scores, scale, past)?
+        let probs = match mask {
+            _ if past == 0 && mask.is_none() => causal_attention_probs(&scores, scale)?,
+            None => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
+            Some(mask) => candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?,
         };
         let attn = merge_heads(&probs.matmul(&v)?)?;
         let x = (x + block.linear("o_proj").forward(&attn, ctx)?)?;
@@ -293,18 +301,31 @@ impl Llama {
     }
 
     /// [`Self::hidden`] of `ids` (b, t), the positions after those in `cache`, which it
-    /// extends: prefill with the prompt, then one position per step.
+    /// extends: prefill with the prompt, then one position per step. In a ragged cache each row
+    /// goes on from its own position and never sees the padding.
     pub fn hidden_cached(
         &self,
         ids: &Tensor,
         ctx: &Ctx,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        let rope = self.rope_from(cache.len(), t)?;
+        let (b, t) = ids.dims2()?;
+        let (rope, mask) = if cache.is_ragged() {
+            let angles: Vec<f64> = (0..b)
+                .flat_map(|r| self.angles(cache.next_position(r), t))
+                .collect();
+            let rope = Rope::per_row(&angles, b, t, self.dtype, &self.device)?;
+            (rope, Some(cache.mask(b, t, self.dtype, &self.device)?))
+        } else if cache.is_empty() || t == 1 {
+            (self.rope_from(cache.len(), t)?, None)
+        } else {
+            let mask = cache.mask(b, t, self.dtype, &self.device)?;
+            (self.rope_from(cache.len(), t)?, Some(mask))
+        };
         let mut x = self.embed(ids)?;
         for l in 0..self.blocks.len() {
-            x = self.block_cached(l, &x, &rope, &ctx.for_layer(l), Some(&mut *cache))?;
+            let layer = Some((&mut *cache, mask.as_ref()));
+            x = self.block_cached(l, &x, &rope, &ctx.for_layer(l), layer)?;
         }
         self.final_norm(&x)
     }
@@ -330,21 +351,4 @@ impl Llama {
     pub fn logits(&self, ids: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         self.head(&self.hidden(ids, ctx)?)
     }
-}
-
-/// Softmax over keys for queries that follow `past` cached positions: query i (at position
-/// past + i) sees keys 0..=past + i.
-fn attention_probs_after(scores: &Tensor, scale: f64, past: usize) -> candle_core::Result<Tensor> {
-    let scores = (scores * scale)?;
-    let (t, keys) = (scores.dim(2)?, scores.dim(3)?);
-    let scores = if t == 1 {
-        scores
-    } else {
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..keys).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, keys), scores.device())?.to_dtype(scores.dtype())?;
-        scores.broadcast_add(&mask)?
-    };
-    candle_nn::ops::softmax_last_dim(&scores)
 }
