@@ -36,8 +36,10 @@ pub enum Command {
     Train(TrainArgs),
     /// Mean token cross-entropy of a model (+ adapter) on a chat jsonl file.
     Eval(EvalArgs),
-    /// Greedy chat completion, to smoke-test an adapter.
+    /// Chat completion (greedy or sampled), one prompt or a jsonl file of them.
     Generate(GenerateArgs),
+    /// The paper's benchmarks (MMLU, GSM, BBH, TyDi QA, HumanEval) as open-instruct scores them.
+    Evaluate(EvaluateArgs),
     /// Loss curves of one or several runs, as an SVG.
     Plot(PlotArgs),
     /// A table of the runs under a directory (a sweep): eval losses, mean ± std over seeds.
@@ -380,6 +382,57 @@ pub struct ModelArgs {
 }
 
 #[derive(Args)]
+pub struct EvaluateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// mmlu, gsm, bbh, tydiqa, humaneval, or all (comma-separated for several).
+    #[arg(long, default_value = "all")]
+    pub benchmark: String,
+    /// A finished run directory: its adapter is evaluated and the results go to RUN/eval/.
+    #[arg(long, conflicts_with = "adapter")]
+    pub run: Option<PathBuf>,
+    /// open-instruct's evaluation data layout (mmlu/, gsm/, bbh/, tydiqa/, codex_humaneval/).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The first N examples of each subject / task / language.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub limit: Option<usize>,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub batch_size: usize,
+    /// New tokens per answer (default per benchmark: GSM and BBH 512, TyDi QA 50, HumanEval 512).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_new_tokens: Option<usize>,
+    /// HumanEval's sampling temperature (default 0.1, the paper's pass@1; 0 is greedy).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// HumanEval: completions per problem (default 20).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub samples: Option<usize>,
+    /// Few-shot exemplars (defaults: MMLU 0, GSM 8, BBH 3, TyDi QA 1).
+    #[arg(long)]
+    pub shots: Option<usize>,
+    /// How prompts are wrapped: tulu (prolora's chat format) or none (a base model).
+    #[arg(long, value_enum, default_value = "tulu")]
+    pub chat_format: crate::evaluate::ChatFormat,
+    /// Run HumanEval's model-written code (sandboxed python3 subprocesses).
+    #[arg(long)]
+    pub allow_code_execution: bool,
+    /// The sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the results (one JSON object; with several benchmarks, one per benchmark keyed by name).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace an existing --out or RUN/eval/<benchmark>.json.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print the results as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -461,6 +514,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),
         Command::Generate(a) => generate(a),
+        Command::Evaluate(a) => evaluate(a),
         Command::Plot(a) => {
             crate::plot::plot(&a.runs, &a.out)?;
             eprintln!("wrote {}", a.out.display());
@@ -786,6 +840,102 @@ fn generate(args: GenerateArgs) -> Result<()> {
         None => print!("{lines}"),
     }
     Ok(())
+}
+
+fn evaluate(mut args: EvaluateArgs) -> Result<()> {
+    use crate::evaluate::{self as ev, BENCHMARKS};
+    let benchmarks: Vec<String> = match args.benchmark.as_str() {
+        "all" => BENCHMARKS.iter().map(|b| b.to_string()).collect(),
+        list => list.split(',').map(|b| b.trim().to_string()).collect(),
+    };
+    if let Some(b) = benchmarks.iter().find(|b| !BENCHMARKS.contains(&b.as_str())) {
+        bail!("--benchmark {b:?}: one of {}, or all", BENCHMARKS.join(", "));
+    }
+    if let Some(t) = args.temperature.filter(|t| !(t.is_finite() && *t >= 0.0)) {
+        bail!("--temperature {t}: must be finite and ≥ 0 (0 is greedy)");
+    }
+    let options = ev::Options {
+        data_dir: args.data_dir.clone(),
+        limit: args.limit,
+        batch_size: args.batch_size,
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        samples: args.samples,
+        shots: args.shots,
+        chat_format: args.chat_format,
+        allow_code_execution: args.allow_code_execution,
+        seed: args.seed,
+    };
+    if benchmarks.iter().any(|b| b == "humaneval") {
+        ev::humaneval::refuse_without_consent(&options)?;
+    }
+    let mut outputs: Vec<(String, PathBuf)> = Vec::new();
+    if let Some(run) = &args.run {
+        if !run.join("adapter_model.safetensors").exists() {
+            bail!("--run {}: no adapter_model.safetensors; is the run finished?", run.display());
+        }
+        args.model.adapter = Some(run.clone());
+        for b in &benchmarks {
+            outputs.push((b.clone(), run.join("eval").join(format!("{b}.json"))));
+        }
+    }
+    if let Some(out) = &args.out {
+        atomic::check_output(out, "--out", &[args.data_dir.as_path()], args.overwrite)?;
+    }
+    for (_, path) in &outputs {
+        atomic::check_output(path, "the results file", &[], args.overwrite)?;
+    }
+    let (model, encoder) = load_model(&args.model)?;
+    let mut engine = ev::Engine::new(&model, encoder.tokenizer(), args.batch_size);
+    let mut all = serde_json::Map::new();
+    for b in &benchmarks {
+        let started = std::time::Instant::now();
+        let mut result = ev::run(b, &mut engine, &options)?;
+        result["settings"]["model"] = json!(args.model.spec.model);
+        result["settings"]["adapter"] = json!(args.model.adapter);
+        result["settings"]["protocol"] = json!("open-instruct");
+        result["seconds"] = json!(started.elapsed().as_secs_f64());
+        if let Some((_, path)) = outputs.iter().find(|(name, _)| name == b) {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            atomic::write(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
+            eprintln!("wrote {}", path.display());
+        }
+        if !args.json {
+            println!("{b} ({} examples, {:.1} s)", result["examples"].as_array().map_or(0, Vec::len),
+                started.elapsed().as_secs_f64());
+            print_metrics(&result["metrics"], "  ");
+        }
+        all.insert(b.clone(), result);
+    }
+    let value = match all.len() {
+        1 => all.into_iter().next().map(|(_, v)| v).unwrap_or_default(),
+        _ => serde_json::Value::Object(all),
+    };
+    if let Some(out) = &args.out {
+        atomic::write(out, serde_json::to_string_pretty(&value)?.as_bytes())?;
+        eprintln!("wrote {}", out.display());
+    }
+    if args.json {
+        println!("{value}");
+    }
+    Ok(())
+}
+
+/// Metrics as indented `name value` lines.
+fn print_metrics(v: &serde_json::Value, indent: &str) {
+    if let serde_json::Value::Object(m) = v {
+        for (k, v) in m {
+            match v {
+                serde_json::Value::Object(_) => {
+                    println!("{indent}{k}");
+                    print_metrics(v, &format!("{indent}  "));
+                }
+                v => println!("{indent}{k:<40} {}", v.as_f64().map_or(v.to_string(), |x| format!("{x:.4}"))),
+            }
+        }
+    }
 }
 
 /// A chat of an optional system message and one user message.

@@ -73,7 +73,9 @@ pub enum Ended {
 pub struct Completion {
     /// The new token ids (up to and including the token that completed a stop sequence).
     pub ids: Vec<u32>,
-    /// The decoded text, cut before a stop sequence.
+    /// The decoded text, cut before a stop sequence: the prompt and the new tokens decoded
+    /// together, less the prompt's text (so a leading space of the first token stays, as in
+    /// transformers' and vLLM's outputs).
     pub text: String,
     pub ended: Ended,
 }
@@ -127,7 +129,10 @@ pub fn complete_batch(
     }
     let ctx = Ctx::eval();
     let limit = model.cfg.max_position_embeddings;
-    let mut rows: Vec<Row> = requests.iter().map(|r| Row::new(r.seed)).collect();
+    let mut rows: Vec<Row> = requests
+        .iter()
+        .map(|r| Row::new(r, tokenizer))
+        .collect::<Result<_>>()?;
     let mut at_limit = false;
     let mut caches = Vec::new();
     let mut active = Vec::new();
@@ -199,18 +204,32 @@ fn last_logits(model: &Llama, last: &Tensor) -> Result<Vec<Vec<f32>>> {
 /// One completion in progress.
 struct Row {
     rng: StdRng,
+    prompt: Vec<u32>,
+    prompt_text: String,
     ids: Vec<u32>,
     text: Option<String>,
     ended: Option<Ended>,
 }
 
 impl Row {
-    fn new(seed: u64) -> Self {
-        Row {
-            rng: StdRng::seed_from_u64(seed),
+    fn new(request: &Request, tokenizer: &Tokenizer) -> Result<Self> {
+        Ok(Row {
+            rng: StdRng::seed_from_u64(request.seed),
+            prompt: request.prompt.clone(),
+            prompt_text: decode(tokenizer, &request.prompt)?,
             ids: Vec::new(),
             text: None,
             ended: None,
+        })
+    }
+
+    /// The new tokens' text in the context of the prompt.
+    fn new_text(&self, tokenizer: &Tokenizer) -> Result<String> {
+        let all: Vec<u32> = self.prompt.iter().chain(&self.ids).copied().collect();
+        let all = decode(tokenizer, &all)?;
+        match all.strip_prefix(&self.prompt_text) {
+            Some(new) => Ok(new.to_string()),
+            None => decode(tokenizer, &self.ids),
         }
     }
 
@@ -229,7 +248,7 @@ impl Row {
         }
         self.ids.push(token);
         if !settings.stop.is_empty() {
-            let mut text = decode(tokenizer, &self.ids)?;
+            let mut text = self.new_text(tokenizer)?;
             if let Some((at, stop)) = first_stop(&text, &settings.stop) {
                 text.truncate(at);
                 self.text = Some(text);
@@ -244,10 +263,10 @@ impl Row {
         Ok(Some(token))
     }
 
-    fn finish(self, tokenizer: &Tokenizer) -> Result<Completion> {
-        let text = match self.text {
+    fn finish(mut self, tokenizer: &Tokenizer) -> Result<Completion> {
+        let text = match self.text.take() {
             Some(text) => text,
-            None => decode(tokenizer, &self.ids)?,
+            None => self.new_text(tokenizer)?,
         };
         let ended = self.ended.unwrap_or(Ended::MaxNewTokens);
         Ok(Completion { ids: self.ids, text, ended })

@@ -10,6 +10,7 @@ pub mod ctx;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod evaluate;
 pub mod export;
 pub mod generate;
 pub mod hub;

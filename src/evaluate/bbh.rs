@@ -1,0 +1,106 @@
+//! BIG-Bench Hard: 3-shot direct answers (the exemplars' chain of thought removed as the
+//! reference removes it), greedy; exact match per task and their average.
+
+use super::text::{bbh_prediction, exact_match, py_strip};
+use super::{data_file, first, greedy, mean, read, ChatFormat, Engine, Example, Options, Scored};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::{json, Map};
+use std::path::Path;
+
+#[derive(Deserialize)]
+struct Task {
+    examples: Vec<TaskExample>,
+}
+
+#[derive(Deserialize)]
+struct TaskExample {
+    input: String,
+    target: String,
+}
+
+/// The exemplars of a cot-prompts file without their reasoning: the first two lines (the
+/// canary and a rule) dropped, each "Q: …\nA: … So the answer is X." turned into "Q: …\nA: X.".
+fn direct_prompt(path: &Path) -> Result<String> {
+    let text = read(path)?;
+    let kept: String = text.split_inclusive('\n').skip(2).collect();
+    let fields = kept
+        .split("\n\n")
+        .map(|field| {
+            if !field.starts_with("Q:") {
+                return Ok(field.to_string());
+            }
+            if !field.contains("So the answer is") || !field.contains("\nA:") {
+                bail!("{}: an exemplar lacks \"\\nA:\" or \"So the answer is\"", path.display());
+            }
+            let answer = py_strip(field.rsplit("So the answer is").next().unwrap_or(""));
+            let question = py_strip(field.split("\nA:").next().unwrap_or(""));
+            Ok(format!("{question}\nA: {answer}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(fields.join("\n\n"))
+}
+
+pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
+    let max_new_tokens = options.max_new_tokens.unwrap_or(512);
+    let tasks_dir = data_file(&options.data_dir, "bbh/bbh")?;
+    let mut names: Vec<String> = std::fs::read_dir(&tasks_dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|f| f.strip_suffix(".json").map(String::from))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        bail!("{}: no <task>.json files", tasks_dir.display());
+    }
+    let mut work = Vec::new();
+    for name in &names {
+        let path = tasks_dir.join(format!("{name}.json"));
+        let task: Task = serde_json::from_str(&read(&path)?)
+            .with_context(|| format!("{}: needs {{\"examples\": [{{\"input\", \"target\"}}]}}", path.display()))?;
+        let prompt_file = data_file(&options.data_dir, &format!("bbh/cot-prompts/{name}.txt"))?;
+        let exemplars = direct_prompt(&prompt_file)?;
+        let exemplars = py_strip(&exemplars);
+        for (i, ex) in first(task.examples, options.limit).into_iter().enumerate() {
+            let user = format!("{exemplars}\n\nQ: {}", ex.input);
+            let prompt = match options.chat_format {
+                ChatFormat::Tulu => options.chat_format.wrap(&user, "A:"),
+                ChatFormat::None => format!("{user}\nA:"),
+            };
+            work.push((name.clone(), i, prompt, ex.target));
+        }
+    }
+    let mut settings = greedy(max_new_tokens);
+    if options.chat_format == ChatFormat::None {
+        settings.stop = vec!["\n\n".into()];
+    }
+    let prompts: Vec<String> = work.iter().map(|w| w.2.clone()).collect();
+    engine.start("bbh", prompts.len());
+    let outputs = engine.complete(&prompts, &vec![0; prompts.len()], &settings)?;
+    let mut examples = Vec::new();
+    let mut per_task: Vec<(String, f64)> = Vec::new();
+    for ((task, i, prompt, target), out) in work.into_iter().zip(outputs) {
+        let prediction = bbh_prediction(&out.text);
+        let correct = exact_match(&prediction, &target);
+        per_task.push((task.clone(), f64::from(u8::from(correct))));
+        examples.push(Example {
+            id: format!("{task}/{i}"),
+            prompt,
+            output: out.text,
+            prediction,
+            gold: json!(target),
+            correct,
+        });
+    }
+    let mut metrics = Map::new();
+    for name in &names {
+        let hits = per_task.iter().filter(|(t, _)| t == name).map(|(_, c)| *c);
+        metrics.insert(name.clone(), json!(mean(hits)));
+    }
+    let average = mean(metrics.values().filter_map(|v| v.as_f64()));
+    metrics.insert("average_exact_match".into(), json!(average));
+    Ok(Scored {
+        metrics: metrics.into(),
+        examples,
+        settings: json!({"shots": 3, "cot": false, "max_new_tokens": max_new_tokens}),
+    })
+}

@@ -1,0 +1,96 @@
+//! GSM8K: grade-school arithmetic, 8-shot chain of thought, greedy; the prediction is the last
+//! number of the output, scored by exact match.
+
+use super::text::{drop_digit_commas, exact_match, gsm_prediction, py_strip};
+use super::{data_file, first, greedy, mean, read, ChatFormat, Engine, Example, Options, Scored};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::json;
+
+/// The chain-of-thought exemplars of Wei et al. (2022, table 20), in the reference's order.
+const EXEMPLARS: &str = include_str!("gsm_exemplars.json");
+
+#[derive(Deserialize)]
+struct Exemplar {
+    question: String,
+    cot_answer: String,
+}
+
+#[derive(Deserialize)]
+struct Problem {
+    question: String,
+    answer: String,
+}
+
+/// The instruction and the first `shots` exemplars (the reference samples them at random
+/// below 8; we take them in order).
+fn prefix(shots: usize) -> Result<String> {
+    let exemplars: Vec<Exemplar> = serde_json::from_str(EXEMPLARS)?;
+    if shots > exemplars.len() {
+        bail!("--shots {shots}: GSM has {} exemplars", exemplars.len());
+    }
+    if shots == 0 {
+        return Ok("Answer the following question.\n\n".into());
+    }
+    let demos: Vec<String> = exemplars[..shots]
+        .iter()
+        .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.cot_answer))
+        .collect();
+    Ok(format!("Answer the following questions.\n\n{}\n\n", demos.join("\n\n")))
+}
+
+pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
+    let shots = options.shots.unwrap_or(8);
+    let max_new_tokens = options.max_new_tokens.unwrap_or(512);
+    let path = data_file(&options.data_dir, "gsm/test.jsonl")?;
+    let mut problems = Vec::new();
+    for (n, line) in read(&path)?.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let p: Problem = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: needs {{\"question\", \"answer\"}}", path.display(), n + 1))?;
+        let Some((_, gold)) = p.answer.split_once("####") else {
+            bail!("{}:{}: the answer has no \"#### <number>\" line", path.display(), n + 1);
+        };
+        problems.push((p.question, drop_digit_commas(py_strip(gold.split("####").next().unwrap_or(gold)))));
+    }
+    let problems = first(problems, options.limit);
+    let prefix = prefix(shots)?;
+    let prompts: Vec<String> = problems
+        .iter()
+        .map(|(q, _)| {
+            let user = format!("{prefix}Question: {}", py_strip(q));
+            match options.chat_format {
+                ChatFormat::Tulu => options.chat_format.wrap(&user, "Answer:"),
+                ChatFormat::None => format!("{user}\nAnswer:"),
+            }
+        })
+        .collect();
+    // With the chat format the reference stops only at EOS; without, at the first newline.
+    let mut settings = greedy(max_new_tokens);
+    if options.chat_format == ChatFormat::None {
+        settings.stop = vec!["\n".into()];
+    }
+    engine.start("gsm", prompts.len());
+    let outputs = engine.complete(&prompts, &vec![0; prompts.len()], &settings)?;
+    let examples: Vec<Example> = problems
+        .into_iter()
+        .zip(prompts)
+        .zip(outputs)
+        .enumerate()
+        .map(|(i, (((_, gold), prompt), out))| {
+            let prediction = gsm_prediction(&out.text);
+            Example {
+                id: i.to_string(),
+                correct: exact_match(&prediction, &gold),
+                prompt,
+                output: out.text,
+                prediction,
+                gold: json!(gold),
+            }
+        })
+        .collect();
+    Ok(Scored {
+        metrics: json!({"exact_match": mean(examples.iter().map(|e| f64::from(u8::from(e.correct))))}),
+        examples,
+        settings: json!({"shots": shots, "max_new_tokens": max_new_tokens}),
+    })
+}

@@ -1,0 +1,142 @@
+//! HumanEval: complete a Python function; each completion runs against the problem's tests in
+//! a sandboxed subprocess (only with `--allow-code-execution`); pass@k by the unbiased estimator.
+
+use super::execute::{run_check, Limits, Outcome};
+use super::pass_at_k::pass_at_k;
+use super::{data_file, first, mean, ChatFormat, Engine, Example, Options, Scored};
+use crate::generate::Settings;
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde::Deserialize;
+use serde_json::{json, Map};
+use std::io::Read;
+use std::path::Path;
+
+/// The reference's stop sequences: the function ends where top-level code starts.
+const STOPS: [&str; 5] = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"];
+
+#[derive(Deserialize)]
+struct Problem {
+    task_id: String,
+    prompt: String,
+    test: String,
+    entry_point: String,
+}
+
+pub fn refuse_without_consent(options: &Options) -> Result<()> {
+    if !options.allow_code_execution {
+        bail!(
+            "HumanEval runs the model's code: pass --allow-code-execution to run each completion \
+             in a sandboxed python3 subprocess (3 s, 1 GiB, no new processes, no secrets in its \
+             environment); nothing has run"
+        );
+    }
+    Ok(())
+}
+
+fn problems(path: &Path) -> Result<Vec<Problem>> {
+    let mut text = String::new();
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("gz") => flate2::read::GzDecoder::new(file).read_to_string(&mut text),
+        _ => std::io::BufReader::new(file).read_to_string(&mut text),
+    }
+    .with_context(|| format!("{}: cannot read (not gzip'd UTF-8 jsonl?)", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| {
+            serde_json::from_str(l).with_context(|| {
+                format!("{}:{}: needs {{\"task_id\", \"prompt\", \"test\", \"entry_point\"}}", path.display(), n + 1)
+            })
+        })
+        .collect()
+}
+
+pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
+    refuse_without_consent(options)?;
+    let samples = options.samples.unwrap_or(20);
+    let temperature = options.temperature.unwrap_or(0.1);
+    let max_new_tokens = options.max_new_tokens.unwrap_or(512);
+    if samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let dir = &options.data_dir;
+    let path = match dir.join("codex_humaneval/HumanEval.jsonl.gz").exists() {
+        true => dir.join("codex_humaneval/HumanEval.jsonl.gz"),
+        false => data_file(dir, "codex_humaneval/HumanEval.jsonl")
+            .context("neither HumanEval.jsonl.gz nor HumanEval.jsonl")?,
+    };
+    let problems = first(problems(&path)?, options.limit);
+    let prompt_of = |p: &Problem| match options.chat_format {
+        ChatFormat::Tulu => options.chat_format.wrap(
+            &format!("Complete the following python function.\n\n\n{}", p.prompt),
+            &format!("Here is the completed function:\n\n\n{}", p.prompt),
+        ),
+        ChatFormat::None => p.prompt.clone(),
+    };
+    // Sample s of problem i draws from its own stream of the run's seed.
+    let mut prompts = Vec::new();
+    let mut seeds = Vec::new();
+    for (i, p) in problems.iter().enumerate() {
+        for s in 0..samples {
+            prompts.push(prompt_of(p));
+            seeds.push(options.seed.wrapping_mul(1_000_003).wrapping_add((i * samples + s) as u64));
+        }
+    }
+    let settings = Settings {
+        max_new_tokens,
+        temperature,
+        top_p: 0.95,
+        seed: options.seed,
+        stop: STOPS.iter().map(|s| s.to_string()).collect(),
+        past_positions: true,
+    };
+    engine.start("humaneval", prompts.len());
+    let outputs = engine.complete(&prompts, &seeds, &settings)?;
+    let limits = Limits::default();
+    let outcomes = outputs
+        .par_iter()
+        .enumerate()
+        .map(|(j, out)| {
+            let p = &problems[j / samples];
+            let program = format!("{}{}\n{}\ncheck({})", p.prompt, out.text, p.test, p.entry_point);
+            run_check(&program, &limits)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut examples = Vec::new();
+    let mut passed = vec![0usize; problems.len()];
+    for (j, (out, outcome)) in outputs.into_iter().zip(outcomes).enumerate() {
+        let (i, s) = (j / samples, j % samples);
+        let result = match &outcome {
+            Outcome::Passed => "passed".to_string(),
+            Outcome::Failed { reason } => format!("failed: {reason}"),
+            Outcome::TimedOut => "timed out".to_string(),
+        };
+        passed[i] += usize::from(outcome == Outcome::Passed);
+        examples.push(Example {
+            id: match samples {
+                1 => problems[i].task_id.clone(),
+                _ => format!("{}#{s}", problems[i].task_id),
+            },
+            prompt: prompts[j].clone(),
+            output: out.text,
+            correct: outcome == Outcome::Passed,
+            prediction: result,
+            gold: json!("passed"),
+        });
+    }
+    let mut metrics = Map::new();
+    for k in [1, 10] {
+        if samples >= k {
+            let each = passed.iter().map(|&c| pass_at_k(samples, c, k)).collect::<Result<Vec<_>>>()?;
+            metrics.insert(format!("pass@{k}"), json!(mean(each)));
+        }
+    }
+    Ok(Scored {
+        metrics: metrics.into(),
+        examples,
+        settings: json!({"samples": samples, "temperature": temperature, "top_p": 0.95,
+            "max_new_tokens": max_new_tokens, "stop": STOPS, "timeout_s": limits.timeout.as_secs_f64()}),
+    })
+}

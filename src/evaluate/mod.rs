@@ -1,0 +1,237 @@
+//! `prolora evaluate`: the paper's benchmarks (MMLU, GSM, BBH, TyDi QA, HumanEval) as the
+//! open-instruct evaluation scripts the paper ran build, score and name them, on our generation
+//! engine. One file per benchmark; what they share is here.
+
+pub mod bbh;
+pub mod csv;
+pub mod execute;
+pub mod gsm;
+pub mod humaneval;
+pub mod mmlu;
+pub mod pass_at_k;
+pub mod text;
+pub mod tydiqa;
+
+use crate::ctx::Ctx;
+use crate::generate::{complete_batch, Completion, Request, Settings};
+use crate::model::Llama;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+/// The benchmarks, in the paper's order.
+pub const BENCHMARKS: [&str; 5] = ["mmlu", "gsm", "bbh", "tydiqa", "humaneval"];
+
+/// How prompts are wrapped.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChatFormat {
+    /// open-instruct's `create_prompt_with_tulu_chat_format` (what prolora trains in).
+    Tulu,
+    /// The plain prompt, for a base model.
+    None,
+}
+
+impl ChatFormat {
+    /// One user message, then the assistant's tag and `answer_prefix` (the reference appends
+    /// it with no space, the wrapped text ending in a newline).
+    pub fn wrap(self, user: &str, answer_prefix: &str) -> String {
+        match self {
+            ChatFormat::Tulu => format!("<|user|>\n{user}\n<|assistant|>\n{answer_prefix}"),
+            ChatFormat::None => user.to_string(),
+        }
+    }
+}
+
+/// Every knob of a run; `None` takes the benchmark's default (the paper's setting).
+#[derive(Clone, Debug, Serialize)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    /// The first N examples of each task (subject, task, language), in file order.
+    pub limit: Option<usize>,
+    pub batch_size: usize,
+    pub max_new_tokens: Option<usize>,
+    pub temperature: Option<f64>,
+    pub samples: Option<usize>,
+    pub shots: Option<usize>,
+    pub chat_format: ChatFormat,
+    pub allow_code_execution: bool,
+    pub seed: u64,
+}
+
+/// One scored example as the results file holds it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Example {
+    pub id: String,
+    /// The exact string given to the tokenizer (a BOS token goes before it).
+    pub prompt: String,
+    /// The decoded generation (empty for MMLU, which reads the next-token logits).
+    pub output: String,
+    pub prediction: String,
+    pub gold: Value,
+    pub correct: bool,
+}
+
+/// What a benchmark returns: its metrics named as the reference names them, and every example.
+pub struct Scored {
+    pub metrics: Value,
+    pub examples: Vec<Example>,
+    /// Settings the benchmark resolved (shots, new tokens, …).
+    pub settings: Value,
+}
+
+/// The model and tokenizer a benchmark runs on, with the progress bar of the benchmark.
+pub struct Engine<'a> {
+    pub model: &'a Llama,
+    pub tokenizer: &'a Tokenizer,
+    pub batch_size: usize,
+    bar: ProgressBar,
+    tokens: u64,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(model: &'a Llama, tokenizer: &'a Tokenizer, batch_size: usize) -> Self {
+        Engine {
+            model,
+            tokenizer,
+            batch_size: batch_size.max(1),
+            bar: ProgressBar::hidden(),
+            tokens: 0,
+        }
+    }
+
+    /// A progress bar over `n` examples of `name`, with examples/s and tokens/s.
+    pub fn start(&mut self, name: &str, n: usize) {
+        self.bar = ProgressBar::new(n as u64);
+        self.bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{name:>9} {{pos}}/{{len}} {{bar:30}} {{per_sec}} {{msg}} eta {{eta}}"
+            ))
+            .expect("a valid template"),
+        );
+        self.tokens = 0;
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    /// `[BOS] + tokens of prompt`, as the reference's tokenizer call gives them.
+    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| anyhow::anyhow!("cannot tokenize a prompt: {e}"))?;
+        Ok(std::iter::once(self.model.cfg.bos_token_id)
+            .chain(enc.get_ids().iter().copied())
+            .collect())
+    }
+
+    fn count(&mut self, examples: u64, tokens: u64) {
+        self.tokens += tokens;
+        let secs = self.bar.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_message(format!("{:.1} tok/s", self.tokens as f64 / secs));
+        self.bar.inc(examples);
+    }
+
+    /// The next-token logits (f32) after each prompt.
+    pub fn next_token_logits(&mut self, prompt: &str) -> Result<Vec<f32>> {
+        let ids = self.prompt_ids(prompt)?;
+        let t = ids.len();
+        let input = Tensor::from_vec(ids, (1, t), self.model.device())?;
+        let hidden = self.model.hidden(&input, &Ctx::eval())?;
+        let logits = self.model.head(&hidden.narrow(1, t - 1, 1)?)?;
+        let logits = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        self.count(1, t as u64);
+        Ok(logits)
+    }
+
+    /// Completions of `prompts`, `batch_size` at a time; request i samples with seed `seeds[i]`.
+    pub fn complete(
+        &mut self,
+        prompts: &[String],
+        seeds: &[u64],
+        settings: &Settings,
+    ) -> Result<Vec<Completion>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        let requests = prompts
+            .iter()
+            .zip(seeds)
+            .map(|(p, &seed)| Ok(Request { prompt: self.prompt_ids(p)?, seed }))
+            .collect::<Result<Vec<_>>>()?;
+        for chunk in requests.chunks(self.batch_size) {
+            let done = complete_batch(self.model, self.tokenizer, chunk, settings)?;
+            let tokens: usize = done.iter().map(|c| c.ids.len()).sum();
+            self.count(chunk.len() as u64, tokens as u64);
+            out.extend(done);
+        }
+        Ok(out)
+    }
+}
+
+/// Greedy settings for `max_new_tokens`, going past the model's positions as the reference
+/// does (RoPE is defined for any position).
+pub fn greedy(max_new_tokens: usize) -> Settings {
+    Settings {
+        past_positions: true,
+        ..Settings::greedy(max_new_tokens)
+    }
+}
+
+/// A data file of the benchmark, or one error naming it and how to get the data.
+pub fn data_file(dir: &Path, relative: &str) -> Result<PathBuf> {
+    let path = dir.join(relative);
+    if !path.exists() {
+        bail!(
+            "{}: missing; --data-dir must hold open-instruct's evaluation data (its \
+             scripts/prepare_eval_data.sh downloads it), or try the samples: --data-dir data/eval",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+/// The first `limit` items (all without one).
+pub fn first<T>(mut items: Vec<T>, limit: Option<usize>) -> Vec<T> {
+    if let Some(n) = limit {
+        items.truncate(n);
+    }
+    items
+}
+
+/// Runs one benchmark; the JSON results object.
+pub fn run(benchmark: &str, engine: &mut Engine, options: &Options) -> Result<Value> {
+    let scored = match benchmark {
+        "mmlu" => mmlu::run(engine, options)?,
+        "gsm" => gsm::run(engine, options)?,
+        "bbh" => bbh::run(engine, options)?,
+        "tydiqa" => tydiqa::run(engine, options)?,
+        "humaneval" => humaneval::run(engine, options)?,
+        other => bail!("unknown benchmark {other:?}; one of {}", BENCHMARKS.join(", ")),
+    };
+    engine.finish();
+    let mut settings = serde_json::to_value(options)?;
+    if let (Value::Object(s), Value::Object(extra)) = (&mut settings, scored.settings) {
+        s.extend(extra);
+    }
+    Ok(json!({
+        "benchmark": benchmark,
+        "settings": settings,
+        "metrics": scored.metrics,
+        "examples": scored.examples,
+    }))
+}
+
+/// The mean of `values` (0 for none).
+pub fn mean(values: impl IntoIterator<Item = f64>) -> f64 {
+    let (sum, n) = values.into_iter().fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 { 0.0 } else { sum / n as f64 }
+}

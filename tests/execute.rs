@@ -1,0 +1,192 @@
+//! HumanEval's program runner: right and wrong solutions, and programs that loop, fork,
+//! allocate or write without bound, look for secrets, or leave files behind.
+
+use prolora::evaluate::execute::{run_check, Limits, Outcome};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A HumanEval-shaped program: the completed function, then the test and its call.
+fn humaneval(body: &str) -> String {
+    format!(
+        "from typing import List\n\n\ndef add(a: int, b: int) -> int:\n{body}\n\n\n\
+         def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n\n\
+         check(add)\n"
+    )
+}
+
+fn run(program: &str) -> Outcome {
+    run_check(program, &Limits::default()).unwrap()
+}
+
+fn failure(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Failed { reason } => reason,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+/// The command lines of the processes that carry `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(marker))
+        .collect()
+}
+
+/// A path of this test process's own, for a program to leave a note in.
+fn note_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "prolora-execute-test-{}-{name}",
+        std::process::id()
+    ))
+}
+
+#[test]
+fn a_correct_solution_passes() {
+    assert_eq!(run(&humaneval("    return a + b")), Outcome::Passed);
+}
+
+#[test]
+fn a_wrong_solution_fails_with_its_assertion() {
+    let reason = failure(run(&humaneval("    return a - b")));
+    assert!(reason.contains("exit status: 1"), "{reason}");
+    assert!(reason.contains("AssertionError"), "{reason}");
+}
+
+#[test]
+fn threads_and_future_imports_still_work() {
+    // The filter refuses processes, not threads; the guard runs the program as its own
+    // module, so `from __future__` may come first.
+    let program = "from __future__ import annotations\n\
+        import threading\nfrom concurrent.futures import ThreadPoolExecutor\n\
+        out = []\nt = threading.Thread(target=out.append, args=(1,))\nt.start()\nt.join()\n\
+        with ThreadPoolExecutor(4) as pool:\n    out += pool.map(abs, [-2, -3])\n\
+        assert out == [1, 2, 3], out\n";
+    assert_eq!(run(program), Outcome::Passed);
+}
+
+#[test]
+fn an_endless_loop_times_out() {
+    let limits = Limits {
+        timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    assert_eq!(
+        run_check("while True: pass\n", &limits).unwrap(),
+        Outcome::TimedOut
+    );
+}
+
+#[test]
+fn no_way_of_forking_works_or_leaves_a_survivor() {
+    let marker = format!("prolora-fork-marker-{}", std::process::id());
+    // What a surviving child would become: a sleeper with the marker on its command line.
+    let sleeper = format!("[sys.executable, '-c', 'import time; time.sleep(30)', '{marker}']");
+    let programs = [
+        // Stopped by the guard.
+        "import os\nos.fork()\n".to_owned(),
+        "import os\nos.system('sleep 30')\n".to_owned(),
+        "import subprocess\nsubprocess.run(['sleep', '30'])\n".to_owned(),
+        "import multiprocessing, time\n\
+         multiprocessing.Process(target=time.sleep, args=(30,)).start()\n"
+            .to_owned(),
+        // Past the guard: only the seccomp filter stops these (RLIMIT_NPROC binds no root).
+        format!(
+            "import posix, sys, time\nif posix.fork() == 0:\n    posix.setsid()\n    \
+             posix.execv(sys.executable, {sleeper})\ntime.sleep(0.5)\n"
+        ),
+        format!(
+            "import ctypes, posix, sys, time\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+             pid = libc.fork()\nif pid < 0:\n    raise OSError(ctypes.get_errno(), 'fork')\n\
+             if pid == 0:\n    libc.setsid()\n    posix.execv(sys.executable, {sleeper})\n\
+             time.sleep(0.5)\n"
+        ),
+        format!(
+            "import multiprocessing, posix, sys, time\nif __name__ == '__main__':\n    \
+             p = multiprocessing.get_context('spawn').Process(target=posix.execv, \
+             args=(sys.executable, {sleeper}))\n    p.start()\n    time.sleep(0.5)\n"
+        ),
+    ];
+    for program in &programs {
+        let reason = failure(run(program));
+        assert!(
+            reason.contains("Error"),
+            "{program}\nfailed without an error: {reason}"
+        );
+    }
+    assert_eq!(processes_with(&marker), Vec::<String>::new());
+}
+
+#[test]
+fn unbounded_allocation_is_a_memory_error() {
+    let limits = Limits {
+        memory_bytes: 256 << 20,
+        timeout: Duration::from_secs(20),
+        ..Limits::default()
+    };
+    for program in [
+        "x = bytearray(10**10)\n",
+        "x = []\nwhile True:\n    x.append(' ' * 10**6)\n",
+    ] {
+        let reason = failure(run_check(program, &limits).unwrap());
+        assert!(reason.contains("MemoryError"), "{program}: {reason}");
+    }
+}
+
+#[test]
+fn no_secret_reaches_the_program() {
+    let secret = "hf_prolora_execute_test_secret";
+    std::env::set_var("HF_TOKEN", secret);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", secret);
+    // LC_CTYPE: Python sets it itself where the C.UTF-8 locale is missing (PEP 538).
+    let program = format!(
+        "import os\n\
+         allowed = {{'PATH', 'HOME', 'LANG', 'PYTHONDONTWRITEBYTECODE', 'PYTHONHASHSEED', 'LC_CTYPE'}}\n\
+         assert set(os.environ) <= allowed, sorted(os.environ)\n\
+         assert 'HF_TOKEN' not in os.environ\n\
+         assert b'{secret}' not in open('/proc/self/environ', 'rb').read()\n\
+         assert os.environ['HOME'] == os.getcwd()\n\
+         assert os.environ['PYTHONHASHSEED'] == '0'\n"
+    );
+    assert_eq!(run(&program), Outcome::Passed);
+}
+
+#[test]
+fn a_big_file_is_stopped_by_the_size_limit() {
+    let reason = failure(run(
+        "with open('big', 'wb') as f:\n    f.write(b'x' * (32 << 20))\n",
+    ));
+    assert!(reason.contains("File too large"), "{reason}");
+}
+
+#[test]
+fn the_temporary_directory_is_gone_afterwards() {
+    let limits = Limits {
+        timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    for (name, end, expected) in [
+        ("passed", "", Outcome::Passed),
+        ("timed-out", "while True: pass\n", Outcome::TimedOut),
+    ] {
+        let note = note_path(name);
+        // The program leaves files in its directory, and says where that is.
+        let program = format!(
+            "import os\nopen('left-behind', 'w').write('x')\nos.mkdir('sub')\n\
+             open({:?}, 'w').write(os.getcwd())\n{end}",
+            note.display().to_string()
+        );
+        assert_eq!(run_check(&program, &limits).unwrap(), expected);
+        let dir = PathBuf::from(std::fs::read_to_string(&note).unwrap());
+        std::fs::remove_file(&note).unwrap();
+        assert!(dir.starts_with(std::env::temp_dir()), "{}", dir.display());
+        assert!(!dir.exists(), "{} is still there", dir.display());
+    }
+    let reason = failure(run("import sys\nprint('bye')\nsys.exit(3)\n"));
+    assert!(
+        reason.starts_with("exit status: 3") && reason.ends_with("bye"),
+        "{reason}"
+    );
+}
