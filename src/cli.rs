@@ -90,6 +90,16 @@ pub struct SweepArgs {
     /// Print the points (and the Slurm script) without running or submitting anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Evaluate each point once it has trained: benchmarks (mmlu,gsm,… or all), results in
+    /// RUN/eval/<benchmark>.json and in `prolora collect`'s table.
+    #[arg(long, value_name = "BENCHMARKS")]
+    pub evaluate: Option<String>,
+    /// With --evaluate: open-instruct's evaluation data layout.
+    #[arg(long, requires = "evaluate")]
+    pub eval_data_dir: Option<PathBuf>,
+    /// With --evaluate humaneval: run the model's code (sandboxed python3).
+    #[arg(long, requires = "evaluate")]
+    pub allow_code_execution: bool,
 }
 
 crate::choice::named_enum! {
@@ -1132,7 +1142,14 @@ fn sweep(args: SweepArgs) -> Result<()> {
     if args.backend == Backend::Local && !slurm_args.is_empty() {
         bail!("--slurm-args applies to --backend slurm only");
     }
-    let plan = Sweep::plan(&config, &args.overrides, args.grid, &out)?;
+    let mut plan = Sweep::plan(&config, &args.overrides, args.grid, &out)?;
+    if let Some(benchmarks) = &args.evaluate {
+        plan.evaluate = Some(crate::sweep::Evaluation::new(
+            benchmarks,
+            args.eval_data_dir.clone(),
+            args.allow_code_execution,
+        )?);
+    }
     if args.dry_run {
         for p in &plan.points {
             println!("{}\t{}\t{}", p.index, p.overrides.join(" "), p.run_dir.display());

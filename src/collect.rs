@@ -1,6 +1,7 @@
 //! `prolora collect`: one table of a sweep — final and best eval loss per run, and mean ± std
 //! over the seeds of each setting.
 
+use crate::evaluate::{results_path, HEADLINES};
 use crate::runs::Run;
 use anyhow::{bail, Result};
 use std::fmt::Write;
@@ -40,6 +41,22 @@ fn setting_label(run: &Run) -> String {
     )
 }
 
+/// A run's headline benchmark scores (percent), by column, from RUN/eval/<benchmark>.json.
+fn scores(run: &Run) -> Result<Vec<Option<f64>>> {
+    HEADLINES
+        .iter()
+        .map(|(benchmark, _, pointer, scale)| {
+            let path = results_path(&run.dir, benchmark);
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                return Ok(None);
+            };
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not JSON ({e}); rerun prolora evaluate --run", path.display()))?;
+            Ok(v.pointer(pointer).and_then(|x| x.as_f64()).map(|x| x * scale))
+        })
+        .collect()
+}
+
 /// The tables for every run under `root`, as markdown or CSV.
 pub fn collect(root: &Path, csv: bool) -> Result<String> {
     let runs = Run::find_all(root)?;
@@ -50,10 +67,17 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
         );
     }
     let mut out = String::new();
-    let rows: Vec<[String; 8]> = runs
+    let scores: Vec<Vec<Option<f64>>> = runs.iter().map(scores).collect::<Result<_>>()?;
+    // A column per benchmark that some run has results for.
+    let benchmarks: Vec<usize> = (0..HEADLINES.len())
+        .filter(|&b| scores.iter().any(|s| s[b].is_some()))
+        .collect();
+    let score = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = runs
         .iter()
-        .map(|r| {
-            [
+        .zip(&scores)
+        .map(|(r, s)| {
+            let cells = [
                 r.dir
                     .strip_prefix(root)
                     .ok()
@@ -71,10 +95,11 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
                 fmt(r.final_eval()),
                 fmt(r.best_eval()),
                 if r.finished { "yes" } else { "no" }.into(),
-            ]
+            ];
+            cells.into_iter().chain(benchmarks.iter().map(|&b| score(s[b]))).collect()
         })
         .collect();
-    let header = [
+    let header: Vec<&str> = [
         "run",
         "setting",
         "seed",
@@ -83,7 +108,10 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
         "final eval",
         "best eval",
         "finished",
-    ];
+    ]
+    .into_iter()
+    .chain(benchmarks.iter().map(|&b| HEADLINES[b].1))
+    .collect();
     if csv {
         writeln!(out, "{}", header.join(","))?;
         for r in &rows {
@@ -102,36 +130,44 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
     }
 
     // Settings in first-seen order, with their seeds pooled.
-    let mut groups: Vec<(String, String, Vec<&Run>)> = Vec::new();
-    for r in &runs {
+    let mut groups: Vec<(String, String, Vec<usize>)> = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
         let key = setting_key(r);
         match groups.iter_mut().find(|g| g.0 == key) {
-            Some(g) => g.2.push(r),
-            None => groups.push((key, setting_label(r), vec![r])),
+            Some(g) => g.2.push(i),
+            None => groups.push((key, setting_label(r), vec![i])),
         }
     }
+    let columns: String = benchmarks.iter().map(|&b| format!(" {} |", HEADLINES[b].1)).collect();
     writeln!(
         out,
-        "\n| setting | seeds | final eval (mean ± std) | best eval (mean ± std) |"
+        "\n| setting | seeds | final eval (mean ± std) | best eval (mean ± std) |{columns}"
     )?;
-    writeln!(out, "|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|{}", "---|".repeat(benchmarks.len()))?;
     for (_, label, members) in &groups {
-        let finals: Vec<f64> = members.iter().filter_map(|r| r.final_eval()).collect();
-        let bests: Vec<f64> = members.iter().filter_map(|r| r.best_eval()).collect();
-        let show = |xs: &[f64]| {
+        let finals: Vec<f64> = members.iter().filter_map(|&i| runs[i].final_eval()).collect();
+        let bests: Vec<f64> = members.iter().filter_map(|&i| runs[i].best_eval()).collect();
+        let show = |xs: &[f64], digits: usize| {
             if xs.is_empty() {
                 "-".to_string()
             } else {
                 let (m, s) = mean_std(xs);
-                format!("{m:.4} ± {s:.4}")
+                format!("{m:.digits$} ± {s:.digits$}")
             }
         };
+        let benchmark_cells: String = benchmarks
+            .iter()
+            .map(|&b| {
+                let xs: Vec<f64> = members.iter().filter_map(|&i| scores[i][b]).collect();
+                format!(" {} |", show(&xs, 2))
+            })
+            .collect();
         writeln!(
             out,
-            "| {label} | {} | {} | {} |",
+            "| {label} | {} | {} | {} |{benchmark_cells}",
             members.len(),
-            show(&finals),
-            show(&bests)
+            show(&finals, 4),
+            show(&bests, 4)
         )?;
     }
     Ok(out)

@@ -155,3 +155,44 @@ fn status_names_failed_and_running_points() {
     assert_eq!(child.wait().unwrap().code(), Some(143));
     assert_eq!(status(out)[1]["state"], "interrupted");
 }
+
+/// `--evaluate`: each point is evaluated once it has trained, `collect` gains the benchmark's
+/// column with mean ± std over the seeds, and a rerun evaluates nothing again.
+#[test]
+fn evaluated_points_show_in_collect_and_are_not_evaluated_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s");
+    let out = out.to_str().unwrap();
+    let args = [
+        "sweep", "--config", "configs/demo.toml", "--grid", "seed=1,2", "--set", "train.steps=4",
+        "--set", "train.eval_every=0", "--set", "train.batch_size=4", "--out", out,
+        "--evaluate", "mmlu", "--eval-data-dir", "data/eval",
+    ];
+    let o = prolora(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results = |seed: u32| Path::new(out).join(format!("runs/seed={seed}/eval/mmlu.json"));
+    let score = |seed: u32| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(results(seed)).unwrap()).unwrap();
+        assert_eq!(v["examples"].as_array().unwrap().len(), 16);
+        100.0 * v["metrics"]["average_acc"].as_f64().unwrap()
+    };
+    let (s1, s2) = (score(1), score(2));
+    let table = String::from_utf8(prolora(&["collect", out]).stdout).unwrap();
+    assert!(table.contains("MMLU (EM)"), "{table}");
+    let mean = (s1 + s2) / 2.0;
+    let std = ((s1 - mean).powi(2) + (s2 - mean).powi(2)).sqrt();
+    assert!(table.contains(&format!("{mean:.2} ± {std:.2}")), "{s1} {s2}\n{table}");
+
+    let before = std::fs::metadata(results(1)).unwrap().modified().unwrap();
+    let o = prolora(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::metadata(results(1)).unwrap().modified().unwrap(), before);
+
+    // HumanEval without consent is refused before anything runs.
+    let mut bad = args.to_vec();
+    let at = bad.len() - 3;
+    bad[at] = "humaneval";
+    let o = prolora(&bad);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--allow-code-execution"));
+}

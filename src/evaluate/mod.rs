@@ -26,6 +26,21 @@ use tokenizers::Tokenizer;
 /// The benchmarks, in the paper's order.
 pub const BENCHMARKS: [&str; 5] = ["mmlu", "gsm", "bbh", "tydiqa", "humaneval"];
 
+/// Each benchmark's headline number as the paper's tables report it: the column, where the
+/// results file holds it, and the scale to percent.
+pub const HEADLINES: [(&str, &str, &str, f64); 5] = [
+    ("mmlu", "MMLU (EM)", "/metrics/average_acc", 100.0),
+    ("gsm", "GSM (EM)", "/metrics/exact_match", 100.0),
+    ("bbh", "BBH (EM)", "/metrics/average_exact_match", 100.0),
+    ("tydiqa", "TyDi QA (F1)", "/metrics/average/f1", 1.0),
+    ("humaneval", "HumanEval (P@1)", "/metrics/pass@1", 100.0),
+];
+
+/// A run's results file for `benchmark`.
+pub fn results_path(run: &Path, benchmark: &str) -> PathBuf {
+    run.join("eval").join(format!("{benchmark}.json"))
+}
+
 /// How prompts are wrapped.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]

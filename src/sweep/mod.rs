@@ -47,6 +47,40 @@ pub struct Sweep {
     /// The Slurm array job last submitted for this sweep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_job: Option<String>,
+    /// Benchmarks each point is evaluated on once it has trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluate: Option<Evaluation>,
+}
+
+/// `--evaluate`: what `prolora evaluate --run` runs on each finished point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Evaluation {
+    pub benchmarks: Vec<String>,
+    pub data_dir: PathBuf,
+    pub allow_code_execution: bool,
+}
+
+impl Evaluation {
+    /// Refuses an unknown benchmark, a missing data directory, and HumanEval without consent.
+    pub fn new(benchmarks: &str, data_dir: Option<PathBuf>, allow_code_execution: bool) -> Result<Self> {
+        let benchmarks: Vec<String> = match benchmarks {
+            "all" => crate::evaluate::BENCHMARKS.iter().map(|b| b.to_string()).collect(),
+            list => list.split(',').map(|b| b.trim().to_string()).collect(),
+        };
+        if let Some(b) = benchmarks.iter().find(|b| !crate::evaluate::BENCHMARKS.contains(&b.as_str())) {
+            bail!("--evaluate {b:?}: one of {}, or all", crate::evaluate::BENCHMARKS.join(", "));
+        }
+        let Some(data_dir) = data_dir else {
+            bail!("--evaluate needs --eval-data-dir (open-instruct's evaluation data layout)");
+        };
+        if !data_dir.is_dir() {
+            bail!("--eval-data-dir {}: not a directory", data_dir.display());
+        }
+        if benchmarks.iter().any(|b| b == "humaneval") && !allow_code_execution {
+            bail!("--evaluate humaneval runs the model's code: add --allow-code-execution");
+        }
+        Ok(Evaluation { benchmarks, data_dir: std::path::absolute(data_dir)?, allow_code_execution })
+    }
 }
 
 impl Sweep {
@@ -66,6 +100,7 @@ impl Sweep {
             grid,
             points,
             slurm_job: None,
+            evaluate: None,
         };
         for point in &sweep.points {
             sweep
@@ -98,7 +133,8 @@ impl Sweep {
     }
 
     /// This sweep in `dir`: the one recorded there when it is the same grid (rerunning a
-    /// sweep continues it), a new one when there is none, an error when it differs.
+    /// sweep continues it, with this run's `--evaluate`), a new one when there is none, an
+    /// error when it differs.
     pub fn open(self, dir: &Path) -> Result<Self> {
         if !dir.join(SWEEP_FILE).exists() {
             if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
@@ -125,6 +161,11 @@ impl Sweep {
                 "{} changed since this sweep started (sha256 differs): its finished points would not match the new ones; restore it, or start a new sweep with another --out",
                 self.config.display()
             );
+        }
+        if old.evaluate != self.evaluate {
+            let updated = Sweep { evaluate: self.evaluate, ..old };
+            updated.write(dir)?;
+            return Ok(updated);
         }
         Ok(old)
     }
@@ -158,9 +199,48 @@ pub fn run_task(dir: &Path, index: usize, show_progress: bool) -> Result<()> {
     status::record(dir, point, &result)?;
     let summary = result?;
     if summary.already_finished {
-        eprintln!("{}: finished before; nothing to do", point.name);
+        eprintln!("{}: finished before; nothing to train", point.name);
     } else {
         eprintln!("{}: done ({} steps)", point.name, summary.steps);
+    }
+    match &sweep.evaluate {
+        Some(evaluation) => evaluate_point(&sweep.point_config(point)?, point, evaluation),
+        None => Ok(()),
+    }
+}
+
+/// `prolora evaluate --run` on a trained point, for the benchmarks it has no results for yet
+/// (so a rerun after an interruption only does what is left).
+fn evaluate_point(cfg: &RunConfig, point: &Point, evaluation: &Evaluation) -> Result<()> {
+    let missing: Vec<&str> = evaluation
+        .benchmarks
+        .iter()
+        .map(String::as_str)
+        .filter(|b| !crate::evaluate::results_path(&point.run_dir, b).exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let m = &cfg.model;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("evaluate")
+        .args(["--model", &m.source, "--revision", &m.revision])
+        .args(["--dtype", m.dtype.name(), "--quantize", m.quantize.name()])
+        .args(["--double-quant", if m.double_quant { "true" } else { "false" }])
+        .arg("--run")
+        .arg(&point.run_dir)
+        .arg("--data-dir")
+        .arg(&evaluation.data_dir)
+        .args(["--benchmark", &missing.join(",")]);
+    if let Some(t) = &m.tokenizer {
+        cmd.args(["--tokenizer", t]);
+    }
+    if evaluation.allow_code_execution {
+        cmd.arg("--allow-code-execution");
+    }
+    let status = cmd.status().context("cannot start prolora evaluate")?;
+    if !status.success() {
+        bail!("{}: prolora evaluate failed ({status})", point.name);
     }
     Ok(())
 }
