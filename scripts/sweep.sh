@@ -3,7 +3,8 @@
 #   scripts/sweep.sh configs/superni.toml "1e-4 2e-4 5e-4" "1 2 3" [more prolora sweep arguments…]
 # The sweep lands in $RUNS/<config name> (RUNS defaults to runs); rerunning the same command
 # skips finished points and resumes interrupted ones. Add `--backend slurm --slurm-args "…"` to
-# submit it as a job array. Then: prolora collect $RUNS/<name>
+# submit it as a job array, `--evaluate mmlu,gsm --eval-data-dir DIR` to evaluate each finished
+# point. Then: prolora collect $RUNS/<name>
 set -euo pipefail
 if [ $# -lt 3 ]; then
     echo "usage: $0 CONFIG \"LRS\" \"SEEDS\" [prolora sweep arguments…]" >&2

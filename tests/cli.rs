@@ -1235,3 +1235,41 @@ fn generate_batch_mode_writes_one_completion_per_prompt() {
     let err = error_of(&["generate", "--model", "tiny", "--prompt", "x", "--top-p", "0"]);
     assert!(err.contains("top_p = 0 must be in (0, 1]"), "{err}");
 }
+
+/// `prolora evaluate`: the README's demo runs every benchmark on the samples; HumanEval without
+/// consent, a missing data file and an existing results file are one clear error each, and
+/// nothing runs or is written.
+#[test]
+fn evaluate_runs_the_demo_and_refuses_what_it_must() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("all.json");
+    let o = prolora(&[
+        "evaluate", "--benchmark", "all", "--model", "tiny", "--data-dir", "data/eval",
+        "--allow-code-execution", "--limit", "1", "--max-new-tokens", "8", "--samples", "2",
+        "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let all: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for (b, key) in [("mmlu", "average_acc"), ("gsm", "exact_match"), ("bbh", "average_exact_match"),
+        ("humaneval", "pass@1")] {
+        assert!(all[b]["metrics"][key].is_number(), "{b}: {}", all[b]["metrics"]);
+        assert!(all[b]["settings"]["model"] == "tiny", "{b}");
+    }
+    assert!(all["tydiqa"]["metrics"]["average"]["f1"].is_number());
+    // --limit 1: one example per subject, task, language, problem (× 2 samples).
+    assert_eq!(all["mmlu"]["examples"].as_array().unwrap().len(), 3);
+    assert_eq!(all["tydiqa"]["examples"].as_array().unwrap().len(), 9);
+    assert_eq!(all["humaneval"]["examples"].as_array().unwrap().len(), 2);
+
+    let err = error_of(&["evaluate", "--benchmark", "humaneval", "--model", "tiny", "--data-dir", "data/eval"]);
+    assert!(err.contains("--allow-code-execution") && err.contains("nothing has run"), "{err}");
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = error_of(&["evaluate", "--benchmark", "gsm", "--model", "tiny", "--data-dir", empty.to_str().unwrap()]);
+    assert!(err.contains("gsm/test.jsonl") && err.contains("prepare_eval_data.sh"), "{err}");
+    let err = error_of(&["evaluate", "--benchmark", "mmlu", "--model", "tiny", "--data-dir", "data/eval",
+        "--out", out.to_str().unwrap()]);
+    assert!(err.contains("--overwrite"), "{err}");
+    let err = error_of(&["evaluate", "--benchmark", "squad", "--model", "tiny", "--data-dir", "data/eval"]);
+    assert!(err.contains("mmlu, gsm, bbh, tydiqa, humaneval"), "{err}");
+}

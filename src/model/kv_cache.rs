@@ -6,9 +6,12 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 /// One sequence batch's cached keys and values, (b, kv heads, positions, head dim) per layer,
-/// before the grouped-query repeat.
+/// before the grouped-query repeat. Each layer's buffers hold room for more positions than
+/// are filled, so a step writes its own position in place instead of copying the whole cache.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Filled positions per layer (the first layers of a step are one ahead of the rest).
+    filled: Vec<usize>,
     /// Per batch row, how many leading cached positions are padding.
     pads: Vec<usize>,
 }
@@ -17,16 +20,14 @@ impl KvCache {
     pub fn new(layers: usize) -> Self {
         KvCache {
             layers: vec![None; layers],
+            filled: vec![0; layers],
             pads: Vec::new(),
         }
     }
 
     /// Cached positions (columns, padding included).
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.filled.first().copied().unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -66,17 +67,40 @@ impl KvCache {
         Tensor::from_vec(mask, (b, 1, t, keys), device)?.to_dtype(dtype)
     }
 
-    /// Appends the new positions' `k`, `v` to layer `l`; returns every position's.
+    /// Appends the new positions' `k`, `v` to layer `l`; returns every position's (views of
+    /// the buffers, valid until the next append).
     pub fn append(&mut self, l: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         if self.pads.is_empty() {
             self.pads = vec![0; k.dim(0)?];
         }
-        let kv = match self.layers[l].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        self.layers[l] = Some(kv.clone());
-        Ok(kv)
+        let (len, t) = (self.filled[l], k.dim(2)?);
+        let room = self.layers[l].as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+        if len + t > room {
+            // Grow geometrically: a copy of the cache every doubling, not every step.
+            let cap = (2 * room).max(len + t).max(16);
+            let grow = |old: Option<&Tensor>, new: &Tensor| -> Result<Tensor> {
+                let (b, h, _, d) = new.dims4()?;
+                let buf = Tensor::zeros((b, h, cap, d), new.dtype(), new.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let old = self.layers[l].take();
+            self.layers[l] = Some((grow(old.as_ref().map(|o| &o.0), &k)?, grow(old.as_ref().map(|o| &o.1), &v)?));
+        }
+        let (kb, vb) = self.layers[l].as_ref().expect("allocated above");
+        kb.slice_set(&k.contiguous()?, 2, len)?;
+        vb.slice_set(&v.contiguous()?, 2, len)?;
+        self.filled[l] = len + t;
+        Ok((kb.narrow(2, 0, len + t)?, vb.narrow(2, 0, len + t)?))
+    }
+
+    /// Layer `l`'s filled keys and values.
+    fn filled(&self, l: usize) -> Option<(Tensor, Tensor)> {
+        let (k, v) = self.layers[l].as_ref()?;
+        let n = self.filled[l];
+        Some((k.narrow(2, 0, n).ok()?, v.narrow(2, 0, n).ok()?))
     }
 
     /// One batch of every row of `caches`, each left-padded to the longest.
@@ -95,13 +119,14 @@ impl KvCache {
         for l in 0..layers {
             let (mut ks, mut vs) = (Vec::new(), Vec::new());
             for c in &caches {
-                let Some((k, v)) = &c.layers[l] else {
+                let Some((k, v)) = c.filled(l) else {
                     candle_core::bail!("stacking a cache with an empty layer {l}");
                 };
-                ks.push(pad(k, longest - c.len())?);
-                vs.push(pad(v, longest - c.len())?);
+                ks.push(pad(&k, longest - c.len())?);
+                vs.push(pad(&v, longest - c.len())?);
             }
             stacked.layers[l] = Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+            stacked.filled[l] = longest;
         }
         stacked.pads = caches
             .iter()
@@ -124,9 +149,13 @@ impl KvCache {
         let pads: Vec<usize> = keep.iter().map(|&r| self.pads[r]).collect();
         let trim = pads.iter().copied().min().unwrap_or(0);
         let len = self.len();
-        for layer in self.layers.iter_mut().flatten() {
-            let select = |t: &Tensor| t.index_select(&index, 0)?.narrow(2, trim, len - trim);
-            *layer = (select(&layer.0)?, select(&layer.1)?);
+        for (layer, filled) in self.layers.iter_mut().zip(&mut self.filled) {
+            if let Some((k, v)) = layer.as_mut() {
+                // Rows kept, leading padding dropped, the room after the filled part kept.
+                let select = |t: &Tensor| t.index_select(&index, 0)?.narrow(2, trim, t.dim(2)? - trim)?.contiguous();
+                *layer = Some((select(k)?, select(v)?));
+                *filled = len - trim;
+            }
         }
         self.pads = pads.iter().map(|p| p - trim).collect();
         Ok(())
