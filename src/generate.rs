@@ -223,6 +223,20 @@ impl Row {
         })
     }
 
+    /// Whether the newest token may have completed a stop sequence, decoding only the last
+    /// tokens: a token is at least one byte, so a stop of n bytes lies within the last n
+    /// tokens, and 8 more keep the window's start (a stripped space, a cut character) away from
+    /// it. Early on, the whole output is checked.
+    fn stop_in_last_tokens(&self, tokenizer: &Tokenizer, stops: &[String]) -> Result<bool> {
+        let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        let start = self.ids.len().saturating_sub(longest + 8);
+        if start == 0 {
+            return Ok(true);
+        }
+        let window = decode(tokenizer, &self.ids[start..])?;
+        Ok(stops.iter().any(|s| window.contains(s.as_str())))
+    }
+
     /// The new tokens' text in the context of the prompt.
     fn new_text(&self, tokenizer: &Tokenizer) -> Result<String> {
         let all: Vec<u32> = self.prompt.iter().chain(&self.ids).copied().collect();
@@ -247,7 +261,7 @@ impl Row {
             return Ok(None);
         }
         self.ids.push(token);
-        if !settings.stop.is_empty() {
+        if !settings.stop.is_empty() && self.stop_in_last_tokens(tokenizer, &settings.stop)? {
             let mut text = self.new_text(tokenizer)?;
             if let Some((at, stop)) = first_stop(&text, &settings.stop) {
                 text.truncate(at);
@@ -310,16 +324,27 @@ fn choose(logits: &[f32], settings: &Settings, rng: &mut StdRng) -> u32 {
         .collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut kept = 0;
-    let mut mass = 0.0;
-    for p in &probs {
-        kept += 1;
-        mass += p.1;
-        if mass >= settings.top_p {
-            break;
+    // Most probable first (ties by id). Only the head of that order is needed: sort the top k,
+    // and widen k until the nucleus fits in it.
+    let order = |a: &(usize, f64), b: &(usize, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut k = 64.min(probs.len());
+    let kept = loop {
+        if k < probs.len() {
+            probs.select_nth_unstable_by(k, order);
         }
-    }
+        probs[..k].sort_by(order);
+        let mut mass = 0.0;
+        let within = probs[..k].iter().position(|p| {
+            mass += p.1;
+            mass >= settings.top_p
+        });
+        match within {
+            Some(i) => break i + 1,
+            None if k == probs.len() => break k,
+            None => k = (4 * k).min(probs.len()),
+        }
+    };
+    let mass: f64 = probs[..kept].iter().map(|p| p.1).sum();
     let nucleus = &probs[..kept];
     let mut u = rng.random::<f64>() * mass;
     for &(i, p) in nucleus {
