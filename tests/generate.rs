@@ -11,6 +11,23 @@ use prolora::model::nf4::Quantization;
 
 mod common;
 
+/// Rank 3 of `reg` on its default targets, with sharing rates that fit the tiny GQA model's
+/// 4 key/value features.
+fn method_config(reg: &registry::Registration, dropout: f64) -> AdapterConfig {
+    AdapterConfig {
+        rank: 3,
+        alpha: 4.0,
+        dropout,
+        targets: reg.default_targets.iter().map(|s| s.to_string()).collect(),
+        init_from: None,
+        method: (reg.from_toml)(match reg.kind {
+            "prolora" => toml::toml! { sharing_rate_a = 2 sharing_rate_b = 2 },
+            _ => toml::Table::new(),
+        })
+        .unwrap(),
+    }
+}
+
 /// Max |difference| between full-sequence logits and those of a cache filled in `chunks`.
 fn cached_vs_full(model: &prolora::model::Llama, ids: &[[u32; 7]], chunks: &[usize]) -> f64 {
     let b = ids.len();
@@ -39,20 +56,8 @@ fn cached_decoding_equals_full_recompute_for_every_method() {
     let ids = [[1, 5, 9, 2, 7, 3, 10], [4, 4, 8, 1, 0, 6, 2]];
     for reg in registry::METHODS {
         for quant in [Quantization::None, Quantization::Nf4 { double_quant: true }] {
-            let cfg = AdapterConfig {
-                rank: 3,
-                alpha: 4.0,
-                dropout: 0.1, // off in eval mode, as in generation
-                targets: reg.default_targets.iter().map(|s| s.to_string()).collect(),
-                init_from: None,
-                // Sharing rates that fit the tiny GQA model's 4 key/value features.
-                method: (reg.from_toml)(match reg.kind {
-                    "prolora" => toml::toml! { sharing_rate_a = 2 sharing_rate_b = 2 },
-                    _ => toml::Table::new(),
-                })
-                .unwrap(),
-            };
-            let (model, _set) = common::tiny_f64_model(&cfg, quant);
+            // Dropout is off in eval mode, as in generation.
+            let (model, _set) = common::tiny_f64_model(&method_config(reg, 0.1), quant);
             // Prefill 3, then one at a time; and prefill 2, a chunk of 3 after the cache, 2.
             for chunks in [&[3, 1, 1, 1, 1][..], &[2, 3, 2]] {
                 let worst = cached_vs_full(&model, &ids, chunks);
@@ -113,19 +118,7 @@ fn ragged_batch_decoding_equals_each_sequence_alone() {
     let prompt_lens = [3, 5, 4, 1];
     for reg in registry::METHODS {
         for quant in [Quantization::None, Quantization::Nf4 { double_quant: true }] {
-            let cfg = AdapterConfig {
-                rank: 3,
-                alpha: 4.0,
-                dropout: 0.0,
-                targets: reg.default_targets.iter().map(|s| s.to_string()).collect(),
-                init_from: None,
-                method: (reg.from_toml)(match reg.kind {
-                    "prolora" => toml::toml! { sharing_rate_a = 2 sharing_rate_b = 2 },
-                    _ => toml::Table::new(),
-                })
-                .unwrap(),
-            };
-            let (model, _set) = common::tiny_f64_model(&cfg, quant);
+            let (model, _set) = common::tiny_f64_model(&method_config(reg, 0.0), quant);
             let worst = ragged_vs_full(&model, &seqs, &prompt_lens);
             assert!(worst < 1e-10, "{} {quant:?}: {worst}", reg.kind);
         }

@@ -2,7 +2,7 @@
 //! reference removes it), greedy; exact match per task and their average.
 
 use super::text::{bbh_prediction, exact_match, py_strip};
-use super::{data_file, first, greedy, mean, read, ChatFormat, Engine, Example, Options, Scored};
+use super::{data_file, first, greedy, mean, names_ending, read, ChatFormat, Engine, Example, Options, Scored};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Map};
@@ -44,14 +44,7 @@ fn direct_prompt(path: &Path) -> Result<String> {
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let max_new_tokens = options.max_new_tokens.unwrap_or(512);
     let tasks_dir = data_file(&options.data_dir, "bbh/bbh")?;
-    let mut names: Vec<String> = std::fs::read_dir(&tasks_dir)?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|f| f.strip_suffix(".json").map(String::from))
-        .collect();
-    names.sort();
-    if names.is_empty() {
-        bail!("{}: no <task>.json files", tasks_dir.display());
-    }
+    let names = names_ending(&tasks_dir, ".json")?;
     let mut work = Vec::new();
     for name in &names {
         let path = tasks_dir.join(format!("{name}.json"));

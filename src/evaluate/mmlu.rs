@@ -2,7 +2,7 @@
 //! whose token (" A" … " D") has the largest next-token logit after the prompt.
 
 use super::csv::read_rendered;
-use super::{data_file, first, mean, Engine, Example, Options, Scored};
+use super::{data_file, first, mean, names_ending, Engine, Example, Options, Scored};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -90,14 +90,7 @@ fn rows(path: &Path) -> Result<Vec<Vec<String>>> {
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let shots = options.shots.unwrap_or(0);
     let test_dir = data_file(&options.data_dir, "mmlu/test")?;
-    let mut subjects: Vec<String> = std::fs::read_dir(&test_dir)?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|f| f.strip_suffix("_test.csv").map(String::from))
-        .collect();
-    subjects.sort();
-    if subjects.is_empty() {
-        bail!("{}: no <subject>_test.csv files", test_dir.display());
-    }
+    let subjects = names_ending(&test_dir, "_test.csv")?;
     // The answer letters' tokens as the reference takes them: the last id of " A".
     let letter_ids = CHOICES
         .iter()

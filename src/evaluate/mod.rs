@@ -210,6 +210,20 @@ pub fn data_file(dir: &Path, relative: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The names of the files in `dir` ending in `suffix`, without it, sorted; at least one.
+pub fn names_ending(dir: &Path, suffix: &str) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|f| f.strip_suffix(suffix).map(String::from))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        bail!("{}: no <name>{suffix} files", dir.display());
+    }
+    Ok(names)
+}
+
 pub fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))
 }
