@@ -143,6 +143,7 @@ mod tests {
             points: grid::points(&grid, &dir.join("runs")),
             grid,
             slurm_job: None,
+            evaluate: None,
         };
         let args = split_args("--partition=gpu --gres=gpu:1 '--time=24:00:00'").unwrap();
         let script = array_script(&sweep, dir, Path::new("/opt/prolora/bin/prolora"), &args);
