@@ -884,6 +884,16 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         if !run.join("adapter_model.safetensors").exists() {
             bail!("--run {}: no adapter_model.safetensors; is the run finished?", run.display());
         }
+        // The base it was trained on, which is what it should be evaluated on.
+        if let Ok(cfg) = crate::config::RunConfig::load(&run.join(crate::train::run_dir::CONFIG_FILE), &[]) {
+            let m = &cfg.model;
+            if m.source != args.model.spec.model || m.quantize != args.model.quantize {
+                eprintln!(
+                    "warning: {} was trained on --model {} --quantize {}; evaluating on --model {} --quantize {}",
+                    run.display(), m.source, m.quantize, args.model.spec.model, args.model.quantize
+                );
+            }
+        }
         args.model.adapter = Some(run.clone());
         for b in &benchmarks {
             outputs.push((b.clone(), run.join("eval").join(format!("{b}.json"))));
@@ -918,19 +928,27 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
             print_metrics(&result["metrics"], "  ");
         }
         all.insert(b.clone(), result);
+        // Rewritten after every benchmark, so an interruption keeps the finished ones.
+        if let Some(out) = &args.out {
+            atomic::write(out, serde_json::to_string_pretty(&results_of(&all, benchmarks.len()))?.as_bytes())?;
+        }
     }
-    let value = match all.len() {
-        1 => all.into_iter().next().map(|(_, v)| v).unwrap_or_default(),
-        _ => serde_json::Value::Object(all),
-    };
+    let value = results_of(&all, benchmarks.len());
     if let Some(out) = &args.out {
-        atomic::write(out, serde_json::to_string_pretty(&value)?.as_bytes())?;
         eprintln!("wrote {}", out.display());
     }
     if args.json {
         println!("{value}");
     }
     Ok(())
+}
+
+/// The results object: one benchmark's, or one per benchmark keyed by name.
+fn results_of(all: &serde_json::Map<String, serde_json::Value>, asked: usize) -> serde_json::Value {
+    match (asked, all.values().next()) {
+        (1, Some(one)) => one.clone(),
+        _ => serde_json::Value::Object(all.clone()),
+    }
 }
 
 /// Metrics as indented `name value` lines.
