@@ -910,6 +910,19 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
     let mut all = serde_json::Map::new();
     for b in &benchmarks {
         let started = std::time::Instant::now();
+        // Completions are kept beside the results file as they are made, for a rerun to use.
+        let results = outputs.iter().find(|(name, _)| name == b).map(|(_, p)| p.clone());
+        let partial = match (&results, &args.out) {
+            (Some(path), _) => Some(path.with_extension("partial.jsonl")),
+            (None, Some(out)) => Some(PathBuf::from(format!("{}.{b}.partial.jsonl", out.display()))),
+            (None, None) => None,
+        };
+        if let Some(p) = &partial {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+        }
+        engine.journal = partial.as_deref().map(ev::journal::Journal::open).transpose()?;
         let mut result = ev::run(b, &mut engine, &options)?;
         result["settings"]["model"] = json!(args.model.spec.model);
         result["settings"]["adapter"] = json!(args.model.adapter);
@@ -931,6 +944,9 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         // Rewritten after every benchmark, so an interruption keeps the finished ones.
         if let Some(out) = &args.out {
             atomic::write(out, serde_json::to_string_pretty(&results_of(&all, benchmarks.len()))?.as_bytes())?;
+        }
+        if let Some(journal) = engine.journal.take() {
+            journal.finish()?;
         }
     }
     let value = results_of(&all, benchmarks.len());

@@ -60,7 +60,7 @@ impl Settings {
 }
 
 /// Why a completion ended.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Ended {
     Eos,
     Stop(String),
@@ -69,7 +69,7 @@ pub enum Ended {
 }
 
 /// A generated continuation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Completion {
     /// The new token ids (up to and including the token that completed a stop sequence).
     pub ids: Vec<u32>,

@@ -1273,3 +1273,47 @@ fn evaluate_runs_the_demo_and_refuses_what_it_must() {
     let err = error_of(&["evaluate", "--benchmark", "squad", "--model", "tiny", "--data-dir", "data/eval"]);
     assert!(err.contains("mmlu, gsm, bbh, tydiqa, humaneval"), "{err}");
 }
+
+/// A killed evaluation continues where it stopped: completions are journaled as they are made,
+/// the rerun generates only the rest, and its results equal an uninterrupted run's.
+#[test]
+fn a_killed_evaluation_continues_from_its_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, cut) = (tmp.path().join("whole.json"), tmp.path().join("cut.json"));
+    let args = |out: &Path| -> Vec<String> {
+        ["evaluate", "--benchmark", "gsm", "--model", "tiny", "--data-dir", "data/eval", "--batch-size", "1",
+            "--max-new-tokens", "24", "--overwrite", "--out", out.to_str().unwrap()]
+            .iter().map(|s| s.to_string()).collect()
+    };
+    let o = Command::new(env!("CARGO_BIN_EXE_prolora")).args(args(&whole)).current_dir(root()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let journal = tmp.path().join("cut.json.gsm.partial.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(args(&cut))
+        .current_dir(root())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&journal).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no completion journaled");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = std::fs::read_to_string(&journal).unwrap().lines().count();
+    assert!(kept < 8, "the run finished before it was killed");
+
+    let o = Command::new(env!("CARGO_BIN_EXE_prolora")).args(args(&cut)).current_dir(root()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("completions made before"), "{}", stderr(&o));
+    assert!(!journal.exists(), "the journal is removed once the results are written");
+    let read = |p: &Path| -> serde_json::Value {
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("seconds");
+        v["settings"].as_object_mut().unwrap().remove("data_dir");
+        v
+    };
+    assert_eq!(read(&cut), read(&whole));
+}

@@ -7,6 +7,7 @@ pub mod csv;
 pub mod execute;
 pub mod gsm;
 pub mod humaneval;
+pub mod journal;
 pub mod mmlu;
 pub mod pass_at_k;
 pub mod text;
@@ -106,6 +107,8 @@ pub struct Engine<'a> {
     pub batch_size: usize,
     bar: ProgressBar,
     tokens: u64,
+    /// Where the current benchmark's completions are kept as they are made.
+    pub journal: Option<journal::Journal>,
 }
 
 impl<'a> Engine<'a> {
@@ -116,6 +119,7 @@ impl<'a> Engine<'a> {
             batch_size: batch_size.max(1),
             bar: ProgressBar::hidden(),
             tokens: 0,
+            journal: None,
         }
     }
 
@@ -179,10 +183,33 @@ impl<'a> Engine<'a> {
             .map(|(p, &seed)| Ok(Request { prompt: self.prompt_ids(p)?, seed }))
             .collect::<Result<Vec<_>>>()?;
         for chunk in requests.chunks(self.batch_size) {
-            let done = complete_batch(self.model, self.tokenizer, chunk, settings)?;
-            let tokens: usize = done.iter().map(|c| c.ids.len()).sum();
+            let keys: Vec<String> = chunk.iter().map(|r| journal::Journal::key(r, settings)).collect();
+            let mut known: Vec<Option<Completion>> = keys
+                .iter()
+                .map(|k| self.journal.as_ref().and_then(|j| j.get(k).cloned()))
+                .collect();
+            let todo: Vec<usize> = (0..chunk.len()).filter(|&i| known[i].is_none()).collect();
+            let requests: Vec<Request> = todo.iter().map(|&i| chunk[i].clone()).collect();
+            let made = match requests.is_empty() {
+                true => Vec::new(),
+                false => complete_batch(self.model, self.tokenizer, &requests, settings)?,
+            };
+            let mut made = todo.iter().copied().zip(made).collect::<std::collections::HashMap<_, _>>();
+            let mut tokens = 0;
+            for i in 0..chunk.len() {
+                let c = match made.remove(&i) {
+                    Some(c) => {
+                        tokens += c.ids.len();
+                        if let Some(j) = self.journal.as_mut() {
+                            j.add(keys[i].clone(), &c)?;
+                        }
+                        c
+                    }
+                    None => known[i].take().expect("in the journal"),
+                };
+                out.push(c);
+            }
             self.count(chunk.len() as u64, tokens as u64);
-            out.extend(done);
         }
         Ok(out)
     }
