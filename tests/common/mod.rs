@@ -42,24 +42,34 @@ pub fn tiny_f64_model_of(
     cfg: &AdapterConfig,
     quant: Quantization,
 ) -> (Llama, AdapterSet) {
+    tiny_model_in(config_json, cfg, quant, DType::F64)
+}
+
+/// The same computing in `dtype`.
+pub fn tiny_model_in(
+    config_json: &str,
+    cfg: &AdapterConfig,
+    quant: Quantization,
+    dtype: DType,
+) -> (Llama, AdapterSet) {
     let model_cfg = LlamaConfig::from_json(config_json).unwrap();
     let mut model = Llama::load_quantized(
         &model_cfg,
         &RandomWeights::new(3),
-        DType::F64,
+        dtype,
         quant,
         &Device::Cpu,
     )
     .unwrap();
     let mut rng = StdRng::seed_from_u64(7);
-    let set = AdapterSet::new(cfg, &model_cfg, DType::F64, &Device::Cpu, &mut rng).unwrap();
+    let set = AdapterSet::new(cfg, &model_cfg, dtype, &Device::Cpu, &mut rng).unwrap();
     for var in set.tensors().into_iter().map(|p| p.var) {
         let v: Vec<f64> = prolora::adapters::uniform(var.elem_count(), 0.5, &mut rng)
             .into_iter()
             .map(f64::from)
             .collect();
-        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
+        let t = Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        var.set(&t).unwrap();
     }
     set.attach_to(&mut model);
     (model, set)
