@@ -9,4 +9,5 @@ pub mod dropout;
 pub mod heads;
 pub mod nf4_codes;
 pub mod ops;
+pub mod skinny;
 pub(crate) mod vecmath;
