@@ -787,7 +787,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         stop: args.stop.clone(),
         past_positions: args.past_max_positions,
     };
-    settings.validate().map_err(|e| anyhow::anyhow!("--{e}").context("generate"))?;
+    settings
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--{e}").context("generate"))?;
     let Some(file) = &args.prompts else {
         let (model, encoder) = load_model(&args.model)?;
         let messages = chat(args.system.clone(), args.prompt.clone().unwrap_or_default());
@@ -798,14 +800,23 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if let Some(out) = out {
         atomic::check_output(out, "--out", &[file.as_path()], args.overwrite)?;
     }
-    let text = std::fs::read_to_string(file).with_context(|| format!("--prompts {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("--prompts {}", file.display()))?;
     let mut requests = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let at = || format!("{}:{}", file.display(), n + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
         let messages = match (&v["messages"], v["prompt"].as_str()) {
-            (serde_json::Value::Array(_), _) => serde_json::from_value::<Vec<Message>>(v["messages"].clone())
-                .with_context(|| format!("{}: \"messages\" is not a list of {{role, content}}", at()))?,
+            (serde_json::Value::Array(_), _) => {
+                serde_json::from_value::<Vec<Message>>(v["messages"].clone()).with_context(
+                    || format!("{}: \"messages\" is not a list of {{role, content}}", at()),
+                )?
+            }
             (_, Some(prompt)) => chat(v["system"].as_str().map(String::from), prompt.to_string()),
             _ => bail!("{}: needs \"prompt\": \"…\" or \"messages\": [...]", at()),
         };
@@ -824,7 +835,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
             .iter()
             .map(|(_, messages)| {
                 let prompt = encoder.encode_prompt(messages)?;
-                Ok(crate::generate::Request { prompt, seed: settings.seed })
+                Ok(crate::generate::Request {
+                    prompt,
+                    seed: settings.seed,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let done = complete_batch(&model, encoder.tokenizer(), &prompts, &settings)?;
@@ -858,8 +872,14 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         "all" => BENCHMARKS.iter().map(|b| b.to_string()).collect(),
         list => list.split(',').map(|b| b.trim().to_string()).collect(),
     };
-    if let Some(b) = benchmarks.iter().find(|b| !BENCHMARKS.contains(&b.as_str())) {
-        bail!("--benchmark {b:?}: one of {}, or all", BENCHMARKS.join(", "));
+    if let Some(b) = benchmarks
+        .iter()
+        .find(|b| !BENCHMARKS.contains(&b.as_str()))
+    {
+        bail!(
+            "--benchmark {b:?}: one of {}, or all",
+            BENCHMARKS.join(", ")
+        );
     }
     if let Some(t) = args.temperature.filter(|t| !(t.is_finite() && *t >= 0.0)) {
         bail!("--temperature {t}: must be finite and ≥ 0 (0 is greedy)");
@@ -882,10 +902,15 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
     let mut outputs: Vec<(String, PathBuf)> = Vec::new();
     if let Some(run) = &args.run {
         if !run.join("adapter_model.safetensors").exists() {
-            bail!("--run {}: no adapter_model.safetensors; is the run finished?", run.display());
+            bail!(
+                "--run {}: no adapter_model.safetensors; is the run finished?",
+                run.display()
+            );
         }
         // The base it was trained on, which is what it should be evaluated on.
-        if let Ok(cfg) = crate::config::RunConfig::load(&run.join(crate::train::run_dir::CONFIG_FILE), &[]) {
+        if let Ok(cfg) =
+            crate::config::RunConfig::load(&run.join(crate::train::run_dir::CONFIG_FILE), &[])
+        {
             let m = &cfg.model;
             if m.source != args.model.spec.model || m.quantize != args.model.quantize {
                 eprintln!(
@@ -911,18 +936,28 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
     for b in &benchmarks {
         let started = std::time::Instant::now();
         // Completions are kept beside the results file as they are made, for a rerun to use.
-        let results = outputs.iter().find(|(name, _)| name == b).map(|(_, p)| p.clone());
+        let results = outputs
+            .iter()
+            .find(|(name, _)| name == b)
+            .map(|(_, p)| p.clone());
         let partial = match (&results, &args.out) {
             (Some(path), _) => Some(path.with_extension("partial.jsonl")),
-            (None, Some(out)) => Some(PathBuf::from(format!("{}.{b}.partial.jsonl", out.display()))),
+            (None, Some(out)) => Some(PathBuf::from(format!(
+                "{}.{b}.partial.jsonl",
+                out.display()
+            ))),
             (None, None) => None,
         };
         if let Some(p) = &partial {
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
             }
         }
-        engine.journal = partial.as_deref().map(ev::journal::Journal::open).transpose()?;
+        engine.journal = partial
+            .as_deref()
+            .map(ev::journal::Journal::open)
+            .transpose()?;
         let mut result = ev::run(b, &mut engine, &options)?;
         result["settings"]["model"] = json!(args.model.spec.model);
         result["settings"]["adapter"] = json!(args.model.adapter);
@@ -930,20 +965,27 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         result["seconds"] = json!(started.elapsed().as_secs_f64());
         if let Some((_, path)) = outputs.iter().find(|(name, _)| name == b) {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
             }
             atomic::write(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
             eprintln!("wrote {}", path.display());
         }
         if !args.json {
-            println!("{b} ({} examples, {:.1} s)", result["examples"].as_array().map_or(0, Vec::len),
-                started.elapsed().as_secs_f64());
+            println!(
+                "{b} ({} examples, {:.1} s)",
+                result["examples"].as_array().map_or(0, Vec::len),
+                started.elapsed().as_secs_f64()
+            );
             print_metrics(&result["metrics"], "  ");
         }
         all.insert(b.clone(), result);
         // Rewritten after every benchmark, so an interruption keeps the finished ones.
         if let Some(out) = &args.out {
-            atomic::write(out, serde_json::to_string_pretty(&results_of(&all, benchmarks.len()))?.as_bytes())?;
+            atomic::write(
+                out,
+                serde_json::to_string_pretty(&results_of(&all, benchmarks.len()))?.as_bytes(),
+            )?;
         }
         if let Some(journal) = engine.journal.take() {
             journal.finish()?;
@@ -976,7 +1018,10 @@ fn print_metrics(v: &serde_json::Value, indent: &str) {
                     println!("{indent}{k}");
                     print_metrics(v, &format!("{indent}  "));
                 }
-                v => println!("{indent}{k:<40} {}", v.as_f64().map_or(v.to_string(), |x| format!("{x:.4}"))),
+                v => println!(
+                    "{indent}{k:<40} {}",
+                    v.as_f64().map_or(v.to_string(), |x| format!("{x:.4}"))
+                ),
             }
         }
     }
@@ -1148,7 +1193,9 @@ fn sweep(args: SweepArgs) -> Result<()> {
                 print!("{}", status::table(&statuses));
                 if let Some(job) = &sweep.slurm_job {
                     match slurm::queue(job) {
-                        Some(lines) if lines.is_empty() => println!("slurm job {job}: no task queued or running"),
+                        Some(lines) if lines.is_empty() => {
+                            println!("slurm job {job}: no task queued or running")
+                        }
                         Some(lines) => println!("slurm job {job}:\n{}", lines.join("\n")),
                         None => println!("slurm job {job} (squeue not available here)"),
                     }
@@ -1162,7 +1209,11 @@ fn sweep(args: SweepArgs) -> Result<()> {
                 None => std::env::var("SLURM_ARRAY_TASK_ID")
                     .ok()
                     .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| anyhow::anyhow!("sweep task: pass --index (or run it as a Slurm array task)"))?,
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "sweep task: pass --index (or run it as a Slurm array task)"
+                        )
+                    })?,
             };
             return crate::sweep::run_task(&dir, index, !quiet);
         }
@@ -1186,11 +1237,19 @@ fn sweep(args: SweepArgs) -> Result<()> {
     }
     if args.dry_run {
         for p in &plan.points {
-            println!("{}\t{}\t{}", p.index, p.overrides.join(" "), p.run_dir.display());
+            println!(
+                "{}\t{}\t{}",
+                p.index,
+                p.overrides.join(" "),
+                p.run_dir.display()
+            );
         }
         if args.backend == Backend::Slurm {
             let exe = std::env::current_exe()?;
-            print!("{}", slurm::array_script(&plan, &std::path::absolute(&out)?, &exe, &slurm_args));
+            print!(
+                "{}",
+                slurm::array_script(&plan, &std::path::absolute(&out)?, &exe, &slurm_args)
+            );
         }
         return Ok(());
     }
@@ -1201,7 +1260,10 @@ fn sweep(args: SweepArgs) -> Result<()> {
             let gpus = crate::device::gpu_count();
             let jobs = args.jobs.unwrap_or(gpus.max(1));
             local::run(&dir, &sweep, jobs, gpus)?;
-            eprintln!("sweep done: `prolora collect {}` for the table", dir.display());
+            eprintln!(
+                "sweep done: `prolora collect {}` for the table",
+                dir.display()
+            );
         }
         Backend::Slurm => {
             if args.jobs.is_some() {

@@ -50,9 +50,15 @@ fn scores(run: &Run) -> Result<Vec<Option<f64>>> {
             let Ok(text) = std::fs::read_to_string(&path) else {
                 return Ok(None);
             };
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: not JSON ({e}); rerun prolora evaluate --run", path.display()))?;
-            Ok(v.pointer(pointer).and_then(|x| x.as_f64()).map(|x| x * scale))
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not JSON ({e}); rerun prolora evaluate --run",
+                    path.display()
+                )
+            })?;
+            Ok(v.pointer(pointer)
+                .and_then(|x| x.as_f64())
+                .map(|x| x * scale))
         })
         .collect()
 }
@@ -96,7 +102,10 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
                 fmt(r.best_eval()),
                 if r.finished { "yes" } else { "no" }.into(),
             ];
-            cells.into_iter().chain(benchmarks.iter().map(|&b| score(s[b]))).collect()
+            cells
+                .into_iter()
+                .chain(benchmarks.iter().map(|&b| score(s[b])))
+                .collect()
         })
         .collect();
     let header: Vec<&str> = [
@@ -138,15 +147,24 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
             None => groups.push((key, setting_label(r), vec![i])),
         }
     }
-    let columns: String = benchmarks.iter().map(|&b| format!(" {} |", HEADLINES[b].1)).collect();
+    let columns: String = benchmarks
+        .iter()
+        .map(|&b| format!(" {} |", HEADLINES[b].1))
+        .collect();
     writeln!(
         out,
         "\n| setting | seeds | final eval (mean ± std) | best eval (mean ± std) |{columns}"
     )?;
     writeln!(out, "|---|---|---|---|{}", "---|".repeat(benchmarks.len()))?;
     for (_, label, members) in &groups {
-        let finals: Vec<f64> = members.iter().filter_map(|&i| runs[i].final_eval()).collect();
-        let bests: Vec<f64> = members.iter().filter_map(|&i| runs[i].best_eval()).collect();
+        let finals: Vec<f64> = members
+            .iter()
+            .filter_map(|&i| runs[i].final_eval())
+            .collect();
+        let bests: Vec<f64> = members
+            .iter()
+            .filter_map(|&i| runs[i].best_eval())
+            .collect();
         let show = |xs: &[f64], digits: usize| {
             if xs.is_empty() {
                 "-".to_string()

@@ -47,7 +47,10 @@ impl Settings {
             bail!("max_new_tokens must be at least 1");
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            bail!("temperature = {} must be finite and ≥ 0 (0 is greedy)", self.temperature);
+            bail!(
+                "temperature = {} must be finite and ≥ 0 (0 is greedy)",
+                self.temperature
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("top_p = {} must be in (0, 1]", self.top_p);
@@ -198,7 +201,11 @@ pub fn complete_batch(
 
 /// The vocabulary logits of hidden states (b, 1, d), one f32 row per batch row.
 fn last_logits(model: &Llama, last: &Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(model.head(last)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?)
+    Ok(model
+        .head(last)?
+        .squeeze(1)?
+        .to_dtype(DType::F32)?
+        .to_vec2()?)
 }
 
 /// One completion in progress.
@@ -283,7 +290,11 @@ impl Row {
             None => self.new_text(tokenizer)?,
         };
         let ended = self.ended.unwrap_or(Ended::MaxNewTokens);
-        Ok(Completion { ids: self.ids, text, ended })
+        Ok(Completion {
+            ids: self.ids,
+            text,
+            ended,
+        })
     }
 }
 
@@ -309,7 +320,13 @@ fn choose(logits: &[f32], settings: &Settings, rng: &mut StdRng) -> u32 {
         logits
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
             .0 as u32
     };
     if settings.temperature == 0.0 {
@@ -376,7 +393,9 @@ mod tests {
         assert_eq!(choose(&logits, &settings(0.0, 1.0, 0), &mut rng), 1);
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..50).map(|_| choose(&logits, &settings(1.0, 1.0, seed), &mut rng)).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| choose(&logits, &settings(1.0, 1.0, seed), &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(5), draw(5));
         assert_ne!(draw(5), draw(6));
@@ -403,19 +422,28 @@ mod tests {
     #[test]
     fn the_earliest_stop_sequence_wins() {
         let stops = vec!["\n\n".to_string(), "Question:".to_string()];
-        assert_eq!(first_stop("a Question: b\n\n", &stops), Some((2, "Question:")));
+        assert_eq!(
+            first_stop("a Question: b\n\n", &stops),
+            Some((2, "Question:"))
+        );
         assert_eq!(first_stop("no stop", &stops), None);
     }
 
     #[test]
     fn settings_transformers_refuses_are_refused() {
         let bad = [
-            Settings { max_new_tokens: 0, ..Settings::greedy(1) },
+            Settings {
+                max_new_tokens: 0,
+                ..Settings::greedy(1)
+            },
             settings(-0.5, 1.0, 0),
             settings(f64::NAN, 1.0, 0),
             settings(1.0, 0.0, 0),
             settings(1.0, 1.5, 0),
-            Settings { stop: vec![String::new()], ..Settings::greedy(1) },
+            Settings {
+                stop: vec![String::new()],
+                ..Settings::greedy(1)
+            },
         ];
         for s in bad {
             assert!(s.validate().is_err(), "{s:?}");

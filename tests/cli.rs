@@ -743,7 +743,15 @@ fn absurd_values_are_refused_naming_the_key() {
     assert!(err.contains("--batch-size must be at least 1"), "{err}");
     // transformers refuses max_new_tokens = 0; a negative number is one line too.
     for n in ["0", "-1"] {
-        let err = error_of(&["generate", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", n]);
+        let err = error_of(&[
+            "generate",
+            "--model",
+            "tiny",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            n,
+        ]);
         assert!(err.contains(&format!("'{n}'")), "{err}");
     }
 }
@@ -1124,9 +1132,17 @@ fn a_run_too_large_for_the_machine_is_refused_with_the_estimate() {
 
     // The base alone (from its config, before any weight exists): 70B in f64.
     let mut args = base.to_vec();
-    args.extend(["--set", "model.source=llama2-70b", "--set", "model.dtype=f64"]);
+    args.extend([
+        "--set",
+        "model.source=llama2-70b",
+        "--set",
+        "model.dtype=f64",
+    ]);
     let err = error_of(&args);
-    assert!(err.contains("this run needs about") && err.contains("GiB"), "{err}");
+    assert!(
+        err.contains("this run needs about") && err.contains("GiB"),
+        "{err}"
+    );
     assert!(err.contains("base weights 5"), "{err}");
     assert!(err.contains("set model.quantize = \"nf4\""), "{err}");
     assert!(!err.contains("micro_batch_size"), "{err}");
@@ -1206,8 +1222,19 @@ fn generate_batch_mode_writes_one_completion_per_prompt() {
     let out = tmp.path().join("out.jsonl");
     let run = |extra: &[&str]| {
         let mut args = vec![
-            "generate", "--model", "tiny", "--prompts", prompts.to_str().unwrap(), "--out",
-            out.to_str().unwrap(), "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "3",
+            "generate",
+            "--model",
+            "tiny",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
         ];
         args.extend(extra);
         prolora(&args)
@@ -1215,24 +1242,51 @@ fn generate_batch_mode_writes_one_completion_per_prompt() {
     let o = run(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let first = std::fs::read_to_string(&out).unwrap();
-    let lines: Vec<serde_json::Value> = first.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = first
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["id"], "a");
     assert_eq!(lines[1]["id"], 3, "the line number when no id is given");
-    assert_eq!(lines[0]["prompt"], "<|user|>\nWhat is 2 + 2?\n<|assistant|>\n");
-    assert!(lines.iter().all(|l| l["tokens"].as_u64().unwrap() <= 6 && l["output"].is_string()));
+    assert_eq!(
+        lines[0]["prompt"],
+        "<|user|>\nWhat is 2 + 2?\n<|assistant|>\n"
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l["tokens"].as_u64().unwrap() <= 6 && l["output"].is_string()));
 
     let again = run(&[]);
-    assert!(!again.status.success() && stderr(&again).contains("--out"), "{}", stderr(&again));
+    assert!(
+        !again.status.success() && stderr(&again).contains("--out"),
+        "{}",
+        stderr(&again)
+    );
     let o = run(&["--overwrite"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), first, "the same seed, the same samples");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        first,
+        "the same seed, the same samples"
+    );
 
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"x\"}\n").unwrap();
-    let err = error_of(&["generate", "--model", "tiny", "--prompts", bad.to_str().unwrap()]);
-    assert!(err.contains("bad.jsonl:1") && err.contains("\"prompt\""), "{err}");
-    let err = error_of(&["generate", "--model", "tiny", "--prompt", "x", "--top-p", "0"]);
+    let err = error_of(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--prompts",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("bad.jsonl:1") && err.contains("\"prompt\""),
+        "{err}"
+    );
+    let err = error_of(&[
+        "generate", "--model", "tiny", "--prompt", "x", "--top-p", "0",
+    ]);
     assert!(err.contains("top_p = 0 must be in (0, 1]"), "{err}");
 }
 
@@ -1244,15 +1298,37 @@ fn evaluate_runs_the_demo_and_refuses_what_it_must() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("all.json");
     let o = prolora(&[
-        "evaluate", "--benchmark", "all", "--model", "tiny", "--data-dir", "data/eval",
-        "--allow-code-execution", "--limit", "1", "--max-new-tokens", "8", "--samples", "2",
-        "--out", out.to_str().unwrap(),
+        "evaluate",
+        "--benchmark",
+        "all",
+        "--model",
+        "tiny",
+        "--data-dir",
+        "data/eval",
+        "--allow-code-execution",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--samples",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let all: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    for (b, key) in [("mmlu", "average_acc"), ("gsm", "exact_match"), ("bbh", "average_exact_match"),
-        ("humaneval", "pass@1")] {
-        assert!(all[b]["metrics"][key].is_number(), "{b}: {}", all[b]["metrics"]);
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for (b, key) in [
+        ("mmlu", "average_acc"),
+        ("gsm", "exact_match"),
+        ("bbh", "average_exact_match"),
+        ("humaneval", "pass@1"),
+    ] {
+        assert!(
+            all[b]["metrics"][key].is_number(),
+            "{b}: {}",
+            all[b]["metrics"]
+        );
         assert!(all[b]["settings"]["model"] == "tiny", "{b}");
     }
     assert!(all["tydiqa"]["metrics"]["average"]["f1"].is_number());
@@ -1261,16 +1337,55 @@ fn evaluate_runs_the_demo_and_refuses_what_it_must() {
     assert_eq!(all["tydiqa"]["examples"].as_array().unwrap().len(), 9);
     assert_eq!(all["humaneval"]["examples"].as_array().unwrap().len(), 2);
 
-    let err = error_of(&["evaluate", "--benchmark", "humaneval", "--model", "tiny", "--data-dir", "data/eval"]);
-    assert!(err.contains("--allow-code-execution") && err.contains("nothing has run"), "{err}");
+    let err = error_of(&[
+        "evaluate",
+        "--benchmark",
+        "humaneval",
+        "--model",
+        "tiny",
+        "--data-dir",
+        "data/eval",
+    ]);
+    assert!(
+        err.contains("--allow-code-execution") && err.contains("nothing has run"),
+        "{err}"
+    );
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let err = error_of(&["evaluate", "--benchmark", "gsm", "--model", "tiny", "--data-dir", empty.to_str().unwrap()]);
-    assert!(err.contains("gsm/test.jsonl") && err.contains("prepare_eval_data.sh"), "{err}");
-    let err = error_of(&["evaluate", "--benchmark", "mmlu", "--model", "tiny", "--data-dir", "data/eval",
-        "--out", out.to_str().unwrap()]);
+    let err = error_of(&[
+        "evaluate",
+        "--benchmark",
+        "gsm",
+        "--model",
+        "tiny",
+        "--data-dir",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("gsm/test.jsonl") && err.contains("prepare_eval_data.sh"),
+        "{err}"
+    );
+    let err = error_of(&[
+        "evaluate",
+        "--benchmark",
+        "mmlu",
+        "--model",
+        "tiny",
+        "--data-dir",
+        "data/eval",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(err.contains("--overwrite"), "{err}");
-    let err = error_of(&["evaluate", "--benchmark", "squad", "--model", "tiny", "--data-dir", "data/eval"]);
+    let err = error_of(&[
+        "evaluate",
+        "--benchmark",
+        "squad",
+        "--model",
+        "tiny",
+        "--data-dir",
+        "data/eval",
+    ]);
     assert!(err.contains("mmlu, gsm, bbh, tydiqa, humaneval"), "{err}");
 }
 
@@ -1281,11 +1396,31 @@ fn a_killed_evaluation_continues_from_its_journal() {
     let tmp = tempfile::tempdir().unwrap();
     let (whole, cut) = (tmp.path().join("whole.json"), tmp.path().join("cut.json"));
     let args = |out: &Path| -> Vec<String> {
-        ["evaluate", "--benchmark", "gsm", "--model", "tiny", "--data-dir", "data/eval", "--batch-size", "1",
-            "--max-new-tokens", "24", "--overwrite", "--out", out.to_str().unwrap()]
-            .iter().map(|s| s.to_string()).collect()
+        [
+            "evaluate",
+            "--benchmark",
+            "gsm",
+            "--model",
+            "tiny",
+            "--data-dir",
+            "data/eval",
+            "--batch-size",
+            "1",
+            "--max-new-tokens",
+            "24",
+            "--overwrite",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
-    let o = Command::new(env!("CARGO_BIN_EXE_prolora")).args(args(&whole)).current_dir(root()).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(args(&whole))
+        .current_dir(root())
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 
     let journal = tmp.path().join("cut.json.gsm.partial.jsonl");
@@ -1297,7 +1432,10 @@ fn a_killed_evaluation_continues_from_its_journal() {
         .unwrap();
     let started = std::time::Instant::now();
     while std::fs::read_to_string(&journal).map_or(0, |t| t.lines().count()) < 2 {
-        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no completion journaled");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no completion journaled"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.kill().unwrap();
@@ -1305,12 +1443,24 @@ fn a_killed_evaluation_continues_from_its_journal() {
     let kept = std::fs::read_to_string(&journal).unwrap().lines().count();
     assert!(kept < 8, "the run finished before it was killed");
 
-    let o = Command::new(env!("CARGO_BIN_EXE_prolora")).args(args(&cut)).current_dir(root()).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(args(&cut))
+        .current_dir(root())
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("completions made before"), "{}", stderr(&o));
-    assert!(!journal.exists(), "the journal is removed once the results are written");
+    assert!(
+        stderr(&o).contains("completions made before"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !journal.exists(),
+        "the journal is removed once the results are written"
+    );
     let read = |p: &Path| -> serde_json::Value {
-        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
         v.as_object_mut().unwrap().remove("seconds");
         v["settings"].as_object_mut().unwrap().remove("data_dir");
         v

@@ -16,7 +16,9 @@ fn root() -> PathBuf {
 }
 
 fn golden(name: &str) -> Value {
-    let path = root().join("tests/fixtures/eval").join(format!("{name}.json"));
+    let path = root()
+        .join("tests/fixtures/eval")
+        .join(format!("{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -38,18 +40,27 @@ fn options() -> Options {
 fn model() -> (prolora::model::Llama, tokenizers::Tokenizer) {
     let dir = common::fixture("peft-lora").join("base");
     let source = prolora::source::ModelSource::resolve(dir.to_str().unwrap(), "main").unwrap();
-    let model = source.load(candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let model = source
+        .load(candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
     (model, source.tokenizer(None).unwrap())
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Max |a − b| over the numbers of two metric objects with the same keys.
 fn metrics_differ(ours: &Value, theirs: &Value) -> f64 {
     match theirs {
-        Value::Object(m) => m.iter().map(|(k, v)| metrics_differ(&ours[k], v)).fold(0.0, f64::max),
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| metrics_differ(&ours[k], v))
+            .fold(0.0, f64::max),
         Value::Number(n) => (ours.as_f64().unwrap_or(f64::NAN) - n.as_f64().unwrap()).abs(),
         _ => panic!("unexpected metric {theirs}"),
     }
@@ -62,7 +73,10 @@ fn check(benchmark: &str, options: &Options) -> (Value, Value) {
     let mut engine = Engine::new(&model, &tokenizer, options.batch_size);
     let ours = ev::run(benchmark, &mut engine, options).unwrap();
     let gold = golden(benchmark);
-    let (got, want) = (ours["examples"].as_array().unwrap(), gold["examples"].as_array().unwrap());
+    let (got, want) = (
+        ours["examples"].as_array().unwrap(),
+        gold["examples"].as_array().unwrap(),
+    );
     assert_eq!(got.len(), want.len(), "{benchmark}: examples");
     for (g, w) in got.iter().zip(want) {
         let id = &w["id"];
@@ -73,24 +87,43 @@ fn check(benchmark: &str, options: &Options) -> (Value, Value) {
             fast => fast,
         };
         let prompt = g["prompt"].as_str().unwrap();
-        assert_eq!(engine.prompt_ids(prompt).unwrap(), ids(want_ids), "{benchmark} {id}: ids");
+        assert_eq!(
+            engine.prompt_ids(prompt).unwrap(),
+            ids(want_ids),
+            "{benchmark} {id}: ids"
+        );
         if want_ids != &w["prompt_ids"] {
             // Different input ids, so a different output: fed the slow tokenizer's ids instead,
             // the engine gives the reference's tokens.
             let n = w["generated_ids"].as_array().unwrap().len();
-            let settings = Settings { past_positions: true, ..Settings::greedy(n) };
+            let settings = Settings {
+                past_positions: true,
+                ..Settings::greedy(n)
+            };
             let c = complete(&model, &tokenizer, &ids(&w["prompt_ids"]), &settings).unwrap();
-            assert_eq!(c.ids, ids(&w["generated_ids"]), "{benchmark} {id}: slow-tokenizer ids");
+            assert_eq!(
+                c.ids,
+                ids(&w["generated_ids"]),
+                "{benchmark} {id}: slow-tokenizer ids"
+            );
             continue;
         }
         assert_eq!(g["output"], w["output"], "{benchmark} {id}: output");
         if benchmark != "humaneval" {
-            assert_eq!(g["prediction"], w["prediction"], "{benchmark} {id}: prediction");
+            assert_eq!(
+                g["prediction"], w["prediction"],
+                "{benchmark} {id}: prediction"
+            );
         }
         assert_eq!(g["correct"], w["correct"], "{benchmark} {id}: correct");
     }
     let gap = metrics_differ(&ours["metrics"], &gold["metrics"]);
-    assert!(gap < 1e-12, "{benchmark}: metrics {} vs {}", ours["metrics"], gold["metrics"]);
+    assert!(
+        gap < 1e-12,
+        "{benchmark}: metrics {} vs {}",
+        ours["metrics"],
+        gold["metrics"]
+    );
     (ours, gold)
 }
 
@@ -99,9 +132,18 @@ fn mmlu_equals_the_reference() {
     let (_, gold) = check("mmlu", &options());
     // No near-tie among the four letters could have decided a prediction either way.
     for e in gold["examples"].as_array().unwrap() {
-        let mut l: Vec<f64> = e["answer_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let mut l: Vec<f64> = e["answer_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         l.sort_by(|a, b| b.total_cmp(a));
-        assert!(l[0] - l[1] > 1e-4, "{}: a near tie {l:?}; compare with a tolerance", e["id"]);
+        assert!(
+            l[0] - l[1] > 1e-4,
+            "{}: a near tie {l:?}; compare with a tolerance",
+            e["id"]
+        );
     }
 }
 
@@ -124,7 +166,11 @@ fn tydiqa_equals_the_reference() {
 /// after the stop sequences, and the same pass/fail when run.
 #[test]
 fn humaneval_equals_the_reference() {
-    let options = Options { temperature: Some(0.0), samples: Some(1), ..options() };
+    let options = Options {
+        temperature: Some(0.0),
+        samples: Some(1),
+        ..options()
+    };
     check("humaneval", &options);
 }
 
@@ -138,7 +184,11 @@ fn string_rules_equal_the_reference_tables() {
         assert_eq!(gold, str_of(&c["gold"]), "{c}");
         let prediction = text::gsm_prediction(c["output"].as_str().unwrap());
         assert_eq!(prediction, str_of(&c["prediction"]), "{c}");
-        assert_eq!(text::exact_match(&prediction, &gold), c["correct"].as_bool().unwrap(), "{c}");
+        assert_eq!(
+            text::exact_match(&prediction, &gold),
+            c["correct"].as_bool().unwrap(),
+            "{c}"
+        );
     }
     for c in cases("bbh_extraction") {
         let prediction = text::bbh_prediction(c["output"].as_str().unwrap());
@@ -147,18 +197,32 @@ fn string_rules_equal_the_reference_tables() {
         assert_eq!(correct, c["correct"].as_bool().unwrap(), "{c}");
     }
     for c in cases("exact_match") {
-        let em = text::exact_match(c["prediction"].as_str().unwrap(), c["reference"].as_str().unwrap());
-        assert_eq!(f64::from(u8::from(em)), c["exact_match"].as_f64().unwrap(), "{c}");
+        let em = text::exact_match(
+            c["prediction"].as_str().unwrap(),
+            c["reference"].as_str().unwrap(),
+        );
+        assert_eq!(
+            f64::from(u8::from(em)),
+            c["exact_match"].as_f64().unwrap(),
+            "{c}"
+        );
     }
     for c in cases("squad") {
         let p = c["prediction"].as_str().unwrap();
-        assert_eq!(text::squad_normalize(p), str_of(&c["normalized_prediction"]), "{c}");
+        assert_eq!(
+            text::squad_normalize(p),
+            str_of(&c["normalized_prediction"]),
+            "{c}"
+        );
         let golds: Vec<String> = c["golds"].as_array().unwrap().iter().map(str_of).collect();
         for (g, n) in golds.iter().zip(c["normalized_golds"].as_array().unwrap()) {
             assert_eq!(text::squad_normalize(g), str_of(n), "{c}");
         }
         let em = golds.iter().any(|g| text::squad_exact(p, g));
-        let f1 = golds.iter().map(|g| text::squad_f1(p, g)).fold(0.0, f64::max);
+        let f1 = golds
+            .iter()
+            .map(|g| text::squad_f1(p, g))
+            .fold(0.0, f64::max);
         assert_eq!(em, c["exact_match"].as_bool().unwrap(), "{c}");
         assert!((f1 - c["f1"].as_f64().unwrap()).abs() < 1e-12, "{c}: {f1}");
     }
@@ -179,7 +243,13 @@ fn execution_and_pass_at_k_equal_the_reference() {
         );
         let outcome = ev::execute::run_check(&program, &ev::execute::Limits::default()).unwrap();
         let passed = outcome == ev::execute::Outcome::Passed;
-        assert_eq!(passed, c["passed"].as_bool().unwrap(), "{} {}: {outcome:?}", c["task_id"], c["kind"]);
+        assert_eq!(
+            passed,
+            c["passed"].as_bool().unwrap(),
+            "{} {}: {outcome:?}",
+            c["task_id"],
+            c["kind"]
+        );
         if c["result"] == "timed out" {
             assert_eq!(outcome, ev::execute::Outcome::TimedOut, "{}", c["kind"]);
         }
@@ -191,18 +261,27 @@ fn execution_and_pass_at_k_equal_the_reference() {
             v => vec![v.as_u64().unwrap() as usize],
         };
         let k = row["k"].as_u64().unwrap() as usize;
-        let each = list("n").into_iter().zip(list("c")).map(|(n, c)| ev::pass_at_k::pass_at_k(n, c, k).unwrap());
+        let each = list("n")
+            .into_iter()
+            .zip(list("c"))
+            .map(|(n, c)| ev::pass_at_k::pass_at_k(n, c, k).unwrap());
         let got = ev::mean(each);
-        assert!((got - row["pass_at_k"].as_f64().unwrap()).abs() < 1e-12, "{row}: {got}");
+        assert!(
+            (got - row["pass_at_k"].as_f64().unwrap()).abs() < 1e-12,
+            "{row}: {got}"
+        );
     }
 }
 
 /// The sample HumanEval problems by task id.
 fn humaneval_problems() -> serde_json::Map<String, Value> {
     use std::io::Read;
-    let file = std::fs::File::open(root().join("data/eval/codex_humaneval/HumanEval.jsonl.gz")).unwrap();
+    let file =
+        std::fs::File::open(root().join("data/eval/codex_humaneval/HumanEval.jsonl.gz")).unwrap();
     let mut text = String::new();
-    flate2::read::GzDecoder::new(file).read_to_string(&mut text).unwrap();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .unwrap();
     text.lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .map(|v| (v["task_id"].as_str().unwrap().to_string(), v))

@@ -42,8 +42,16 @@ fn cached_vs_full(model: &prolora::model::Llama, ids: &[[u32; 7]], chunks: &[usi
         let h = model.hidden_cached(&part, &ctx, &mut cache).unwrap();
         let got = model.head(&h).unwrap();
         let want = full.narrow(1, at, n).unwrap();
-        let diff: f64 = (got - want).unwrap().abs().unwrap().flatten_all().unwrap()
-            .max(0).unwrap().to_scalar().unwrap();
+        let diff: f64 = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         worst = worst.max(diff);
         at += n;
     }
@@ -73,17 +81,35 @@ fn cached_decoding_equals_full_recompute_for_every_method() {
 fn ragged_vs_full(model: &prolora::model::Llama, seqs: &[Vec<u32>], prompt_lens: &[usize]) -> f64 {
     let ctx = Ctx::eval();
     let row = |ids: &[u32]| Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
-    let full: Vec<Tensor> = seqs.iter().map(|s| model.logits(&row(s), &ctx).unwrap()).collect();
+    let full: Vec<Tensor> = seqs
+        .iter()
+        .map(|s| model.logits(&row(s), &ctx).unwrap())
+        .collect();
     let max_diff = |a: Tensor, b: Tensor| -> f64 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        d.to_dtype(candle_core::DType::F64).unwrap().to_scalar().unwrap()
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        d.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     };
     let mut worst = 0f64;
     let mut caches = Vec::new();
     for (s, &n) in seqs.iter().zip(prompt_lens) {
         let mut cache = model.new_cache();
-        let h = model.hidden_cached(&row(&s[..n]), &ctx, &mut cache).unwrap();
-        worst = worst.max(max_diff(model.head(&h).unwrap(), full[caches.len()].narrow(1, 0, n).unwrap()));
+        let h = model
+            .hidden_cached(&row(&s[..n]), &ctx, &mut cache)
+            .unwrap();
+        worst = worst.max(max_diff(
+            model.head(&h).unwrap(),
+            full[caches.len()].narrow(1, 0, n).unwrap(),
+        ));
         caches.push(cache);
     }
     let mut cache = KvCache::stack(caches).unwrap();
@@ -94,9 +120,14 @@ fn ragged_vs_full(model: &prolora::model::Llama, seqs: &[Vec<u32>], prompt_lens:
             let keep: Vec<usize> = (0..seqs.len()).filter(|&r| r != 1).collect();
             cache.retain(&keep).unwrap();
         }
-        let next: Vec<u32> = active.iter().map(|&i| seqs[i][prompt_lens[i] + step]).collect();
+        let next: Vec<u32> = active
+            .iter()
+            .map(|&i| seqs[i][prompt_lens[i] + step])
+            .collect();
         let ids = Tensor::from_slice(&next, (next.len(), 1), &Device::Cpu).unwrap();
-        let logits = model.head(&model.hidden_cached(&ids, &ctx, &mut cache).unwrap()).unwrap();
+        let logits = model
+            .head(&model.hidden_cached(&ids, &ctx, &mut cache).unwrap())
+            .unwrap();
         for (r, &i) in active.iter().enumerate() {
             let want = full[i].narrow(1, prompt_lens[i] + step, 1).unwrap();
             worst = worst.max(max_diff(logits.narrow(0, r, 1).unwrap(), want));
@@ -123,7 +154,10 @@ fn ragged_batch_decoding_equals_each_sequence_alone() {
             assert!(worst < 1e-10, "{} {quant:?}: {worst}", reg.kind);
             // The same path in f32 and bf16 (the compute dtypes of a CPU and a GPU), within
             // their rounding (measured: ≤ 2.1e-7 in f32, ≤ 6.8e-3 in bf16; logits of order 1).
-            for (dtype, tol) in [(candle_core::DType::F32, 1e-5), (candle_core::DType::BF16, 2e-2)] {
+            for (dtype, tol) in [
+                (candle_core::DType::F32, 1e-5),
+                (candle_core::DType::BF16, 2e-2),
+            ] {
                 let cfg = method_config(reg, 0.0);
                 let (model, _set) = common::tiny_model_in(common::TINY_GQA, &cfg, quant, dtype);
                 let worst = ragged_vs_full(&model, &seqs, &prompt_lens);
@@ -140,23 +174,39 @@ fn greedy_ids_equal_transformers_generate() {
     let dir = common::fixture("peft-lora");
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
-    let source = prolora::source::ModelSource::resolve(dir.join("base").to_str().unwrap(), "main").unwrap();
+    let source =
+        prolora::source::ModelSource::resolve(dir.join("base").to_str().unwrap(), "main").unwrap();
     let mut model = source.load(candle_core::DType::F32, &Device::Cpu).unwrap();
     prolora::adapters::peft::load_into(&dir.join("adapter"), &mut model).unwrap();
     let n = golden["new_tokens"].as_u64().unwrap() as usize;
     let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     let tokenizer = source.tokenizer(None).unwrap();
-    for (prompt, want) in golden["prompts"].as_array().unwrap().iter().zip(golden["generated"].as_array().unwrap()) {
+    for (prompt, want) in golden["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(golden["generated"].as_array().unwrap())
+    {
         let got = complete(&model, &tokenizer, &ids(prompt), &Settings::greedy(n)).unwrap();
         assert_eq!(got.ids, ids(want), "prompt {prompt}");
         assert_eq!(got.ended, Ended::MaxNewTokens);
     }
 
     // Decoded together (ragged, rows leaving as they end) each prompt gets the same tokens.
-    let requests: Vec<Request> = golden["prompts"].as_array().unwrap().iter()
-        .map(|p| Request { prompt: ids(p), seed: 0 })
+    let requests: Vec<Request> = golden["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Request {
+            prompt: ids(p),
+            seed: 0,
+        })
         .collect();
     let together = complete_batch(&model, &tokenizer, &requests, &Settings::greedy(n)).unwrap();
     for (got, want) in together.iter().zip(golden["generated"].as_array().unwrap()) {
@@ -167,7 +217,12 @@ fn greedy_ids_equal_transformers_generate() {
     // text before it and ends there.
     let prompt = ids(&golden["prompts"][0]);
     let sampled = |seed| {
-        let s = Settings { temperature: 1.0, top_p: 0.95, seed, ..Settings::greedy(n) };
+        let s = Settings {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed,
+            ..Settings::greedy(n)
+        };
         complete(&model, &tokenizer, &prompt, &s).unwrap()
     };
     assert_eq!(sampled(1).ids, sampled(1).ids);
@@ -178,7 +233,10 @@ fn greedy_ids_equal_transformers_generate() {
         &model,
         &tokenizer,
         &prompt,
-        &Settings { stop: vec![word.clone()], ..Settings::greedy(n) },
+        &Settings {
+            stop: vec![word.clone()],
+            ..Settings::greedy(n)
+        },
     )
     .unwrap();
     assert_eq!(stopped.ended, Ended::Stop(word.clone()));
@@ -199,18 +257,32 @@ fn a_batch_samples_what_each_prompt_samples_alone() {
         method: (registry::METHODS[0].from_toml)(toml::Table::new()).unwrap(),
     };
     let (model, _set) = common::tiny_f64_model(&cfg, Quantization::None);
-    let tokenizer = tokenizers::Tokenizer::from_bytes(prolora::model::preset::LLAMA2_TOKENIZER_JSON).unwrap();
+    let tokenizer =
+        tokenizers::Tokenizer::from_bytes(prolora::model::preset::LLAMA2_TOKENIZER_JSON).unwrap();
     let requests: Vec<Request> = [vec![1, 5, 9], vec![4, 4, 8, 1, 0, 6], vec![3]]
         .into_iter()
         .enumerate()
-        .map(|(i, prompt)| Request { prompt, seed: 10 + i as u64 })
+        .map(|(i, prompt)| Request {
+            prompt,
+            seed: 10 + i as u64,
+        })
         .collect();
     for temperature in [0.0, 1.5] {
-        let settings = Settings { temperature, top_p: 0.9, ..Settings::greedy(12) };
+        let settings = Settings {
+            temperature,
+            top_p: 0.9,
+            ..Settings::greedy(12)
+        };
         let together = complete_batch(&model, &tokenizer, &requests, &settings).unwrap();
         for (got, r) in together.iter().zip(&requests) {
-            let alone = Settings { seed: r.seed, ..settings.clone() };
-            assert_eq!(got.ids, complete(&model, &tokenizer, &r.prompt, &alone).unwrap().ids);
+            let alone = Settings {
+                seed: r.seed,
+                ..settings.clone()
+            };
+            assert_eq!(
+                got.ids,
+                complete(&model, &tokenizer, &r.prompt, &alone).unwrap().ids
+            );
         }
     }
 }

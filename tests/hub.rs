@@ -839,10 +839,18 @@ fn server_errors_are_retried_and_then_named() {
     };
     let hub = FakeHub::start_with(vec![sharded_repo("acme/tiny-llama")], faults);
     let cache = tempfile::tempdir().unwrap();
-    let dir = fetch_model("acme/tiny-llama", "main", &opts(&hub.endpoint(), cache.path())).unwrap();
+    let dir = fetch_model(
+        "acme/tiny-llama",
+        "main",
+        &opts(&hub.endpoint(), cache.path()),
+    )
+    .unwrap();
     assert_has_files(&dir, &sharded_repo("acme/tiny-llama"));
     let reqs = hub.requests();
-    assert_eq!(reqs[0].target, reqs[2].target, "the first request, tried three times");
+    assert_eq!(
+        reqs[0].target, reqs[2].target,
+        "the first request, tried three times"
+    );
 
     hub.faults.lock().unwrap().unavailable = 100;
     let other = tempfile::tempdir().unwrap();
@@ -851,7 +859,10 @@ fn server_errors_are_retried_and_then_named() {
         "main",
         &opts(&hub.endpoint(), other.path()),
     ));
-    assert!(msg.contains("HTTP 503") && msg.contains("after 3 retries"), "{msg}");
+    assert!(
+        msg.contains("HTTP 503") && msg.contains("after 3 retries"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -862,7 +873,12 @@ fn a_connection_cut_mid_file_resumes_with_a_range_request() {
     };
     let hub = FakeHub::start_with(vec![sharded_repo("acme/tiny-llama")], faults);
     let cache = tempfile::tempdir().unwrap();
-    let dir = fetch_model("acme/tiny-llama", "main", &opts(&hub.endpoint(), cache.path())).unwrap();
+    let dir = fetch_model(
+        "acme/tiny-llama",
+        "main",
+        &opts(&hub.endpoint(), cache.path()),
+    )
+    .unwrap();
     assert_has_files(&dir, &sharded_repo("acme/tiny-llama"));
     let half = CONFIG.len() / 2;
     let config_ranges: Vec<String> = hub
@@ -890,7 +906,12 @@ fn a_partial_download_left_by_an_earlier_run_is_resumed() {
         &CONFIG[..10],
     )
     .unwrap();
-    let dir = fetch_model("acme/tiny-llama", "main", &opts(&hub.endpoint(), cache.path())).unwrap();
+    let dir = fetch_model(
+        "acme/tiny-llama",
+        "main",
+        &opts(&hub.endpoint(), cache.path()),
+    )
+    .unwrap();
     assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), CONFIG);
     let reqs = hub.requests();
     assert!(
@@ -914,9 +935,17 @@ fn credentials_in_the_endpoint_are_never_echoed() {
     assert!(msg.contains(&format!("http://***@{}", hub.addr)), "{msg}");
     assert!(!msg.contains("s3cret"), "{msg}");
 
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let closed = format!("http://user:s3cret@127.0.0.1:{port}");
-    let msg = err_text(fetch_model("acme/tiny-llama", "main", &opts(&closed, cache.path())));
+    let msg = err_text(fetch_model(
+        "acme/tiny-llama",
+        "main",
+        &opts(&closed, cache.path()),
+    ));
     assert!(msg.contains("cannot reach http://***@127.0.0.1"), "{msg}");
     assert!(!msg.contains("s3cret"), "{msg}");
 }
@@ -939,7 +968,11 @@ fn a_trained_adapter_records_the_hub_id_as_its_base() {
     let run = tmp.path().join("run");
     let data = base.join("data.jsonl");
     let set = |kv: String| ["--set".to_string(), kv];
-    let mut args = vec!["train".to_string(), "--config".into(), "configs/demo.toml".into()];
+    let mut args = vec![
+        "train".to_string(),
+        "--config".into(),
+        "configs/demo.toml".into(),
+    ];
     for kv in [
         format!("output_dir={}", run.display()),
         "model.source=acme/peft-base".into(),
@@ -961,10 +994,13 @@ fn a_trained_adapter_records_the_hub_id_as_its_base() {
         .env_remove("HF_TOKEN")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let adapter: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(adapter["base_model_name_or_path"], "acme/peft-base");
 }

@@ -19,8 +19,19 @@ fn prolora(args: &[&str]) -> Output {
 
 fn sweep_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
-        "sweep", "--config", "configs/demo.toml", "--grid", "optim.lr=1e-3,2e-3", "--set",
-        steps, "--set", "train.eval_every=0", "--set", "train.batch_size=4", "--out", out,
+        "sweep",
+        "--config",
+        "configs/demo.toml",
+        "--grid",
+        "optim.lr=1e-3,2e-3",
+        "--set",
+        steps,
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.batch_size=4",
+        "--out",
+        out,
     ]
 }
 
@@ -56,7 +67,10 @@ fn an_interrupted_sweep_continues_to_the_same_adapters() {
     let metrics = Path::new(b).join("runs/optim.lr=1e-3/metrics.jsonl");
     let started = Instant::now();
     while std::fs::read_to_string(&metrics).map_or(0, |t| t.matches("\"loss\"").count()) < 3 {
-        assert!(started.elapsed() < Duration::from_secs(120), "the point never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the point never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // SAFETY: a signal to the child this test started.
@@ -72,11 +86,20 @@ fn an_interrupted_sweep_continues_to_the_same_adapters() {
     let o = prolora(&sweep_args(b, steps));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for point in ["optim.lr=1e-3", "optim.lr=2e-3"] {
-        let (x, y) = (Path::new(a).join("runs").join(point), Path::new(b).join("runs").join(point));
+        let (x, y) = (
+            Path::new(a).join("runs").join(point),
+            Path::new(b).join("runs").join(point),
+        );
         assert!(adapter(&x) == adapter(&y), "{point}: adapters differ");
     }
     let s = status(b);
-    assert!(s.as_array().unwrap().iter().all(|p| p["state"] == "finished"), "{s}");
+    assert!(
+        s.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] == "finished"),
+        "{s}"
+    );
 
     // Rerunning a finished sweep runs nothing; the tables of both sweeps are the same.
     let o = prolora(&sweep_args(b, steps));
@@ -106,7 +129,10 @@ fn bad_grids_are_refused_before_anything_runs() {
     let e = err(&["--grid", "optim.lr=1e-3,2e-3", "--set", "optim.lr=1e-4"]);
     assert!(e.contains("conflicts with --set optim.lr=1e-4"), "{e}");
     let e = err(&["--grid", "optim.lr=-1,1e-3"]);
-    assert!(e.contains("optim.lr") && e.contains("grid point optim.lr=-1"), "{e}");
+    assert!(
+        e.contains("optim.lr") && e.contains("grid point optim.lr=-1"),
+        "{e}"
+    );
     assert!(!Path::new(out).exists(), "nothing written");
     let e = err(&["--grid", "seed=1,2", "--slurm-args", "--partition=gpu"]);
     assert!(e.contains("--backend slurm only"), "{e}");
@@ -121,8 +147,18 @@ fn status_names_failed_and_running_points() {
     let out = out.to_str().unwrap();
     // max_seq_len 2 leaves no example with a label token: the point fails when it loads data.
     let o = prolora(&[
-        "sweep", "--config", "configs/demo.toml", "--grid", "data.max_seq_len=2,64", "--set",
-        "train.steps=200", "--set", "train.eval_every=0", "--out", out, "--dry-run",
+        "sweep",
+        "--config",
+        "configs/demo.toml",
+        "--grid",
+        "data.max_seq_len=2,64",
+        "--set",
+        "train.steps=200",
+        "--set",
+        "train.eval_every=0",
+        "--out",
+        out,
+        "--dry-run",
     ]);
     assert!(o.status.success());
     let plan = String::from_utf8(o.stdout).unwrap();
@@ -131,8 +167,17 @@ fn status_names_failed_and_running_points() {
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_prolora"))
         .args([
-            "sweep", "--config", "configs/demo.toml", "--grid", "data.max_seq_len=2,64", "--set",
-            "train.steps=200", "--set", "train.eval_every=0", "--out", out,
+            "sweep",
+            "--config",
+            "configs/demo.toml",
+            "--grid",
+            "data.max_seq_len=2,64",
+            "--set",
+            "train.steps=200",
+            "--set",
+            "train.eval_every=0",
+            "--out",
+            out,
         ])
         .current_dir(root())
         .env("HF_HUB_OFFLINE", "1")
@@ -142,7 +187,10 @@ fn status_names_failed_and_running_points() {
     let metrics = Path::new(out).join("runs/data.max_seq_len=64/metrics.jsonl");
     let started = Instant::now();
     while std::fs::read_to_string(&metrics).map_or(0, |t| t.matches("\"loss\"").count()) < 2 {
-        assert!(started.elapsed() < Duration::from_secs(120), "the second point never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the second point never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let s = status(out);
@@ -164,15 +212,30 @@ fn evaluated_points_show_in_collect_and_are_not_evaluated_twice() {
     let out = tmp.path().join("s");
     let out = out.to_str().unwrap();
     let args = [
-        "sweep", "--config", "configs/demo.toml", "--grid", "seed=1,2", "--set", "train.steps=4",
-        "--set", "train.eval_every=0", "--set", "train.batch_size=4", "--out", out,
-        "--evaluate", "mmlu", "--eval-data-dir", "data/eval",
+        "sweep",
+        "--config",
+        "configs/demo.toml",
+        "--grid",
+        "seed=1,2",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.batch_size=4",
+        "--out",
+        out,
+        "--evaluate",
+        "mmlu",
+        "--eval-data-dir",
+        "data/eval",
     ];
     let o = prolora(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let results = |seed: u32| Path::new(out).join(format!("runs/seed={seed}/eval/mmlu.json"));
     let score = |seed: u32| -> f64 {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(results(seed)).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(results(seed)).unwrap()).unwrap();
         assert_eq!(v["examples"].as_array().unwrap().len(), 16);
         100.0 * v["metrics"]["average_acc"].as_f64().unwrap()
     };
@@ -181,12 +244,18 @@ fn evaluated_points_show_in_collect_and_are_not_evaluated_twice() {
     assert!(table.contains("MMLU (EM)"), "{table}");
     let mean = (s1 + s2) / 2.0;
     let std = ((s1 - mean).powi(2) + (s2 - mean).powi(2)).sqrt();
-    assert!(table.contains(&format!("{mean:.2} ± {std:.2}")), "{s1} {s2}\n{table}");
+    assert!(
+        table.contains(&format!("{mean:.2} ± {std:.2}")),
+        "{s1} {s2}\n{table}"
+    );
 
     let before = std::fs::metadata(results(1)).unwrap().modified().unwrap();
     let o = prolora(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(std::fs::metadata(results(1)).unwrap().modified().unwrap(), before);
+    assert_eq!(
+        std::fs::metadata(results(1)).unwrap().modified().unwrap(),
+        before
+    );
 
     // HumanEval without consent is refused before anything runs.
     let mut bad = args.to_vec();

@@ -2,7 +2,10 @@
 //! reference removes it), greedy; exact match per task and their average.
 
 use super::text::{bbh_prediction, exact_match, py_strip};
-use super::{data_file, first, greedy, mean, names_ending, read, ChatFormat, Engine, Example, Options, Scored};
+use super::{
+    data_file, first, greedy, mean, names_ending, read, ChatFormat, Engine, Example, Options,
+    Scored,
+};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Map};
@@ -31,7 +34,10 @@ fn direct_prompt(path: &Path) -> Result<String> {
                 return Ok(field.to_string());
             }
             if !field.contains("So the answer is") || !field.contains("\nA:") {
-                bail!("{}: an exemplar lacks \"\\nA:\" or \"So the answer is\"", path.display());
+                bail!(
+                    "{}: an exemplar lacks \"\\nA:\" or \"So the answer is\"",
+                    path.display()
+                );
             }
             let answer = py_strip(field.rsplit("So the answer is").next().unwrap_or(""));
             let question = py_strip(field.split("\nA:").next().unwrap_or(""));
@@ -48,8 +54,12 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let mut work = Vec::new();
     for name in &names {
         let path = tasks_dir.join(format!("{name}.json"));
-        let task: Task = serde_json::from_str(&read(&path)?)
-            .with_context(|| format!("{}: needs {{\"examples\": [{{\"input\", \"target\"}}]}}", path.display()))?;
+        let task: Task = serde_json::from_str(&read(&path)?).with_context(|| {
+            format!(
+                "{}: needs {{\"examples\": [{{\"input\", \"target\"}}]}}",
+                path.display()
+            )
+        })?;
         let prompt_file = data_file(&options.data_dir, &format!("bbh/cot-prompts/{name}.txt"))?;
         let exemplars = direct_prompt(&prompt_file)?;
         let exemplars = py_strip(&exemplars);

@@ -23,7 +23,10 @@ fn records(text: &str, path: &Path) -> Result<Vec<Vec<String>>> {
     let (mut quoted, mut was_quoted) = (false, false);
     let mut chars = text.chars().peekable();
     let mut line = 1;
-    let end_row = |row: &mut Vec<String>, field: &mut String, rows: &mut Vec<Vec<String>>, was_quoted: bool| {
+    let end_row = |row: &mut Vec<String>,
+                   field: &mut String,
+                   rows: &mut Vec<Vec<String>>,
+                   was_quoted: bool| {
         if !(row.is_empty() && field.is_empty() && !was_quoted) {
             row.push(std::mem::take(field));
             rows.push(std::mem::take(row));
@@ -86,8 +89,9 @@ pub fn read_rendered(path: &Path) -> Result<Vec<Vec<String>>> {
 /// One column's cells as pandas' inferred dtype prints them.
 fn render_column(cells: &[&str]) -> Vec<String> {
     static INT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[+-]?[0-9]+$").unwrap());
-    static FLOAT: LazyLock<Regex> =
-        LazyLock::new(|| Regex::new(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$").unwrap());
+    static FLOAT: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$").unwrap()
+    });
     let na = |c: &str| NA.contains(&c);
     let present: Vec<&str> = cells.iter().copied().filter(|c| !na(c)).collect();
     let has_na = present.len() < cells.len();
@@ -96,7 +100,9 @@ fn render_column(cells: &[&str]) -> Vec<String> {
         "False" | "FALSE" | "false" => Some("False"),
         _ => None,
     };
-    let ints = present.iter().all(|c| INT.is_match(c) && c.trim_start_matches(['+', '-']).len() < 19);
+    let ints = present
+        .iter()
+        .all(|c| INT.is_match(c) && c.trim_start_matches(['+', '-']).len() < 19);
     let floats = present.iter().all(|c| FLOAT.is_match(c));
     cells
         .iter()
@@ -104,7 +110,8 @@ fn render_column(cells: &[&str]) -> Vec<String> {
             if na(c) {
                 "nan".to_string()
             } else if ints && !has_na {
-                c.parse::<i64>().map_or_else(|_| c.to_string(), |v| v.to_string())
+                c.parse::<i64>()
+                    .map_or_else(|_| c.to_string(), |v| v.to_string())
             } else if floats {
                 c.parse::<f64>().map_or_else(|_| c.to_string(), py_float)
             } else if present.iter().all(|c| bool_of(c).is_some()) {

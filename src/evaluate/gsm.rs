@@ -36,7 +36,10 @@ fn prefix(shots: usize) -> Result<String> {
         .iter()
         .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.cot_answer))
         .collect();
-    Ok(format!("Answer the following questions.\n\n{}\n\n", demos.join("\n\n")))
+    Ok(format!(
+        "Answer the following questions.\n\n{}\n\n",
+        demos.join("\n\n")
+    ))
 }
 
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
@@ -44,13 +47,29 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let max_new_tokens = options.max_new_tokens.unwrap_or(512);
     let path = data_file(&options.data_dir, "gsm/test.jsonl")?;
     let mut problems = Vec::new();
-    for (n, line) in read(&path)?.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let p: Problem = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: needs {{\"question\", \"answer\"}}", path.display(), n + 1))?;
+    for (n, line) in read(&path)?
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let p: Problem = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{}:{}: needs {{\"question\", \"answer\"}}",
+                path.display(),
+                n + 1
+            )
+        })?;
         let Some((_, gold)) = p.answer.split_once("####") else {
-            bail!("{}:{}: the answer has no \"#### <number>\" line", path.display(), n + 1);
+            bail!(
+                "{}:{}: the answer has no \"#### <number>\" line",
+                path.display(),
+                n + 1
+            );
         };
-        problems.push((p.question, drop_digit_commas(py_strip(gold.split("####").next().unwrap_or(gold)))));
+        problems.push((
+            p.question,
+            drop_digit_commas(py_strip(gold.split("####").next().unwrap_or(gold))),
+        ));
     }
     let problems = first(problems, options.limit);
     let prefix = prefix(shots)?;

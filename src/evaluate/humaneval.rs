@@ -36,7 +36,8 @@ pub fn refuse_without_consent(options: &Options) -> Result<()> {
 
 fn problems(path: &Path) -> Result<Vec<Problem>> {
     let mut text = String::new();
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
     match path.extension().and_then(|e| e.to_str()) {
         Some("gz") => flate2::read::GzDecoder::new(file).read_to_string(&mut text),
         _ => std::io::BufReader::new(file).read_to_string(&mut text),
@@ -47,7 +48,11 @@ fn problems(path: &Path) -> Result<Vec<Problem>> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(n, l)| {
             serde_json::from_str(l).with_context(|| {
-                format!("{}:{}: needs {{\"task_id\", \"prompt\", \"test\", \"entry_point\"}}", path.display(), n + 1)
+                format!(
+                    "{}:{}: needs {{\"task_id\", \"prompt\", \"test\", \"entry_point\"}}",
+                    path.display(),
+                    n + 1
+                )
             })
         })
         .collect()
@@ -81,7 +86,12 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     for (i, p) in problems.iter().enumerate() {
         for s in 0..samples {
             prompts.push(prompt_of(p));
-            seeds.push(options.seed.wrapping_mul(1_000_003).wrapping_add((i * samples + s) as u64));
+            seeds.push(
+                options
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((i * samples + s) as u64),
+            );
         }
     }
     let settings = Settings {
@@ -100,7 +110,10 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         .enumerate()
         .map(|(j, out)| {
             let p = &problems[j / samples];
-            let program = format!("{}{}\n{}\ncheck({})", p.prompt, out.text, p.test, p.entry_point);
+            let program = format!(
+                "{}{}\n{}\ncheck({})",
+                p.prompt, out.text, p.test, p.entry_point
+            );
             run_check(&program, &limits)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -129,7 +142,10 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let mut metrics = Map::new();
     for k in [1, 10] {
         if samples >= k {
-            let each = passed.iter().map(|&c| pass_at_k(samples, c, k)).collect::<Result<Vec<_>>>()?;
+            let each = passed
+                .iter()
+                .map(|&c| pass_at_k(samples, c, k))
+                .collect::<Result<Vec<_>>>()?;
             metrics.insert(format!("pass@{k}"), json!(mean(each)));
         }
     }

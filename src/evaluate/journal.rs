@@ -34,15 +34,26 @@ impl Journal {
             }
         }
         if !done.is_empty() {
-            eprintln!("{}: continuing with {} completions made before", path.display(), done.len());
+            eprintln!(
+                "{}: continuing with {} completions made before",
+                path.display(),
+                done.len()
+            );
         }
-        Ok(Journal { path: path.to_path_buf(), done, file: None })
+        Ok(Journal {
+            path: path.to_path_buf(),
+            done,
+            file: None,
+        })
     }
 
     pub fn key(request: &Request, settings: &Settings) -> String {
         let ids: Vec<String> = request.prompt.iter().map(u32::to_string).collect();
         let text = format!("{settings:?}\n{}\n{}", request.seed, ids.join(","));
-        Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+        Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     pub fn get(&self, key: &str) -> Option<&Completion> {
@@ -59,7 +70,10 @@ impl Journal {
                 .with_context(|| format!("cannot write {}", self.path.display()))?;
             self.file = Some(file);
         }
-        let line = serde_json::to_string(&Line { key: key.clone(), completion: completion.clone() })?;
+        let line = serde_json::to_string(&Line {
+            key: key.clone(),
+            completion: completion.clone(),
+        })?;
         let file = self.file.as_mut().expect("opened above");
         writeln!(file, "{line}")
             .and_then(|_| file.flush())

@@ -11,41 +11,93 @@ const CHOICES: [&str; 4] = ["A", "B", "C", "D"];
 
 /// Each subject's subcategory (MMLU's taxonomy, as the reference's categories.py has it).
 const SUBCATEGORIES: [(&str, &str); 57] = [
-    ("abstract_algebra", "math"), ("anatomy", "health"), ("astronomy", "physics"),
-    ("business_ethics", "business"), ("clinical_knowledge", "health"),
-    ("college_biology", "biology"), ("college_chemistry", "chemistry"),
-    ("college_computer_science", "computer science"), ("college_mathematics", "math"),
-    ("college_medicine", "health"), ("college_physics", "physics"),
-    ("computer_security", "computer science"), ("conceptual_physics", "physics"),
-    ("econometrics", "economics"), ("electrical_engineering", "engineering"),
-    ("elementary_mathematics", "math"), ("formal_logic", "philosophy"),
-    ("global_facts", "other"), ("high_school_biology", "biology"),
-    ("high_school_chemistry", "chemistry"), ("high_school_computer_science", "computer science"),
-    ("high_school_european_history", "history"), ("high_school_geography", "geography"),
+    ("abstract_algebra", "math"),
+    ("anatomy", "health"),
+    ("astronomy", "physics"),
+    ("business_ethics", "business"),
+    ("clinical_knowledge", "health"),
+    ("college_biology", "biology"),
+    ("college_chemistry", "chemistry"),
+    ("college_computer_science", "computer science"),
+    ("college_mathematics", "math"),
+    ("college_medicine", "health"),
+    ("college_physics", "physics"),
+    ("computer_security", "computer science"),
+    ("conceptual_physics", "physics"),
+    ("econometrics", "economics"),
+    ("electrical_engineering", "engineering"),
+    ("elementary_mathematics", "math"),
+    ("formal_logic", "philosophy"),
+    ("global_facts", "other"),
+    ("high_school_biology", "biology"),
+    ("high_school_chemistry", "chemistry"),
+    ("high_school_computer_science", "computer science"),
+    ("high_school_european_history", "history"),
+    ("high_school_geography", "geography"),
     ("high_school_government_and_politics", "politics"),
-    ("high_school_macroeconomics", "economics"), ("high_school_mathematics", "math"),
-    ("high_school_microeconomics", "economics"), ("high_school_physics", "physics"),
-    ("high_school_psychology", "psychology"), ("high_school_statistics", "math"),
-    ("high_school_us_history", "history"), ("high_school_world_history", "history"),
-    ("human_aging", "health"), ("human_sexuality", "culture"), ("international_law", "law"),
-    ("jurisprudence", "law"), ("logical_fallacies", "philosophy"),
-    ("machine_learning", "computer science"), ("management", "business"),
-    ("marketing", "business"), ("medical_genetics", "health"), ("miscellaneous", "other"),
-    ("moral_disputes", "philosophy"), ("moral_scenarios", "philosophy"),
-    ("nutrition", "health"), ("philosophy", "philosophy"), ("prehistory", "history"),
-    ("professional_accounting", "other"), ("professional_law", "law"),
-    ("professional_medicine", "health"), ("professional_psychology", "psychology"),
-    ("public_relations", "politics"), ("security_studies", "politics"),
-    ("sociology", "culture"), ("us_foreign_policy", "politics"), ("virology", "health"),
+    ("high_school_macroeconomics", "economics"),
+    ("high_school_mathematics", "math"),
+    ("high_school_microeconomics", "economics"),
+    ("high_school_physics", "physics"),
+    ("high_school_psychology", "psychology"),
+    ("high_school_statistics", "math"),
+    ("high_school_us_history", "history"),
+    ("high_school_world_history", "history"),
+    ("human_aging", "health"),
+    ("human_sexuality", "culture"),
+    ("international_law", "law"),
+    ("jurisprudence", "law"),
+    ("logical_fallacies", "philosophy"),
+    ("machine_learning", "computer science"),
+    ("management", "business"),
+    ("marketing", "business"),
+    ("medical_genetics", "health"),
+    ("miscellaneous", "other"),
+    ("moral_disputes", "philosophy"),
+    ("moral_scenarios", "philosophy"),
+    ("nutrition", "health"),
+    ("philosophy", "philosophy"),
+    ("prehistory", "history"),
+    ("professional_accounting", "other"),
+    ("professional_law", "law"),
+    ("professional_medicine", "health"),
+    ("professional_psychology", "psychology"),
+    ("public_relations", "politics"),
+    ("security_studies", "politics"),
+    ("sociology", "culture"),
+    ("us_foreign_policy", "politics"),
+    ("virology", "health"),
     ("world_religions", "philosophy"),
 ];
 
 /// The four categories and their subcategories.
 const CATEGORIES: [(&str, &[&str]); 4] = [
-    ("STEM", &["physics", "chemistry", "biology", "computer science", "math", "engineering"]),
+    (
+        "STEM",
+        &[
+            "physics",
+            "chemistry",
+            "biology",
+            "computer science",
+            "math",
+            "engineering",
+        ],
+    ),
     ("humanities", &["history", "philosophy", "law"]),
-    ("social sciences", &["politics", "culture", "economics", "geography", "psychology"]),
-    ("other (business, health, misc.)", &["other", "business", "health"]),
+    (
+        "social sciences",
+        &[
+            "politics",
+            "culture",
+            "economics",
+            "geography",
+            "psychology",
+        ],
+    ),
+    (
+        "other (business, health, misc.)",
+        &["other", "business", "health"],
+    ),
 ];
 
 /// "abstract_algebra" → " abstract algebra" (the reference's leading space included).
@@ -82,7 +134,12 @@ fn header(dev: &[Vec<String>], subject: &str, shots: usize) -> String {
 fn rows(path: &Path) -> Result<Vec<Vec<String>>> {
     let rows = read_rendered(path)?;
     if let Some(r) = rows.iter().position(|r| r.len() != 6) {
-        bail!("{}: record {} has {} fields; MMLU has 6 (question, A–D, answer)", path.display(), r + 1, rows[r].len());
+        bail!(
+            "{}: record {} has {} fields; MMLU has 6 (question, A–D, answer)",
+            path.display(),
+            r + 1,
+            rows[r].len()
+        );
     }
     Ok(rows)
 }
@@ -94,16 +151,27 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     // The answer letters' tokens as the reference takes them: the last id of " A".
     let letter_ids = CHOICES
         .iter()
-        .map(|c| Ok(*engine.prompt_ids(&format!(" {c}"))?.last().expect("a token")))
+        .map(|c| {
+            Ok(*engine
+                .prompt_ids(&format!(" {c}"))?
+                .last()
+                .expect("a token"))
+        })
         .collect::<Result<Vec<u32>>>()?;
 
     let mut work = Vec::new();
     for subject in &subjects {
         let dev = match shots {
             0 => Vec::new(),
-            _ => rows(&data_file(&options.data_dir, &format!("mmlu/dev/{subject}_dev.csv"))?)?,
+            _ => rows(&data_file(
+                &options.data_dir,
+                &format!("mmlu/dev/{subject}_dev.csv"),
+            )?)?,
         };
-        let test = first(rows(&test_dir.join(format!("{subject}_test.csv")))?, options.limit);
+        let test = first(
+            rows(&test_dir.join(format!("{subject}_test.csv")))?,
+            options.limit,
+        );
         let head = header(&dev, subject, shots);
         for (i, row) in test.into_iter().enumerate() {
             let plain = head.clone() + &format_example(&row, false);

@@ -153,7 +153,8 @@ impl<'a> Engine<'a> {
     fn count(&mut self, examples: u64, tokens: u64) {
         self.tokens += tokens;
         let secs = self.bar.elapsed().as_secs_f64().max(1e-9);
-        self.bar.set_message(format!("{:.1} tok/s", self.tokens as f64 / secs));
+        self.bar
+            .set_message(format!("{:.1} tok/s", self.tokens as f64 / secs));
         self.bar.inc(examples);
     }
 
@@ -180,10 +181,18 @@ impl<'a> Engine<'a> {
         let requests = prompts
             .iter()
             .zip(seeds)
-            .map(|(p, &seed)| Ok(Request { prompt: self.prompt_ids(p)?, seed }))
+            .map(|(p, &seed)| {
+                Ok(Request {
+                    prompt: self.prompt_ids(p)?,
+                    seed,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         for chunk in requests.chunks(self.batch_size) {
-            let keys: Vec<String> = chunk.iter().map(|r| journal::Journal::key(r, settings)).collect();
+            let keys: Vec<String> = chunk
+                .iter()
+                .map(|r| journal::Journal::key(r, settings))
+                .collect();
             let mut known: Vec<Option<Completion>> = keys
                 .iter()
                 .map(|k| self.journal.as_ref().and_then(|j| j.get(k).cloned()))
@@ -194,7 +203,11 @@ impl<'a> Engine<'a> {
                 true => Vec::new(),
                 false => complete_batch(self.model, self.tokenizer, &requests, settings)?,
             };
-            let mut made = todo.iter().copied().zip(made).collect::<std::collections::HashMap<_, _>>();
+            let mut made = todo
+                .iter()
+                .copied()
+                .zip(made)
+                .collect::<std::collections::HashMap<_, _>>();
             let mut tokens = 0;
             for i in 0..chunk.len() {
                 let c = match made.remove(&i) {
@@ -271,7 +284,10 @@ pub fn run(benchmark: &str, engine: &mut Engine, options: &Options) -> Result<Va
         "bbh" => bbh::run(engine, options)?,
         "tydiqa" => tydiqa::run(engine, options)?,
         "humaneval" => humaneval::run(engine, options)?,
-        other => bail!("unknown benchmark {other:?}; one of {}", BENCHMARKS.join(", ")),
+        other => bail!(
+            "unknown benchmark {other:?}; one of {}",
+            BENCHMARKS.join(", ")
+        ),
     };
     engine.finish();
     let mut settings = serde_json::to_value(options)?;
@@ -288,6 +304,12 @@ pub fn run(benchmark: &str, engine: &mut Engine, options: &Options) -> Result<Va
 
 /// The mean of `values` (0 for none).
 pub fn mean(values: impl IntoIterator<Item = f64>) -> f64 {
-    let (sum, n) = values.into_iter().fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
-    if n == 0 { 0.0 } else { sum / n as f64 }
+    let (sum, n) = values
+        .into_iter()
+        .fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
 }

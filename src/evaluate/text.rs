@@ -44,7 +44,11 @@ pub fn exact_match(prediction: &str, gold: &str) -> bool {
 /// (whole words), collapse whitespace.
 pub fn squad_normalize(s: &str) -> String {
     static ARTICLES: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b(a|an|the)\b").unwrap());
-    let s: String = s.to_lowercase().chars().filter(|&c| !is_ascii_punctuation(c)).collect();
+    let s: String = s
+        .to_lowercase()
+        .chars()
+        .filter(|&c| !is_ascii_punctuation(c))
+        .collect();
     let s = ARTICLES.replace_all(&s, " ");
     py_split(&s).collect::<Vec<_>>().join(" ")
 }
@@ -57,8 +61,10 @@ pub fn squad_exact(prediction: &str, gold: &str) -> bool {
 /// SQuAD token F1 of one prediction against one gold answer.
 pub fn squad_f1(prediction: &str, gold: &str) -> f64 {
     let (p, g) = (squad_normalize(prediction), squad_normalize(gold));
-    let (p, g): (Vec<&str>, Vec<&str>) = (p.split(' ').filter(|w| !w.is_empty()).collect(),
-        g.split(' ').filter(|w| !w.is_empty()).collect());
+    let (p, g): (Vec<&str>, Vec<&str>) = (
+        p.split(' ').filter(|w| !w.is_empty()).collect(),
+        g.split(' ').filter(|w| !w.is_empty()).collect(),
+    );
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for w in &g {
         *counts.entry(w).or_default() += 1;
@@ -99,7 +105,8 @@ pub fn gsm_prediction(output: &str) -> String {
 /// BBH's prediction: what follows the first "the answer is" up to the next period, stripped;
 /// the stripped output when there is none.
 pub fn bbh_prediction(output: &str) -> String {
-    static ANSWER: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"[t|T]he answer is (.*?)\.").unwrap());
+    static ANSWER: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"[t|T]he answer is (.*?)\.").unwrap());
     match ANSWER.captures(output) {
         Some(c) => py_strip(&c[1]).to_string(),
         None => py_strip(output).to_string(),
@@ -128,7 +135,11 @@ pub fn py_float(v: f64) -> String {
         return format!("{mantissa}e{sign}{:02}", e.abs());
     }
     let plain = format!("{v}");
-    if plain.contains('.') { plain } else { format!("{plain}.0") }
+    if plain.contains('.') {
+        plain
+    } else {
+        format!("{plain}.0")
+    }
 }
 
 #[cfg(test)]

@@ -11,15 +11,87 @@ use std::path::Path;
 
 /// Per language: the instruction and the passage, question and answer labels.
 const TEMPLATES: [(&str, [&str; 4]); 9] = [
-    ("english", ["Answer the following question based on the information in the given passage.", "Passage:", "Question:", "Answer:"]),
-    ("arabic", ["أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.", "المقطع:", "السؤال:", "الإجابة:"]),
-    ("bengali", ["প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।", "অধ্যায়:", "প্রশ্ন:", "উত্তর:"]),
-    ("finnish", ["Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.", "Kappale:", "Kysymys:", "Vastaus:"]),
-    ("indonesian", ["Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.", "Bagian:", "Pertanyaan:", "Jawaban:"]),
-    ("korean", ["주어진 문단의 정보에 기반하여 다음 질문에 답하십시오.", "문단:", "질문:", "답변:"]),
-    ("russian", ["Ответьте на следующий вопрос на основе информации в данном отрывке.", "Отрывок:", "Вопрос:", "Ответ:"]),
-    ("swahili", ["Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.", "Kifungu:", "Swali:", "Jibu:"]),
-    ("telugu", ["ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.", "పేరా:", "ప్రశ్న:", "సమాధానం:"]),
+    (
+        "english",
+        [
+            "Answer the following question based on the information in the given passage.",
+            "Passage:",
+            "Question:",
+            "Answer:",
+        ],
+    ),
+    (
+        "arabic",
+        [
+            "أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.",
+            "المقطع:",
+            "السؤال:",
+            "الإجابة:",
+        ],
+    ),
+    (
+        "bengali",
+        [
+            "প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।",
+            "অধ্যায়:",
+            "প্রশ্ন:",
+            "উত্তর:",
+        ],
+    ),
+    (
+        "finnish",
+        [
+            "Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.",
+            "Kappale:",
+            "Kysymys:",
+            "Vastaus:",
+        ],
+    ),
+    (
+        "indonesian",
+        [
+            "Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.",
+            "Bagian:",
+            "Pertanyaan:",
+            "Jawaban:",
+        ],
+    ),
+    (
+        "korean",
+        [
+            "주어진 문단의 정보에 기반하여 다음 질문에 답하십시오.",
+            "문단:",
+            "질문:",
+            "답변:",
+        ],
+    ),
+    (
+        "russian",
+        [
+            "Ответьте на следующий вопрос на основе информации в данном отрывке.",
+            "Отрывок:",
+            "Вопрос:",
+            "Ответ:",
+        ],
+    ),
+    (
+        "swahili",
+        [
+            "Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.",
+            "Kifungu:",
+            "Swali:",
+            "Jibu:",
+        ],
+    ),
+    (
+        "telugu",
+        [
+            "ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.",
+            "పేరా:",
+            "ప్రశ్న:",
+            "సమాధానం:",
+        ],
+    ),
 ];
 
 /// Passages longer than this many tokens (BOS included) are cut, as the reference's default.
@@ -58,14 +130,22 @@ struct Item {
 }
 
 fn items(path: &Path) -> Result<Vec<Item>> {
-    let squad: Squad = serde_json::from_str(&read(path)?)
-        .with_context(|| format!("{}: not TyDi QA's SQuAD-style JSON (data → paragraphs → qas)", path.display()))?;
+    let squad: Squad = serde_json::from_str(&read(path)?).with_context(|| {
+        format!(
+            "{}: not TyDi QA's SQuAD-style JSON (data → paragraphs → qas)",
+            path.display()
+        )
+    })?;
     let mut out = Vec::new();
     for paragraph in squad.data.into_iter().flat_map(|a| a.paragraphs) {
         for qa in paragraph.qas {
             let lang = qa.id.split('-').next().unwrap_or("").to_string();
             if !TEMPLATES.iter().any(|(l, _)| *l == lang) {
-                bail!("{}: question {:?}: no template for language {lang:?}", path.display(), qa.id);
+                bail!(
+                    "{}: question {:?}: no template for language {lang:?}",
+                    path.display(),
+                    qa.id
+                );
             }
             if qa.answers.is_empty() {
                 bail!("{}: question {:?} has no answer", path.display(), qa.id);
@@ -98,10 +178,16 @@ fn truncated(engine: &Engine, context: &str) -> Result<String> {
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let shots = options.shots.unwrap_or(1);
     let max_new_tokens = options.max_new_tokens.unwrap_or(50);
-    let dev = items(&data_file(&options.data_dir, "tydiqa/tydiqa-goldp-v1.1-dev.json")?)?;
+    let dev = items(&data_file(
+        &options.data_dir,
+        "tydiqa/tydiqa-goldp-v1.1-dev.json",
+    )?)?;
     let train = match shots {
         0 => Vec::new(),
-        _ => items(&data_file(&options.data_dir, "tydiqa/tydiqa-goldp-v1.1-train.json")?)?,
+        _ => items(&data_file(
+            &options.data_dir,
+            "tydiqa/tydiqa-goldp-v1.1-train.json",
+        )?)?,
     };
     // Languages in the order they first appear; the first `limit` questions of each.
     let mut langs: Vec<String> = Vec::new();
@@ -117,10 +203,22 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     }
     let mut prompts = Vec::new();
     for item in &test {
-        let [instruction, passage, question, answer] = TEMPLATES.iter().find(|(l, _)| *l == item.lang).expect("checked").1;
-        let exemplars: Vec<&Item> = train.iter().filter(|t| t.lang == item.lang).take(shots).collect();
+        let [instruction, passage, question, answer] = TEMPLATES
+            .iter()
+            .find(|(l, _)| *l == item.lang)
+            .expect("checked")
+            .1;
+        let exemplars: Vec<&Item> = train
+            .iter()
+            .filter(|t| t.lang == item.lang)
+            .take(shots)
+            .collect();
         if exemplars.len() < shots {
-            bail!("--shots {shots}: the train file has {} {} questions", exemplars.len(), item.lang);
+            bail!(
+                "--shots {shots}: the train file has {} {} questions",
+                exemplars.len(),
+                item.lang
+            );
         }
         let mut user = format!("{instruction}\n\n");
         if !exemplars.is_empty() {
@@ -128,14 +226,20 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
                 .iter()
                 .map(|e| {
                     let context = truncated(engine, &e.context)?;
-                    Ok(format!("{passage} {context}\n{question} {}\n{answer} {}", e.question, e.answers[0]))
+                    Ok(format!(
+                        "{passage} {context}\n{question} {}\n{answer} {}",
+                        e.question, e.answers[0]
+                    ))
                 })
                 .collect::<Result<Vec<_>>>()?;
             user.push_str(&demos.join("\n\n"));
             user.push_str("\n\n");
         }
         let context = truncated(engine, &item.context)?;
-        user.push_str(&format!("{passage} {context}\n{question} {}\n", item.question));
+        user.push_str(&format!(
+            "{passage} {context}\n{question} {}\n",
+            item.question
+        ));
         prompts.push(match options.chat_format {
             ChatFormat::Tulu => options.chat_format.wrap(&user, answer),
             ChatFormat::None => user + answer,
@@ -151,7 +255,12 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let mut scores: Vec<(String, f64, f64)> = Vec::new();
     for ((item, prompt), out) in test.iter().zip(prompts).zip(outputs) {
         let prediction = py_strip(&out.text).to_string();
-        let best = |f: &dyn Fn(&str, &str) -> f64| item.answers.iter().map(|g| f(&prediction, g)).fold(0.0, f64::max);
+        let best = |f: &dyn Fn(&str, &str) -> f64| {
+            item.answers
+                .iter()
+                .map(|g| f(&prediction, g))
+                .fold(0.0, f64::max)
+        };
         let em = best(&|p, g| f64::from(u8::from(squad_exact(p, g))));
         let f1 = best(&|p, g| squad_f1(p, g));
         scores.push((item.lang.clone(), em, f1));
@@ -168,12 +277,18 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let (mut ems, mut f1s) = (Vec::new(), Vec::new());
     for lang in &langs {
         let of = || scores.iter().filter(|s| &s.0 == lang);
-        let (em, f1) = (100.0 * mean(of().map(|s| s.1)), 100.0 * mean(of().map(|s| s.2)));
+        let (em, f1) = (
+            100.0 * mean(of().map(|s| s.1)),
+            100.0 * mean(of().map(|s| s.2)),
+        );
         ems.push(em);
         f1s.push(f1);
         metrics.insert(lang.clone(), json!({"exact_match": em, "f1": f1}));
     }
-    metrics.insert("average".into(), json!({"f1": mean(f1s), "exact_match": mean(ems)}));
+    metrics.insert(
+        "average".into(),
+        json!({"f1": mean(f1s), "exact_match": mean(ems)}),
+    );
     Ok(Scored {
         metrics: metrics.into(),
         examples,

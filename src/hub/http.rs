@@ -167,8 +167,14 @@ impl Client {
             .ok_or_else(|| Failure::NotHub("header ETag missing".into()))?;
         // Both become file names in the cache: a hostile answer must not leave it.
         for (name, value) in [("X-Repo-Commit", &commit), ("ETag", &etag)] {
-            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                return Err(Failure::NotHub(format!("header {name} is not a plain hash")));
+            if value.is_empty()
+                || !value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(Failure::NotHub(format!(
+                    "header {name} is not a plain hash"
+                )));
             }
         }
         let redirected = (300..400).contains(&response.status());

@@ -208,7 +208,12 @@ impl<'a> Fetcher<'a> {
         };
         cache::check_revision(revision)?;
         let client = (!opts.offline).then(|| {
-            Client::new(&opts.endpoint, opts.token.clone(), &opts.patience, opts.progress)
+            Client::new(
+                &opts.endpoint,
+                opts.token.clone(),
+                &opts.patience,
+                opts.progress,
+            )
         });
         Ok(Fetcher {
             repo_id,
@@ -316,7 +321,8 @@ impl Fetcher<'_> {
             let blobs = blob.parent().expect("blobs/ holds it");
             std::fs::create_dir_all(blobs).map_err(|e| self.unstorable(file, e))?;
             // Another process may download the same blob: one writes, the other waits.
-            let _lock = lock(&self.cache.lock(&remote.etag)).map_err(|e| self.unstorable(file, e))?;
+            let _lock =
+                lock(&self.cache.lock(&remote.etag)).map_err(|e| self.unstorable(file, e))?;
             if !blob.is_file() {
                 let partial = self.cache.partial(&remote.etag);
                 if let Err(failure) = client.download(&remote, &partial, file) {
@@ -333,15 +339,26 @@ impl Fetcher<'_> {
     }
 
     /// Turns a failed request into one actionable sentence; `Ok(None)` for "file not in repo".
-    fn failed(&self, file: &str, failure: Failure, phase: Phase) -> anyhow::Result<Option<PathBuf>> {
+    fn failed(
+        &self,
+        file: &str,
+        failure: Failure,
+        phase: Phase,
+    ) -> anyhow::Result<Option<PathBuf>> {
         let (repo_id, revision, endpoint) = (self.repo_id, self.revision, &self.endpoint);
-        let later = "set HF_HUB_OFFLINE=1 to use only the local cache, or pass a local model directory";
+        let later =
+            "set HF_HUB_OFFLINE=1 to use only the local cache, or pass a local model directory";
         let (status, code) = match failure {
             Failure::Status { status, code } => (status, code),
-            Failure::Transport { timed_out: true, .. } => {
+            Failure::Transport {
+                timed_out: true, ..
+            } => {
                 let (variable, seconds) = match phase {
                     Phase::Metadata => ("HF_HUB_ETAG_TIMEOUT", self.opts.patience.etag_timeout),
-                    Phase::Bytes => ("HF_HUB_DOWNLOAD_TIMEOUT", self.opts.patience.download_timeout),
+                    Phase::Bytes => (
+                        "HF_HUB_DOWNLOAD_TIMEOUT",
+                        self.opts.patience.download_timeout,
+                    ),
                 };
                 return Err(anyhow!(
                     "{endpoint} did not answer within {} s for {file} of {repo_id}: check the network and HF_ENDPOINT, raise {variable} (seconds), or {later}",

@@ -264,11 +264,18 @@ mod tests {
         let composed = apply_rope(&heads, &rope).unwrap();
         let per_row = t * hd / 2;
         for r in 0..b {
-            let own = Rope::new(&angles[r * per_row..(r + 1) * per_row], t, DType::F64, &dev).unwrap();
+            let own =
+                Rope::new(&angles[r * per_row..(r + 1) * per_row], t, DType::F64, &dev).unwrap();
             let alone = split_heads(&x.narrow(0, r, 1).unwrap(), n, Some(&own)).unwrap();
             for batched in [&fused, &composed] {
                 let diff = (batched.narrow(0, r, 1).unwrap() - &alone).unwrap();
-                let diff = diff.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                let diff = diff
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
                 assert!(diff < 1e-12, "row {r}: {diff}");
             }
         }

@@ -67,7 +67,10 @@ mod avx2 {
         let mut i = 0;
         while i + 32 <= k {
             for (u, s) in acc.iter_mut().enumerate() {
-                let (x, y) = (_mm256_loadu_ps(a.as_ptr().add(i + 8 * u)), _mm256_loadu_ps(b.as_ptr().add(i + 8 * u)));
+                let (x, y) = (
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8 * u)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8 * u)),
+                );
                 *s = _mm256_fmadd_ps(x, y, *s);
             }
             i += 32;
@@ -151,9 +154,20 @@ mod tests {
         if !available() {
             return;
         }
-        for &(m, k, n) in &[(1, 16, 3), (3, 13, 70), (4, 64, 129), (11, 37, 65), (16, 256, 200), (5, 8, 1)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0).collect();
+        for &(m, k, n) in &[
+            (1, 16, 3),
+            (3, 13, 70),
+            (4, 64, 129),
+            (11, 37, 65),
+            (16, 256, 200),
+            (5, 8, 1),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0)
+                .collect();
             let y = xwt(&x, &w, m, k, n);
             for r in 0..m {
                 for j in 0..n {
@@ -161,7 +175,10 @@ mod tests {
                     let want: f64 = terms.clone().sum();
                     let scale: f64 = terms.map(f64::abs).sum();
                     let got = y[r * n + j] as f64;
-                    assert!((got - want).abs() <= 1e-6 * scale.max(1.0), "({m},{k},{n}) [{r},{j}]: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= 1e-6 * scale.max(1.0),
+                        "({m},{k},{n}) [{r},{j}]: {got} vs {want}"
+                    );
                 }
             }
         }

@@ -71,9 +71,12 @@ impl CustomOp2 for FrozenMatmul {
         use crate::kernels::skinny;
         // A decoding step's few rows: the skinny product, which does not pack the weight.
         let ((n, h), (o, wh)) = (x_layout.shape().dims2()?, w_layout.shape().dims2()?);
-        if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((x0, x1)), Some((w0, w1))) =
-            (x, w, x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
-        {
+        if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((x0, x1)), Some((w0, w1))) = (
+            x,
+            w,
+            x_layout.contiguous_offsets(),
+            w_layout.contiguous_offsets(),
+        ) {
             if skinny::ROWS.contains(&n) && h == wh && skinny::available() {
                 let y = skinny::xwt(&xs[x0..x1], &ws[w0..w1], n, h, o);
                 return Ok((CpuStorage::F32(y), Shape::from((n, o))));

@@ -60,7 +60,13 @@ impl KvCache {
             .flat_map(|r| {
                 let pad = self.pads.get(r).copied().unwrap_or(0);
                 (0..t).flat_map(move |i| {
-                    (0..keys).map(move |j| if j < pad || j > past + i { f32::NEG_INFINITY } else { 0.0 })
+                    (0..keys).map(move |j| {
+                        if j < pad || j > past + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
                 })
             })
             .collect();
@@ -74,7 +80,9 @@ impl KvCache {
             self.pads = vec![0; k.dim(0)?];
         }
         let (len, t) = (self.filled[l], k.dim(2)?);
-        let room = self.layers[l].as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+        let room = self.layers[l]
+            .as_ref()
+            .map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
         if len + t > room {
             // Grow geometrically: a copy of the cache every doubling, not every step.
             let cap = (2 * room).max(len + t).max(16);
@@ -87,7 +95,10 @@ impl KvCache {
                 Ok(buf)
             };
             let old = self.layers[l].take();
-            self.layers[l] = Some((grow(old.as_ref().map(|o| &o.0), &k)?, grow(old.as_ref().map(|o| &o.1), &v)?));
+            self.layers[l] = Some((
+                grow(old.as_ref().map(|o| &o.0), &k)?,
+                grow(old.as_ref().map(|o| &o.1), &v)?,
+            ));
         }
         let (kb, vb) = self.layers[l].as_ref().expect("allocated above");
         kb.slice_set(&k.contiguous()?, 2, len)?;
@@ -152,7 +163,11 @@ impl KvCache {
         for (layer, filled) in self.layers.iter_mut().zip(&mut self.filled) {
             if let Some((k, v)) = layer.as_mut() {
                 // Rows kept, leading padding dropped, the room after the filled part kept.
-                let select = |t: &Tensor| t.index_select(&index, 0)?.narrow(2, trim, t.dim(2)? - trim)?.contiguous();
+                let select = |t: &Tensor| {
+                    t.index_select(&index, 0)?
+                        .narrow(2, trim, t.dim(2)? - trim)?
+                        .contiguous()
+                };
                 *layer = Some((select(k)?, select(v)?));
                 *filled = len - trim;
             }

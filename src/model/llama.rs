@@ -257,7 +257,9 @@ impl Llama {
         let probs = match mask {
             _ if past == 0 && mask.is_none() => causal_attention_probs(&scores, scale)?,
             None => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
-            Some(mask) => candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?,
+            Some(mask) => {
+                candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
+            }
         };
         let attn = merge_heads(&probs.matmul(&v)?)?;
         let x = (x + block.linear("o_proj").forward(&attn, ctx)?)?;

@@ -63,18 +63,29 @@ pub fn check(grid: &[Axis], sets: &[String]) -> Result<()> {
     }
     for (i, axis) in grid.iter().enumerate() {
         if axis.key == "output_dir" {
-            bail!("--grid output_dir: the sweep gives every point its own run directory under --out");
+            bail!(
+                "--grid output_dir: the sweep gives every point its own run directory under --out"
+            );
         }
         if grid[..i].iter().any(|a| a.key == axis.key) {
-            bail!("--grid {}: the key is given twice; put all its values in one --grid", axis.key);
+            bail!(
+                "--grid {}: the key is given twice; put all its values in one --grid",
+                axis.key
+            );
         }
         for (k, v) in axis.values.iter().enumerate() {
             if axis.values[..k].contains(v) {
                 bail!("--grid {}: the value {v} is listed twice", axis.key);
             }
         }
-        if let Some(set) = sets.iter().find(|s| s.split('=').next().map(str::trim) == Some(&axis.key)) {
-            bail!("--grid {} conflicts with --set {set}: a key is either swept or fixed", axis.key);
+        if let Some(set) = sets
+            .iter()
+            .find(|s| s.split('=').next().map(str::trim) == Some(&axis.key))
+        {
+            bail!(
+                "--grid {} conflicts with --set {set}: a key is either swept or fixed",
+                axis.key
+            );
         }
     }
     for set in sets {
@@ -109,7 +120,13 @@ pub fn points(grid: &[Axis], runs: &Path) -> Vec<Point> {
             let mut name: String = overrides
                 .join(",")
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "._=,+-".contains(c) { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._=,+-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             if names.contains(&name) {
                 name = format!("{name}-{index}");
@@ -160,8 +177,17 @@ mod tests {
         assert_eq!(a.values, ["[0.9,0.99]", "[0.9,0.999]"]);
         let a = axis("adapter.targets=[\"q_proj\",\"v_proj\"],\"x,y\"");
         assert_eq!(a.values, ["[\"q_proj\",\"v_proj\"]", "\"x,y\""]);
-        let names: Vec<String> = points(&[a], Path::new("r")).into_iter().map(|p| p.name).collect();
-        assert_eq!(names, ["adapter.targets=__q_proj_,_v_proj__", "adapter.targets=_x,y_"]);
+        let names: Vec<String> = points(&[a], Path::new("r"))
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "adapter.targets=__q_proj_,_v_proj__",
+                "adapter.targets=_x,y_"
+            ]
+        );
     }
 
     #[test]
@@ -176,7 +202,11 @@ mod tests {
         assert!(err(&["seed=1,1"], &[]).contains("listed twice"));
         assert!(err(&["output_dir=a,b"], &[]).contains("own run directory"));
         assert!(err(&[], &[]).contains("at least one --grid"));
-        assert!("seed".parse::<Axis>().unwrap_err().to_string().contains("key=value1,value2"));
+        assert!("seed"
+            .parse::<Axis>()
+            .unwrap_err()
+            .to_string()
+            .contains("key=value1,value2"));
         assert!("seed=1,,2".parse::<Axis>().is_err());
     }
 }

@@ -44,7 +44,9 @@ pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
         }
         while stopping.is_none() && running.len() < jobs {
             let Some(index) = queue.next() else { break };
-            let slot = (0..jobs).find(|s| running.iter().all(|r| r.1 != *s)).unwrap_or(0);
+            let slot = (0..jobs)
+                .find(|s| running.iter().all(|r| r.1 != *s))
+                .unwrap_or(0);
             let point = &sweep.points[index];
             let log = std::fs::OpenOptions::new()
                 .create(true)
@@ -64,7 +66,11 @@ pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
                 cmd.env("CUDA_VISIBLE_DEVICES", (slot % gpus).to_string());
             }
             eprintln!("start {}", point.name);
-            running.push((index, slot, cmd.spawn().context("cannot start a sweep task")?));
+            running.push((
+                index,
+                slot,
+                cmd.spawn().context("cannot start a sweep task")?,
+            ));
         }
         if running.is_empty() {
             break;
@@ -78,7 +84,10 @@ pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
                 if status.success() {
                     eprintln!("finished {name}");
                 } else {
-                    eprintln!("{name} ended with {status}: see {}", logs.join(format!("{name}.log")).display());
+                    eprintln!(
+                        "{name} ended with {status}: see {}",
+                        logs.join(format!("{name}.log")).display()
+                    );
                     failed.push(name.clone());
                 }
             } else {

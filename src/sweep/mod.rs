@@ -62,13 +62,26 @@ pub struct Evaluation {
 
 impl Evaluation {
     /// Refuses an unknown benchmark, a missing data directory, and HumanEval without consent.
-    pub fn new(benchmarks: &str, data_dir: Option<PathBuf>, allow_code_execution: bool) -> Result<Self> {
+    pub fn new(
+        benchmarks: &str,
+        data_dir: Option<PathBuf>,
+        allow_code_execution: bool,
+    ) -> Result<Self> {
         let benchmarks: Vec<String> = match benchmarks {
-            "all" => crate::evaluate::BENCHMARKS.iter().map(|b| b.to_string()).collect(),
+            "all" => crate::evaluate::BENCHMARKS
+                .iter()
+                .map(|b| b.to_string())
+                .collect(),
             list => list.split(',').map(|b| b.trim().to_string()).collect(),
         };
-        if let Some(b) = benchmarks.iter().find(|b| !crate::evaluate::BENCHMARKS.contains(&b.as_str())) {
-            bail!("--evaluate {b:?}: one of {}, or all", crate::evaluate::BENCHMARKS.join(", "));
+        if let Some(b) = benchmarks
+            .iter()
+            .find(|b| !crate::evaluate::BENCHMARKS.contains(&b.as_str()))
+        {
+            bail!(
+                "--evaluate {b:?}: one of {}, or all",
+                crate::evaluate::BENCHMARKS.join(", ")
+            );
         }
         let Some(data_dir) = data_dir else {
             bail!("--evaluate needs --eval-data-dir (open-instruct's evaluation data layout)");
@@ -79,7 +92,11 @@ impl Evaluation {
         if benchmarks.iter().any(|b| b == "humaneval") && !allow_code_execution {
             bail!("--evaluate humaneval runs the model's code: add --allow-code-execution");
         }
-        Ok(Evaluation { benchmarks, data_dir: std::path::absolute(data_dir)?, allow_code_execution })
+        Ok(Evaluation {
+            benchmarks,
+            data_dir: std::path::absolute(data_dir)?,
+            allow_code_execution,
+        })
     }
 }
 
@@ -90,7 +107,8 @@ impl Sweep {
         grid::check(&grid, sets)?;
         let dir = std::path::absolute(dir)?;
         let config = std::path::absolute(config)?;
-        let config_sha256 = file_sha256(&config).with_context(|| format!("--config {}", config.display()))?;
+        let config_sha256 =
+            file_sha256(&config).with_context(|| format!("--config {}", config.display()))?;
         let points = grid::points(&grid, &dir.join("runs"));
         let sweep = Sweep {
             config,
@@ -138,7 +156,10 @@ impl Sweep {
     pub fn open(self, dir: &Path) -> Result<Self> {
         if !dir.join(SWEEP_FILE).exists() {
             if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-                bail!("--out {}: exists and is not a sweep directory; pick an empty or new directory", dir.display());
+                bail!(
+                    "--out {}: exists and is not a sweep directory; pick an empty or new directory",
+                    dir.display()
+                );
             }
             self.write(dir)?;
             return Ok(self);
@@ -163,7 +184,10 @@ impl Sweep {
             );
         }
         if old.evaluate != self.evaluate {
-            let updated = Sweep { evaluate: self.evaluate, ..old };
+            let updated = Sweep {
+                evaluate: self.evaluate,
+                ..old
+            };
             updated.write(dir)?;
             return Ok(updated);
         }
@@ -181,7 +205,11 @@ fn toml_string(path: &Path) -> String {
 pub fn run_task(dir: &Path, index: usize, show_progress: bool) -> Result<()> {
     let sweep = Sweep::read(dir)?;
     let Some(point) = sweep.points.get(index) else {
-        bail!("{}: no point {index} (the grid has {})", dir.display(), sweep.points.len());
+        bail!(
+            "{}: no point {index} (the grid has {})",
+            dir.display(),
+            sweep.points.len()
+        );
     };
     if file_sha256(&sweep.config)? != sweep.config_sha256 {
         bail!(
@@ -226,7 +254,10 @@ fn evaluate_point(cfg: &RunConfig, point: &Point, evaluation: &Evaluation) -> Re
     cmd.arg("evaluate")
         .args(["--model", &m.source, "--revision", &m.revision])
         .args(["--dtype", m.dtype.name(), "--quantize", m.quantize.name()])
-        .args(["--double-quant", if m.double_quant { "true" } else { "false" }])
+        .args([
+            "--double-quant",
+            if m.double_quant { "true" } else { "false" },
+        ])
         .arg("--run")
         .arg(&point.run_dir)
         .arg("--data-dir")

@@ -23,7 +23,10 @@ pub fn array_script(sweep: &Sweep, dir: &Path, exe: &Path, slurm_args: &[String]
     s.push_str("# Written by `prolora sweep --backend slurm`; one array task per grid point.\n");
     let mut directive = |d: String| s.push_str(&format!("#SBATCH {d}\n"));
     directive(format!("--job-name=prolora-{name}"));
-    directive(format!("--array=0-{}", sweep.points.len().saturating_sub(1)));
+    directive(format!(
+        "--array=0-{}",
+        sweep.points.len().saturating_sub(1)
+    ));
     directive("--requeue".into());
     directive("--open-mode=append".into());
     directive(format!("--signal=B:USR1@{WARNING_SECONDS}"));
@@ -41,7 +44,9 @@ pub fn array_script(sweep: &Sweep, dir: &Path, exe: &Path, slurm_args: &[String]
 }
 
 fn shell_quote(s: &str) -> String {
-    if s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-=,+".contains(&b)) {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-=,+".contains(&b))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -93,7 +98,10 @@ pub fn submit(sweep: &Sweep, dir: &Path, slurm_args: &[String]) -> Result<String
     let slurm_dir = dir.join("slurm");
     std::fs::create_dir_all(&slurm_dir)?;
     let script = slurm_dir.join("array.sh");
-    crate::atomic::write(&script, array_script(sweep, dir, &exe, slurm_args).as_bytes())?;
+    crate::atomic::write(
+        &script,
+        array_script(sweep, dir, &exe, slurm_args).as_bytes(),
+    )?;
     let out = Command::new("sbatch")
         .arg("--parsable")
         .arg(&script)
@@ -121,9 +129,12 @@ pub fn queue(job: &str) -> Option<Vec<String>> {
         .args(["-h", "-r", "-j", job, "-o", "%i %T %M %R"])
         .output()
         .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -133,7 +144,10 @@ mod tests {
 
     #[test]
     fn the_array_script_is_exactly_this() {
-        let grid: Vec<Axis> = vec!["optim.lr=1e-4,2e-4".parse().unwrap(), "seed=1,2".parse().unwrap()];
+        let grid: Vec<Axis> = vec![
+            "optim.lr=1e-4,2e-4".parse().unwrap(),
+            "seed=1,2".parse().unwrap(),
+        ];
         let dir = Path::new("/scratch/sweeps/superni");
         let sweep = Sweep {
             config: "/home/me/configs/superni.toml".into(),
@@ -167,8 +181,14 @@ mod tests {
 
     #[test]
     fn slurm_args_the_sweep_owns_are_refused() {
-        assert!(split_args("--array=0-9").unwrap_err().to_string().contains("sets this itself"));
-        assert!(split_args("gpu").unwrap_err().to_string().contains("not an sbatch option"));
+        assert!(split_args("--array=0-9")
+            .unwrap_err()
+            .to_string()
+            .contains("sets this itself"));
+        assert!(split_args("gpu")
+            .unwrap_err()
+            .to_string()
+            .contains("not an sbatch option"));
         assert!(split_args("'--x").is_err());
         assert_eq!(split_args("  ").unwrap(), Vec::<String>::new());
     }

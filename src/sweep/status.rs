@@ -43,23 +43,35 @@ pub fn of(dir: &Path, sweep: &Sweep) -> Vec<PointStatus> {
         .points
         .iter()
         .map(|point| {
-            let steps = sweep.point_config(point).map(|c| c.train.steps).unwrap_or(0);
+            let steps = sweep
+                .point_config(point)
+                .map(|c| c.train.steps)
+                .unwrap_or(0);
             let (step, loss) = last_step(&point.run_dir.join(METRICS_FILE));
             let ended: Option<serde_json::Value> =
                 std::fs::read_to_string(dir.join("points").join(format!("{}.json", point.index)))
                     .ok()
                     .and_then(|t| serde_json::from_str(&t).ok());
             let ended_as = |s: &str| ended.as_ref().is_some_and(|e| e["ended"] == s);
-            let finished = point.run_dir.join(crate::adapters::peft::WEIGHTS_FILE).exists();
+            let finished = point
+                .run_dir
+                .join(crate::adapters::peft::WEIGHTS_FILE)
+                .exists();
             let (state, detail) = if let Some(owner) = run_dir::owner(&point.run_dir) {
                 ("running", owner)
             } else if finished {
                 ("finished", String::new())
             } else if ended_as("failed") {
-                let error = ended.as_ref().and_then(|e| e["error"].as_str()).unwrap_or("");
+                let error = ended
+                    .as_ref()
+                    .and_then(|e| e["error"].as_str())
+                    .unwrap_or("");
                 ("failed", error.to_string())
             } else if step.is_some() {
-                ("interrupted", "rerun the sweep (or its task) to resume it".into())
+                (
+                    "interrupted",
+                    "rerun the sweep (or its task) to resume it".into(),
+                )
             } else {
                 ("pending", String::new())
             };
@@ -96,9 +108,18 @@ fn last_step(metrics: &Path) -> (Option<u64>, Option<f64>) {
 pub fn table(statuses: &[PointStatus]) -> String {
     let mut out = String::from("| point | state | step | loss | detail |\n|---|---|---|---|---|\n");
     for s in statuses {
-        let step = s.step.map(|k| format!("{k}/{}", s.steps)).unwrap_or_else(|| format!("-/{}", s.steps));
-        let loss = s.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
-        out.push_str(&format!("| {} | {} | {step} | {loss} | {} |\n", s.name, s.state, s.detail));
+        let step = s
+            .step
+            .map(|k| format!("{k}/{}", s.steps))
+            .unwrap_or_else(|| format!("-/{}", s.steps));
+        let loss = s
+            .loss
+            .map(|l| format!("{l:.4}"))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "| {} | {} | {step} | {loss} | {} |\n",
+            s.name, s.state, s.detail
+        ));
     }
     let count = |state: &str| statuses.iter().filter(|s| s.state == state).count();
     out.push_str(&format!(

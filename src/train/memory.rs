@@ -107,7 +107,9 @@ pub fn estimate(
 pub fn available(device: &Device) -> Option<(u64, &'static str)> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => crate::kernels::cuda::free_memory_bytes(d).map(|b| (b, "free on the GPU")),
+        Device::Cuda(d) => {
+            crate::kernels::cuda::free_memory_bytes(d).map(|b| (b, "free on the GPU"))
+        }
         _ => available_ram().map(|b| (b, "available on this machine")),
     }
 }
@@ -142,7 +144,10 @@ pub fn describe(need: &Estimate, device: &Device) -> String {
     let have = available(device)
         .map(|(b, what)| format!(" ({:.1} GiB {what})", b as f64 / GIB))
         .unwrap_or_default();
-    format!("memory: about {:.2} GiB at the peak of a step, estimated{have}", need.total() / GIB)
+    format!(
+        "memory: about {:.2} GiB at the peak of a step, estimated{have}",
+        need.total() / GIB
+    )
 }
 
 /// Refuses the run `cfg` when `need` exceeds what `device` has; says the estimate otherwise.
@@ -220,7 +225,14 @@ mod tests {
             seq_len: usize::MAX,
             labels: usize::MAX,
         });
-        let e = estimate(&cfg, DType::F64, Quantization::None, usize::MAX, pass, false);
+        let e = estimate(
+            &cfg,
+            DType::F64,
+            Quantization::None,
+            usize::MAX,
+            pass,
+            false,
+        );
         assert!(e.total() > u64::MAX as f64 && !e.total().is_nan());
     }
 }

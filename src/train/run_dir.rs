@@ -293,7 +293,12 @@ pub fn owner(path: &Path) -> Option<String> {
     if free {
         return None;
     }
-    Some(std::fs::read_to_string(&lock_path).unwrap_or_default().trim().to_string())
+    Some(
+        std::fs::read_to_string(&lock_path)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    )
 }
 
 /// `2026-12-02 16:21:07 UTC` for seconds since 1970.

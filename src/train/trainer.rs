@@ -65,7 +65,14 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let need = |pass| {
         let dtype = cfg.model.dtype.on(&device);
         let checkpointing = cfg.train.gradient_checkpointing;
-        memory::estimate(&shapes, dtype, cfg.model.quantization(), trainable, pass, checkpointing)
+        memory::estimate(
+            &shapes,
+            dtype,
+            cfg.model.quantization(),
+            trainable,
+            pass,
+            checkpointing,
+        )
     };
     // The base alone must fit before it is downloaded.
     memory::check(cfg, &need(None), &device, None)?;
@@ -123,8 +130,18 @@ impl Data {
     fn largest_pass(&self, micro_batch: usize) -> memory::Pass {
         memory::Pass {
             batch: micro_batch.min(self.train.len()).max(1),
-            seq_len: self.train.iter().map(|e| e.input_ids.len()).max().unwrap_or(1),
-            labels: self.train.iter().map(Encoded::num_trained).max().unwrap_or(1),
+            seq_len: self
+                .train
+                .iter()
+                .map(|e| e.input_ids.len())
+                .max()
+                .unwrap_or(1),
+            labels: self
+                .train
+                .iter()
+                .map(Encoded::num_trained)
+                .max()
+                .unwrap_or(1),
         }
     }
 

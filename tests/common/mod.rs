@@ -68,7 +68,10 @@ pub fn tiny_model_in(
             .into_iter()
             .map(f64::from)
             .collect();
-        let t = Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let t = Tensor::from_vec(v, var.shape(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
         var.set(&t).unwrap();
     }
     set.attach_to(&mut model);
