@@ -241,10 +241,11 @@ impl Llama {
         let q = heads("q_proj", nh, Some(rope))?;
         let k = heads("k_proj", nkv, Some(rope))?;
         let v = heads("v_proj", nkv, None)?;
-        let (k, v, mask) = match cache {
+        // `cached`: None in training and full forwards; Some(mask) when decoding from a cache.
+        let (k, v, cached) = match cache {
             Some((cache, mask)) => {
                 let (k, v) = cache.append(l, k, v)?;
-                (k, v, mask)
+                (k, v, Some(mask))
             }
             None => (k, v, None),
         };
@@ -254,12 +255,16 @@ impl Llama {
 
         let scores = q.matmul(&k.t()?)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let probs = match mask {
-            _ if past == 0 && mask.is_none() => causal_attention_probs(&scores, scale)?,
-            None => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
-            Some(mask) => {
+        let probs = match cached {
+            // Every query from position 0: the causal op (with its backward, for training).
+            None | Some(None) if past == 0 => causal_attention_probs(&scores, scale)?,
+            // Decoding only (candle's fused softmax has no backward, and no gradient flows
+            // here): one new position that sees every cached key, or the cache's mask.
+            Some(None) => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
+            Some(Some(mask)) => {
                 candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
             }
+            None => candle_core::bail!("attention after {past} positions needs a cache"),
         };
         let attn = merge_heads(&probs.matmul(&v)?)?;
         let x = (x + block.linear("o_proj").forward(&attn, ctx)?)?;
