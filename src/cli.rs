@@ -867,20 +867,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn evaluate(mut args: EvaluateArgs) -> Result<()> {
-    use crate::evaluate::{self as ev, BENCHMARKS};
-    let benchmarks: Vec<String> = match args.benchmark.as_str() {
-        "all" => BENCHMARKS.iter().map(|b| b.to_string()).collect(),
-        list => list.split(',').map(|b| b.trim().to_string()).collect(),
-    };
-    if let Some(b) = benchmarks
-        .iter()
-        .find(|b| !BENCHMARKS.contains(&b.as_str()))
-    {
-        bail!(
-            "--benchmark {b:?}: one of {}, or all",
-            BENCHMARKS.join(", ")
-        );
-    }
+    use crate::evaluate as ev;
+    let benchmarks = ev::parse_benchmarks(&args.benchmark, "--benchmark")?;
     if let Some(t) = args.temperature.filter(|t| !(t.is_finite() && *t >= 0.0)) {
         bail!("--temperature {t}: must be finite and ≥ 0 (0 is greedy)");
     }

@@ -59,17 +59,15 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
                 n + 1
             )
         })?;
-        let Some((_, gold)) = p.answer.split_once("####") else {
+        // The reference's answer.split("####")[1].
+        let Some(gold) = p.answer.split("####").nth(1) else {
             bail!(
                 "{}:{}: the answer has no \"#### <number>\" line",
                 path.display(),
                 n + 1
             );
         };
-        problems.push((
-            p.question,
-            drop_digit_commas(py_strip(gold.split("####").next().unwrap_or(gold))),
-        ));
+        problems.push((p.question, drop_digit_commas(py_strip(gold))));
     }
     let problems = first(problems, options.limit);
     let prefix = prefix(shots)?;

@@ -27,6 +27,18 @@ use tokenizers::Tokenizer;
 /// The benchmarks, in the paper's order.
 pub const BENCHMARKS: [&str; 5] = ["mmlu", "gsm", "bbh", "tydiqa", "humaneval"];
 
+/// `all` or a comma-separated list of benchmark names; `flag` names the option in the error.
+pub fn parse_benchmarks(list: &str, flag: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = match list {
+        "all" => BENCHMARKS.iter().map(|b| b.to_string()).collect(),
+        list => list.split(',').map(|b| b.trim().to_string()).collect(),
+    };
+    if let Some(b) = names.iter().find(|b| !BENCHMARKS.contains(&b.as_str())) {
+        bail!("{flag} {b:?}: one of {}, or all", BENCHMARKS.join(", "));
+    }
+    Ok(names)
+}
+
 /// Each benchmark's headline number as the paper's tables report it: the column, where the
 /// results file holds it, and the scale to percent.
 pub const HEADLINES: [(&str, &str, &str, f64); 5] = [

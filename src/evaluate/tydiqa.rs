@@ -94,6 +94,15 @@ const TEMPLATES: [(&str, [&str; 4]); 9] = [
     ),
 ];
 
+/// The instruction and labels of `lang` (checked to exist when the data was read).
+fn template(lang: &str) -> [&'static str; 4] {
+    TEMPLATES
+        .iter()
+        .find(|(l, _)| *l == lang)
+        .expect("a known language")
+        .1
+}
+
 /// Passages longer than this many tokens (BOS included) are cut, as the reference's default.
 const MAX_CONTEXT_TOKENS: usize = 512;
 
@@ -201,40 +210,46 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         let of_lang = dev.iter().filter(|i| &i.lang == lang);
         test.extend(of_lang.take(options.limit.unwrap_or(usize::MAX)));
     }
-    let mut prompts = Vec::new();
-    for item in &test {
-        let [instruction, passage, question, answer] = TEMPLATES
-            .iter()
-            .find(|(l, _)| *l == item.lang)
-            .expect("checked")
-            .1;
+    // Each language's exemplars, built once: "passage, question, answer" blocks.
+    let mut demos: Vec<(String, String)> = Vec::new();
+    for lang in &langs {
+        let [_, passage, question, answer] = template(lang);
         let exemplars: Vec<&Item> = train
             .iter()
-            .filter(|t| t.lang == item.lang)
+            .filter(|t| &t.lang == lang)
             .take(shots)
             .collect();
         if exemplars.len() < shots {
             bail!(
-                "--shots {shots}: the train file has {} {} questions",
-                exemplars.len(),
-                item.lang
+                "--shots {shots}: the train file has {} {lang} questions",
+                exemplars.len()
             );
         }
-        let mut user = format!("{instruction}\n\n");
-        if !exemplars.is_empty() {
-            let demos = exemplars
-                .iter()
-                .map(|e| {
-                    let context = truncated(engine, &e.context)?;
-                    Ok(format!(
-                        "{passage} {context}\n{question} {}\n{answer} {}",
-                        e.question, e.answers[0]
-                    ))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            user.push_str(&demos.join("\n\n"));
-            user.push_str("\n\n");
-        }
+        let blocks = exemplars
+            .iter()
+            .map(|e| {
+                let context = truncated(engine, &e.context)?;
+                Ok(format!(
+                    "{passage} {context}\n{question} {}\n{answer} {}",
+                    e.question, e.answers[0]
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let text = match blocks.is_empty() {
+            true => String::new(),
+            false => blocks.join("\n\n") + "\n\n",
+        };
+        demos.push((lang.clone(), text));
+    }
+    let mut prompts = Vec::new();
+    for item in &test {
+        let [instruction, passage, question, answer] = template(&item.lang);
+        let demo = &demos
+            .iter()
+            .find(|(l, _)| *l == item.lang)
+            .expect("every language")
+            .1;
+        let mut user = format!("{instruction}\n\n{demo}");
         let context = truncated(engine, &item.context)?;
         user.push_str(&format!(
             "{passage} {context}\n{question} {}\n",

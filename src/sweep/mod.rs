@@ -67,22 +67,7 @@ impl Evaluation {
         data_dir: Option<PathBuf>,
         allow_code_execution: bool,
     ) -> Result<Self> {
-        let benchmarks: Vec<String> = match benchmarks {
-            "all" => crate::evaluate::BENCHMARKS
-                .iter()
-                .map(|b| b.to_string())
-                .collect(),
-            list => list.split(',').map(|b| b.trim().to_string()).collect(),
-        };
-        if let Some(b) = benchmarks
-            .iter()
-            .find(|b| !crate::evaluate::BENCHMARKS.contains(&b.as_str()))
-        {
-            bail!(
-                "--evaluate {b:?}: one of {}, or all",
-                crate::evaluate::BENCHMARKS.join(", ")
-            );
-        }
+        let benchmarks = crate::evaluate::parse_benchmarks(benchmarks, "--evaluate")?;
         let Some(data_dir) = data_dir else {
             bail!("--evaluate needs --eval-data-dir (open-instruct's evaluation data layout)");
         };
