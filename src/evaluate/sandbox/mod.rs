@@ -100,6 +100,8 @@ enum Step {
         path: CString,
         bytes: Vec<u8>,
     },
+    /// A tmpfs made read-only once filled.
+    ReadOnly(CString),
 }
 
 /// Everything the jail's processes use, made before the `clone`.
@@ -223,6 +225,7 @@ impl Prepared {
                 remount: None,
             });
         }
+        steps.push(Step::ReadOnly(c(&inside(dev))?));
         let tmp = Path::new("/tmp");
         dir(&mut steps, tmp)?;
         steps.push(Step::Tmpfs {
@@ -383,7 +386,7 @@ impl Prepared {
                     format!("creating {}", p.to_string_lossy())
                 }
                 Some(Step::Link { path, .. }) => format!("linking {}", path.to_string_lossy()),
-                Some(Step::Tmpfs { path, .. }) => {
+                Some(Step::Tmpfs { path, .. } | Step::ReadOnly(path)) => {
                     format!("mounting a tmpfs on {}", path.to_string_lossy())
                 }
                 Some(Step::Bind { source, .. }) => {
@@ -480,6 +483,14 @@ impl Prepared {
                 }
                 Step::Write { path, bytes } => {
                     ok(if write_new_file(path, bytes) { 0 } else { -1 }, stage)
+                }
+                Step::ReadOnly(path) => {
+                    let flags =
+                        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+                    ok(
+                        libc::mount(none, path.as_ptr(), none, flags, no_data),
+                        stage,
+                    )
                 }
             }
         }
