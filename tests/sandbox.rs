@@ -444,3 +444,35 @@ fn hostile_programs_fail_as_an_unprivileged_user() {
     }
     evaluate_attacks(Some(65534));
 }
+
+/// Where user namespaces are refused (here: a namespace whose limit for more is 0), code
+/// execution stops before anything runs, with one line saying how to enable them — never a
+/// weaker sandbox.
+#[test]
+fn without_user_namespaces_code_execution_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let t = target(&listener);
+    let script = "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$@\"";
+    let output = Command::new("unshare")
+        .args(["--user", "--map-root-user", "sh", "-c", script, "sh"])
+        .arg(env!("CARGO_BIN_EXE_prolora"))
+        .args(["evaluate", "--benchmark", "humaneval", "--model", "tiny"])
+        .arg("--data-dir")
+        .arg(t.data())
+        .arg("--allow-code-execution")
+        .arg("--out")
+        .arg(t.out())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("user namespaces")
+            && stderr.contains("max_user_namespaces")
+            && stderr.contains("nothing has run"),
+        "{stderr}"
+    );
+    assert!(!t.out().exists());
+}
