@@ -355,7 +355,9 @@ impl Prepared {
         let exited = exited.context("cannot wait for the sandbox")?;
         if let Some((stage, errno)) = read_failure(&errors) {
             bail!(
-                "HumanEval's sandbox could not be built: {}: {}",
+                "HumanEval's sandbox could not be built: {}: {} (where a security module limits \
+                 user namespaces, allow them: on Ubuntu, sysctl \
+                 kernel.apparmor_restrict_unprivileged_userns=0); nothing has run",
                 self.stage(stage),
                 std::io::Error::from_raw_os_error(errno)
             );
