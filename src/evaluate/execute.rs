@@ -142,7 +142,9 @@ pub fn run_check(program: &str, limits: &Limits) -> Result<Outcome> {
 
 /// Checks, before any model is loaded, that programs can run here: a trivial one must pass.
 pub fn check_available() -> Result<()> {
-    match run_check("def check(f):\n    pass\ncheck(None)\n", &Limits::default())? {
+    let trivial = run_check("def check(f):\n    pass\ncheck(None)\n", &Limits::default())
+        .map_err(|e| anyhow!("{e:#}; nothing has run"))?;
+    match trivial {
         Outcome::Passed => Ok(()),
         other => bail!(
             "HumanEval's sandbox does not run a trivial program ({}); nothing has run",

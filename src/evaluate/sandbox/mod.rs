@@ -334,8 +334,7 @@ impl Prepared {
                 "HumanEval's sandbox needs unprivileged user namespaces, and this system refuses \
                  them ({e}); enable them (sysctl kernel.unprivileged_userns_clone=1, \
                  user.max_user_namespaces > 0, or on Ubuntu \
-                 kernel.apparmor_restrict_unprivileged_userns=0) or run where they are allowed; \
-                 nothing has run"
+                 kernel.apparmor_restrict_unprivileged_userns=0) or run where they are allowed"
             );
         }
         let pid = pid as libc::pid_t;
@@ -357,7 +356,7 @@ impl Prepared {
             bail!(
                 "HumanEval's sandbox could not be built: {}: {} (where a security module limits \
                  user namespaces, allow them: on Ubuntu, sysctl \
-                 kernel.apparmor_restrict_unprivileged_userns=0); nothing has run",
+                 kernel.apparmor_restrict_unprivileged_userns=0)",
                 self.stage(stage),
                 std::io::Error::from_raw_os_error(errno)
             );
