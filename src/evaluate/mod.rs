@@ -7,11 +7,13 @@ pub mod csv;
 pub mod execute;
 pub mod gsm;
 pub mod humaneval;
+pub mod identity;
 pub mod journal;
 pub mod mmlu;
 pub mod pass_at_k;
 pub mod text;
 pub mod tydiqa;
+pub mod writer;
 
 use crate::ctx::Ctx;
 use crate::generate::{complete_batch, Completion, Request, Settings};
