@@ -947,6 +947,9 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
     if let Some(out) = &args.out {
         let mut inputs = model_inputs(&source, &args.model);
         inputs.push(&args.data_dir);
+        // Apart from the inputs before its lock file is made beside it.
+        atomic::check_apart(out, "--out", &inputs)?;
+        held.push(ev::writer::hold(out, "--out")?);
         atomic::check_output(out, "--out", &inputs, args.overwrite)?;
     }
     let device = crate::device::open(args.model.device)?;
@@ -975,11 +978,8 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         }
     }
     for (_, path) in &outputs {
-        atomic::check_output(path, "the results file", &[], args.overwrite || args.update)?;
         held.push(ev::writer::hold(path, "the results file")?);
-    }
-    if let Some(out) = &args.out {
-        held.push(ev::writer::hold(out, "--out")?);
+        atomic::check_output(path, "the results file", &[], args.overwrite || args.update)?;
     }
     let (model, encoder) = load_model_from(&source, &args.model)?;
     let mut engine = ev::Engine::new(&model, encoder.tokenizer(), args.batch_size);
