@@ -305,7 +305,8 @@ fn an_evaluation_and_a_training_of_one_run_exclude_each_other() {
     drop((evaluating, tmp));
 }
 
-/// `train --overwrite` removes the old adapter's scores with it.
+/// `train --overwrite` removes the old adapter's scores with it; `collect` skips scores of
+/// another adapter.
 #[test]
 fn overwriting_a_run_removes_its_old_scores() {
     let tmp = tempfile::tempdir().unwrap();
@@ -328,6 +329,30 @@ fn overwriting_a_run_removes_its_old_scores() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(run.join("adapter_model.safetensors").exists());
     assert!(!run.join("eval").exists());
+
+    // `collect` shows only scores of the run's own adapter.
+    let adapter = sha256_hex(&std::fs::read(run.join("adapter_model.safetensors")).unwrap());
+    std::fs::create_dir(run.join("eval")).unwrap();
+    let mmlu = |sha: &str| {
+        let v = serde_json::json!({"identity": {"adapter_sha256": sha},
+                                   "metrics": {"average_acc": 0.25}});
+        std::fs::write(run.join("eval/mmlu.json"), v.to_string()).unwrap();
+        prolora(&["collect", s(tmp.path())])
+    };
+    let o = mmlu(&"0".repeat(64));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("made with another adapter"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("MMLU"));
+    let o = mmlu(&adapter);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("25.00"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// The outputs of `evaluate` and `generate` may not be, contain or lie inside an input;
