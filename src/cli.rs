@@ -357,7 +357,8 @@ pub struct TrainArgs {
     /// the run's own config.toml).
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "overwrite")]
     pub resume: Option<PathBuf>,
-    /// Replace a finished or checkpointed run in output_dir instead of refusing.
+    /// Replace a finished or checkpointed run in output_dir instead of refusing (its
+    /// checkpoints, adapter and eval/ results go).
     #[arg(long)]
     pub overwrite: bool,
     /// Compute device: auto, cpu, cuda or cuda:N (overrides the config's `device`).
