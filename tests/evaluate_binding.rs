@@ -235,25 +235,64 @@ fn a_journal_of_another_dtype_is_set_aside() {
     }
 }
 
-/// A second writer of one --out is refused naming the first; the lock file goes with it.
+/// A second evaluation on one --out is refused naming the first, and writes nothing; the lock
+/// file goes when the first ends.
 #[test]
 fn a_second_evaluation_on_one_out_is_refused() {
     let (tmp, base, _) = fixture_copy();
     let out = tmp.path().join("gsm.json");
+    let lock_file = tmp.path().join(".gsm.json.lock");
+    let refused = |o: &Output, pid: u32| {
+        assert!(!o.status.success());
+        let want = format!(
+            "--out {} is being written by another prolora evaluate (pid {pid}",
+            out.display()
+        );
+        assert!(stderr(o).contains(&want), "{}", stderr(o));
+    };
+    // Two processes: the first runs every GSM sample for long enough to be caught at it.
+    let mut first = Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(["evaluate", "--benchmark", "gsm", "--model", s(&base)])
+        .args([
+            "--data-dir",
+            "data/eval",
+            "--batch-size",
+            "1",
+            "--max-new-tokens",
+            "100",
+        ])
+        .args(["--out", s(&out)])
+        .current_dir(root())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&lock_file).is_ok_and(|t| t.starts_with("pid ")) {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the first never took the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let o = evaluate(&base, &out, &["--overwrite"]);
+    let still_running = first.try_wait().unwrap().is_none();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // (Should the first have ended already, the second may run: only a refusal is checked.)
+    if still_running {
+        refused(&o, first.id());
+    }
+
+    // Deterministically: a writer held here.
+    let _ = std::fs::remove_file(journal_of(&out));
     let held = prolora::evaluate::writer::hold(&out, "--out").unwrap();
-    let o = evaluate(&base, &out, &[]);
-    assert!(!o.status.success());
-    let want = format!(
-        "--out {} is being written by another prolora evaluate (pid {}",
-        out.display(),
-        std::process::id()
-    );
-    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+    let o = evaluate(&base, &out, &["--overwrite"]);
+    refused(&o, std::process::id());
     assert!(!journal_of(&out).exists() && !out.exists());
     drop(held);
     let o = evaluate(&base, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(!tmp.path().join(".gsm.json.lock").exists());
+    assert!(!lock_file.exists());
 }
 
 /// `evaluate --run` shares the run's lock with other evaluations, never with a training.
