@@ -34,9 +34,11 @@ pub fn sha256(path: &Path) -> Result<String> {
     }
     let hash = file_sha256(&real)?;
     if let Some(entry) = entry {
-        let _ = std::fs::create_dir_all(entry.parent().expect("an entry has a directory"))
-            .map_err(anyhow::Error::from)
-            .and_then(|_| crate::atomic::write(&entry, hash.as_bytes()));
+        // Best effort: without the entry the next run hashes the file again.
+        let dir = entry.parent().expect("an entry has a directory");
+        if std::fs::create_dir_all(dir).is_ok() {
+            let _ = crate::atomic::write(&entry, hash.as_bytes());
+        }
     }
     Ok(hash)
 }

@@ -74,7 +74,6 @@ impl Identity {
                 .adapter
                 .map(|dir| content_hash::sha256(&dir.join(name)))
                 .transpose()
-                .with_context(|| "--adapter")
         };
         let mut options = serde_json::to_value(options)?;
         if let Value::Object(o) = &mut options {
