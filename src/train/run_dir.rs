@@ -8,8 +8,7 @@
 //! | `metrics.jsonl` | one JSON line per logged step and per evaluation (appended) |
 //! | `checkpoints/step-N/` | every `train.save_every` steps and at the end, whole or not at all |
 //! | `adapter_model.safetensors`, `adapter_config.json` | at the end: the adapter in PEFT's layout |
-//! | `.lock` | held (an exclusive `flock`) by the one process that trains in the directory, or
-//! |  | shared by the evaluations of its adapter (`prolora evaluate --run`) |
+//! | `.lock` | a `flock`: exclusive for the one `train` in it, shared by `evaluate --run`s |
 //! | `eval/` | `prolora evaluate --run`'s results, one file per benchmark; removed by `--overwrite` |
 
 use super::checkpoint::{self, TrainerState};
