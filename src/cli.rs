@@ -11,7 +11,7 @@ use crate::data::inspect;
 use crate::device::{ComputeDtype, DeviceSpec};
 use crate::model::nf4::{Quantization, Storage};
 use crate::source::{self, ModelSource, Origin};
-use crate::train::run_dir::CONFIG_FILE;
+use crate::train::run_dir::{CONFIG_FILE, METRICS_FILE};
 use crate::train::Start;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -219,6 +219,9 @@ pub struct PlotArgs {
     /// The SVG file to write.
     #[arg(long, short, default_value = "loss.svg")]
     pub out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -354,7 +357,8 @@ pub struct TrainArgs {
     /// the run's own config.toml).
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "overwrite")]
     pub resume: Option<PathBuf>,
-    /// Replace a finished or checkpointed run in output_dir instead of refusing.
+    /// Replace a finished or checkpointed run in output_dir instead of refusing (its
+    /// checkpoints, adapter and eval/ results go).
     #[arg(long)]
     pub overwrite: bool,
     /// Compute device: auto, cpu, cuda or cuda:N (overrides the config's `device`).
@@ -437,6 +441,11 @@ pub struct EvaluateArgs {
     /// Replace an existing --out or RUN/eval/<benchmark>.json.
     #[arg(long)]
     pub overwrite: bool,
+    /// With --run: evaluate only the benchmarks whose RUN/eval results are missing or were made
+    /// by another evaluation (another model, adapter, --quantize, --dtype or option), replacing
+    /// those (what `sweep --evaluate` runs on each point).
+    #[arg(long, requires = "run")]
+    pub update: bool,
     /// Print the results as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -526,6 +535,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Evaluate(a) => evaluate(a),
         Command::Plot(a) => {
+            let read: Vec<PathBuf> = a
+                .runs
+                .iter()
+                .flat_map(|r| [r.join(CONFIG_FILE), r.join(METRICS_FILE)])
+                .collect();
+            let inputs: Vec<&Path> = read.iter().map(PathBuf::as_path).collect();
+            atomic::check_output(&a.out, "--out", &inputs, a.overwrite)?;
             crate::plot::plot(&a.runs, &a.out)?;
             eprintln!("wrote {}", a.out.display());
             Ok(())
@@ -718,7 +734,17 @@ fn train(args: TrainArgs) -> Result<()> {
 
 /// The base model with the adapter (if any) attached, and its chat encoder.
 fn load_model(args: &ModelArgs) -> Result<(crate::model::Llama, ChatEncoder)> {
-    let source = ModelSource::resolve(&args.spec.model, &args.spec.revision)?;
+    load_model_from(
+        &ModelSource::resolve(&args.spec.model, &args.spec.revision)?,
+        args,
+    )
+}
+
+/// The same from the already resolved `source`.
+fn load_model_from(
+    source: &ModelSource,
+    args: &ModelArgs,
+) -> Result<(crate::model::Llama, ChatEncoder)> {
     let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
     encoder.check_fits(source.config.vocab_size)?;
     let device = crate::device::open(args.device)?;
@@ -790,15 +816,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
     settings
         .validate()
         .map_err(|e| anyhow::anyhow!("--{e}").context("generate"))?;
+    let source = ModelSource::resolve(&args.model.spec.model, &args.model.spec.revision)?;
     let Some(file) = &args.prompts else {
-        let (model, encoder) = load_model(&args.model)?;
+        let (model, encoder) = load_model_from(&source, &args.model)?;
         let messages = chat(args.system.clone(), args.prompt.clone().unwrap_or_default());
         println!("{}", complete(&model, &encoder, &messages, &settings)?.text);
         return Ok(());
     };
     let out = args.out.as_ref().filter(|o| o.as_os_str() != "-");
     if let Some(out) = out {
-        atomic::check_output(out, "--out", &[file.as_path()], args.overwrite)?;
+        let mut inputs = model_inputs(&source, &args.model);
+        inputs.push(file);
+        atomic::check_output(out, "--out", &inputs, args.overwrite)?;
     }
     let text =
         std::fs::read_to_string(file).with_context(|| format!("--prompts {}", file.display()))?;
@@ -823,7 +852,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         let id = v.get("id").cloned().unwrap_or(json!(n + 1));
         requests.push((id, messages));
     }
-    let (model, encoder) = load_model(&args.model)?;
+    let (model, encoder) = load_model_from(&source, &args.model)?;
     let bar = indicatif::ProgressBar::new(requests.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{pos}/{len} prompts {bar:30} {per_sec} eta {eta}")
@@ -868,7 +897,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 fn evaluate(mut args: EvaluateArgs) -> Result<()> {
     use crate::evaluate as ev;
-    let benchmarks = ev::parse_benchmarks(&args.benchmark, "--benchmark")?;
+    let mut benchmarks = ev::parse_benchmarks(&args.benchmark, "--benchmark")?;
     if let Some(t) = args.temperature.filter(|t| !(t.is_finite() && *t >= 0.0)) {
         bail!("--temperature {t}: must be finite and ≥ 0 (0 is greedy)");
     }
@@ -888,6 +917,7 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         ev::humaneval::check_code_execution(&options)?;
     }
     let mut outputs: Vec<(String, PathBuf)> = Vec::new();
+    let mut held: Vec<crate::lock::Lock> = Vec::new();
     if let Some(run) = &args.run {
         if !run.join("adapter_model.safetensors").exists() {
             bail!(
@@ -907,18 +937,52 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
                 );
             }
         }
+        // Held to the end: no `train` replaces the adapter while it is evaluated.
+        held.push(crate::train::run_dir::lock_for_evaluation(run)?);
         args.model.adapter = Some(run.clone());
         for b in &benchmarks {
             outputs.push((b.clone(), run.join("eval").join(format!("{b}.json"))));
         }
     }
+    let source = ModelSource::resolve(&args.model.spec.model, &args.model.spec.revision)?;
     if let Some(out) = &args.out {
-        atomic::check_output(out, "--out", &[args.data_dir.as_path()], args.overwrite)?;
+        let mut inputs = model_inputs(&source, &args.model);
+        inputs.push(&args.data_dir);
+        // Apart from the inputs before its lock file is made beside it.
+        atomic::check_apart(out, "--out", &inputs)?;
+        held.push(ev::writer::hold(out, "--out")?);
+        atomic::check_output(out, "--out", &inputs, args.overwrite)?;
+    }
+    let device = crate::device::open(args.model.device)?;
+    let identity = ev::identity::Identity::new(
+        &ev::identity::Loading {
+            source: &source,
+            tokenizer: args.model.tokenizer.as_deref(),
+            adapter: args.model.adapter.as_deref(),
+            quantize: args.model.quantize.name(),
+            double_quant: args.model.double_quant,
+            dtype: args.model.dtype.on(&device),
+        },
+        &options,
+    )?;
+    if args.update {
+        outputs.retain(|(_, path)| {
+            let current = identity.is_recorded_in(path);
+            if current {
+                eprintln!("{}: made by this same evaluation; kept", path.display());
+            }
+            !current
+        });
+        benchmarks.retain(|b| outputs.iter().any(|(name, _)| name == b));
+        if benchmarks.is_empty() {
+            return Ok(());
+        }
     }
     for (_, path) in &outputs {
-        atomic::check_output(path, "the results file", &[], args.overwrite)?;
+        held.push(ev::writer::hold(path, "the results file")?);
+        atomic::check_output(path, "the results file", &[], args.overwrite || args.update)?;
     }
-    let (model, encoder) = load_model(&args.model)?;
+    let (model, encoder) = load_model_from(&source, &args.model)?;
     let mut engine = ev::Engine::new(&model, encoder.tokenizer(), args.batch_size);
     let mut all = serde_json::Map::new();
     for b in &benchmarks {
@@ -944,11 +1008,10 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         }
         engine.journal = partial
             .as_deref()
-            .map(ev::journal::Journal::open)
+            .map(|p| ev::journal::Journal::open(p, &identity))
             .transpose()?;
         let mut result = ev::run(b, &mut engine, &options)?;
-        result["settings"]["model"] = json!(args.model.spec.model);
-        result["settings"]["adapter"] = json!(args.model.adapter);
+        identity.record(&mut result);
         result["settings"]["protocol"] = json!("open-instruct");
         result["seconds"] = json!(started.elapsed().as_secs_f64());
         if let Some((_, path)) = outputs.iter().find(|(name, _)| name == b) {
@@ -1029,6 +1092,19 @@ fn chat(system: Option<String>, prompt: String) -> Vec<Message> {
         content: prompt,
     });
     messages
+}
+
+/// What a model command reads from disk: the model's directory, the adapter, a tokenizer file.
+fn model_inputs<'a>(source: &'a ModelSource, args: &'a ModelArgs) -> Vec<&'a Path> {
+    let mut inputs = local_dirs(source);
+    inputs.extend(args.adapter.as_deref());
+    inputs.extend(
+        args.tokenizer
+            .as_deref()
+            .map(Path::new)
+            .filter(|t| t.exists()),
+    );
+    inputs
 }
 
 /// The local directories a model is read from (none for a preset).

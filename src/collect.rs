@@ -41,8 +41,12 @@ fn setting_label(run: &Run) -> String {
     )
 }
 
-/// A run's headline benchmark scores (percent), by column, from RUN/eval/<benchmark>.json.
+/// A run's headline benchmark scores (percent), by column, from RUN/eval/<benchmark>.json;
+/// results of another adapter than the run's (an older run in the same directory) are skipped
+/// with a warning.
 fn scores(run: &Run) -> Result<Vec<Option<f64>>> {
+    let adapter =
+        crate::content_hash::sha256(&run.dir.join(crate::adapters::peft::WEIGHTS_FILE)).ok();
     HEADLINES
         .iter()
         .map(|(benchmark, _, pointer, scale)| {
@@ -56,6 +60,15 @@ fn scores(run: &Run) -> Result<Vec<Option<f64>>> {
                     path.display()
                 )
             })?;
+            let evaluated = v["identity"]["adapter_sha256"].as_str();
+            if evaluated.is_some_and(|e| Some(e) != adapter.as_deref()) {
+                eprintln!(
+                    "warning: skipping {}: made with another adapter than the run's (its \
+                     adapter_sha256 differs); rerun prolora evaluate --run",
+                    path.display()
+                );
+                return Ok(None);
+            }
             Ok(v.pointer(pointer)
                 .and_then(|x| x.as_f64())
                 .map(|x| x * scale))

@@ -1424,6 +1424,9 @@ fn a_killed_evaluation_continues_from_its_journal() {
     assert!(o.status.success(), "{}", stderr(&o));
 
     let journal = tmp.path().join("cut.json.gsm.partial.jsonl");
+    // Its first line names the evaluation; a completion a line after it.
+    let completions =
+        || std::fs::read_to_string(&journal).map_or(0, |t| t.lines().count().saturating_sub(1));
     let mut child = Command::new(env!("CARGO_BIN_EXE_prolora"))
         .args(args(&cut))
         .current_dir(root())
@@ -1431,7 +1434,7 @@ fn a_killed_evaluation_continues_from_its_journal() {
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    while std::fs::read_to_string(&journal).map_or(0, |t| t.lines().count()) < 2 {
+    while completions() < 2 {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(120),
             "no completion journaled"
@@ -1440,7 +1443,7 @@ fn a_killed_evaluation_continues_from_its_journal() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let kept = std::fs::read_to_string(&journal).unwrap().lines().count();
+    let kept = completions();
     assert!(kept < 8, "the run finished before it was killed");
 
     let o = Command::new(env!("CARGO_BIN_EXE_prolora"))

@@ -257,6 +257,35 @@ fn evaluated_points_show_in_collect_and_are_not_evaluated_twice() {
         before
     );
 
+    // Other evaluation data: every point is evaluated again, on it.
+    let other = tmp.path().join("eval");
+    std::fs::create_dir_all(other.join("mmlu")).unwrap();
+    for dir in ["dev", "test"] {
+        let (from, to) = (
+            root().join("data/eval/mmlu").join(dir),
+            other.join("mmlu").join(dir),
+        );
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(from).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut moved = args.to_vec();
+    let at = moved.len() - 1;
+    moved[at] = other.to_str().unwrap();
+    let o = prolora(&moved);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for seed in [1, 2] {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(results(seed)).unwrap()).unwrap();
+        assert_eq!(
+            v["identity"]["options"]["data_dir"],
+            other.canonicalize().unwrap().to_str().unwrap(),
+            "seed {seed}"
+        );
+    }
+
     // HumanEval without consent is refused before anything runs.
     let mut bad = args.to_vec();
     let at = bad.len() - 3;

@@ -2,7 +2,13 @@
 //! evaluation interrupted hours in (Ctrl-C, a crash, a pre-empted job) continues where it
 //! stopped: rerun the same command and only the missing prompts are generated. A completion
 //! is keyed by its prompt, seed and settings, so a changed setting never reuses an old one.
+//!
+//! Its first line is the evaluation's [`Identity`] (model, adapter, loading, options). A
+//! journal another evaluation made (another --model, --adapter, --quantize, --dtype, option)
+//! is never reused: it is set aside as `<name>.stale.jsonl`, with a warning naming the first
+//! difference, and the completions are made again.
 
+use super::identity::Identity;
 use crate::generate::{Completion, Request, Settings};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -14,6 +20,15 @@ pub struct Journal {
     path: PathBuf,
     done: HashMap<String, Completion>,
     file: Option<std::fs::File>,
+    /// The first line of a new journal.
+    header: Header,
+    /// Whether the file on disk starts with `header` (else it is written anew at the first add).
+    has_header: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Header {
+    identity: serde_json::Value,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -23,27 +38,53 @@ struct Line {
 }
 
 impl Journal {
-    /// The journal at `path`, with what an earlier run left in it (a cut last line ignored).
-    pub fn open(path: &Path) -> Result<Self> {
+    /// The journal at `path` of the evaluation `identity`, with what an earlier run of it left
+    /// there (a cut last line ignored); another evaluation's journal is set aside.
+    pub fn open(path: &Path, identity: &Identity) -> Result<Self> {
+        let header = Header {
+            identity: identity.to_value(),
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut lines = text.lines();
+        let recorded = lines
+            .next()
+            .and_then(|l| serde_json::from_str::<Header>(l).ok())
+            .map_or(serde_json::Value::Null, |h| h.identity);
         let mut done = HashMap::new();
-        if let Ok(text) = std::fs::read_to_string(path) {
-            for line in text.lines() {
-                if let Ok(l) = serde_json::from_str::<Line>(line) {
-                    done.insert(l.key, l.completion);
+        match identity.difference(&recorded) {
+            _ if text.is_empty() => {}
+            None => {
+                for line in lines {
+                    if let Ok(l) = serde_json::from_str::<Line>(line) {
+                        done.insert(l.key, l.completion);
+                    }
+                }
+                if !done.is_empty() {
+                    eprintln!(
+                        "{}: continuing with {} completions made before",
+                        path.display(),
+                        done.len()
+                    );
                 }
             }
-        }
-        if !done.is_empty() {
-            eprintln!(
-                "{}: continuing with {} completions made before",
-                path.display(),
-                done.len()
-            );
+            Some(difference) => {
+                let stale = path.with_extension("stale.jsonl");
+                std::fs::rename(path, &stale)
+                    .with_context(|| format!("cannot set aside {}", path.display()))?;
+                eprintln!(
+                    "warning: {} was made by another evaluation ({difference}); set aside as {}, \
+                     starting over",
+                    path.display(),
+                    stale.display()
+                );
+            }
         }
         Ok(Journal {
             path: path.to_path_buf(),
+            has_header: !done.is_empty(),
             done,
             file: None,
+            header,
         })
     }
 
@@ -63,11 +104,19 @@ impl Journal {
     /// Appends a completion (flushed, so a kill loses at most the line being written).
     pub fn add(&mut self, key: String, completion: &Completion) -> Result<()> {
         if self.file.is_none() {
-            let file = std::fs::OpenOptions::new()
+            let mut file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .truncate(false)
                 .open(&self.path)
                 .with_context(|| format!("cannot write {}", self.path.display()))?;
+            if !self.has_header {
+                let header = serde_json::to_string(&self.header)?;
+                file.set_len(0)
+                    .and_then(|_| writeln!(file, "{header}"))
+                    .with_context(|| format!("cannot write {}", self.path.display()))?;
+                self.has_header = true;
+            }
             self.file = Some(file);
         }
         let line = serde_json::to_string(&Line {

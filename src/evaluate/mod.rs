@@ -7,12 +7,14 @@ pub mod csv;
 pub mod execute;
 pub mod gsm;
 pub mod humaneval;
+pub mod identity;
 pub mod journal;
 pub mod mmlu;
 pub mod pass_at_k;
 pub mod sandbox;
 pub mod text;
 pub mod tydiqa;
+pub mod writer;
 
 use crate::ctx::Ctx;
 use crate::generate::{complete_batch, Completion, Request, Settings};

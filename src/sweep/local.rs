@@ -17,7 +17,12 @@ pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
     let todo: Vec<usize> = sweep
         .points
         .iter()
-        .filter(|p| !p.run_dir.join(crate::adapters::peft::WEIGHTS_FILE).exists())
+        // A trained point still runs when the sweep evaluates: its results may be missing or
+        // made with other evaluation settings.
+        .filter(|p| {
+            sweep.evaluate.is_some()
+                || !p.run_dir.join(crate::adapters::peft::WEIGHTS_FILE).exists()
+        })
         .map(|p| p.index)
         .collect();
     eprintln!(

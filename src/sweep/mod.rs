@@ -222,18 +222,11 @@ pub fn run_task(dir: &Path, index: usize, show_progress: bool) -> Result<()> {
     }
 }
 
-/// `prolora evaluate --run` on a trained point, for the benchmarks it has no results for yet
-/// (so a rerun after an interruption only does what is left).
+/// `prolora evaluate --run --update` on a trained point: the benchmarks it has no results for,
+/// or results another evaluation made (other data, options, model, adapter), are evaluated;
+/// those of this same evaluation are kept (so a rerun after an interruption only does what is
+/// left).
 fn evaluate_point(cfg: &RunConfig, point: &Point, evaluation: &Evaluation) -> Result<()> {
-    let missing: Vec<&str> = evaluation
-        .benchmarks
-        .iter()
-        .map(String::as_str)
-        .filter(|b| !crate::evaluate::results_path(&point.run_dir, b).exists())
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
     let m = &cfg.model;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("evaluate")
@@ -247,7 +240,8 @@ fn evaluate_point(cfg: &RunConfig, point: &Point, evaluation: &Evaluation) -> Re
         .arg(&point.run_dir)
         .arg("--data-dir")
         .arg(&evaluation.data_dir)
-        .args(["--benchmark", &missing.join(",")]);
+        .args(["--benchmark", &evaluation.benchmarks.join(",")])
+        .arg("--update");
     if let Some(t) = &m.tokenizer {
         cmd.args(["--tokenizer", t]);
     }

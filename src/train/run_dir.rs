@@ -8,7 +8,8 @@
 //! | `metrics.jsonl` | one JSON line per logged step and per evaluation (appended) |
 //! | `checkpoints/step-N/` | every `train.save_every` steps and at the end, whole or not at all |
 //! | `adapter_model.safetensors`, `adapter_config.json` | at the end: the adapter in PEFT's layout |
-//! | `.lock` | held (an exclusive `flock`) by the one process that runs in the directory |
+//! | `.lock` | a `flock`: exclusive for the one `train` in it, shared by `evaluate --run`s |
+//! | `eval/` | `prolora evaluate --run`'s results, one file per benchmark; removed by `--overwrite` |
 
 use super::checkpoint::{self, TrainerState};
 use super::optim::AdamW;
@@ -16,6 +17,7 @@ use crate::adapters::{peft, AdapterSet};
 use crate::atomic;
 use crate::config::RunConfig;
 use crate::data::dataset::DataReport;
+use crate::lock::{self, Lock, Mode};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::fs::File;
@@ -45,7 +47,7 @@ pub struct RunDir {
     /// The checkpoint a resumed run continues from.
     resume_from: Option<PathBuf>,
     /// Holds the directory's lock until the run ends (the kernel drops it if the process dies).
-    _lock: File,
+    _lock: Lock,
 }
 
 impl RunDir {
@@ -85,7 +87,12 @@ impl RunDir {
                 path.display()
             ),
             Start::Overwrite => {
-                for stale in [path.join("checkpoints"), path.join(peft::WEIGHTS_FILE)] {
+                // The old adapter's scores (eval/) would otherwise pass for the new run's.
+                for stale in [
+                    path.join("checkpoints"),
+                    path.join(peft::WEIGHTS_FILE),
+                    path.join("eval"),
+                ] {
                     if stale.is_dir() {
                         std::fs::remove_dir_all(&stale)?;
                     } else if stale.exists() {
@@ -243,83 +250,46 @@ fn newest_intact(checkpoints: &[(usize, PathBuf)]) -> Option<PathBuf> {
 }
 
 /// Takes the exclusive lock of run directory `path` (created if needed), or says who holds it.
-fn lock(path: &Path) -> Result<File> {
-    use std::os::fd::AsRawFd;
+fn lock(path: &Path) -> Result<Lock> {
     std::fs::create_dir_all(path)
         .with_context(|| format!("cannot create run directory {}", path.display()))?;
     let lock_path = path.join(LOCK_FILE);
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    // SAFETY: flock on a file descriptor this function owns.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let owner = std::fs::read_to_string(&lock_path).unwrap_or_default();
-        bail!(
-            "{} is in use by another prolora train ({}); wait for it to end or choose another \
-             output_dir",
-            path.display(),
-            match owner.trim() {
-                "" => "owner unknown",
-                o => o,
-            }
-        );
+    match lock::try_lock(&lock_path, Mode::Exclusive)? {
+        Ok(held) => Ok(held),
+        // Only evaluations share it: free for another shared holder means no run is training.
+        Err(holder) if lock::is_free(&lock_path, Mode::Shared) => bail!(
+            "{} is being evaluated by prolora evaluate ({holder}); wait for the evaluation to end \
+             or choose another output_dir",
+            path.display()
+        ),
+        Err(holder) => bail!(
+            "{} is in use by another prolora train ({holder}); wait for it to end or choose \
+             another output_dir",
+            path.display()
+        ),
     }
-    file.set_len(0)?;
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    write!(
-        file,
-        "pid {}, started {}",
-        std::process::id(),
-        utc_time(started)
-    )?;
-    file.flush()?;
-    Ok(file)
 }
 
-/// Who runs in `path` now ("pid P, started T"), or None when no process holds its lock.
+/// A shared hold on the run directory `path` for an evaluation of its adapter: any number of
+/// evaluations at once, none while a `train` runs in it (which could replace the adapter
+/// half-way). Refused, naming the training process, while one does.
+pub fn lock_for_evaluation(path: &Path) -> Result<Lock> {
+    match lock::try_lock(&path.join(LOCK_FILE), Mode::Shared)? {
+        Ok(held) => Ok(held),
+        Err(holder) => bail!(
+            "--run {} is being trained ({holder}): evaluate it once the run has ended",
+            path.display()
+        ),
+    }
+}
+
+/// Who trains in `path` now ("pid P, started T"), or None when no process does.
 pub fn owner(path: &Path) -> Option<String> {
-    use std::os::fd::AsRawFd;
     let lock_path = path.join(LOCK_FILE);
-    let file = File::open(&lock_path).ok()?;
-    // SAFETY: flock on a file descriptor this function owns; a shared lock taken and dropped.
-    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-    if free {
-        return None;
+    match lock::is_free(&lock_path, Mode::Shared) {
+        true => None,
+        false => Some(lock::holder(&lock_path)),
     }
-    Some(
-        std::fs::read_to_string(&lock_path)
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
-    )
-}
-
-/// `2026-12-02 16:21:07 UTC` for seconds since 1970.
-fn utc_time(secs: u64) -> String {
-    // Days to a civil date (Howard Hinnant's algorithm).
-    let days = (secs / 86_400) as i64 + 719_468;
-    let era = days.div_euclid(146_097);
-    let doe = days.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let t = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        t / 3600,
-        t / 60 % 60,
-        t % 60
-    )
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -337,21 +307,5 @@ impl Metrics {
     pub fn log(&mut self, line: Value) -> Result<()> {
         writeln!(self.file, "{line}")
             .with_context(|| format!("cannot write {}", self.path.display()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc_times_match_the_civil_calendar() {
-        // Values from Python's datetime.utcfromtimestamp.
-        for (secs, want) in [
-            (0, "1970-01-01 00:00:00 UTC"),
-            (951_782_400, "2000-02-29 00:00:00 UTC"),
-            (1_796_231_222, "2026-12-02 17:07:02 UTC"),
-            (4_102_444_799, "2099-12-31 23:59:59 UTC"),
-        ] {
-            assert_eq!(super::utc_time(secs), want);
-        }
     }
 }
