@@ -4,7 +4,7 @@
 //! outputs, predictions, correctness and metrics; the string rules on the reference's tables;
 //! HumanEval's execution and pass@k.
 
-use prolora::evaluate::{self as ev, text, ChatFormat, Engine, Options};
+use prolora::evaluate::{self as ev, text, ChatFormat, Engine, Options, Protocol};
 use prolora::generate::{complete, Settings};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -25,7 +25,9 @@ fn golden(name: &str) -> Value {
 fn options() -> Options {
     Options {
         data_dir: root().join("data/eval"),
+        protocol: Protocol::Paper,
         limit: None,
+        max_examples: None,
         batch_size: 4,
         max_new_tokens: None,
         temperature: None,
@@ -69,10 +71,15 @@ fn metrics_differ(ours: &Value, theirs: &Value) -> f64 {
 /// Runs `benchmark` and checks every example and metric against its golden; returns the
 /// results for benchmark-specific checks.
 fn check(benchmark: &str, options: &Options) -> (Value, Value) {
+    check_against(benchmark, benchmark, options)
+}
+
+/// `check` against the golden file `name`.
+fn check_against(benchmark: &str, name: &str, options: &Options) -> (Value, Value) {
     let (model, tokenizer) = model();
     let mut engine = Engine::new(&model, &tokenizer, options.batch_size);
     let ours = ev::run(benchmark, &mut engine, options).unwrap();
-    let gold = golden(benchmark);
+    let gold = golden(name);
     let (got, want) = (
         ours["examples"].as_array().unwrap(),
         gold["examples"].as_array().unwrap(),
@@ -127,10 +134,29 @@ fn check(benchmark: &str, options: &Options) -> (Value, Value) {
     (ours, gold)
 }
 
+/// The authors' scripts (the paper's protocol): the answer cue "The answer is ".
 #[test]
 fn mmlu_equals_the_reference() {
-    let (_, gold) = check("mmlu", &options());
-    // No near-tie among the four letters could have decided a prediction either way.
+    let (ours, gold) = check("mmlu", &options());
+    assert_eq!(ours["settings"]["protocol"], "paper");
+    assert_no_near_ties(&gold);
+}
+
+/// open-instruct at 65c6f406: the answer cue "The answer is:".
+#[test]
+fn mmlu_equals_open_instruct() {
+    let options = Options {
+        protocol: Protocol::OpenInstruct,
+        ..options()
+    };
+    let (ours, gold) = check_against("mmlu", "mmlu-open-instruct", &options);
+    assert_eq!(ours["settings"]["protocol"], "open-instruct");
+    assert_eq!(gold["settings"]["answer_prefix"], "The answer is:");
+    assert_no_near_ties(&gold);
+}
+
+/// No near-tie among the four letters could have decided a prediction either way.
+fn assert_no_near_ties(gold: &Value) {
     for e in gold["examples"].as_array().unwrap() {
         let mut l: Vec<f64> = e["answer_logits"]
             .as_array()

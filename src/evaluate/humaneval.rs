@@ -3,7 +3,10 @@
 
 use super::execute::{run_check, Limits, Outcome};
 use super::pass_at_k::pass_at_k;
-use super::{data_file, first, mean, ChatFormat, Engine, Example, Options, Scored};
+use super::py_random::PyRandom;
+use super::{
+    data_file, first, mean, nonempty, sampled, ChatFormat, Engine, Example, Options, Scored,
+};
 use crate::generate::Settings;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -29,6 +32,16 @@ pub fn refuse_without_consent(options: &Options) -> Result<()> {
             "HumanEval runs the model's code: pass --allow-code-execution to run each completion \
              in a sandboxed python3 subprocess (3 s, 1 GiB, no new processes, no secrets in its \
              environment); nothing has run"
+        );
+    }
+    Ok(())
+}
+
+/// HumanEval has no exemplars: a --shots for it is a mistake, not a no-op.
+pub fn refuse_shots(options: &Options) -> Result<()> {
+    if let Some(shots) = options.shots {
+        bail!(
+            "--shots {shots}: HumanEval has no few-shot exemplars; leave out --shots or humaneval"
         );
     }
     Ok(())
@@ -60,6 +73,7 @@ fn problems(path: &Path) -> Result<Vec<Problem>> {
 
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     refuse_without_consent(options)?;
+    refuse_shots(options)?;
     let samples = options.samples.unwrap_or(20);
     let temperature = options.temperature.unwrap_or(0.1);
     let max_new_tokens = options.max_new_tokens.unwrap_or(512);
@@ -72,7 +86,13 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         false => data_file(dir, "codex_humaneval/HumanEval.jsonl")
             .context("neither HumanEval.jsonl.gz nor HumanEval.jsonl")?,
     };
-    let problems = first(problems(&path)?, options.limit);
+    // The reference's --max_num_examples: random.sample after random.seed(42).
+    let problems = sampled(
+        &mut PyRandom::seeded(42),
+        nonempty(problems(&path)?, &path)?,
+        options.max_examples,
+    );
+    let problems = first(problems, options.limit);
     let prompt_of = |p: &Problem| match options.chat_format {
         ChatFormat::Tulu => options.chat_format.wrap(
             &format!("Complete the following python function.\n\n\n{}", p.prompt),
@@ -139,6 +159,18 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
             gold: json!("passed"),
         });
     }
+    let metrics = pass_at_ks(&passed, samples)?;
+    Ok(Scored {
+        metrics: metrics.into(),
+        examples,
+        settings: json!({"samples": samples, "temperature": temperature, "top_p": 0.95,
+            "max_new_tokens": max_new_tokens, "stop": STOPS, "timeout_s": limits.timeout.as_secs_f64()}),
+    })
+}
+
+/// pass@1 and pass@10 over the problems, each where there are at least k samples a problem
+/// (as the reference reports only the k it can estimate); `passed[i]` of `samples` passed.
+pub fn pass_at_ks(passed: &[usize], samples: usize) -> Result<Map<String, serde_json::Value>> {
     let mut metrics = Map::new();
     for k in [1, 10] {
         if samples >= k {
@@ -149,10 +181,5 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
             metrics.insert(format!("pass@{k}"), json!(mean(each)));
         }
     }
-    Ok(Scored {
-        metrics: metrics.into(),
-        examples,
-        settings: json!({"samples": samples, "temperature": temperature, "top_p": 0.95,
-            "max_new_tokens": max_new_tokens, "stop": STOPS, "timeout_s": limits.timeout.as_secs_f64()}),
-    })
+    Ok(metrics)
 }
