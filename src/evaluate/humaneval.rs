@@ -71,6 +71,41 @@ fn problems(path: &Path) -> Result<Vec<Problem>> {
         .collect()
 }
 
+/// The problems to run, in order: the reference's subset (`--max_num_examples`: random.sample
+/// after random.seed(42)), then the first `limit`.
+fn chosen(options: &Options) -> Result<Vec<Problem>> {
+    let dir = &options.data_dir;
+    let path = match dir.join("codex_humaneval/HumanEval.jsonl.gz").exists() {
+        true => dir.join("codex_humaneval/HumanEval.jsonl.gz"),
+        false => data_file(dir, "codex_humaneval/HumanEval.jsonl")
+            .context("neither HumanEval.jsonl.gz nor HumanEval.jsonl")?,
+    };
+    let problems = sampled(
+        &mut PyRandom::seeded(42),
+        nonempty(problems(&path)?, &path)?,
+        options.max_examples,
+    );
+    Ok(first(problems, options.limit))
+}
+
+fn prompt(p: &Problem, chat_format: ChatFormat) -> String {
+    match chat_format {
+        ChatFormat::Tulu => chat_format.wrap(
+            &format!("Complete the following python function.\n\n\n{}", p.prompt),
+            &format!("Here is the completed function:\n\n\n{}", p.prompt),
+        ),
+        ChatFormat::None => p.prompt.clone(),
+    }
+}
+
+/// Each chosen problem's task id and prompt (what a run would generate from, nothing run).
+pub fn prompts(options: &Options) -> Result<Vec<(String, String)>> {
+    Ok(chosen(options)?
+        .iter()
+        .map(|p| (p.task_id.clone(), prompt(p, options.chat_format)))
+        .collect())
+}
+
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     refuse_without_consent(options)?;
     refuse_shots(options)?;
@@ -80,26 +115,8 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     if samples == 0 {
         bail!("--samples must be at least 1");
     }
-    let dir = &options.data_dir;
-    let path = match dir.join("codex_humaneval/HumanEval.jsonl.gz").exists() {
-        true => dir.join("codex_humaneval/HumanEval.jsonl.gz"),
-        false => data_file(dir, "codex_humaneval/HumanEval.jsonl")
-            .context("neither HumanEval.jsonl.gz nor HumanEval.jsonl")?,
-    };
-    // The reference's --max_num_examples: random.sample after random.seed(42).
-    let problems = sampled(
-        &mut PyRandom::seeded(42),
-        nonempty(problems(&path)?, &path)?,
-        options.max_examples,
-    );
-    let problems = first(problems, options.limit);
-    let prompt_of = |p: &Problem| match options.chat_format {
-        ChatFormat::Tulu => options.chat_format.wrap(
-            &format!("Complete the following python function.\n\n\n{}", p.prompt),
-            &format!("Here is the completed function:\n\n\n{}", p.prompt),
-        ),
-        ChatFormat::None => p.prompt.clone(),
-    };
+    let problems = chosen(options)?;
+    let prompt_of = |p: &Problem| prompt(p, options.chat_format);
     // Sample s of problem i draws from its own stream of the run's seed.
     let mut prompts = Vec::new();
     let mut seeds = Vec::new();
@@ -182,4 +199,20 @@ pub fn pass_at_ks(passed: &[usize], samples: usize) -> Result<Map<String, serde_
         }
     }
     Ok(metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pass_at_ks;
+
+    /// The paper's second setting, `--samples 20 --temperature 0.8`, is reported as pass@10
+    /// (with pass@1 beside it).
+    #[test]
+    fn twenty_samples_report_pass_at_10() {
+        let m = pass_at_ks(&[0, 3, 20], 20).unwrap();
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["pass@1", "pass@10"]);
+        assert!(m["pass@10"].as_f64().unwrap() > m["pass@1"].as_f64().unwrap());
+        let m = pass_at_ks(&[1], 9).unwrap();
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["pass@1"]);
+    }
 }
