@@ -412,10 +412,10 @@ pub struct EvaluateArgs {
     /// the reference's subset; for that, --max-examples.
     #[arg(long, conflicts_with = "max_examples", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub limit: Option<usize>,
-    /// The reference's own seeded subset, drawn as its flag draws it: MMLU --n_instances (N per
-    /// subject), GSM --max_num_examples (N), BBH --max_num_examples_per_task (N per task; the
-    /// paper's scripts: 40), TyDi QA --max_num_examples_per_lang (N per language; 100),
-    /// HumanEval --max_num_examples (N).
+    /// The reference's own seeded subset, drawn as its flag draws it (the numbers its scripts
+    /// pass in brackets): MMLU --n_instances (N per subject), GSM --max_num_examples (N; 200),
+    /// BBH --max_num_examples_per_task (N per task; 40), TyDi QA --max_num_examples_per_lang (N
+    /// per language; 100), HumanEval --max_num_examples (N).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_examples: Option<usize>,
     /// Prompts decoded together.
@@ -427,7 +427,8 @@ pub struct EvaluateArgs {
     /// HumanEval's sampling temperature (default 0.1, the paper's pass@1; 0 is greedy).
     #[arg(long)]
     pub temperature: Option<f64>,
-    /// HumanEval: completions per problem (default 20).
+    /// HumanEval: completions per problem (default 20); pass@10 is reported from 10 up (the
+    /// paper's pass@10 setting: --samples 20 --temperature 0.8).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub samples: Option<usize>,
     /// Few-shot exemplars (defaults: MMLU 0, GSM 8, BBH 3, TyDi QA 1; HumanEval has none and

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Goldens for `prolora evaluate`, produced by the reference evaluation code itself.
 
-The reference is open-instruct's 2023-11 `eval/` folder as vendored by the PRoLoRA authors
-(see scripts/reference/README.md, "Evaluation goldens"). This script does not re-implement any
-benchmark: it imports the reference's `eval.<benchmark>.run_eval` modules, runs their `main(args)`
-with the paper's flags (chat format, slow tokenizer, shots, token limits), and only wraps the
+The reference is the `eval/` folder of the PRoLoRA authors' repository (open-instruct's at commit
+65c6f406 with their MMLU answer cue), or open-instruct's own at 65c6f406 (see
+scripts/reference/README.md, "Evaluation goldens"). This script does not re-implement any
+benchmark: it imports the reference's `eval.<benchmark>.run_eval` modules, builds each one's own
+argparse parser (`_parser_of`), runs their `main(args)` with the paper's flags (chat format, slow tokenizer, shots, token limits), and only wraps the
 reference's own `load_hf_lm_and_tokenizer` / `generate_completions` / `get_next_word_predictions`
 to (a) load the tiny test model in float32, (b) force greedy decoding for HumanEval, (c) record the
 exact prompts, token ids, logits and outputs. Predictions, gold answers, per-example correctness and
@@ -20,8 +21,9 @@ Usage (from the repo root):
   python scripts/reference/make_eval_goldens.py --reference /path/to/checkout
          [--model tests/fixtures/peft-lora/base] [--sp-model .../tokenizer.model]
          [--data-dir data/eval] [--out tests/fixtures/eval] [--only mmlu gsm ...]
+         [--label TEXT] [--suffix=-open-instruct]
 `--reference` is a directory containing the reference `eval/` package (a checkout of the authors'
-repo, or of open-instruct at 65c6f406). Runs on CPU in well under a minute.
+repo, or of open-instruct at 65c6f406). Runs on CPU in about a minute.
 """
 import argparse
 import contextlib
@@ -617,7 +619,7 @@ def main():
     ap.add_argument("--suffix", default="", help="appended to each file name (e.g. -open-instruct)")
     a = ap.parse_args()
 
-    if os.environ.get("PYTHONHASHSEED") != "0":  # TyDi iterates a set of language names
+    if os.environ.get("PYTHONHASHSEED") != "0":  # no set order can leak into a golden
         env = dict(os.environ, PYTHONHASHSEED="0")
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
 

@@ -166,7 +166,7 @@ fn prompt(
         let prompt = options
             .chat_format
             .wrap(&plain, options.protocol.mmlu_answer_cue());
-        // At 0 exemplars the reference would go on to k = -1 (every exemplar): we stop.
+        // With no exemplars left the prompt is kept (the reference loops on, to k < 0, forever).
         if k == 0 || engine.text_tokens(&prompt)? <= MAX_PROMPT_TOKENS {
             return Ok(prompt);
         }
