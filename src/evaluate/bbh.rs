@@ -1,5 +1,6 @@
-//! BIG-Bench Hard: 3-shot direct answers (the exemplars' chain of thought removed as the
-//! reference removes it), greedy; exact match per task and their average.
+//! BIG-Bench Hard: 3-shot direct answers (`--shots N`: the prompt file's first N; their chain
+//! of thought removed as the reference removes it), greedy; exact match per task and their
+//! average.
 
 use super::py_random::PyRandom;
 use super::text::{bbh_prediction, exact_match, py_strip};
