@@ -408,9 +408,20 @@ pub struct EvaluateArgs {
     /// open-instruct's evaluation data layout (mmlu/, gsm/, bbh/, tydiqa/, codex_humaneval/).
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// The first N examples of each subject / task / language.
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    /// Whose evaluation scripts to follow: paper (the PRoLoRA authors' copy: MMLU's cue "The
+    /// answer is ") or open-instruct (commit 65c6f406: "The answer is:"); nothing else differs.
+    #[arg(long, value_enum, default_value = "paper")]
+    pub protocol: crate::evaluate::Protocol,
+    /// A quick look: the first N examples of each subject / task / language, in file order. Not
+    /// the reference's subset; for that, --max-examples.
+    #[arg(long, conflicts_with = "max_examples", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub limit: Option<usize>,
+    /// The reference's own seeded subset, drawn as its flag draws it (the numbers its scripts
+    /// pass in brackets): MMLU --n_instances (N per subject), GSM --max_num_examples (N; 200),
+    /// BBH --max_num_examples_per_task (N per task; 40), TyDi QA --max_num_examples_per_lang (N
+    /// per language; 100), HumanEval --max_num_examples (N).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_examples: Option<usize>,
     /// Prompts decoded together.
     #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_size: usize,
@@ -420,10 +431,12 @@ pub struct EvaluateArgs {
     /// HumanEval's sampling temperature (default 0.1, the paper's pass@1; 0 is greedy).
     #[arg(long)]
     pub temperature: Option<f64>,
-    /// HumanEval: completions per problem (default 20).
+    /// HumanEval: completions per problem (default 20); pass@10 is reported from 10 up (the
+    /// paper's pass@10 setting: --samples 20 --temperature 0.8).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub samples: Option<usize>,
-    /// Few-shot exemplars (defaults: MMLU 0, GSM 8, BBH 3, TyDi QA 1).
+    /// Few-shot exemplars (defaults: MMLU 0, GSM 8, BBH 3, TyDi QA 1; HumanEval has none and
+    /// refuses it). Below 8, GSM's are drawn as the reference draws them.
     #[arg(long)]
     pub shots: Option<usize>,
     /// How prompts are wrapped: tulu (prolora's chat format) or none (a base model).
@@ -903,7 +916,9 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
     }
     let options = ev::Options {
         data_dir: args.data_dir.clone(),
+        protocol: args.protocol,
         limit: args.limit,
+        max_examples: args.max_examples,
         batch_size: args.batch_size,
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -914,6 +929,7 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         seed: args.seed,
     };
     if benchmarks.iter().any(|b| b == "humaneval") {
+        ev::humaneval::refuse_shots(&options)?;
         ev::humaneval::check_code_execution(&options)?;
     }
     let mut outputs: Vec<(String, PathBuf)> = Vec::new();
@@ -1012,7 +1028,6 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
             .transpose()?;
         let mut result = ev::run(b, &mut engine, &options)?;
         identity.record(&mut result);
-        result["settings"]["protocol"] = json!("open-instruct");
         result["seconds"] = json!(started.elapsed().as_secs_f64());
         if let Some((_, path)) = outputs.iter().find(|(name, _)| name == b) {
             if let Some(dir) = path.parent() {

@@ -4,7 +4,7 @@
 //! outputs, predictions, correctness and metrics; the string rules on the reference's tables;
 //! HumanEval's execution and pass@k.
 
-use prolora::evaluate::{self as ev, text, ChatFormat, Engine, Options};
+use prolora::evaluate::{self as ev, text, ChatFormat, Engine, Options, Protocol};
 use prolora::generate::{complete, Settings};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -25,7 +25,9 @@ fn golden(name: &str) -> Value {
 fn options() -> Options {
     Options {
         data_dir: root().join("data/eval"),
+        protocol: Protocol::Paper,
         limit: None,
+        max_examples: None,
         batch_size: 4,
         max_new_tokens: None,
         temperature: None,
@@ -69,10 +71,15 @@ fn metrics_differ(ours: &Value, theirs: &Value) -> f64 {
 /// Runs `benchmark` and checks every example and metric against its golden; returns the
 /// results for benchmark-specific checks.
 fn check(benchmark: &str, options: &Options) -> (Value, Value) {
+    check_against(benchmark, benchmark, options)
+}
+
+/// `check` against the golden file `name`.
+fn check_against(benchmark: &str, name: &str, options: &Options) -> (Value, Value) {
     let (model, tokenizer) = model();
     let mut engine = Engine::new(&model, &tokenizer, options.batch_size);
     let ours = ev::run(benchmark, &mut engine, options).unwrap();
-    let gold = golden(benchmark);
+    let gold = golden(name);
     let (got, want) = (
         ours["examples"].as_array().unwrap(),
         gold["examples"].as_array().unwrap(),
@@ -127,10 +134,29 @@ fn check(benchmark: &str, options: &Options) -> (Value, Value) {
     (ours, gold)
 }
 
+/// The authors' scripts (the paper's protocol): the answer cue "The answer is ".
 #[test]
 fn mmlu_equals_the_reference() {
-    let (_, gold) = check("mmlu", &options());
-    // No near-tie among the four letters could have decided a prediction either way.
+    let (ours, gold) = check("mmlu", &options());
+    assert_eq!(ours["settings"]["protocol"], "paper");
+    assert_no_near_ties(&gold);
+}
+
+/// open-instruct at 65c6f406: the answer cue "The answer is:".
+#[test]
+fn mmlu_equals_open_instruct() {
+    let options = Options {
+        protocol: Protocol::OpenInstruct,
+        ..options()
+    };
+    let (ours, gold) = check_against("mmlu", "mmlu-open-instruct", &options);
+    assert_eq!(ours["settings"]["protocol"], "open-instruct");
+    assert_eq!(gold["settings"]["answer_prefix"], "The answer is:");
+    assert_no_near_ties(&gold);
+}
+
+/// No near-tie among the four letters could have decided a prediction either way.
+fn assert_no_near_ties(gold: &Value) {
     for e in gold["examples"].as_array().unwrap() {
         let mut l: Vec<f64> = e["answer_logits"]
             .as_array()
@@ -285,4 +311,216 @@ fn humaneval_problems() -> serde_json::Map<String, Value> {
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .map(|v| (v["task_id"].as_str().unwrap().to_string(), v))
         .collect()
+}
+
+/// Our prompts, in order, for `benchmark` under `options` (one new token each: only the prompts
+/// are compared).
+fn prompts_of(benchmark: &str, options: &Options) -> Vec<String> {
+    let (model, tokenizer) = model();
+    let mut engine = Engine::new(&model, &tokenizer, options.batch_size);
+    let options = Options {
+        max_new_tokens: Some(1),
+        ..options.clone()
+    };
+    let ours = ev::run(benchmark, &mut engine, &options).unwrap();
+    ours["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["prompt"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The reference's prompts, in order, for one case of subsets.json.
+fn reference_prompts(case: &str) -> Vec<String> {
+    golden("subsets")["cases"][case]["prompts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no case {case}"))
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn assert_prompts_equal(ours: Vec<String>, case: &str) {
+    let theirs = reference_prompts(case);
+    assert_eq!(ours.len(), theirs.len(), "{case}: prompts");
+    for (i, (o, t)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(o, t, "{case}: prompt {i}");
+    }
+}
+
+/// `--max-examples` draws the reference's subsets (GSM's also its 3 exemplars, from the same
+/// generator), in the reference's order.
+#[test]
+fn seeded_subsets_equal_the_reference() {
+    let subset = |n| Options {
+        max_examples: Some(n),
+        ..options()
+    };
+    let gsm = Options {
+        shots: Some(3),
+        ..subset(5)
+    };
+    assert_prompts_equal(prompts_of("gsm", &gsm), "gsm");
+    assert_prompts_equal(prompts_of("bbh", &subset(3)), "bbh");
+    assert_prompts_equal(prompts_of("tydiqa", &subset(1)), "tydiqa");
+    let humaneval: Vec<String> = ev::humaneval::prompts(&subset(3))
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_prompts_equal(humaneval, "humaneval");
+}
+
+/// TyDi QA's exemplars are drawn per language after its subset, as the reference draws them.
+#[test]
+fn tydiqa_exemplars_equal_the_reference() {
+    let options = Options {
+        data_dir: root().join("tests/fixtures/eval/tydiqa-shots"),
+        max_examples: Some(1),
+        shots: Some(2),
+        ..options()
+    };
+    assert_prompts_equal(prompts_of("tydiqa", &options), "tydiqa_shots");
+}
+
+/// MMLU's `--n_instances` subset (pandas' sample) with `--ntrain 2`, in both protocols.
+#[test]
+fn mmlu_shots_and_subset_equal_the_reference() {
+    for (protocol, case) in [
+        (Protocol::Paper, "mmlu_paper"),
+        (Protocol::OpenInstruct, "mmlu_open-instruct"),
+    ] {
+        let options = Options {
+            protocol,
+            shots: Some(2),
+            max_examples: Some(3),
+            ..options()
+        };
+        assert_prompts_equal(prompts_of("mmlu", &options), case);
+    }
+}
+
+/// The error `benchmark` stops with under `options`.
+fn error_of(benchmark: &str, options: &Options) -> String {
+    let (model, tokenizer) = model();
+    let mut engine = Engine::new(&model, &tokenizer, options.batch_size);
+    format!(
+        "{:#}",
+        ev::run(benchmark, &mut engine, options).unwrap_err()
+    )
+}
+
+fn write(dir: &std::path::Path, rel: &str, text: &str) {
+    let path = dir.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn an_empty_data_file_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "gsm/test.jsonl", "\n");
+    let options = Options {
+        data_dir: dir.path().into(),
+        ..options()
+    };
+    let e = error_of("gsm", &options);
+    assert!(e.contains("gsm/test.jsonl: no examples"), "{e}");
+}
+
+#[test]
+fn an_empty_bbh_task_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("data/eval/bbh");
+    for task in ["boolean_expressions", "word_sorting"] {
+        let prompt = std::fs::read_to_string(data.join(format!("cot-prompts/{task}.txt"))).unwrap();
+        write(dir.path(), &format!("bbh/cot-prompts/{task}.txt"), &prompt);
+    }
+    let task = std::fs::read_to_string(data.join("bbh/boolean_expressions.json")).unwrap();
+    write(dir.path(), "bbh/bbh/boolean_expressions.json", &task);
+    write(
+        dir.path(),
+        "bbh/bbh/word_sorting.json",
+        r#"{"examples": []}"#,
+    );
+    let options = Options {
+        data_dir: dir.path().into(),
+        ..options()
+    };
+    let e = error_of("bbh", &options);
+    assert!(e.contains("word_sorting.json: no examples"), "{e}");
+}
+
+#[test]
+fn shots_beyond_the_data_are_an_error_naming_the_file() {
+    let shots = |n| Options {
+        shots: Some(n),
+        ..options()
+    };
+    let e = error_of("mmlu", &shots(6));
+    assert!(
+        e.contains("--shots 6") && e.contains("abstract_algebra_dev.csv has 5"),
+        "{e}"
+    );
+    let e = error_of("bbh", &shots(4));
+    assert!(
+        e.contains("--shots 4") && e.contains("boolean_expressions.txt has 3"),
+        "{e}"
+    );
+    let e = error_of("tydiqa", &shots(3));
+    assert!(
+        e.contains("--shots 3") && e.contains("tydiqa-goldp-v1.1-train.json has 1"),
+        "{e}"
+    );
+    let e = error_of("gsm", &shots(9));
+    assert!(e.contains("--shots 9: GSM has 8"), "{e}");
+    let e = error_of("humaneval", &shots(1));
+    assert!(
+        e.contains("--shots 1: HumanEval has no few-shot exemplars"),
+        "{e}"
+    );
+}
+
+/// `--shots` for BBH keeps the first exemplars of its prompt file.
+#[test]
+fn bbh_takes_its_first_shots() {
+    let limited = Options {
+        limit: Some(1),
+        ..options()
+    };
+    let three = prompts_of("bbh", &limited);
+    let one = prompts_of(
+        "bbh",
+        &Options {
+            shots: Some(1),
+            ..limited
+        },
+    );
+    for (three, one) in three.iter().zip(&one) {
+        assert_eq!(three.matches("\n\nQ: ").count(), 4, "{three}");
+        assert_eq!(one.matches("\n\nQ: ").count(), 2, "{one}");
+        let first = three.split("\n\nQ: ").nth(1).unwrap();
+        assert!(one.contains(first), "{one}");
+    }
+}
+
+/// `--protocol` and both subset knobs are recorded in the settings.
+#[test]
+fn settings_record_protocol_and_subsets() {
+    let options = Options {
+        protocol: Protocol::OpenInstruct,
+        max_examples: Some(2),
+        samples: Some(20),
+        temperature: Some(0.8),
+        ..options()
+    };
+    let s = serde_json::to_value(&options).unwrap();
+    assert_eq!(s["protocol"], "open-instruct");
+    assert_eq!(s["max_examples"], 2);
+    assert_eq!(s["limit"], Value::Null);
+    assert_eq!(
+        (s["samples"].as_u64(), s["temperature"].as_f64()),
+        (Some(20), Some(0.8))
+    );
 }

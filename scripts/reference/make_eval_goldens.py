@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Goldens for `prolora evaluate`, produced by the reference evaluation code itself.
 
-The reference is open-instruct's 2023-11 `eval/` folder as vendored by the PRoLoRA authors
-(see scripts/reference/README.md, "Evaluation goldens"). This script does not re-implement any
-benchmark: it imports the reference's `eval.<benchmark>.run_eval` modules, runs their `main(args)`
-with the paper's flags (chat format, slow tokenizer, shots, token limits), and only wraps the
+The reference is the `eval/` folder of the PRoLoRA authors' repository (open-instruct's at commit
+65c6f406 with their MMLU answer cue), or open-instruct's own at 65c6f406 (see
+scripts/reference/README.md, "Evaluation goldens"). This script does not re-implement any
+benchmark: it imports the reference's `eval.<benchmark>.run_eval` modules, builds each one's own
+argparse parser (`_parser_of`), runs their `main(args)` with the paper's flags (chat format, slow tokenizer, shots, token limits), and only wraps the
 reference's own `load_hf_lm_and_tokenizer` / `generate_completions` / `get_next_word_predictions`
 to (a) load the tiny test model in float32, (b) force greedy decoding for HumanEval, (c) record the
 exact prompts, token ids, logits and outputs. Predictions, gold answers, per-example correctness and
@@ -20,8 +21,9 @@ Usage (from the repo root):
   python scripts/reference/make_eval_goldens.py --reference /path/to/checkout
          [--model tests/fixtures/peft-lora/base] [--sp-model .../tokenizer.model]
          [--data-dir data/eval] [--out tests/fixtures/eval] [--only mmlu gsm ...]
+         [--label TEXT] [--suffix=-open-instruct]
 `--reference` is a directory containing the reference `eval/` package (a checkout of the authors'
-repo, or of open-instruct at 65c6f406). Runs on CPU in well under a minute.
+repo, or of open-instruct at 65c6f406). Runs on CPU in about a minute.
 """
 import argparse
 import contextlib
@@ -249,6 +251,25 @@ def _wrap_next_word(orig):
     return get_next_word_predictions
 
 
+def _parser_of(module):
+    """The reference's own argparse parser. Its scripts build it inside `if __name__ == "__main__":`
+    (no function to call), so the statements of that block up to `parser.parse_args()` are run."""
+    import argparse
+    import ast
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            body = []
+            for stmt in node.body:
+                if "parse_args" in ast.unparse(stmt):
+                    break
+                body.append(stmt)
+            ns = {"argparse": argparse}
+            exec(compile(ast.Module(body=body, type_ignores=[]), module.__file__, "exec"), ns)
+            return ns["parser"]
+    raise RuntimeError(f"{module.__file__}: no parser in its __main__ block")
+
+
 def _patch(module, **wrappers):
     for name, wrap in wrappers.items():
         setattr(module, name, wrap(getattr(module, name)))
@@ -282,7 +303,7 @@ def run_mmlu(ctx):
     present = {c for s in subjects for c in full_sub[s]}
     m.categories = {k: v for k, v in full_cat.items() if any(c in present for c in v)}
     save = os.path.join(ctx.tmp, "mmlu")
-    args = m.build_parser().parse_args(["--ntrain", "0", "--data_dir", data_dir, "--save_dir", save,
+    args = _parser_of(m).parse_args(["--ntrain", "0", "--data_dir", data_dir, "--save_dir", save,
                                         "--model_name_or_path", ctx.model_dir, "--tokenizer_name_or_path", ctx.model_dir,
                                         *COMMON])
     REC.calls.clear()
@@ -304,7 +325,8 @@ def run_mmlu(ctx):
             })
     metrics = json.load(open(os.path.join(save, "metrics.json")))
     return {
-        "settings": {"ntrain": 0, "use_chat_format": True, "answer_prefix": "The answer is:",
+        "settings": {"ntrain": 0, "use_chat_format": True,
+                     "answer_prefix": records[0]["prompt"].rsplit("<|assistant|>\n", 1)[1],
                      "answer_choice_ids": records[0]["candidate_token_ids"], "batch_size": 1},
         "categories": {"subcategories": full_sub, "categories": full_cat},
         "metrics": metrics,
@@ -324,7 +346,7 @@ def run_gsm(ctx, data_dir=None, fake_outputs=None):
         m.generate_completions = lambda model, tokenizer, prompts, **kw: list(fake_outputs)
     m.GSM_EXAMPLARS = __import__("eval.gsm.examplars", fromlist=["EXAMPLARS"]).EXAMPLARS
     save = os.path.join(ctx.tmp, "gsm" if fake_outputs is None else "gsm_strings")
-    args = m.build_parser().parse_args(["--n_shot", "8", "--data_dir", data_dir or os.path.join(ctx.data_dir, "gsm"),
+    args = _parser_of(m).parse_args(["--n_shot", "8", "--data_dir", data_dir or os.path.join(ctx.data_dir, "gsm"),
                                         "--save_dir", save, "--model_name_or_path", ctx.model_dir,
                                         "--tokenizer_name_or_path", ctx.model_dir, *COMMON])
     REC.calls.clear()
@@ -356,7 +378,7 @@ def run_bbh(ctx, data_dir=None, fake_outputs=None):
         m.load_hf_lm_and_tokenizer = lambda **kw: (None, REC.tokenizer)
         m.generate_completions = lambda model, tokenizer, prompts, **kw: list(fake_outputs)
     save = os.path.join(ctx.tmp, "bbh" if fake_outputs is None else "bbh_strings")
-    args = m.build_parser().parse_args(["--data_dir", data_dir or os.path.join(ctx.data_dir, "bbh"), "--save_dir", save,
+    args = _parser_of(m).parse_args(["--data_dir", data_dir or os.path.join(ctx.data_dir, "bbh"), "--save_dir", save,
                                         "--model_name_or_path", ctx.model_dir, "--tokenizer_name_or_path", ctx.model_dir,
                                         "--no_cot", *COMMON])
     REC.calls.clear()
@@ -400,7 +422,7 @@ def run_tydiqa(ctx):
     m.random = _R()
     data_dir = os.path.join(ctx.data_dir, "tydiqa")
     save = os.path.join(ctx.tmp, "tydiqa")
-    args = m.build_parser().parse_args(["--data_dir", data_dir, "--save_dir", save,
+    args = _parser_of(m).parse_args(["--data_dir", data_dir, "--save_dir", save,
                                         "--model_name_or_path", ctx.model_dir, "--tokenizer_name_or_path", ctx.model_dir,
                                         *COMMON])
     REC.calls.clear()
@@ -439,7 +461,7 @@ def run_codex(ctx):
            generate_completions=lambda f: _wrap_generate(f, force_greedy=True))
     data_file = os.path.join(ctx.data_dir, "codex_humaneval", "HumanEval.jsonl.gz")
     save = os.path.join(ctx.tmp, "codex")
-    args = m.build_parser().parse_args(["--data_file", data_file, "--save_dir", save,
+    args = _parser_of(m).parse_args(["--data_file", data_file, "--save_dir", save,
                                         "--model_name_or_path", ctx.model_dir, "--tokenizer_name_or_path", ctx.model_dir,
                                         "--eval_pass_at_ks", "1", "--unbiased_sampling_size_n", "1",
                                         "--temperature", "0.1", *COMMON])
@@ -592,9 +614,12 @@ def main():
     ap.add_argument("--data-dir", default="data/eval")
     ap.add_argument("--out", default="tests/fixtures/eval")
     ap.add_argument("--only", nargs="*", choices=BENCHMARKS + ["strings"])
+    ap.add_argument("--label", default="Forence1999/PRoLoRA eval/ (the authors' copy of open-instruct eval/ @65c6f406)",
+                    help="what --reference is, recorded in each file's settings.reference")
+    ap.add_argument("--suffix", default="", help="appended to each file name (e.g. -open-instruct)")
     a = ap.parse_args()
 
-    if os.environ.get("PYTHONHASHSEED") != "0":  # TyDi iterates a set of language names
+    if os.environ.get("PYTHONHASHSEED") != "0":  # no set order can leak into a golden
         env = dict(os.environ, PYTHONHASHSEED="0")
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
@@ -629,8 +654,7 @@ def main():
                 "pandas": pandas.__version__, "numpy": numpy.__version__}
     os.makedirs(a.out, exist_ok=True)
     only = a.only or (BENCHMARKS + ["strings"])
-    common = {"reference": "open-instruct eval/ @65c6f406 as vendored by Forence1999/PRoLoRA (reconstruction, "
-                           "see scripts/reference/README.md)", "model": a.model, "tokenizer": f"slow LlamaTokenizer (legacy={a.legacy})",
+    common = {"reference": a.label, "model": a.model, "tokenizer": f"slow LlamaTokenizer (legacy={a.legacy})",
               "dtype": "float32", "versions": versions}
     runners = {"mmlu": run_mmlu, "gsm": run_gsm, "bbh": run_bbh, "tydiqa": run_tydiqa, "codex_humaneval": run_codex}
     for b in BENCHMARKS:
@@ -638,7 +662,7 @@ def main():
             res = runners[b](ctx)
             res["settings"] = {**common, **res["settings"]}
             _compare_fast(ctx, res)
-            _dump(res, os.path.join(a.out, f"{'humaneval' if b == 'codex_humaneval' else b}.json"))
+            _dump(res, os.path.join(a.out, f"{'humaneval' if b == 'codex_humaneval' else b}{a.suffix}.json"))
             print(f"wrote {b}")
     if "strings" in only:
         if REC.tokenizer is None:
@@ -646,7 +670,7 @@ def main():
             REC.tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir, use_fast=False)
         s = make_strings(ctx)
         s["settings"] = common
-        _dump(s, os.path.join(a.out, "strings.json"))
+        _dump(s, os.path.join(a.out, f"strings{a.suffix}.json"))
         print("wrote strings")
     shutil.rmtree(ctx.tmp, ignore_errors=True)
 

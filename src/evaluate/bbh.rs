@@ -1,10 +1,12 @@
-//! BIG-Bench Hard: 3-shot direct answers (the exemplars' chain of thought removed as the
-//! reference removes it), greedy; exact match per task and their average.
+//! BIG-Bench Hard: 3-shot direct answers (`--shots N`: the prompt file's first N; their chain
+//! of thought removed as the reference removes it), greedy; exact match per task and their
+//! average.
 
+use super::py_random::PyRandom;
 use super::text::{bbh_prediction, exact_match, py_strip};
 use super::{
-    data_file, first, greedy, mean, names_ending, read, ChatFormat, Engine, Example, Options,
-    Scored,
+    data_file, first, greedy, mean, names_ending, nonempty, pick, read, ChatFormat, Engine,
+    Example, Options, Scored,
 };
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -22,28 +24,39 @@ struct TaskExample {
     target: String,
 }
 
-/// The exemplars of a cot-prompts file without their reasoning: the first two lines (the
-/// canary and a rule) dropped, each "Q: …\nA: … So the answer is X." turned into "Q: …\nA: X.".
-fn direct_prompt(path: &Path) -> Result<String> {
+/// The first `shots` exemplars of a cot-prompts file without their reasoning: the first two
+/// lines (the canary and a rule) dropped, each "Q: …\nA: … So the answer is X." turned into
+/// "Q: …\nA: X.", the task description kept.
+fn direct_prompt(path: &Path, shots: usize) -> Result<String> {
     let text = read(path)?;
     let kept: String = text.split_inclusive('\n').skip(2).collect();
-    let fields = kept
-        .split("\n\n")
-        .map(|field| {
-            if !field.starts_with("Q:") {
-                return Ok(field.to_string());
-            }
-            if !field.contains("So the answer is") || !field.contains("\nA:") {
-                bail!(
-                    "{}: an exemplar lacks \"\\nA:\" or \"So the answer is\"",
-                    path.display()
-                );
-            }
-            let answer = py_strip(field.rsplit("So the answer is").next().unwrap_or(""));
-            let question = py_strip(field.split("\nA:").next().unwrap_or(""));
-            Ok(format!("{question}\nA: {answer}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut exemplars = 0;
+    let mut fields = Vec::new();
+    for field in kept.split("\n\n") {
+        if !field.starts_with("Q:") {
+            fields.push(field.to_string());
+            continue;
+        }
+        if !field.contains("So the answer is") || !field.contains("\nA:") {
+            bail!(
+                "{}: an exemplar lacks \"\\nA:\" or \"So the answer is\"",
+                path.display()
+            );
+        }
+        exemplars += 1;
+        if exemplars > shots {
+            continue;
+        }
+        let answer = py_strip(field.rsplit("So the answer is").next().unwrap_or(""));
+        let question = py_strip(field.split("\nA:").next().unwrap_or(""));
+        fields.push(format!("{question}\nA: {answer}"));
+    }
+    if exemplars < shots {
+        bail!(
+            "--shots {shots}: {} has {exemplars} exemplars",
+            path.display()
+        );
+    }
     Ok(fields.join("\n\n"))
 }
 
@@ -51,6 +64,10 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let max_new_tokens = options.max_new_tokens.unwrap_or(512);
     let tasks_dir = data_file(&options.data_dir, "bbh/bbh")?;
     let names = names_ending(&tasks_dir, ".json")?;
+    let shots = options.shots.unwrap_or(3);
+    // The reference's --max_num_examples_per_task: random.sample of every task, in task order,
+    // after random.seed(42). Its tasks come in glob (directory) order; ours, sorted.
+    let mut rng = PyRandom::seeded(42);
     let mut work = Vec::new();
     for name in &names {
         let path = tasks_dir.join(format!("{name}.json"));
@@ -61,9 +78,26 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
             )
         })?;
         let prompt_file = data_file(&options.data_dir, &format!("bbh/cot-prompts/{name}.txt"))?;
-        let exemplars = direct_prompt(&prompt_file)?;
+        let exemplars = direct_prompt(&prompt_file, shots)?;
         let exemplars = py_strip(&exemplars);
-        for (i, ex) in first(task.examples, options.limit).into_iter().enumerate() {
+        let examples: Vec<(usize, TaskExample)> = nonempty(task.examples, &path)?
+            .into_iter()
+            .enumerate()
+            .collect();
+        let examples = match options.max_examples {
+            Some(n) if n > examples.len() => bail!(
+                "--max-examples {n}: {} has {} examples (the reference's random.sample fails \
+                 there too)",
+                path.display(),
+                examples.len()
+            ),
+            Some(n) => {
+                let indices = rng.sample(examples.len(), n);
+                pick(examples, &indices)
+            }
+            None => examples,
+        };
+        for (i, ex) in first(examples, options.limit) {
             let user = format!("{exemplars}\n\nQ: {}", ex.input);
             let prompt = match options.chat_format {
                 ChatFormat::Tulu => options.chat_format.wrap(&user, "A:"),
@@ -104,6 +138,6 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     Ok(Scored {
         metrics: metrics.into(),
         examples,
-        settings: json!({"shots": 3, "cot": false, "max_new_tokens": max_new_tokens}),
+        settings: json!({"shots": shots, "cot": false, "max_new_tokens": max_new_tokens}),
     })
 }

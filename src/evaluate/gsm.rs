@@ -1,8 +1,12 @@
 //! GSM8K: grade-school arithmetic, 8-shot chain of thought, greedy; the prediction is the last
 //! number of the output, scored by exact match.
 
+use super::py_random::PyRandom;
 use super::text::{drop_digit_commas, exact_match, gsm_prediction, py_strip};
-use super::{data_file, first, greedy, mean, read, ChatFormat, Engine, Example, Options, Scored};
+use super::{
+    data_file, first, greedy, mean, nonempty, read, sampled, ChatFormat, Engine, Example, Options,
+    Scored,
+};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::json;
@@ -22,9 +26,9 @@ struct Problem {
     answer: String,
 }
 
-/// The instruction and the first `shots` exemplars (the reference samples them at random
-/// below 8; we take them in order).
-fn prefix(shots: usize) -> Result<String> {
+/// The instruction and `shots` exemplars: all eight in order, or fewer drawn as the reference
+/// draws them (`random.sample` of the eight, next from its seeded generator).
+fn prefix(shots: usize, rng: &mut PyRandom) -> Result<String> {
     let exemplars: Vec<Exemplar> = serde_json::from_str(EXEMPLARS)?;
     if shots > exemplars.len() {
         bail!("--shots {shots}: GSM has {} exemplars", exemplars.len());
@@ -32,8 +36,13 @@ fn prefix(shots: usize) -> Result<String> {
     if shots == 0 {
         return Ok("Answer the following question.\n\n".into());
     }
-    let demos: Vec<String> = exemplars[..shots]
-        .iter()
+    let order = match shots < exemplars.len() {
+        true => rng.sample(exemplars.len(), shots),
+        false => (0..shots).collect(),
+    };
+    let demos: Vec<String> = order
+        .into_iter()
+        .map(|i| &exemplars[i])
         .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.cot_answer))
         .collect();
     Ok(format!(
@@ -69,11 +78,18 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         };
         problems.push((p.question, drop_digit_commas(py_strip(gold))));
     }
-    let problems = first(problems, options.limit);
-    let prefix = prefix(shots)?;
+    // The reference's generator: the subset first, then the exemplars.
+    let mut rng = PyRandom::seeded(42);
+    let problems: Vec<(usize, (String, String))> =
+        nonempty(problems, &path)?.into_iter().enumerate().collect();
+    let problems = first(
+        sampled(&mut rng, problems, options.max_examples),
+        options.limit,
+    );
+    let prefix = prefix(shots, &mut rng)?;
     let prompts: Vec<String> = problems
         .iter()
-        .map(|(q, _)| {
+        .map(|(_, (q, _))| {
             let user = format!("{prefix}Question: {}", py_strip(q));
             match options.chat_format {
                 ChatFormat::Tulu => options.chat_format.wrap(&user, "Answer:"),
@@ -92,8 +108,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         .into_iter()
         .zip(prompts)
         .zip(outputs)
-        .enumerate()
-        .map(|(i, (((_, gold), prompt), out))| {
+        .map(|(((i, (_, gold)), prompt), out)| {
             let prediction = gsm_prediction(&out.text);
             Example {
                 id: i.to_string(),

@@ -3,7 +3,10 @@
 
 use super::execute::{check_available, run_check, Limits, Outcome};
 use super::pass_at_k::pass_at_k;
-use super::{data_file, first, mean, ChatFormat, Engine, Example, Options, Scored};
+use super::py_random::PyRandom;
+use super::{
+    data_file, first, mean, nonempty, sampled, ChatFormat, Engine, Example, Options, Scored,
+};
 use crate::generate::Settings;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -36,6 +39,16 @@ pub fn check_code_execution(options: &Options) -> Result<()> {
     check_available()
 }
 
+/// HumanEval has no exemplars: a --shots for it is a mistake, not a no-op.
+pub fn refuse_shots(options: &Options) -> Result<()> {
+    if let Some(shots) = options.shots {
+        bail!(
+            "--shots {shots}: HumanEval has no few-shot exemplars; leave out --shots or humaneval"
+        );
+    }
+    Ok(())
+}
+
 fn problems(path: &Path) -> Result<Vec<Problem>> {
     let mut text = String::new();
     let file =
@@ -60,30 +73,54 @@ fn problems(path: &Path) -> Result<Vec<Problem>> {
         .collect()
 }
 
-pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
-    if !options.allow_code_execution {
-        check_code_execution(options)?;
-    }
-    let samples = options.samples.unwrap_or(20);
-    let temperature = options.temperature.unwrap_or(0.1);
-    let max_new_tokens = options.max_new_tokens.unwrap_or(512);
-    if samples == 0 {
-        bail!("--samples must be at least 1");
-    }
+/// The problems to run, in order: the reference's subset (`--max_num_examples`: random.sample
+/// after random.seed(42)), then the first `limit`.
+fn chosen(options: &Options) -> Result<Vec<Problem>> {
     let dir = &options.data_dir;
     let path = match dir.join("codex_humaneval/HumanEval.jsonl.gz").exists() {
         true => dir.join("codex_humaneval/HumanEval.jsonl.gz"),
         false => data_file(dir, "codex_humaneval/HumanEval.jsonl")
             .context("neither HumanEval.jsonl.gz nor HumanEval.jsonl")?,
     };
-    let problems = first(problems(&path)?, options.limit);
-    let prompt_of = |p: &Problem| match options.chat_format {
-        ChatFormat::Tulu => options.chat_format.wrap(
+    let problems = sampled(
+        &mut PyRandom::seeded(42),
+        nonempty(problems(&path)?, &path)?,
+        options.max_examples,
+    );
+    Ok(first(problems, options.limit))
+}
+
+fn prompt(p: &Problem, chat_format: ChatFormat) -> String {
+    match chat_format {
+        ChatFormat::Tulu => chat_format.wrap(
             &format!("Complete the following python function.\n\n\n{}", p.prompt),
             &format!("Here is the completed function:\n\n\n{}", p.prompt),
         ),
         ChatFormat::None => p.prompt.clone(),
-    };
+    }
+}
+
+/// Each chosen problem's task id and prompt (what a run would generate from, nothing run).
+pub fn prompts(options: &Options) -> Result<Vec<(String, String)>> {
+    Ok(chosen(options)?
+        .iter()
+        .map(|p| (p.task_id.clone(), prompt(p, options.chat_format)))
+        .collect())
+}
+
+pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
+    if !options.allow_code_execution {
+        check_code_execution(options)?;
+    }
+    refuse_shots(options)?;
+    let samples = options.samples.unwrap_or(20);
+    let temperature = options.temperature.unwrap_or(0.1);
+    let max_new_tokens = options.max_new_tokens.unwrap_or(512);
+    if samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let problems = chosen(options)?;
+    let prompt_of = |p: &Problem| prompt(p, options.chat_format);
     // Sample s of problem i draws from its own stream of the run's seed.
     let mut prompts = Vec::new();
     let mut seeds = Vec::new();
@@ -139,6 +176,18 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
             gold: json!("passed"),
         });
     }
+    let metrics = pass_at_ks(&passed, samples)?;
+    Ok(Scored {
+        metrics: metrics.into(),
+        examples,
+        settings: json!({"samples": samples, "temperature": temperature, "top_p": 0.95,
+            "max_new_tokens": max_new_tokens, "stop": STOPS, "timeout_s": limits.timeout.as_secs_f64()}),
+    })
+}
+
+/// pass@1 and pass@10 over the problems, each where there are at least k samples a problem
+/// (as the reference reports only the k it can estimate); `passed[i]` of `samples` passed.
+pub fn pass_at_ks(passed: &[usize], samples: usize) -> Result<Map<String, serde_json::Value>> {
     let mut metrics = Map::new();
     for k in [1, 10] {
         if samples >= k {
@@ -149,10 +198,21 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
             metrics.insert(format!("pass@{k}"), json!(mean(each)));
         }
     }
-    Ok(Scored {
-        metrics: metrics.into(),
-        examples,
-        settings: json!({"samples": samples, "temperature": temperature, "top_p": 0.95,
-            "max_new_tokens": max_new_tokens, "stop": STOPS, "timeout_s": limits.timeout.as_secs_f64()}),
-    })
+    Ok(metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pass_at_ks;
+
+    /// The paper's second setting, `--samples 20 --temperature 0.8`, is reported as pass@10
+    /// (with pass@1 beside it).
+    #[test]
+    fn twenty_samples_report_pass_at_10() {
+        let m = pass_at_ks(&[0, 3, 20], 20).unwrap();
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["pass@1", "pass@10"]);
+        assert!(m["pass@10"].as_f64().unwrap() > m["pass@1"].as_f64().unwrap());
+        let m = pass_at_ks(&[1], 9).unwrap();
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["pass@1"]);
+    }
 }

@@ -2,7 +2,10 @@
 //! whose token (" A" … " D") has the largest next-token logit after the prompt.
 
 use super::csv::read_rendered;
-use super::{data_file, first, mean, names_ending, Engine, Example, Options, Scored};
+use super::np_random::pandas_sample;
+use super::{
+    data_file, first, mean, names_ending, nonempty, pick, Engine, Example, Options, Scored,
+};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -119,13 +122,13 @@ fn format_example(row: &[String], with_answer: bool) -> String {
     s
 }
 
-/// The subject header and `shots` exemplars from dev.
+/// The subject header and the first `shots` exemplars of dev.
 fn header(dev: &[Vec<String>], subject: &str, shots: usize) -> String {
     let mut s = format!(
         "The following are multiple choice questions (with answers) about {}.\n\n",
         subject_words(subject)
     );
-    for row in dev.iter().take(shots) {
+    for row in &dev[..shots] {
         s.push_str(&format_example(row, true));
     }
     s
@@ -142,6 +145,33 @@ fn rows(path: &Path) -> Result<Vec<Vec<String>>> {
         );
     }
     Ok(rows)
+}
+
+/// The reference keeps each prompt within this many tokens (no BOS) by dropping exemplars.
+const MAX_PROMPT_TOKENS: usize = 2048;
+
+/// The prompt for `row` with as many of `shots` exemplars as fit, as the reference fits them.
+fn prompt(
+    engine: &Engine,
+    options: &Options,
+    dev: &[Vec<String>],
+    subject: &str,
+    shots: usize,
+    row: &[String],
+) -> Result<String> {
+    let question = format_example(row, false);
+    let mut k = shots;
+    loop {
+        let plain = header(dev, subject, k) + &question;
+        let prompt = options
+            .chat_format
+            .wrap(&plain, options.protocol.mmlu_answer_cue());
+        // With no exemplars left the prompt is kept (the reference loops on, to k < 0, forever).
+        if k == 0 || engine.text_tokens(&prompt)? <= MAX_PROMPT_TOKENS {
+            return Ok(prompt);
+        }
+        k -= 1;
+    }
 }
 
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
@@ -163,19 +193,31 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     for subject in &subjects {
         let dev = match shots {
             0 => Vec::new(),
-            _ => rows(&data_file(
-                &options.data_dir,
-                &format!("mmlu/dev/{subject}_dev.csv"),
-            )?)?,
+            _ => {
+                let path = data_file(&options.data_dir, &format!("mmlu/dev/{subject}_dev.csv"))?;
+                let dev = rows(&path)?;
+                if dev.len() < shots {
+                    bail!(
+                        "--shots {shots}: {} has {} exemplars",
+                        path.display(),
+                        dev.len()
+                    );
+                }
+                dev
+            }
         };
-        let test = first(
-            rows(&test_dir.join(format!("{subject}_test.csv")))?,
-            options.limit,
-        );
-        let head = header(&dev, subject, shots);
-        for (i, row) in test.into_iter().enumerate() {
-            let plain = head.clone() + &format_example(&row, false);
-            let prompt = options.chat_format.wrap(&plain, "The answer is:");
+        let path = test_dir.join(format!("{subject}_test.csv"));
+        let mut test: Vec<(usize, Vec<String>)> = nonempty(rows(&path)?, &path)?
+            .into_iter()
+            .enumerate()
+            .collect();
+        // The reference's --n_instances: test_df.sample(n, random_state=42), each subject anew.
+        if let Some(n) = options.max_examples.filter(|&n| n < test.len()) {
+            let rows = pandas_sample(42, test.len(), n);
+            test = pick(test, &rows);
+        }
+        for (i, row) in first(test, options.limit) {
+            let prompt = prompt(engine, options, &dev, subject, shots, &row)?;
             work.push((subject.clone(), i, prompt, row[5].clone()));
         }
     }
@@ -203,7 +245,8 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     Ok(Scored {
         metrics: metrics(&per_subject),
         examples,
-        settings: json!({"shots": shots}),
+        settings: json!({"shots": shots, "answer_cue": options.protocol.mmlu_answer_cue(),
+            "max_prompt_tokens": MAX_PROMPT_TOKENS}),
     })
 }
 

@@ -10,7 +10,9 @@ pub mod humaneval;
 pub mod identity;
 pub mod journal;
 pub mod mmlu;
+pub mod np_random;
 pub mod pass_at_k;
+pub mod py_random;
 pub mod sandbox;
 pub mod text;
 pub mod tydiqa;
@@ -78,12 +80,38 @@ impl ChatFormat {
     }
 }
 
+/// Whose evaluation scripts the prompts follow. They differ only in MMLU's answer cue.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// The PRoLoRA authors' copy of the scripts: MMLU's cue is "The answer is ".
+    Paper,
+    /// open-instruct at commit 65c6f406: MMLU's cue is "The answer is:".
+    OpenInstruct,
+}
+
+impl Protocol {
+    /// What follows the assistant tag in a chat-formatted MMLU prompt.
+    pub fn mmlu_answer_cue(self) -> &'static str {
+        match self {
+            Protocol::Paper => "The answer is ",
+            Protocol::OpenInstruct => "The answer is:",
+        }
+    }
+}
+
 /// Every knob of a run; `None` takes the benchmark's default (the paper's setting).
 #[derive(Clone, Debug, Serialize)]
 pub struct Options {
     pub data_dir: PathBuf,
-    /// The first N examples of each task (subject, task, language), in file order.
+    pub protocol: Protocol,
+    /// The first N examples of each task (subject, task, language), in file order: a quick look,
+    /// not the reference's subset.
     pub limit: Option<usize>,
+    /// The reference's own seeded subset, as its flag for the benchmark draws it: MMLU
+    /// `--n_instances` (per subject), GSM and HumanEval `--max_num_examples`, BBH
+    /// `--max_num_examples_per_task`, TyDi QA `--max_num_examples_per_lang`.
+    pub max_examples: Option<usize>,
     pub batch_size: usize,
     pub max_new_tokens: Option<usize>,
     pub temperature: Option<f64>,
@@ -163,6 +191,11 @@ impl<'a> Engine<'a> {
         Ok(std::iter::once(self.model.cfg.bos_token_id)
             .chain(enc.get_ids().iter().copied())
             .collect())
+    }
+
+    /// The number of tokens of `prompt` without BOS.
+    pub fn text_tokens(&self, prompt: &str) -> Result<usize> {
+        Ok(self.prompt_ids(prompt)?.len() - 1)
     }
 
     fn count(&mut self, examples: u64, tokens: u64) {
@@ -281,6 +314,38 @@ pub fn names_ending(dir: &Path, suffix: &str) -> Result<Vec<String>> {
 
 pub fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+/// `items` read from `path`, refused when there are none: a score over nothing is no score.
+pub fn nonempty<T>(items: Vec<T>, path: &Path) -> Result<Vec<T>> {
+    if items.is_empty() {
+        bail!(
+            "{}: no examples; check --data-dir (it needs open-instruct's evaluation data)",
+            path.display()
+        );
+    }
+    Ok(items)
+}
+
+/// `random.sample(items, max)` when there are more than `max` items, as the GSM, TyDi QA and
+/// HumanEval scripts subsample after `random.seed(42)`; the items in the order drawn.
+pub fn sampled<T>(rng: &mut py_random::PyRandom, items: Vec<T>, max: Option<usize>) -> Vec<T> {
+    match max {
+        Some(k) if items.len() > k => {
+            let indices = rng.sample(items.len(), k);
+            pick(items, &indices)
+        }
+        _ => items,
+    }
+}
+
+/// The items at `indices` (distinct), in that order.
+pub fn pick<T>(items: Vec<T>, indices: &[usize]) -> Vec<T> {
+    let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    indices
+        .iter()
+        .map(|&i| slots[i].take().expect("distinct indices"))
+        .collect()
 }
 
 /// The first `limit` items (all without one).

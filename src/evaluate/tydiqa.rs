@@ -2,8 +2,12 @@
 //! from the train file, the passage cut to 512 tokens as the reference cuts it, 50 new tokens;
 //! SQuAD exact match and F1 per language and their averages (in percent).
 
+use super::py_random::PyRandom;
 use super::text::{py_strip, squad_exact, squad_f1};
-use super::{data_file, greedy, mean, read, ChatFormat, Engine, Example, Options, Scored};
+use super::{
+    data_file, greedy, mean, nonempty, pick, read, sampled, ChatFormat, Engine, Example, Options,
+    Scored,
+};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Map};
@@ -130,6 +134,28 @@ struct Answer {
     text: String,
 }
 
+/// The first `limit` questions of each language, in their order (all without one).
+fn first_per_language(items: Vec<Item>, limit: Option<usize>) -> Vec<Item> {
+    let Some(limit) = limit else { return items };
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    items
+        .into_iter()
+        .filter(
+            |item| match seen.iter_mut().find(|(l, _)| *l == item.lang) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n <= limit
+                }
+                None => {
+                    seen.push((item.lang.clone(), 1));
+                    true
+                }
+            },
+        )
+        .collect()
+}
+
+#[derive(Clone)]
 struct Item {
     id: String,
     lang: String,
@@ -187,44 +213,56 @@ fn truncated(engine: &Engine, context: &str) -> Result<String> {
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let shots = options.shots.unwrap_or(1);
     let max_new_tokens = options.max_new_tokens.unwrap_or(50);
-    let dev = items(&data_file(
-        &options.data_dir,
-        "tydiqa/tydiqa-goldp-v1.1-dev.json",
-    )?)?;
+    let dev_path = data_file(&options.data_dir, "tydiqa/tydiqa-goldp-v1.1-dev.json")?;
+    let dev = nonempty(items(&dev_path)?, &dev_path)?;
+    let mut langs: Vec<String> = dev.iter().map(|i| i.lang.clone()).collect();
+    langs.sort();
+    langs.dedup();
+    // The reference's generator, seeded once: the per-language subsets first, then the
+    // exemplars, language by language in sorted order.
+    let mut rng = PyRandom::seeded(42);
+    let test: Vec<Item> = match options.max_examples {
+        // File order, unless the reference subsamples (then grouped by language).
+        None => dev,
+        Some(max) => langs
+            .iter()
+            .flat_map(|lang| {
+                let of_lang = dev.iter().filter(|i| &i.lang == lang).cloned().collect();
+                sampled(&mut rng, of_lang, Some(max))
+            })
+            .collect(),
+    };
+    let test = first_per_language(test, options.limit);
     let train = match shots {
         0 => Vec::new(),
-        _ => items(&data_file(
-            &options.data_dir,
-            "tydiqa/tydiqa-goldp-v1.1-train.json",
-        )?)?,
-    };
-    // Languages in the order they first appear; the first `limit` questions of each.
-    let mut langs: Vec<String> = Vec::new();
-    for item in &dev {
-        if !langs.contains(&item.lang) {
-            langs.push(item.lang.clone());
+        _ => {
+            let path = data_file(&options.data_dir, "tydiqa/tydiqa-goldp-v1.1-train.json")?;
+            let train = items(&path)?;
+            let mut chosen = Vec::new();
+            for lang in &langs {
+                let of_lang: Vec<Item> =
+                    train.iter().filter(|t| &t.lang == lang).cloned().collect();
+                if of_lang.len() < shots {
+                    bail!(
+                        "--shots {shots}: {} has {} {lang} questions",
+                        path.display(),
+                        of_lang.len()
+                    );
+                }
+                let indices = rng.sample(of_lang.len(), shots);
+                chosen.push((lang.clone(), pick(of_lang, &indices)));
+            }
+            chosen
         }
-    }
-    let mut test = Vec::new();
-    for lang in &langs {
-        let of_lang = dev.iter().filter(|i| &i.lang == lang);
-        test.extend(of_lang.take(options.limit.unwrap_or(usize::MAX)));
-    }
+    };
     // Each language's exemplars, built once: "passage, question, answer" blocks.
     let mut demos: Vec<(String, String)> = Vec::new();
     for lang in &langs {
         let [_, passage, question, answer] = template(lang);
-        let exemplars: Vec<&Item> = train
+        let exemplars = train
             .iter()
-            .filter(|t| &t.lang == lang)
-            .take(shots)
-            .collect();
-        if exemplars.len() < shots {
-            bail!(
-                "--shots {shots}: the train file has {} {lang} questions",
-                exemplars.len()
-            );
-        }
+            .find(|(l, _)| l == lang)
+            .map_or(&[][..], |(_, e)| &e[..]);
         let blocks = exemplars
             .iter()
             .map(|e| {
