@@ -2,12 +2,12 @@
 //! of thought removed as the reference removes it), greedy; exact match per task and their
 //! average.
 
-use super::py_random::PyRandom;
 use super::text::{bbh_prediction, exact_match, py_strip};
 use super::{
     data_file, first, greedy, mean, names_ending, nonempty, pick, read, ChatFormat, Engine,
     Example, Options, Scored,
 };
+use crate::data::rng::Mt19937;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Map};
@@ -67,7 +67,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     let shots = options.shots.unwrap_or(3);
     // The reference's --max_num_examples_per_task: random.sample of every task, in task order,
     // after random.seed(42). Its tasks come in glob (directory) order; ours, sorted.
-    let mut rng = PyRandom::seeded(42);
+    let mut rng = Mt19937::python(42);
     let mut work = Vec::new();
     for name in &names {
         let path = tasks_dir.join(format!("{name}.json"));
@@ -92,7 +92,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
                 examples.len()
             ),
             Some(n) => {
-                let indices = rng.sample(examples.len(), n);
+                let indices = rng.py_sample(examples.len(), n);
                 pick(examples, &indices)
             }
             None => examples,

@@ -1,12 +1,12 @@
 //! GSM8K: grade-school arithmetic, 8-shot chain of thought, greedy; the prediction is the last
 //! number of the output, scored by exact match.
 
-use super::py_random::PyRandom;
 use super::text::{drop_digit_commas, exact_match, gsm_prediction, py_strip};
 use super::{
     data_file, first, greedy, mean, nonempty, read, sampled, ChatFormat, Engine, Example, Options,
     Scored,
 };
+use crate::data::rng::Mt19937;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::json;
@@ -28,7 +28,7 @@ struct Problem {
 
 /// The instruction and `shots` exemplars: all eight in order, or fewer drawn as the reference
 /// draws them (`random.sample` of the eight, next from its seeded generator).
-fn prefix(shots: usize, rng: &mut PyRandom) -> Result<String> {
+fn prefix(shots: usize, rng: &mut Mt19937) -> Result<String> {
     let exemplars: Vec<Exemplar> = serde_json::from_str(EXEMPLARS)?;
     if shots > exemplars.len() {
         bail!("--shots {shots}: GSM has {} exemplars", exemplars.len());
@@ -37,7 +37,7 @@ fn prefix(shots: usize, rng: &mut PyRandom) -> Result<String> {
         return Ok("Answer the following question.\n\n".into());
     }
     let order = match shots < exemplars.len() {
-        true => rng.sample(exemplars.len(), shots),
+        true => rng.py_sample(exemplars.len(), shots),
         false => (0..shots).collect(),
     };
     let demos: Vec<String> = order
@@ -79,7 +79,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         problems.push((p.question, drop_digit_commas(py_strip(gold))));
     }
     // The reference's generator: the subset first, then the exemplars.
-    let mut rng = PyRandom::seeded(42);
+    let mut rng = Mt19937::python(42);
     let problems: Vec<(usize, (String, String))> =
         nonempty(problems, &path)?.into_iter().enumerate().collect();
     let problems = first(

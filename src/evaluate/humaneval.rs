@@ -3,10 +3,10 @@
 
 use super::execute::{check_available, run_check, Limits, Outcome};
 use super::pass_at_k::pass_at_k;
-use super::py_random::PyRandom;
 use super::{
     data_file, first, mean, nonempty, sampled, ChatFormat, Engine, Example, Options, Scored,
 };
+use crate::data::rng::Mt19937;
 use crate::generate::Settings;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -83,7 +83,7 @@ fn chosen(options: &Options) -> Result<Vec<Problem>> {
             .context("neither HumanEval.jsonl.gz nor HumanEval.jsonl")?,
     };
     let problems = sampled(
-        &mut PyRandom::seeded(42),
+        &mut Mt19937::python(42),
         nonempty(problems(&path)?, &path)?,
         options.max_examples,
     );

@@ -12,7 +12,6 @@ pub mod journal;
 pub mod mmlu;
 pub mod np_random;
 pub mod pass_at_k;
-pub mod py_random;
 pub mod sandbox;
 pub mod text;
 pub mod tydiqa;
@@ -329,10 +328,14 @@ pub fn nonempty<T>(items: Vec<T>, path: &Path) -> Result<Vec<T>> {
 
 /// `random.sample(items, max)` when there are more than `max` items, as the GSM, TyDi QA and
 /// HumanEval scripts subsample after `random.seed(42)`; the items in the order drawn.
-pub fn sampled<T>(rng: &mut py_random::PyRandom, items: Vec<T>, max: Option<usize>) -> Vec<T> {
+pub fn sampled<T>(
+    rng: &mut crate::data::rng::Mt19937,
+    items: Vec<T>,
+    max: Option<usize>,
+) -> Vec<T> {
     match max {
         Some(k) if items.len() > k => {
-            let indices = rng.sample(items.len(), k);
+            let indices = rng.py_sample(items.len(), k);
             pick(items, &indices)
         }
         _ => items,

@@ -1,12 +1,12 @@
 //! pandas' `DataFrame.sample(k, random_state=seed)` (what MMLU's `--n_instances` calls): numpy's
 //! legacy `RandomState(seed).permutation(n)[:k]`, the rows in the order it returns them.
 
-use super::py_random::Mt19937;
+use crate::data::rng::Mt19937;
 
 /// The row positions `df.sample(k, random_state=seed)` takes from `n` rows (k ≤ n).
 pub fn pandas_sample(seed: u32, n: usize, k: usize) -> Vec<usize> {
     assert!(k <= n, "sample of {k} from {n}");
-    let mut mt = Mt19937::from_u32(seed);
+    let mut mt = Mt19937::numpy(seed);
     let mut rows: Vec<usize> = (0..n).collect();
     // numpy's legacy shuffle: Fisher–Yates from the end, j by masked rejection.
     for i in (1..n).rev() {

@@ -2,12 +2,12 @@
 //! from the train file, the passage cut to 512 tokens as the reference cuts it, 50 new tokens;
 //! SQuAD exact match and F1 per language and their averages (in percent).
 
-use super::py_random::PyRandom;
 use super::text::{py_strip, squad_exact, squad_f1};
 use super::{
     data_file, greedy, mean, nonempty, pick, read, sampled, ChatFormat, Engine, Example, Options,
     Scored,
 };
+use crate::data::rng::Mt19937;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Map};
@@ -220,7 +220,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     langs.dedup();
     // The reference's generator, seeded once: the per-language subsets first, then the
     // exemplars, language by language in sorted order.
-    let mut rng = PyRandom::seeded(42);
+    let mut rng = Mt19937::python(42);
     let test: Vec<Item> = match options.max_examples {
         // File order, unless the reference subsamples (then grouped by language).
         None => dev,
@@ -249,7 +249,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
                         of_lang.len()
                     );
                 }
-                let indices = rng.sample(of_lang.len(), shots);
+                let indices = rng.py_sample(of_lang.len(), shots);
                 chosen.push((lang.clone(), pick(of_lang, &indices)));
             }
             chosen
