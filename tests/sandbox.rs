@@ -9,6 +9,8 @@
 //! so whatever it writes, the test code runs; each attack ends by raising `attack-ran:NAME`
 //! with what it saw, which proves it ran.
 
+mod common;
+
 use serde_json::Value;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -390,17 +392,7 @@ fn evaluate_attacks(user: Option<u32>) {
     for dir in ["/dev/shm", "/tmp", "/var/tmp"] {
         assert!(!Path::new(dir).join(&t.marker).exists(), "a mark in {dir}");
     }
-    assert_eq!(processes_with(&t.marker), Vec::<String>::new());
-}
-
-/// The command lines of the processes that carry `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| cmdline.contains(marker))
-        .collect()
+    assert_eq!(common::processes_with(&t.marker), Vec::<String>::new());
 }
 
 fn chown_all(path: &Path, id: u32) {

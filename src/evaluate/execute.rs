@@ -212,6 +212,7 @@ fn run_in(scratch: &Path, python: &Python, program: &str, limits: &Limits) -> Re
             (libc::RLIMIT_CORE, 0),
         ],
         deadline: limits.timeout + Duration::from_secs(1),
+        scratch,
     })?;
     let lines = head(&verdict, 1 << 20).context("cannot read the program's verdict")?;
     let mut lines = lines.lines();

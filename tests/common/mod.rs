@@ -150,3 +150,13 @@ pub fn check_gradients_on(config_json: &str, cfg: &AdapterConfig, quant: Quantiz
     }
     assert_eq!(checked, 3 * trainable.len());
 }
+
+/// The command lines of the processes that carry `marker`.
+pub fn processes_with(marker: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(marker))
+        .collect()
+}

@@ -46,6 +46,8 @@ pub struct Jail<'a> {
     pub rlimits: &'a [(libc::__rlimit_resource_t, u64)],
     /// From the start; past it everything in the jail is killed.
     pub deadline: Duration,
+    /// A private directory of prolora's, for the jail's mount point.
+    pub scratch: &'a Path,
 }
 
 /// How the jail's init ended.
@@ -60,19 +62,15 @@ pub enum Exit {
 /// Runs `jail`; an error means the jail could not be built (no user namespaces, a missing
 /// interpreter, …), never that the program misbehaved.
 pub fn run(jail: &Jail) -> Result<Exit> {
-    let scratch = std::env::temp_dir().join(format!(
-        "prolora-sandbox-{}-{:016x}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
+    let root = jail.scratch.join("root");
     std::fs::DirBuilder::new()
         .mode(0o700)
-        .create(&scratch)
-        .with_context(|| format!("cannot create {}", scratch.display()))?;
-    let exit = Prepared::new(jail, &scratch).and_then(|p| p.run(jail.deadline));
+        .create(&root)
+        .with_context(|| format!("cannot create {}", root.display()))?;
+    let exit = Prepared::new(jail, &root).and_then(|p| p.run(jail.deadline));
     // Only a mount point: the jail's files lived in its own namespace and are gone with it.
-    let removed = std::fs::remove_dir(&scratch)
-        .with_context(|| format!("cannot remove {}", scratch.display()));
+    let removed =
+        std::fs::remove_dir(&root).with_context(|| format!("cannot remove {}", root.display()));
     let exit = exit?;
     removed?;
     Ok(exit)
