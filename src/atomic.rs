@@ -10,13 +10,18 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// The temporary sibling of `path`, hidden, in the same directory (so the rename is atomic);
-/// `tag` keeps writers of the same path apart.
+/// `tag` keeps writers of the same path apart. Its name is cut to fit the file system's 255
+/// bytes, so any name that fits can be written.
 fn temporary(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
-    path.with_file_name(format!(".{name}{tag}.tmp"))
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    path.with_file_name(format!(".{}{tag}.tmp", &name[..end]))
 }
 
 /// The directory holding `path` (`.` for a bare file name).
@@ -110,15 +115,17 @@ pub fn write_with<T>(
     // Per process: two runs may write the same shared file (a data cache) at once.
     let tmp = temporary(path, &format!(".{}", std::process::id()));
     let written = (|| {
-        let file = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        // Errors name the destination the user gave, not the temporary beside it.
+        let file =
+            File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
         let mut w = BufWriter::new(file);
         let value = write(&mut w)?;
         let file = w
             .into_inner()
             .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
+            .with_context(|| format!("cannot write {}", path.display()))?;
         file.sync_all()
-            .with_context(|| format!("cannot sync {}", tmp.display()))?;
+            .with_context(|| format!("cannot sync {}", path.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
         sync_dir(parent(path))?;
         Ok(value)
@@ -169,7 +176,7 @@ pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<(
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         fill(&tmp)?;
         if dir.exists() {
             std::fs::remove_dir_all(dir)
