@@ -33,17 +33,30 @@ fn parent(path: &Path) -> &Path {
 }
 
 /// `path` made absolute with every existing link resolved (the parts that do not exist yet
-/// kept as given).
+/// kept as given). A dangling link resolves to where it points, so that writing it creates its
+/// target instead of replacing the link by a file.
 fn resolved(path: &Path) -> PathBuf {
+    resolved_within(path, 40)
+}
+
+/// [`resolved`], following at most `links` dangling links (a cycle of them ends).
+fn resolved_within(path: &Path, links: usize) -> PathBuf {
     if let Ok(p) = path.canonicalize() {
         return p;
     }
+    if let (Ok(target), true) = (std::fs::read_link(path), links > 0) {
+        let parent = path.parent().unwrap_or(Path::new(""));
+        return resolved_within(&parent.join(target), links - 1);
+    }
     match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) => resolved(if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        })
+        (Some(parent), Some(name)) => resolved_within(
+            if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            },
+            links,
+        )
         .join(name),
         _ => path.to_path_buf(),
     }

@@ -281,3 +281,35 @@ fn write_errors_name_the_path_given() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(long.exists());
 }
+
+/// A dangling link given as --out is written through (its target created), not replaced.
+#[test]
+fn a_dangling_link_as_out_is_written_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    fake_run(&run, "{\"step\": 1, \"loss\": 9.0}\n");
+    let (link, target) = (tmp.path().join("link.svg"), tmp.path().join("target.svg"));
+    std::os::unix::fs::symlink("target.svg", &link).unwrap();
+    let o = prolora(&[
+        "plot",
+        run.to_str().unwrap(),
+        "--out",
+        link.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+    assert!(std::fs::read_to_string(&target)
+        .unwrap()
+        .starts_with("<svg"));
+}
+
+/// A data file without newlines (`/dev/zero`) is refused at a line-length limit, with one error
+/// line, instead of being read into memory until the allocator aborts.
+#[test]
+fn a_file_without_newlines_is_refused_not_read_whole() {
+    let o = prolora(&["data", "encode", "--data", "/dev/zero", "--out", "-"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/dev/zero:1: a line longer than"), "{err}");
+}
