@@ -313,3 +313,31 @@ fn a_file_without_newlines_is_refused_not_read_whole() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("/dev/zero:1: a line longer than"), "{err}");
 }
+
+/// A prompt whose attention cannot fit in memory is refused with one line before the
+/// allocation, not aborted by the allocator with a backtrace.
+#[test]
+fn a_prompt_too_long_for_memory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("long.jsonl");
+    let words: Vec<String> = (0..100_000).map(|i| format!("word{}", i % 50)).collect();
+    let line = serde_json::json!({"prompt": words.join(" ")});
+    std::fs::write(&prompts, format!("{line}\n")).unwrap();
+    let o = prolora(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--past-max-positions",
+        "--max-new-tokens",
+        "1",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("GiB at once") && err.contains("shorten the input"),
+        "{err}"
+    );
+}
