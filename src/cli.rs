@@ -129,6 +129,7 @@ pub enum SweepAction {
         /// The point; default $SLURM_ARRAY_TASK_ID.
         #[arg(long)]
         index: Option<usize>,
+        /// No progress lines (array scripts of older sweeps, which a requeue reruns, pass it).
         #[arg(long)]
         quiet: bool,
     },
@@ -870,6 +871,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let (model, encoder) = load_model_from(&source, &args.model)?;
     let mut progress = crate::progress::Progress::new(true, "prompts", requests.len(), 0, 0);
     let mut lines = String::new();
+    let mut completed = 0;
     for chunk in requests.chunks(args.batch_size) {
         let prompts = chunk
             .iter()
@@ -893,8 +895,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 "tokens": c.ids.len(), "ended": ended});
             lines.push_str(&format!("{line}\n"));
         }
-        let done = (lines.lines().count() as f64, progress.elapsed_s().max(1e-9));
-        progress.advance(chunk.len(), format!("{:.2} prompts/s", done.0 / done.1));
+        completed += chunk.len();
+        let rate = completed as f64 / progress.elapsed_s().max(1e-9);
+        progress.advance(chunk.len(), format!("{rate:.2} prompts/s"));
     }
     progress.finish_and_clear();
     match out {
