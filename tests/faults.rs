@@ -96,8 +96,7 @@ fn evaluate_writes_progress_lines_into_a_log() {
     assert!(o.status.success(), "{err}");
     let last = err
         .lines()
-        .filter(|l| l.starts_with("mmlu "))
-        .last()
+        .rfind(|l| l.starts_with("mmlu "))
         .unwrap_or_else(|| panic!("no progress line: {err}"));
     let (done, total) = last
         .split_whitespace()
