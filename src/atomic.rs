@@ -69,7 +69,10 @@ pub fn check_output(out: &Path, flag: &str, inputs: &[&Path], overwrite: bool) -
     check_apart(out, flag, inputs)?;
     let o = resolved(out);
     let non_empty = match std::fs::metadata(&o) {
-        Ok(m) if m.is_dir() => std::fs::read_dir(&o)?.next().is_some(),
+        Ok(m) if m.is_dir() => std::fs::read_dir(&o)
+            .with_context(|| format!("{flag} {}", out.display()))?
+            .next()
+            .is_some(),
         Ok(m) => m.is_file() && m.len() > 0,
         Err(_) => false,
     };
@@ -186,7 +189,8 @@ pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<(
     let tmp = temporary(dir, "");
     let written = (|| {
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("cannot remove {}", tmp.display()))?;
         }
         std::fs::create_dir_all(&tmp)
             .with_context(|| format!("cannot create {}", dir.display()))?;

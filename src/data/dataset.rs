@@ -276,7 +276,7 @@ fn write_cache(file: &Path, examples: &[Encoded], report: &DataReport) -> Result
 }
 
 fn read_cache(file: &Path) -> Result<(Vec<Encoded>, DataReport)> {
-    let bytes = std::fs::read(file)?;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mut r = bytes.as_slice();
     let mut take = |n: usize| -> Result<&[u8]> {
         if r.len() < n {

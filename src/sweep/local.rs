@@ -15,7 +15,7 @@ use std::time::Duration;
 pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the prolora binary")?;
     let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let todo: Vec<usize> = sweep
         .points
         .iter()

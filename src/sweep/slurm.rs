@@ -120,7 +120,8 @@ pub fn split_args(s: &str) -> Result<Vec<String>> {
 pub fn submit(sweep: &Sweep, dir: &Path, slurm_args: &[String]) -> Result<String> {
     let exe = std::env::current_exe().context("cannot find the prolora binary")?;
     let slurm_dir = dir.join("slurm");
-    std::fs::create_dir_all(&slurm_dir)?;
+    std::fs::create_dir_all(&slurm_dir)
+        .with_context(|| format!("cannot create {}", slurm_dir.display()))?;
     let script = slurm_dir.join("array.sh");
     crate::atomic::write(
         &script,

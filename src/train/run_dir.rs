@@ -94,9 +94,11 @@ impl RunDir {
                     path.join("eval"),
                 ] {
                     if stale.is_dir() {
-                        std::fs::remove_dir_all(&stale)?;
+                        std::fs::remove_dir_all(&stale)
+                            .with_context(|| format!("cannot remove {}", stale.display()))?;
                     } else if stale.exists() {
-                        std::fs::remove_file(&stale)?;
+                        std::fs::remove_file(&stale)
+                            .with_context(|| format!("cannot remove {}", stale.display()))?;
                     }
                 }
                 None
