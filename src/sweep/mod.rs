@@ -158,10 +158,13 @@ impl Sweep {
     /// error when it differs.
     pub fn open(self, dir: &Path) -> Result<Self> {
         if !dir.join(SWEEP_FILE).exists() {
-            let mut entries = std::fs::read_dir(dir)
-                .with_context(|| format!("--out {}", dir.display()))?
-                .flatten();
-            if entries.any(|e| e.file_name() != LOCK_FILE) {
+            // The sweep's own lock file does not make the directory another's.
+            let holds_other = dir.exists()
+                && std::fs::read_dir(dir)
+                    .with_context(|| format!("--out {}", dir.display()))?
+                    .flatten()
+                    .any(|e| e.file_name() != LOCK_FILE);
+            if holds_other {
                 bail!(
                     "--out {}: exists and is not a sweep directory; pick an empty or new directory",
                     dir.display()
