@@ -313,30 +313,36 @@ fn a_file_without_newlines_is_refused_not_read_whole() {
     assert!(err.contains("/dev/zero:1: a line longer than"), "{err}");
 }
 
-/// A prompt whose attention cannot fit in memory is refused with one line before the
-/// allocation, not aborted by the allocator with a backtrace.
+/// Under a memory cap (`ulimit -v`, about 5.7 GiB), a prompt whose attention cannot fit — the
+/// issue's 40,000 words, and 8,000 words (about 15 GiB, which many machines have but the cap
+/// does not allow) — is refused with one line before the allocation, not aborted by the
+/// allocator with a backtrace.
 #[test]
 fn a_prompt_too_long_for_memory_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = tmp.path().join("long.jsonl");
-    let words: Vec<String> = (0..100_000).map(|i| format!("word{}", i % 50)).collect();
-    let line = serde_json::json!({"prompt": words.join(" ")});
-    std::fs::write(&prompts, format!("{line}\n")).unwrap();
-    let o = prolora(&[
-        "generate",
-        "--model",
-        "tiny",
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--past-max-positions",
-        "--max-new-tokens",
-        "1",
-    ]);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("GiB at once") && err.contains("shorten the input"),
-        "{err}"
-    );
+    for words in [40_000, 8_000] {
+        let prompts = tmp.path().join(format!("{words}.jsonl"));
+        let text: Vec<String> = (0..words).map(|i| format!("word{}", i % 50)).collect();
+        let line = serde_json::json!({"prompt": text.join(" ")});
+        std::fs::write(&prompts, format!("{line}\n")).unwrap();
+        let o = Command::new("bash")
+            .arg("-c")
+            .arg(r#"ulimit -v 6000000 && exec "$@""#)
+            .arg("bash")
+            .arg(env!("CARGO_BIN_EXE_prolora"))
+            .args(["generate", "--model", "tiny", "--prompts"])
+            .arg(&prompts)
+            .args(["--past-max-positions", "--max-new-tokens", "1"])
+            .current_dir(root())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{words} words: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("GiB at once") && err.contains("shorten the input"),
+            "{err}"
+        );
+    }
 }
