@@ -21,11 +21,11 @@ pub struct Progress {
 
 enum Shown {
     Bar(ProgressBar),
-    /// Plain lines: at every multiple of `every` (0: none), at the end, and at least every
-    /// [`LINE_INTERVAL`].
+    /// Plain lines: the first, at every multiple of `every` (0: none), at the end, and at
+    /// least every [`LINE_INTERVAL`].
     Lines {
         every: usize,
-        last_line: Instant,
+        last_line: Option<Instant>,
     },
     Nothing,
 }
@@ -50,7 +50,7 @@ impl Progress {
         } else {
             Shown::Lines {
                 every,
-                last_line: Instant::now(),
+                last_line: None,
             }
         };
         Progress {
@@ -70,19 +70,30 @@ impl Progress {
 
     /// `units` more done; `message` says how it goes ("loss 1.23 lr 2e-4 …").
     pub fn advance(&mut self, units: usize, message: String) {
+        self.advance_to(self.at + units, message);
+    }
+
+    /// Done up to `at`; `message` says how it goes.
+    pub fn advance_to(&mut self, at: usize, message: String) {
         let before = self.at;
-        self.at = (self.at + units).min(self.total);
+        self.at = at.min(self.total);
         match &mut self.shown {
             Shown::Bar(bar) => {
                 bar.set_message(message);
                 bar.set_position(self.at as u64);
             }
             Shown::Lines { every, last_line } => {
+                let moved = self.at != before;
                 let crossed = *every > 0 && self.at / *every > before / *every;
-                let first = before == self.first;
-                if crossed || first || self.at == self.total || last_line.elapsed() >= LINE_INTERVAL
-                {
-                    *last_line = Instant::now();
+                let due = match last_line {
+                    None => true,
+                    Some(t) => {
+                        (moved && (crossed || self.at == self.total))
+                            || t.elapsed() >= LINE_INTERVAL
+                    }
+                };
+                if due {
+                    *last_line = Some(Instant::now());
                     crate::to_stderr!(
                         "{} {}/{} {message} eta {}",
                         self.label,
