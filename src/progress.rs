@@ -63,6 +63,11 @@ impl Progress {
         }
     }
 
+    /// Progress that shows nothing (before a loop starts).
+    pub fn hidden() -> Self {
+        Self::new(false, "", 0, 0, 0)
+    }
+
     /// Seconds since this process started the loop.
     pub fn elapsed_s(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
@@ -132,7 +137,7 @@ impl Progress {
 
     /// The time left at the rate since the start, as H:MM:SS.
     fn eta(&self) -> String {
-        let done = self.at - self.first;
+        let done = self.at.saturating_sub(self.first);
         if done == 0 {
             return "?".into();
         }

@@ -160,7 +160,7 @@ impl<'a> Engine<'a> {
             model,
             tokenizer,
             batch_size: batch_size.max(1),
-            progress: Progress::new(false, "", 0, 0, 0),
+            progress: Progress::hidden(),
             examples: 0,
             tokens: 0,
             journal: None,
