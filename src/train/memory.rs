@@ -164,7 +164,7 @@ fn address_space_left() -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    Some((limit.rlim_cur as u64).saturating_sub(kib * 1024))
+    Some(limit.rlim_cur.saturating_sub(kib * 1024))
 }
 
 /// One line for the log: the estimate, next to what the device has.
