@@ -346,3 +346,35 @@ fn a_prompt_too_long_for_memory_is_refused() {
         );
     }
 }
+
+/// HumanEval's programs run for minutes on a full evaluation: a log sees them counted.
+#[test]
+fn humaneval_counts_its_programs_in_a_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("humaneval.json");
+    let o = prolora(&[
+        "evaluate",
+        "--benchmark",
+        "humaneval",
+        "--model",
+        "tiny",
+        "--data-dir",
+        "data/eval",
+        "--allow-code-execution",
+        "--limit",
+        "1",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("humaneval 2/2 programs run eta ")),
+        "{err}"
+    );
+}
