@@ -843,31 +843,36 @@ fn generate(args: GenerateArgs) -> Result<()> {
         inputs.push(file);
         atomic::check_output(out, "--out", &inputs, args.overwrite)?;
     }
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("--prompts {}", file.display()))?;
-    // Some editors start a UTF-8 file with a byte-order mark; the data readers accept it too.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    std::fs::File::open(file).with_context(|| format!("--prompts {}", file.display()))?;
+    // Read as the data files are, line by line with a length limit (a file with no newlines is
+    // refused, not read whole) and a byte-order mark on line 1 allowed.
     let mut requests = Vec::new();
-    for (n, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let at = || format!("{}:{}", file.display(), n + 1);
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
-        let messages = match (&v["messages"], v["prompt"].as_str()) {
-            (serde_json::Value::Array(_), _) => {
-                serde_json::from_value::<Vec<Message>>(v["messages"].clone()).with_context(
-                    || format!("{}: \"messages\" is not a list of {{role, content}}", at()),
-                )?
-            }
-            (_, Some(prompt)) => chat(v["system"].as_str().map(String::from), prompt.to_string()),
-            _ => bail!("{}: needs \"prompt\": \"…\" or \"messages\": [...]", at()),
-        };
-        let id = v.get("id").cloned().unwrap_or(json!(n + 1));
-        requests.push((id, messages));
-    }
+    crate::data::jsonl::for_each_chunk(file, 1024, |lines| {
+        for (n, raw) in lines {
+            let at = || format!("{}:{n}", file.display());
+            let line = match crate::data::jsonl::line_text(n, &raw) {
+                Ok(Some(line)) => line,
+                Ok(None) => continue,
+                Err(why) => bail!("{}: {why}", at()),
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+            let messages = match (&v["messages"], v["prompt"].as_str()) {
+                (serde_json::Value::Array(_), _) => {
+                    serde_json::from_value::<Vec<Message>>(v["messages"].clone()).with_context(
+                        || format!("{}: \"messages\" is not a list of {{role, content}}", at()),
+                    )?
+                }
+                (_, Some(prompt)) => {
+                    chat(v["system"].as_str().map(String::from), prompt.to_string())
+                }
+                _ => bail!("{}: needs \"prompt\": \"…\" or \"messages\": [...]", at()),
+            };
+            let id = v.get("id").cloned().unwrap_or(json!(n));
+            requests.push((id, messages));
+        }
+        Ok(())
+    })?;
     let (model, encoder) = load_model_from(&source, &args.model)?;
     let mut progress = crate::progress::Progress::new(true, "prompts", requests.len(), 0, 0);
     let mut lines = String::new();

@@ -306,11 +306,17 @@ fn a_dangling_link_as_out_is_written_through() {
 /// line, instead of being read into memory until the allocator aborts.
 #[test]
 fn a_file_without_newlines_is_refused_not_read_whole() {
-    let o = prolora(&["data", "encode", "--data", "/dev/zero", "--out", "-"]);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("/dev/zero:1: a line longer than"), "{err}");
+    let commands: [&[&str]; 2] = [
+        &["data", "encode", "--data", "/dev/zero", "--out", "-"],
+        &["generate", "--model", "tiny", "--prompts", "/dev/zero"],
+    ];
+    for args in commands {
+        let o = prolora(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("/dev/zero:1: a line longer than"), "{err}");
+    }
 }
 
 /// Under a memory cap (`ulimit -v`, about 5.7 GiB), a prompt whose attention cannot fit — the
