@@ -44,7 +44,7 @@ impl Linear {
     }
 }
 
-/// Refuses attention whose scores cannot fit in the memory left: the allocator aborts the
+/// Refuses attention whose scores cannot fit in the memory left: the CPU allocator aborts the
 /// process on a request it cannot meet (a 40,000-word prompt asks for hundreds of GiB), where
 /// an error can say what to shorten. `queries` are (b, heads, t, head_dim); the scores and the
 /// probabilities made from them exist at once.
@@ -59,8 +59,9 @@ fn scores_fit(
         .map(|&d| d as f64)
         .product();
     let need = 2.0 * rows * keys as f64 * dtype.size_in_bytes() as f64;
-    // Ordinary passes need no look at the machine.
-    if need < (256u64 << 20) as f64 {
+    // Ordinary passes need no look at the machine. On a GPU a failed allocation is an error
+    // that reaches the user already (and freed memory held for reuse would read as taken).
+    if need < (256u64 << 20) as f64 || !device.is_cpu() {
         return Ok(());
     }
     match crate::train::memory::available(device) {
