@@ -10,13 +10,18 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// The temporary sibling of `path`, hidden, in the same directory (so the rename is atomic);
-/// `tag` keeps writers of the same path apart.
+/// `tag` keeps writers of the same path apart. Its name is cut to fit the file system's 255
+/// bytes, so any name that fits can be written.
 fn temporary(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
-    path.with_file_name(format!(".{name}{tag}.tmp"))
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    path.with_file_name(format!(".{}{tag}.tmp", &name[..end]))
 }
 
 /// The directory holding `path` (`.` for a bare file name).
@@ -28,17 +33,30 @@ fn parent(path: &Path) -> &Path {
 }
 
 /// `path` made absolute with every existing link resolved (the parts that do not exist yet
-/// kept as given).
+/// kept as given). A dangling link resolves to where it points, so that writing it creates its
+/// target instead of replacing the link by a file.
 fn resolved(path: &Path) -> PathBuf {
+    resolved_within(path, 40)
+}
+
+/// [`resolved`], following at most `links` dangling links (a cycle of them ends).
+fn resolved_within(path: &Path, links: usize) -> PathBuf {
     if let Ok(p) = path.canonicalize() {
         return p;
     }
+    if let (Ok(target), true) = (std::fs::read_link(path), links > 0) {
+        let parent = path.parent().unwrap_or(Path::new(""));
+        return resolved_within(&parent.join(target), links - 1);
+    }
     match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) => resolved(if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        })
+        (Some(parent), Some(name)) => resolved_within(
+            if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            },
+            links,
+        )
         .join(name),
         _ => path.to_path_buf(),
     }
@@ -51,7 +69,10 @@ pub fn check_output(out: &Path, flag: &str, inputs: &[&Path], overwrite: bool) -
     check_apart(out, flag, inputs)?;
     let o = resolved(out);
     let non_empty = match std::fs::metadata(&o) {
-        Ok(m) if m.is_dir() => std::fs::read_dir(&o)?.next().is_some(),
+        Ok(m) if m.is_dir() => std::fs::read_dir(&o)
+            .with_context(|| format!("{flag} {}", out.display()))?
+            .next()
+            .is_some(),
         Ok(m) => m.is_file() && m.len() > 0,
         Err(_) => false,
     };
@@ -110,15 +131,17 @@ pub fn write_with<T>(
     // Per process: two runs may write the same shared file (a data cache) at once.
     let tmp = temporary(path, &format!(".{}", std::process::id()));
     let written = (|| {
-        let file = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        // Errors name the destination the user gave, not the temporary beside it.
+        let file =
+            File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
         let mut w = BufWriter::new(file);
         let value = write(&mut w)?;
         let file = w
             .into_inner()
             .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
+            .with_context(|| format!("cannot write {}", path.display()))?;
         file.sync_all()
-            .with_context(|| format!("cannot sync {}", tmp.display()))?;
+            .with_context(|| format!("cannot sync {}", path.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
         sync_dir(parent(path))?;
         Ok(value)
@@ -166,10 +189,11 @@ pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<(
     let tmp = temporary(dir, "");
     let written = (|| {
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("cannot remove {}", tmp.display()))?;
         }
         std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         fill(&tmp)?;
         if dir.exists() {
             std::fs::remove_dir_all(dir)

@@ -129,6 +129,7 @@ pub enum SweepAction {
         /// The point; default $SLURM_ARRAY_TASK_ID.
         #[arg(long)]
         index: Option<usize>,
+        /// No progress lines (array scripts of older sweeps, which a requeue reruns, pass it).
         #[arg(long)]
         quiet: bool,
     },
@@ -350,7 +351,7 @@ pub struct TrainArgs {
     /// Override a config key, e.g. --set optim.lr=1e-4 --set seed=2 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// No progress bar (it is also hidden when stderr is not a terminal).
+    /// No progress: neither the bar on a terminal nor the progress lines in a log.
     #[arg(long)]
     pub quiet: bool,
     /// Continue the run in this directory from its newest checkpoint (the config defaults to
@@ -538,7 +539,7 @@ fn choices<T: std::str::FromStr + Clone + Send + Sync + 'static>(
 
 /// Machine output: one JSON object on stdout.
 fn print_json(v: serde_json::Value) {
-    println!("{v}");
+    crate::to_stdout!("{v}");
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -556,11 +557,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let inputs: Vec<&Path> = read.iter().map(PathBuf::as_path).collect();
             atomic::check_output(&a.out, "--out", &inputs, a.overwrite)?;
             crate::plot::plot(&a.runs, &a.out)?;
-            eprintln!("wrote {}", a.out.display());
+            crate::to_stderr!("wrote {}", a.out.display());
             Ok(())
         }
         Command::Collect(a) => {
-            print!("{}", crate::collect::collect(&a.root, a.csv)?);
+            crate::console::write_out(format_args!("{}", crate::collect::collect(&a.root, a.csv)?));
             Ok(())
         }
         Command::Data(DataCommand::Encode(a)) => data_encode(a),
@@ -580,7 +581,7 @@ fn report_written(json: bool, text: String, value: serde_json::Value) {
     if json {
         print_json(value);
     } else {
-        eprintln!("{text}");
+        crate::to_stderr!("{text}");
     }
 }
 
@@ -603,7 +604,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
 
 fn params(args: ParamsArgs) -> Result<()> {
     if args.paper_tables {
-        print!("{}", crate::params::paper_tables()?);
+        crate::console::write_out(format_args!("{}", crate::params::paper_tables()?));
         return Ok(());
     }
     let (Some(model), Some(method)) = (&args.model, &args.method) else {
@@ -616,7 +617,7 @@ fn params(args: ParamsArgs) -> Result<()> {
     if args.json {
         print_json(report);
     } else {
-        println!("{}", crate::params::describe(&report));
+        crate::to_stdout!("{}", crate::params::describe(&report));
     }
     Ok(())
 }
@@ -802,7 +803,7 @@ fn eval(args: EvalArgs) -> Result<()> {
             "perplexity": loss.exp(),
         }));
     } else {
-        println!(
+        crate::to_stdout!(
             "loss {loss:.6} (perplexity {:.3}) over {tokens} label tokens in {} examples{}",
             loss.exp(),
             encoded.len(),
@@ -833,7 +834,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let Some(file) = &args.prompts else {
         let (model, encoder) = load_model_from(&source, &args.model)?;
         let messages = chat(args.system.clone(), args.prompt.clone().unwrap_or_default());
-        println!("{}", complete(&model, &encoder, &messages, &settings)?.text);
+        crate::to_stdout!("{}", complete(&model, &encoder, &messages, &settings)?.text);
         return Ok(());
     };
     let out = args.out.as_ref().filter(|o| o.as_os_str() != "-");
@@ -842,36 +843,40 @@ fn generate(args: GenerateArgs) -> Result<()> {
         inputs.push(file);
         atomic::check_output(out, "--out", &inputs, args.overwrite)?;
     }
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("--prompts {}", file.display()))?;
+    std::fs::File::open(file).with_context(|| format!("--prompts {}", file.display()))?;
+    // Read as the data files are, line by line with a length limit (a file with no newlines is
+    // refused, not read whole) and a byte-order mark on line 1 allowed.
     let mut requests = Vec::new();
-    for (n, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let at = || format!("{}:{}", file.display(), n + 1);
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
-        let messages = match (&v["messages"], v["prompt"].as_str()) {
-            (serde_json::Value::Array(_), _) => {
-                serde_json::from_value::<Vec<Message>>(v["messages"].clone()).with_context(
-                    || format!("{}: \"messages\" is not a list of {{role, content}}", at()),
-                )?
-            }
-            (_, Some(prompt)) => chat(v["system"].as_str().map(String::from), prompt.to_string()),
-            _ => bail!("{}: needs \"prompt\": \"…\" or \"messages\": [...]", at()),
-        };
-        let id = v.get("id").cloned().unwrap_or(json!(n + 1));
-        requests.push((id, messages));
-    }
+    crate::data::jsonl::for_each_chunk(file, 1024, |lines| {
+        for (n, raw) in lines {
+            let at = || format!("{}:{n}", file.display());
+            let line = match crate::data::jsonl::line_text(n, &raw) {
+                Ok(Some(line)) => line,
+                Ok(None) => continue,
+                Err(why) => bail!("{}: {why}", at()),
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+            let messages = match (&v["messages"], v["prompt"].as_str()) {
+                (serde_json::Value::Array(_), _) => {
+                    serde_json::from_value::<Vec<Message>>(v["messages"].clone()).with_context(
+                        || format!("{}: \"messages\" is not a list of {{role, content}}", at()),
+                    )?
+                }
+                (_, Some(prompt)) => {
+                    chat(v["system"].as_str().map(String::from), prompt.to_string())
+                }
+                _ => bail!("{}: needs \"prompt\": \"…\" or \"messages\": [...]", at()),
+            };
+            let id = v.get("id").cloned().unwrap_or(json!(n));
+            requests.push((id, messages));
+        }
+        Ok(())
+    })?;
     let (model, encoder) = load_model_from(&source, &args.model)?;
-    let bar = indicatif::ProgressBar::new(requests.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{pos}/{len} prompts {bar:30} {per_sec} eta {eta}")
-            .expect("a valid template"),
-    );
+    let mut progress = crate::progress::Progress::new(true, "prompts", requests.len(), 0, 0);
     let mut lines = String::new();
+    let mut completed = 0;
     for chunk in requests.chunks(args.batch_size) {
         let prompts = chunk
             .iter()
@@ -895,15 +900,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 "tokens": c.ids.len(), "ended": ended});
             lines.push_str(&format!("{line}\n"));
         }
-        bar.inc(chunk.len() as u64);
+        completed += chunk.len();
+        let rate = completed as f64 / progress.elapsed_s().max(1e-9);
+        progress.advance(chunk.len(), format!("{rate:.2} prompts/s"));
     }
-    bar.finish_and_clear();
+    progress.finish_and_clear();
     match out {
         Some(out) => {
             atomic::write(out, lines.as_bytes())?;
-            eprintln!("wrote {} completions to {}", requests.len(), out.display());
+            crate::to_stderr!("wrote {} completions to {}", requests.len(), out.display());
         }
-        None => print!("{lines}"),
+        None => crate::console::write_out(format_args!("{lines}")),
     }
     Ok(())
 }
@@ -947,7 +954,7 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         {
             let m = &cfg.model;
             if m.source != args.model.spec.model || m.quantize != args.model.quantize {
-                eprintln!(
+                crate::to_stderr!(
                     "warning: {} was trained on --model {} --quantize {}; evaluating on --model {} --quantize {}",
                     run.display(), m.source, m.quantize, args.model.spec.model, args.model.quantize
                 );
@@ -985,7 +992,7 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         outputs.retain(|(_, path)| {
             let current = identity.is_recorded_in(path);
             if current {
-                eprintln!("{}: made by this same evaluation; kept", path.display());
+                crate::to_stderr!("{}: made by this same evaluation; kept", path.display());
             }
             !current
         });
@@ -1035,10 +1042,10 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
                     .with_context(|| format!("cannot create {}", dir.display()))?;
             }
             atomic::write(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
-            eprintln!("wrote {}", path.display());
+            crate::to_stderr!("wrote {}", path.display());
         }
         if !args.json {
-            println!(
+            crate::to_stdout!(
                 "{b} ({} examples, {:.1} s)",
                 result["examples"].as_array().map_or(0, Vec::len),
                 started.elapsed().as_secs_f64()
@@ -1059,10 +1066,10 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
     }
     let value = results_of(&all, benchmarks.len());
     if let Some(out) = &args.out {
-        eprintln!("wrote {}", out.display());
+        crate::to_stderr!("wrote {}", out.display());
     }
     if args.json {
-        println!("{value}");
+        crate::to_stdout!("{value}");
     }
     Ok(())
 }
@@ -1081,10 +1088,10 @@ fn print_metrics(v: &serde_json::Value, indent: &str) {
         for (k, v) in m {
             match v {
                 serde_json::Value::Object(_) => {
-                    println!("{indent}{k}");
+                    crate::to_stdout!("{indent}{k}");
                     print_metrics(v, &format!("{indent}  "));
                 }
-                v => println!(
+                v => crate::to_stdout!(
                     "{indent}{k:<40} {}",
                     v.as_f64().map_or(v.to_string(), |x| format!("{x:.4}"))
                 ),
@@ -1203,7 +1210,7 @@ fn data_inspect(args: InspectArgs) -> Result<()> {
             } else {
                 ""
             };
-            println!(
+            crate::to_stdout!(
                 "── example {shown}: {} tokens, {} trained on{note} ──\n{}\n",
                 e.input_ids.len(),
                 e.num_trained(),
@@ -1216,17 +1223,17 @@ fn data_inspect(args: InspectArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    println!(
+    crate::to_stdout!(
         "{} (max {} tokens; trained-on text is {}…{})",
         args.input.data.display(),
         opts.max_seq_len,
         marks.open,
         marks.close
     );
-    print!(
+    crate::console::write_out(format_args!(
         "{}",
         inspect::statistics(&report, &mut lengths, &mut labels)
-    );
+    ));
     Ok(())
 }
 
@@ -1267,16 +1274,16 @@ fn sweep(args: SweepArgs) -> Result<()> {
             let sweep = Sweep::read(&dir)?;
             let statuses = status::of(&dir, &sweep);
             if json {
-                println!("{}", status::json(&statuses));
+                crate::to_stdout!("{}", status::json(&statuses));
             } else {
-                print!("{}", status::table(&statuses));
+                crate::console::write_out(format_args!("{}", status::table(&statuses)));
                 if let Some(job) = &sweep.slurm_job {
                     match slurm::queue(job) {
                         Some(lines) if lines.is_empty() => {
-                            println!("slurm job {job}: no task queued or running")
+                            crate::to_stdout!("slurm job {job}: no task queued or running")
                         }
-                        Some(lines) => println!("slurm job {job}:\n{}", lines.join("\n")),
-                        None => println!("slurm job {job} (squeue not available here)"),
+                        Some(lines) => crate::to_stdout!("slurm job {job}:\n{}", lines.join("\n")),
+                        None => crate::to_stdout!("slurm job {job} (squeue not available here)"),
                     }
                 }
             }
@@ -1316,7 +1323,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
     }
     if args.dry_run {
         for p in &plan.points {
-            println!(
+            crate::to_stdout!(
                 "{}\t{}\t{}",
                 p.index,
                 p.overrides.join(" "),
@@ -1325,13 +1332,14 @@ fn sweep(args: SweepArgs) -> Result<()> {
         }
         if args.backend == Backend::Slurm {
             let exe = std::env::current_exe()?;
-            print!(
+            crate::console::write_out(format_args!(
                 "{}",
-                slurm::array_script(&plan, &std::path::absolute(&out)?, &exe, &slurm_args)
-            );
+                slurm::array_script(&plan, &std::path::absolute(&out)?, &exe, &slurm_args)?
+            ));
         }
         return Ok(());
     }
+    let _owner = crate::sweep::own(&out)?;
     let mut sweep = plan.open(&out)?;
     let dir = std::path::absolute(&out)?;
     match args.backend {
@@ -1339,7 +1347,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
             let gpus = crate::device::gpu_count();
             let jobs = args.jobs.unwrap_or(gpus.max(1));
             local::run(&dir, &sweep, jobs, gpus)?;
-            eprintln!(
+            crate::to_stderr!(
                 "sweep done: `prolora collect {}` for the table",
                 dir.display()
             );
@@ -1350,15 +1358,15 @@ fn sweep(args: SweepArgs) -> Result<()> {
             }
             if let Some(job) = &sweep.slurm_job {
                 if slurm::queue(job).is_some_and(|lines| !lines.is_empty()) {
-                    eprintln!("{}: job {job} is still queued or running; `prolora sweep status {}` follows it", dir.display(), dir.display());
+                    crate::to_stderr!("{}: job {job} is still queued or running; `prolora sweep status {}` follows it", dir.display(), dir.display());
                     return Ok(());
                 }
             }
             let job = slurm::submit(&sweep, &dir, &slurm_args)?;
             sweep.slurm_job = Some(job.clone());
             sweep.write(&dir)?;
-            println!("{job}");
-            eprintln!(
+            crate::to_stdout!("{job}");
+            crate::to_stderr!(
                 "submitted job {job}: {} array tasks; `prolora sweep status {}` follows them",
                 sweep.points.len(),
                 dir.display()

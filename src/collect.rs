@@ -62,7 +62,7 @@ fn scores(run: &Run) -> Result<Vec<Option<f64>>> {
             })?;
             let evaluated = v["identity"]["adapter_sha256"].as_str();
             if evaluated.is_some_and(|e| Some(e) != adapter.as_deref()) {
-                eprintln!(
+                crate::to_stderr!(
                     "warning: skipping {}: made with another adapter than the run's (its \
                      adapter_sha256 differs); rerun prolora evaluate --run",
                     path.display()
@@ -148,7 +148,8 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
     writeln!(out, "| {} |", header.join(" | "))?;
     writeln!(out, "|{}", "---|".repeat(header.len()))?;
     for r in &rows {
-        writeln!(out, "| {} |", r.join(" | "))?;
+        let cells: Vec<String> = r.iter().map(|c| markdown_cell(c)).collect();
+        writeln!(out, "| {} |", cells.join(" | "))?;
     }
 
     // Settings in first-seen order, with their seeds pooled.
@@ -195,13 +196,25 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
             .collect();
         writeln!(
             out,
-            "| {label} | {} | {} | {} |{benchmark_cells}",
+            "| {} | {} | {} | {} |{benchmark_cells}",
+            markdown_cell(label),
             members.len(),
             show(&finals, 4),
             show(&bests, 4)
         )?;
     }
     Ok(out)
+}
+
+/// `s` as one cell of a markdown table row: a `|` would end the cell and a newline the row.
+fn markdown_cell(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '|' => "\\|".to_string(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 fn csv_field(s: &str) -> String {
@@ -214,7 +227,13 @@ fn csv_field(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::mean_std;
+    use super::{markdown_cell, mean_std};
+
+    #[test]
+    fn a_markdown_cell_keeps_its_row_whole() {
+        assert_eq!(markdown_cell("a|b\nc"), "a\\|b\\nc");
+        assert_eq!(markdown_cell("lr=1e-3"), "lr=1e-3");
+    }
 
     #[test]
     fn sample_standard_deviation() {

@@ -191,7 +191,7 @@ pub fn complete_batch(
         next = tokens;
     }
     if at_limit {
-        eprintln!(
+        crate::to_stderr!(
             "warning: stopped at the model's {limit} positions (max_position_embeddings); \
              --past-max-positions goes on"
         );

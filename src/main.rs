@@ -52,7 +52,7 @@ fn parse_args() -> Result<prolora::cli::Cli, std::process::ExitCode> {
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
                 .collect();
-            eprintln!("{}", line.join(" "));
+            prolora::to_stderr!("{}", line.join(" "));
             Err(std::process::ExitCode::from(2))
         }
         Err(e) => e.exit(),
@@ -71,12 +71,12 @@ fn main() -> std::process::ExitCode {
         Err(e) => match e.downcast_ref::<prolora::signals::Interrupted>() {
             // Not a failure: the run stopped where it was asked to, as a signal's exit code says.
             Some(stop) => {
-                eprintln!("{stop}");
+                prolora::to_stderr!("{stop}");
                 std::process::ExitCode::from((128 + stop.signal) as u8)
             }
             None => {
                 // One line: the outermost context first, then its causes.
-                eprintln!("error: {e:#}");
+                prolora::to_stderr!("error: {e:#}");
                 std::process::ExitCode::FAILURE
             }
         },

@@ -14,17 +14,21 @@ const COLORS: [&str; 8] = [
 
 /// About five round tick values covering [lo, hi].
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let span = (hi - lo).max(1e-12);
-    let raw = span / 5.0;
+    // Half the span: the span of two losses near ±f64::MAX is not a finite number.
+    let half_span = (hi / 2.0 - lo / 2.0).max(1e-12);
+    let raw = half_span / 2.5;
     let mag = 10f64.powf(raw.log10().floor());
     let step = [1.0, 2.0, 5.0, 10.0]
         .iter()
         .map(|m| m * mag)
-        .find(|s| span / s <= 6.0)
+        .find(|s| half_span / s <= 3.0)
         .unwrap_or(10.0 * mag);
     let first = (lo / step).ceil() as i64;
     let last = (hi / step).floor() as i64;
-    (first..=last).map(|i| i as f64 * step).collect()
+    (first..=last)
+        .map(|i| i as f64 * step)
+        .filter(|v| v.is_finite())
+        .collect()
 }
 
 fn escape(s: &str) -> String {
@@ -47,12 +51,20 @@ pub fn svg(runs: &[Run]) -> Result<String> {
     if !y_lo.is_finite() {
         bail!("no loss values to plot (are the metrics.jsonl files empty?)");
     }
-    let pad = ((y_hi - y_lo) * 0.05).max(1e-3);
-    let (y_lo, y_hi) = (y_lo - pad, y_hi + pad);
+    // In halves, so that no extreme loss (1e308) overflows the range into inf and NaN.
+    let pad = ((y_hi / 2.0 - y_lo / 2.0) * 0.1).max(1e-3);
+    let (y_lo, y_hi) = ((y_lo - pad).max(f64::MIN), (y_hi + pad).min(f64::MAX));
     let (l, r, t, b) = MARGIN;
     let (pw, ph) = (WIDTH - l - r, HEIGHT - t - b);
     let x = |s: f64| l + s / x_max * pw;
-    let y = |v: f64| t + (y_hi - v) / (y_hi - y_lo) * ph;
+    let y = |v: f64| t + (y_hi / 2.0 - v / 2.0) / (y_hi / 2.0 - y_lo / 2.0) * ph;
+    // The points of `pts` as SVG coordinates; a non-finite one is never written.
+    let coordinates = |pts: &[(usize, f64)]| -> Vec<(f64, f64)> {
+        pts.iter()
+            .map(|&(s, v)| (x(s as f64), y(v)))
+            .filter(|(px, py)| px.is_finite() && py.is_finite())
+            .collect()
+    };
 
     let mut out = String::new();
     writeln!(
@@ -98,9 +110,9 @@ pub fn svg(runs: &[Run]) -> Result<String> {
     for (i, run) in runs.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let line = |pts: &[(usize, f64)]| {
-            pts.iter()
-                .filter(|p| p.1.is_finite())
-                .map(|&(s, v)| format!("{:.1},{:.1}", x(s as f64), y(v)))
+            coordinates(pts)
+                .iter()
+                .map(|(px, py)| format!("{px:.1},{py:.1}"))
                 .collect::<Vec<_>>()
                 .join(" ")
         };
@@ -114,12 +126,10 @@ pub fn svg(runs: &[Run]) -> Result<String> {
             r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2.5"/>"#,
             line(&run.eval)
         )?;
-        for &(s, v) in run.eval.iter().filter(|p| p.1.is_finite()) {
+        for (px, py) in coordinates(&run.eval) {
             writeln!(
                 out,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
-                x(s as f64),
-                y(v)
+                r#"<circle cx="{px:.1}" cy="{py:.1}" r="3" fill="{color}"/>"#
             )?;
         }
         let ly = t + 14.0 + 34.0 * i as f64;
@@ -168,7 +178,7 @@ pub fn plot(dirs: &[std::path::PathBuf], out: &Path) -> Result<()> {
         .filter_map(|d| match Run::read(d) {
             Ok(run) => Some(run),
             Err(e) => {
-                eprintln!("warning: skipping {}: {e:#}", d.display());
+                crate::to_stderr!("warning: skipping {}: {e:#}", d.display());
                 None
             }
         })

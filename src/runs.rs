@@ -56,22 +56,35 @@ impl Run {
         })
     }
 
-    /// Every run directory at or below `root` (a directory with config.toml and metrics.jsonl).
+    /// Every run directory at or below `root` (a directory with config.toml and metrics.jsonl),
+    /// each real directory once: a symlink to a directory above it (`ln -s . loop`) would
+    /// otherwise be walked without end, and one to a run would count it twice.
     pub fn find_all(root: &Path) -> Result<Vec<Run>> {
+        use std::os::unix::fs::MetadataExt;
         let mut runs = Vec::new();
+        let mut visited = std::collections::HashSet::new();
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
+            let id = std::fs::metadata(&dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?;
+            if !visited.insert((id.dev(), id.ino())) {
+                continue;
+            }
             if dir.join(CONFIG_FILE).exists() && dir.join(METRICS_FILE).exists() {
                 // One broken run does not hide the others.
                 match Run::read(&dir) {
                     Ok(run) => runs.push(run),
-                    Err(e) => eprintln!("warning: skipping {}: {e:#}", dir.display()),
+                    Err(e) => crate::to_stderr!("warning: skipping {}: {e:#}", dir.display()),
                 }
                 continue;
             }
             let entries = std::fs::read_dir(&dir)
                 .with_context(|| format!("cannot list {}", dir.display()))?;
-            for e in entries.flatten() {
+            let mut entries: Vec<_> = entries.flatten().collect();
+            // Popped in name order, so the name a directory is listed under does not depend on
+            // the order the file system lists it in.
+            entries.sort_by_key(|e| std::cmp::Reverse(e.file_name()));
+            for e in entries {
                 if e.path().is_dir() && e.file_name() != "checkpoints" {
                     stack.push(e.path());
                 }

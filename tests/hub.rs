@@ -1004,3 +1004,47 @@ fn a_trained_adapter_records_the_hub_id_as_its_base() {
             .unwrap();
     assert_eq!(adapter["base_model_name_or_path"], "acme/peft-base");
 }
+
+/// A download into a log (stderr not a terminal, as in a Slurm job) shows plain progress lines
+/// in MiB with the rate and the time left, where a bar would show nothing.
+#[test]
+fn a_download_writes_progress_lines_into_a_log() {
+    let tokenizer =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/llama2-tokenizer.json"))
+            .unwrap();
+    let config = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-lora/base/config.json"),
+    )
+    .unwrap();
+    let hub = FakeHub::start(vec![FakeRepo {
+        id: "acme/tok",
+        token: None,
+        files: vec![
+            ("config.json", config),
+            ("tokenizer.json", tokenizer),
+            ("model.safetensors", b"not read".to_vec()),
+        ],
+    }]);
+    let cache = tempfile::tempdir().unwrap();
+    let out = cache.path().join("encoded.jsonl");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(["data", "encode", "--tokenizer", "acme/tok", "--data"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample_chat_eval.jsonl"))
+        .arg("--out")
+        .arg(&out)
+        .env("HF_ENDPOINT", hub.endpoint())
+        .env("HF_HOME", cache.path())
+        .env("HF_HUB_CACHE", cache.path().join("hub"))
+        .env_remove("HF_HUB_DISABLE_PROGRESS_BARS")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("tokenizer.json 1/1 MiB, ") && l.contains(" MiB/s eta ")),
+        "{err}"
+    );
+}

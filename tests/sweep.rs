@@ -294,3 +294,102 @@ fn evaluated_points_show_in_collect_and_are_not_evaluated_twice() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--allow-code-execution"));
 }
+
+/// Whether process `pid` is alive (a zombie waiting to be reaped is not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// A second sweep on the same --out is refused naming the first one's pid; a SIGKILLed sweep
+/// takes its running point with it, and the same command then finishes every point.
+#[test]
+fn a_sweep_has_one_owner_and_its_points_die_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s");
+    let out = out.to_str().unwrap();
+    let steps = "train.steps=60";
+    let mut first = Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(sweep_args(out, steps))
+        .current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = Path::new(out).join("runs/optim.lr=1e-3");
+    let started = Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map_or(0, |t| t.matches("\"loss\"").count())
+        < 2
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the point never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let second = prolora(&sweep_args(out, steps));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: --out ") && err.contains(&format!("pid {}", first.id())),
+        "{err}"
+    );
+
+    // The point's own process, as its run directory's lock names it.
+    let holder = std::fs::read_to_string(run.join(".lock")).unwrap();
+    let point: u32 = holder
+        .strip_prefix("pid ")
+        .and_then(|h| h.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{holder}"));
+    assert!(alive(point));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed = Instant::now();
+    while alive(point) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the point trains on after its sweep was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let o = prolora(&sweep_args(out, steps));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = status(out);
+    assert!(
+        s.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] == "finished"),
+        "{s}"
+    );
+    // Its log holds the points' progress lines.
+    let log = std::fs::read_to_string(Path::new(out).join("logs/optim.lr=2e-3.log")).unwrap();
+    assert!(log.contains("step 60/60 loss "), "{log}");
+}
+
+/// A newline in --out would become a shell line of the Slurm script: refused.
+#[test]
+fn a_slurm_sweep_refuses_a_control_character_in_its_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s\ntouch pwned");
+    let mut args = sweep_args(out.to_str().unwrap(), "train.steps=2");
+    args.extend(["--backend", "slurm", "--dry-run"]);
+    let o = prolora(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(
+        err.starts_with("error: --out ") && err.contains("control character"),
+        "{err}"
+    );
+}

@@ -68,6 +68,7 @@ grep -q "^4 points: 4 finished" <<<"$table" || die "not every point finished"
 out0=$(cat "$work/slurm/slurm/${job}_0.out")
 grep -q "stopped by SIGTERM" <<<"$out0" || die "point 0 was not stopped by SIGTERM: $out0"
 grep -q "resuming from" <<<"$out0" || die "point 0 did not resume: $out0"
+grep -q "^step [0-9]*/[0-9]* loss .* eta " <<<"$out0" || die "point 0 logged no progress lines: $out0"
 
 "$bin" sweep "${grid[@]}" --out "$work/local" --backend local --jobs 2 2>/dev/null
 say "local sweep finished"

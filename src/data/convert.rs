@@ -252,7 +252,7 @@ impl<W: Write> Writer<'_, W> {
         if !self.skip_invalid {
             bail!("{place}: {what} (or skip bad records with --skip-invalid)");
         }
-        eprintln!("{place}: skipped: {what}");
+        crate::to_stderr!("{place}: skipped: {what}");
         self.report.skipped.push(Skipped { line, error: what });
         Ok(())
     }

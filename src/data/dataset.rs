@@ -108,7 +108,7 @@ pub fn load(
             if let Some(f) = &cache_file {
                 // A cache that cannot be written only costs time next run.
                 if let Err(e) = write_cache(f, &examples, &report) {
-                    eprintln!(
+                    crate::to_stderr!(
                         "warning: not caching tokenized data at {}: {e:#}",
                         f.display()
                     );
@@ -169,7 +169,7 @@ pub fn encode_file(
                     if !opts.skip_invalid {
                         return Err(bad_line(path, *lineno, &error));
                     }
-                    eprintln!("{}:{lineno}: skipped: {error}", path.display());
+                    crate::to_stderr!("{}:{lineno}: skipped: {error}", path.display());
                     report.skipped.push(Skipped {
                         line: *lineno,
                         error,
@@ -276,7 +276,7 @@ fn write_cache(file: &Path, examples: &[Encoded], report: &DataReport) -> Result
 }
 
 fn read_cache(file: &Path) -> Result<(Vec<Encoded>, DataReport)> {
-    let bytes = std::fs::read(file)?;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mut r = bytes.as_slice();
     let mut take = |n: usize| -> Result<&[u8]> {
         if r.len() < n {

@@ -1,9 +1,9 @@
 //! Reading jsonl files line by line: streamed in chunks, each line checked for text, bad
 //! lines reported by number. Below every data module that reads files.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 /// A line that was skipped and why.
@@ -31,6 +31,11 @@ pub fn line_text(lineno: usize, raw: &[u8]) -> std::result::Result<Option<&str>,
     Ok((!text.trim().is_empty()).then_some(text))
 }
 
+/// The longest line read: far past any example that fits a model's positions, and small
+/// enough that a file with no newlines (`/dev/zero`, a binary) is refused, not read into memory
+/// until the allocator aborts.
+pub const MAX_LINE_BYTES: u64 = 64 << 20;
+
 /// Calls `f` with successive chunks of (line number, raw bytes) of a file, streaming.
 pub fn for_each_chunk(
     path: &Path,
@@ -44,13 +49,21 @@ pub fn for_each_chunk(
         let mut chunk = Vec::with_capacity(chunk_lines);
         while chunk.len() < chunk_lines {
             let mut buf = Vec::new();
-            let n = reader
+            let n = (&mut reader)
+                .take(MAX_LINE_BYTES + 1)
                 .read_until(b'\n', &mut buf)
                 .with_context(|| format!("reading {}", path.display()))?;
             if n == 0 {
                 break;
             }
             lineno += 1;
+            if n as u64 > MAX_LINE_BYTES && buf.last() != Some(&b'\n') {
+                bail!(
+                    "{}:{lineno}: a line longer than {} MiB; is this a jsonl file (one JSON object per line)?",
+                    path.display(),
+                    MAX_LINE_BYTES >> 20
+                );
+            }
             if buf.last() == Some(&b'\n') {
                 buf.pop();
             }

@@ -8,6 +8,7 @@ use super::{
 };
 use crate::data::rng::Mt19937;
 use crate::generate::Settings;
+use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -146,6 +147,8 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
     engine.start("humaneval", prompts.len());
     let outputs = engine.complete(&prompts, &seeds, &settings)?;
     let limits = Limits::default();
+    // Thousands of programs at up to a timeout each: minutes that a log should see pass.
+    let checked = std::sync::Mutex::new(Progress::new(true, "humaneval", outputs.len(), 0, 0));
     let outcomes = outputs
         .par_iter()
         .enumerate()
@@ -155,9 +158,16 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
                 "{}{}\n{}\ncheck({})",
                 p.prompt, out.text, p.test, p.entry_point
             );
-            run_check(&program, &limits)
+            let outcome = run_check(&program, &limits);
+            let mut checked = checked.lock().unwrap_or_else(|e| e.into_inner());
+            checked.advance(1, "programs run".into());
+            outcome
         })
         .collect::<Result<Vec<_>>>()?;
+    checked
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .finish_and_clear();
     let mut examples = Vec::new();
     let mut passed = vec![0usize; problems.len()];
     for (j, (out, outcome)) in outputs.into_iter().zip(outcomes).enumerate() {

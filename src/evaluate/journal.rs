@@ -60,7 +60,7 @@ impl Journal {
                     }
                 }
                 if !done.is_empty() {
-                    eprintln!(
+                    crate::to_stderr!(
                         "{}: continuing with {} completions made before",
                         path.display(),
                         done.len()
@@ -71,7 +71,7 @@ impl Journal {
                 let stale = path.with_extension("stale.jsonl");
                 std::fs::rename(path, &stale)
                     .with_context(|| format!("cannot set aside {}", path.display()))?;
-                eprintln!(
+                crate::to_stderr!(
                     "warning: {} was made by another evaluation ({difference}); set aside as {}, \
                      starting over",
                     path.display(),

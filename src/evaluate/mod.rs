@@ -20,9 +20,9 @@ pub mod writer;
 use crate::ctx::Ctx;
 use crate::generate::{complete_batch, Completion, Request, Settings};
 use crate::model::Llama;
+use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -142,12 +142,13 @@ pub struct Scored {
     pub settings: Value,
 }
 
-/// The model and tokenizer a benchmark runs on, with the progress bar of the benchmark.
+/// The model and tokenizer a benchmark runs on, with the progress of the benchmark.
 pub struct Engine<'a> {
     pub model: &'a Llama,
     pub tokenizer: &'a Tokenizer,
     pub batch_size: usize,
-    bar: ProgressBar,
+    progress: Progress,
+    examples: u64,
     tokens: u64,
     /// Where the current benchmark's completions are kept as they are made.
     pub journal: Option<journal::Journal>,
@@ -159,26 +160,22 @@ impl<'a> Engine<'a> {
             model,
             tokenizer,
             batch_size: batch_size.max(1),
-            bar: ProgressBar::hidden(),
+            progress: Progress::hidden(),
+            examples: 0,
             tokens: 0,
             journal: None,
         }
     }
 
-    /// A progress bar over `n` examples of `name`, with examples/s and tokens/s.
+    /// Progress over `n` examples of `name`, with examples/s and tokens/s.
     pub fn start(&mut self, name: &str, n: usize) {
-        self.bar = ProgressBar::new(n as u64);
-        self.bar.set_style(
-            ProgressStyle::with_template(&format!(
-                "{name:>9} {{pos}}/{{len}} {{bar:30}} {{per_sec}} {{msg}} eta {{eta}}"
-            ))
-            .expect("a valid template"),
-        );
+        self.progress = Progress::new(true, name, n, 0, 0);
+        self.examples = 0;
         self.tokens = 0;
     }
 
     pub fn finish(&self) {
-        self.bar.finish_and_clear();
+        self.progress.finish_and_clear();
     }
 
     /// `[BOS] + tokens of prompt`, as the reference's tokenizer call gives them.
@@ -198,11 +195,15 @@ impl<'a> Engine<'a> {
     }
 
     fn count(&mut self, examples: u64, tokens: u64) {
+        self.examples += examples;
         self.tokens += tokens;
-        let secs = self.bar.elapsed().as_secs_f64().max(1e-9);
-        self.bar
-            .set_message(format!("{:.1} tok/s", self.tokens as f64 / secs));
-        self.bar.inc(examples);
+        let secs = self.progress.elapsed_s().max(1e-9);
+        let message = format!(
+            "{:.2} examples/s {:.1} tok/s",
+            self.examples as f64 / secs,
+            self.tokens as f64 / secs
+        );
+        self.progress.advance(examples as usize, message);
     }
 
     /// The next-token logits (f32) after each prompt.

@@ -7,10 +7,11 @@
 //! (`X-Linked-Etag` or `ETag`) and the size (`X-Linked-Size` or `Content-Range`); a redirect
 //! (large files live on a CDN) names where the bytes are.
 
+use crate::progress::Progress;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ureq::{Agent, AgentBuilder, Response};
 
@@ -216,7 +217,7 @@ impl Client {
             .append(true)
             .open(partial)
             .map_err(Failure::Io)?;
-        let bar = self.bar(remote.size, name);
+        let mut progress = self.progress(remote.size, name);
         self.patiently(|| {
             let have = file.metadata().map_err(|e| (Failure::Io(e), false))?.len();
             if have == remote.size {
@@ -226,12 +227,12 @@ impl Client {
                 file.set_len(0).map_err(|e| (Failure::Io(e), false))?;
             }
             let before = file.metadata().map_err(|e| (Failure::Io(e), false))?.len();
-            let result = self.transfer(remote, &mut file, before, &bar);
+            let result = self.transfer(remote, &mut file, before, &mut progress);
             let after = file.metadata().map(|m| m.len()).unwrap_or(before);
             result.map_err(|f| (f, after > before))
         })?;
         file.sync_all().map_err(Failure::Io)?;
-        bar.finish_and_clear();
+        progress.finish_and_clear();
         Ok(())
     }
 
@@ -240,7 +241,7 @@ impl Client {
         remote: &Remote,
         file: &mut File,
         have: u64,
-        bar: &indicatif::ProgressBar,
+        progress: &mut Progress,
     ) -> Result<(), Failure> {
         let range = format!("bytes={have}-");
         let response = call(self.get(&self.bytes, &remote.location).set("Range", &range))?;
@@ -249,7 +250,8 @@ impl Client {
             file.set_len(0).map_err(Failure::Io)?;
             file.rewind().map_err(Failure::Io)?;
         }
-        bar.set_position(file.metadata().map_err(Failure::Io)?.len());
+        let (started, from) = (Instant::now(), file.metadata().map_err(Failure::Io)?.len());
+        let mut at = from;
         let mut reader = response.into_reader();
         let mut buffer = vec![0u8; 1 << 16];
         loop {
@@ -260,7 +262,9 @@ impl Client {
                 Err(e) => return Err(transport(&e)),
             };
             file.write_all(&buffer[..n]).map_err(Failure::Io)?;
-            bar.inc(n as u64);
+            at += n as u64;
+            let rate = (at - from) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            progress.advance_to(mib(at), format!("MiB, {:.1} MiB/s", rate / MIB as f64));
         }
         let now = file.metadata().map_err(Failure::Io)?.len();
         if now != remote.size {
@@ -272,21 +276,18 @@ impl Client {
         Ok(())
     }
 
-    fn bar(&self, size: u64, name: &str) -> indicatif::ProgressBar {
-        // Small files finish before a bar would be readable.
-        if !self.progress || size < 1 << 20 {
-            return indicatif::ProgressBar::hidden();
-        }
-        let bar = indicatif::ProgressBar::new(size);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("a valid template"),
-        );
-        bar.set_message(name.to_string());
-        bar
+    /// Progress over the MiB of a file (none for a file under 1 MiB: it is done before a bar
+    /// would be readable).
+    fn progress(&self, size: u64, name: &str) -> Progress {
+        Progress::new(self.progress && size >= MIB, name, mib(size), 0, 0)
     }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Whole MiB in `bytes`.
+fn mib(bytes: u64) -> usize {
+    (bytes / MIB) as usize
 }
 
 fn call(request: ureq::Request) -> Result<Response, Failure> {

@@ -44,6 +44,36 @@ impl Linear {
     }
 }
 
+/// Refuses attention whose scores cannot fit in the memory left: the CPU allocator aborts the
+/// process on a request it cannot meet (a 40,000-word prompt asks for hundreds of GiB), where
+/// an error can say what to shorten. `queries` are (b, heads, t, head_dim); the scores and the
+/// probabilities made from them exist at once.
+fn scores_fit(
+    queries: &[usize],
+    keys: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<()> {
+    let rows: f64 = queries[..queries.len() - 1]
+        .iter()
+        .map(|&d| d as f64)
+        .product();
+    let need = 2.0 * rows * keys as f64 * dtype.size_in_bytes() as f64;
+    // Ordinary passes need no look at the machine. On a GPU a failed allocation is an error
+    // that reaches the user already (and freed memory held for reuse would read as taken).
+    if need < (256u64 << 20) as f64 || !device.is_cpu() {
+        return Ok(());
+    }
+    match crate::train::memory::available(device) {
+        Some((have, what)) if need > have as f64 => Err(candle_core::Error::Msg(format!(
+            "attention over {keys} positions needs about {:.1} GiB at once, {:.1} GiB {what}: shorten the input",
+            need / (1u64 << 30) as f64,
+            have as f64 / (1u64 << 30) as f64
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Repeats each key/value head `n` times, as transformers' `repeat_kv`.
 fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
     if n == 1 {
@@ -253,6 +283,7 @@ impl Llama {
         let k = repeat_kv(k, nh / nkv)?;
         let v = repeat_kv(v, nh / nkv)?;
 
+        scores_fit(q.dims(), k.dim(2)?, q.dtype(), q.device())?;
         let scores = q.matmul(&k.t()?)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let probs = match cached {

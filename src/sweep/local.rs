@@ -1,5 +1,7 @@
 //! The local backend: up to `jobs` points at a time, each its own `prolora sweep task`
-//! process (its own lock, its own signals), its output appended to `logs/<point>.log`.
+//! process (its own lock, its own signals), its output (progress lines) appended to
+//! `logs/<point>.log`. A task dies with the sweep: a killed sweep leaves no point training
+//! behind it, in the way of the rerun.
 
 use super::Sweep;
 use crate::signals;
@@ -13,7 +15,7 @@ use std::time::Duration;
 pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the prolora binary")?;
     let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let todo: Vec<usize> = sweep
         .points
         .iter()
@@ -25,7 +27,7 @@ pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
         })
         .map(|p| p.index)
         .collect();
-    eprintln!(
+    crate::to_stderr!(
         "sweep {}: {} points, {} to run, {jobs} at a time",
         dir.display(),
         sweep.points.len(),
@@ -63,14 +65,15 @@ pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
             cmd.args(["sweep", "task"])
                 .arg(dir)
-                .args(["--index", &index.to_string(), "--quiet"])
+                .args(["--index", &index.to_string()])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
+            dies_with_this_process(&mut cmd);
             if gpus > 0 {
                 cmd.env("CUDA_VISIBLE_DEVICES", (slot % gpus).to_string());
             }
-            eprintln!("start {}", point.name);
+            crate::to_stderr!("start {}", point.name);
             running.push((
                 index,
                 slot,
@@ -87,9 +90,9 @@ pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
                 let (index, _, _) = running.remove(k);
                 let name = &sweep.points[index].name;
                 if status.success() {
-                    eprintln!("finished {name}");
+                    crate::to_stderr!("finished {name}");
                 } else {
-                    eprintln!(
+                    crate::to_stderr!(
                         "{name} ended with {status}: see {}",
                         logs.join(format!("{name}.log")).display()
                     );
@@ -117,4 +120,26 @@ pub fn run(dir: &Path, sweep: &Sweep, jobs: usize, gpus: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Has the kernel kill `cmd`'s process when this one dies. A sweep killed without a chance to
+/// pass a signal on (SIGKILL, the OOM killer) would otherwise leave its points training with
+/// no owner; a rerun then found them in use and reported them failed.
+pub fn dies_with_this_process(cmd: &mut Command) {
+    let parent = std::process::id();
+    let arm = move || {
+        // SAFETY: prctl and getppid are async-signal-safe, as pre_exec requires.
+        unsafe {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // This process died before the prctl: the signal will never come.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only makes the async-signal-safe calls above.
+    unsafe { std::os::unix::process::CommandExt::pre_exec(cmd, arm) };
 }

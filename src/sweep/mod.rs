@@ -23,6 +23,24 @@ pub use grid::Axis;
 
 pub const SWEEP_FILE: &str = "sweep.json";
 
+/// A `flock` held by the one `prolora sweep` running the directory's points.
+pub const LOCK_FILE: &str = ".lock";
+
+/// Makes sweep directory `dir` (created if needed) this process's until the lock drops, or
+/// names the process that runs it: two sweeps would start the same points twice, and each
+/// would report the other's running points failed.
+pub fn own(dir: &Path) -> Result<crate::lock::Lock> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--out {}: cannot create it", dir.display()))?;
+    match crate::lock::try_lock_removed_after(&dir.join(LOCK_FILE))? {
+        Ok(lock) => Ok(lock),
+        Err(holder) => bail!(
+            "--out {}: another prolora sweep runs it ({holder}); wait for it to end or stop it",
+            dir.display()
+        ),
+    }
+}
+
 /// One point of the grid.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Point {
@@ -140,7 +158,13 @@ impl Sweep {
     /// error when it differs.
     pub fn open(self, dir: &Path) -> Result<Self> {
         if !dir.join(SWEEP_FILE).exists() {
-            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+            // The sweep's own lock file does not make the directory another's.
+            let holds_other = dir.exists()
+                && std::fs::read_dir(dir)
+                    .with_context(|| format!("--out {}", dir.display()))?
+                    .flatten()
+                    .any(|e| e.file_name() != LOCK_FILE);
+            if holds_other {
                 bail!(
                     "--out {}: exists and is not a sweep directory; pick an empty or new directory",
                     dir.display()
@@ -212,9 +236,9 @@ pub fn run_task(dir: &Path, index: usize, show_progress: bool) -> Result<()> {
     status::record(dir, point, &result)?;
     let summary = result?;
     if summary.already_finished {
-        eprintln!("{}: finished before; nothing to train", point.name);
+        crate::to_stderr!("{}: finished before; nothing to train", point.name);
     } else {
-        eprintln!("{}: done ({} steps)", point.name, summary.steps);
+        crate::to_stderr!("{}: done ({} steps)", point.name, summary.steps);
     }
     match &sweep.evaluate {
         Some(evaluation) => evaluate_point(&sweep.point_config(point)?, point, evaluation),
@@ -229,6 +253,7 @@ pub fn run_task(dir: &Path, index: usize, show_progress: bool) -> Result<()> {
 fn evaluate_point(cfg: &RunConfig, point: &Point, evaluation: &Evaluation) -> Result<()> {
     let m = &cfg.model;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    local::dies_with_this_process(&mut cmd);
     cmd.arg("evaluate")
         .args(["--model", &m.source, "--revision", &m.revision])
         .args(["--dtype", m.dtype.name(), "--quantize", m.quantize.name()])

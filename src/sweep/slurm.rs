@@ -14,7 +14,21 @@ use std::process::Command;
 const WARNING_SECONDS: u32 = 300;
 
 /// The array script for `sweep` in `dir`, running `exe`, with the user's `slurm_args`.
-pub fn array_script(sweep: &Sweep, dir: &Path, exe: &Path, slurm_args: &[String]) -> String {
+pub fn array_script(
+    sweep: &Sweep,
+    dir: &Path,
+    exe: &Path,
+    slurm_args: &[String],
+) -> Result<String> {
+    let dir_text = plain("--out", &dir.display().to_string())?;
+    let workdir = plain(
+        "the working directory",
+        &sweep.workdir.display().to_string(),
+    )?;
+    let exe = plain("the prolora binary", &exe.display().to_string())?;
+    for arg in slurm_args {
+        plain("--slurm-args", arg)?;
+    }
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -30,17 +44,27 @@ pub fn array_script(sweep: &Sweep, dir: &Path, exe: &Path, slurm_args: &[String]
     directive("--requeue".into());
     directive("--open-mode=append".into());
     directive(format!("--signal=B:USR1@{WARNING_SECONDS}"));
-    directive(format!("--output={}/slurm/%A_%a.out", dir.display()));
-    directive(format!("--chdir={}", sweep.workdir.display()));
+    directive(format!("--output={dir_text}/slurm/%A_%a.out"));
+    directive(format!("--chdir={workdir}"));
     for arg in slurm_args {
         directive(arg.clone());
     }
     s.push_str(&format!(
-        "exec {} sweep task {} --index \"$SLURM_ARRAY_TASK_ID\" --quiet\n",
-        shell_quote(&exe.display().to_string()),
-        shell_quote(&dir.display().to_string())
+        "exec {} sweep task {} --index \"$SLURM_ARRAY_TASK_ID\"\n",
+        shell_quote(&exe),
+        shell_quote(&dir_text)
     ));
-    s
+    Ok(s)
+}
+
+/// `value` as it is, refused when it holds a control character: a newline would end its
+/// `#SBATCH` or `exec` line and start a shell line of its own, which no quoting of a directive
+/// prevents.
+fn plain(what: &str, value: &str) -> Result<String> {
+    if value.chars().any(char::is_control) {
+        bail!("{what} {value:?}: holds a control character (a newline?), which a Slurm script cannot carry; pick a name without one");
+    }
+    Ok(value.to_string())
 }
 
 fn shell_quote(s: &str) -> String {
@@ -96,11 +120,12 @@ pub fn split_args(s: &str) -> Result<Vec<String>> {
 pub fn submit(sweep: &Sweep, dir: &Path, slurm_args: &[String]) -> Result<String> {
     let exe = std::env::current_exe().context("cannot find the prolora binary")?;
     let slurm_dir = dir.join("slurm");
-    std::fs::create_dir_all(&slurm_dir)?;
+    std::fs::create_dir_all(&slurm_dir)
+        .with_context(|| format!("cannot create {}", slurm_dir.display()))?;
     let script = slurm_dir.join("array.sh");
     crate::atomic::write(
         &script,
-        array_script(sweep, dir, &exe, slurm_args).as_bytes(),
+        array_script(sweep, dir, &exe, slurm_args)?.as_bytes(),
     )?;
     let out = Command::new("sbatch")
         .arg("--parsable")
@@ -160,7 +185,8 @@ mod tests {
             evaluate: None,
         };
         let args = split_args("--partition=gpu --gres=gpu:1 '--time=24:00:00'").unwrap();
-        let script = array_script(&sweep, dir, Path::new("/opt/prolora/bin/prolora"), &args);
+        let script =
+            array_script(&sweep, dir, Path::new("/opt/prolora/bin/prolora"), &args).unwrap();
         assert_eq!(
             script,
             "#!/bin/bash\n\
@@ -175,8 +201,32 @@ mod tests {
              #SBATCH --partition=gpu\n\
              #SBATCH --gres=gpu:1\n\
              #SBATCH --time=24:00:00\n\
-             exec /opt/prolora/bin/prolora sweep task /scratch/sweeps/superni --index \"$SLURM_ARRAY_TASK_ID\" --quiet\n"
+             exec /opt/prolora/bin/prolora sweep task /scratch/sweeps/superni --index \"$SLURM_ARRAY_TASK_ID\"\n"
         );
+    }
+
+    #[test]
+    fn a_newline_in_a_path_never_reaches_the_script() {
+        let sweep = Sweep {
+            config: "/c.toml".into(),
+            config_sha256: String::new(),
+            workdir: "/home/me".into(),
+            sets: vec![],
+            points: vec![],
+            grid: vec![],
+            slurm_job: None,
+            evaluate: None,
+        };
+        let exe = Path::new("/bin/prolora");
+        let dir = Path::new("/s/x\ntouch pwned");
+        let err = array_script(&sweep, dir, exe, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--out ") && err.contains("control character"),
+            "{err}"
+        );
+        let args = ["--comment=a\nrm -rf ~".to_string()];
+        let err = array_script(&sweep, Path::new("/s/x"), exe, &args).unwrap_err();
+        assert!(err.to_string().starts_with("--slurm-args"), "{err}");
     }
 
     #[test]

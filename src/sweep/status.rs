@@ -5,14 +5,15 @@ use super::{Point, Sweep};
 use crate::atomic;
 use crate::train::run_dir::{self, METRICS_FILE};
 use crate::train::TrainSummary;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 use std::path::Path;
 
 /// How the last attempt at `point` ended: `points/<index>.json`.
 pub fn record(dir: &Path, point: &Point, result: &Result<TrainSummary>) -> Result<()> {
     let points = dir.join("points");
-    std::fs::create_dir_all(&points)?;
+    std::fs::create_dir_all(&points)
+        .with_context(|| format!("cannot create {}", points.display()))?;
     let value = match result {
         Ok(_) => json!({"point": point.name, "ended": "finished"}),
         Err(e) => match e.downcast_ref::<crate::signals::Interrupted>() {

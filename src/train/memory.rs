@@ -136,7 +136,35 @@ fn available_ram() -> Option<u64> {
     if let (Some(max), Some(current)) = (read("memory.max"), read("memory.current")) {
         bytes = bytes.min(max.saturating_sub(current));
     }
+    if let Some(left) = address_space_left() {
+        bytes = bytes.min(left);
+    }
     Some(bytes)
+}
+
+/// What an address-space cap (`ulimit -v`) leaves this process: past it an allocation fails
+/// outright, and Rust aborts on a failed allocation.
+fn address_space_left() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(limit.rlim_cur.saturating_sub(kib * 1024))
 }
 
 /// One line for the log: the estimate, next to what the device has.

@@ -69,7 +69,7 @@ impl RunDir {
                     path.display()
                 ),
                 None => {
-                    eprintln!(
+                    crate::to_stderr!(
                         "--resume: {} has no {}checkpoint; starting at step 0",
                         path.display(),
                         if checkpoints.is_empty() {
@@ -94,9 +94,11 @@ impl RunDir {
                     path.join("eval"),
                 ] {
                     if stale.is_dir() {
-                        std::fs::remove_dir_all(&stale)?;
+                        std::fs::remove_dir_all(&stale)
+                            .with_context(|| format!("cannot remove {}", stale.display()))?;
                     } else if stale.exists() {
-                        std::fs::remove_file(&stale)?;
+                        std::fs::remove_file(&stale)
+                            .with_context(|| format!("cannot remove {}", stale.display()))?;
                     }
                 }
                 None
@@ -243,7 +245,7 @@ fn newest_intact(checkpoints: &[(usize, PathBuf)]) -> Option<PathBuf> {
     for (step, dir) in checkpoints.iter().rev() {
         match checkpoint::verify(dir) {
             Ok(()) => return Some(dir.clone()),
-            Err(e) => eprintln!("skipping the checkpoint of step {step}: {e:#}"),
+            Err(e) => crate::to_stderr!("skipping the checkpoint of step {step}: {e:#}"),
         }
     }
     None

@@ -17,11 +17,11 @@ use crate::data::chat::{ChatEncoder, Encoded};
 use crate::data::dataset::{default_cache_dir, file_sha256, load, DataReport, LoadOptions};
 use crate::eval::evaluate;
 use crate::model::Llama;
+use crate::progress::Progress;
 use crate::signals::{self, Interrupted};
 use crate::source::ModelSource;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::json;
@@ -89,7 +89,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
     let pass = data.largest_pass(cfg.train.micro_batch_size());
     let estimate = need(Some(pass));
     memory::check(cfg, &estimate, &device, Some(pass))?;
-    eprintln!("{}", memory::describe(&estimate, &device));
+    crate::to_stderr!("{}", memory::describe(&estimate, &device));
     let run = RunDir::open(Path::new(&cfg.output_dir), start)?;
     if start == Start::Resume && run.is_finished(cfg.train.steps)? {
         // Resuming a finished run changes nothing.
@@ -180,7 +180,7 @@ fn load_split(
         cache_dir: cfg.data.cache.then(default_cache_dir).flatten(),
     };
     let (examples, report) = load(encoder, path, &opts)?;
-    eprintln!("{}", report.summary());
+    crate::to_stderr!("{}", report.summary());
     Ok((examples, report))
 }
 
@@ -245,7 +245,7 @@ impl<'a> Trainer<'a> {
         if let Some(dir) = run.resume_from() {
             state = checkpoint::load(dir, &adapters, &mut optimizer)?;
             batches.skip_to(state.samples_consumed);
-            eprintln!("resuming from {} (step {})", dir.display(), state.step);
+            crate::to_stderr!("resuming from {} (step {})", dir.display(), state.step);
         }
         let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
         let resumed = run.resume_from().is_some();
@@ -270,7 +270,7 @@ impl<'a> Trainer<'a> {
                     "skipped_lines": r.skipped.len()}))?;
             }
         }
-        eprintln!(
+        crate::to_stderr!(
             "training {} adapter ({trainable} parameters) on {} ({} examples) for {} steps of {} examples → {}",
             cfg.adapter.kind(),
             source.name(),
@@ -298,10 +298,16 @@ impl<'a> Trainer<'a> {
 
     fn run(mut self, show_progress: bool) -> Result<TrainSummary> {
         let (cfg, total) = (self.cfg, self.cfg.train.steps);
+        let mut progress = Progress::new(
+            show_progress,
+            "step",
+            total,
+            self.state.step,
+            cfg.train.log_every.max(1),
+        );
         if self.run.resume_from().is_none() {
-            self.evaluate(0)?; // the starting point: what the adapter improves on
+            self.evaluate(0, &progress)?; // the starting point: what the adapter improves on
         }
-        let bar = progress_bar(show_progress, total, self.state.step);
         let warmup = warmup_steps(cfg.optim.warmup_ratio, total);
         let started = Instant::now();
         let mut tokens_seen = 0;
@@ -309,7 +315,7 @@ impl<'a> Trainer<'a> {
         let stop_signals = signals::catch_stop_signals();
         for step in self.state.step..total {
             if let Some(signal) = signals::requested() {
-                bar.abandon();
+                progress.finish();
                 return Err(self.stop(signal)?.into());
             }
             let lr = linear_with_warmup(cfg.optim.lr, step, total, warmup);
@@ -321,7 +327,7 @@ impl<'a> Trainer<'a> {
                 if cfg.train.on_nonfinite == OnNonFinite::Skip {
                     self.metrics.log(json!({"step": step + 1, "skipped": true,
                         "loss": s.loss.to_string(), "grad_norm": s.grad_norm.to_string()}))?;
-                    bar.inc(1);
+                    progress.advance(1, format!("skipped (loss {})", s.loss));
                     continue;
                 }
                 bail!(
@@ -343,11 +349,10 @@ impl<'a> Trainer<'a> {
             last_loss = s.loss;
             let elapsed = started.elapsed().as_secs_f64();
             let tokens_per_s = tokens_seen as f64 / elapsed.max(1e-9);
-            bar.set_message(format!(
-                "loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s",
-                s.loss
-            ));
-            bar.inc(1);
+            progress.advance(
+                1,
+                format!("loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s", s.loss),
+            );
             let last = step + 1 == total;
             if (step + 1) % cfg.train.log_every.max(1) == 0 || last {
                 self.metrics.log(json!({
@@ -364,21 +369,21 @@ impl<'a> Trainer<'a> {
                 }))?;
             }
             if due(cfg.train.eval_every, step + 1) && !last {
-                self.evaluate(step + 1)?;
+                self.evaluate(step + 1, &progress)?;
             }
             if due(cfg.train.save_every(), step + 1) && !last {
                 self.save_checkpoint()?;
             }
         }
-        bar.finish();
+        progress.finish();
         drop(stop_signals); // from here on the run ends by itself
 
-        let final_eval_loss = self.evaluate(total)?;
+        let final_eval_loss = self.evaluate(total, &progress)?;
         self.save_checkpoint()?;
         self.run.save_adapter(&self.adapters, &self.base_model)?;
         let skipped: usize = self.data.reports.iter().map(|r| r.skipped.len()).sum();
         if skipped > 0 {
-            eprintln!(
+            crate::to_stderr!(
                 "skipped {skipped} invalid lines (listed in {})",
                 self.run.data_report_path().display()
             );
@@ -427,14 +432,18 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// The held-out loss at `step`, logged (None without held-out data).
-    fn evaluate(&mut self, step: usize) -> Result<Option<f64>> {
+    /// The held-out loss at `step`, logged and shown (None without held-out data).
+    fn evaluate(&mut self, step: usize, progress: &Progress) -> Result<Option<f64>> {
         let Some(eval_set) = &self.data.eval else {
             return Ok(None);
         };
         let (loss, tokens) = evaluate(&self.model, eval_set, self.cfg.train.micro_batch_size())?;
         self.metrics
             .log(json!({"step": step, "eval_loss": loss, "eval_tokens": tokens}))?;
+        progress.line(format!(
+            "step {step}/{} eval loss {loss:.4}",
+            self.cfg.train.steps
+        ));
         if !loss.is_finite() {
             bail!(
                 "eval loss {loss} after step {step}: the adapter is no longer finite, stopping ({}); {}",
@@ -537,22 +546,6 @@ fn nonfinite_causes(cfg: &RunConfig) -> String {
 /// Whether a periodic action with period `every` (0: never) falls on `step`.
 fn due(every: usize, step: usize) -> bool {
     every > 0 && step.is_multiple_of(every)
-}
-
-fn progress_bar(show: bool, total: usize, at: usize) -> ProgressBar {
-    let bar = if show {
-        ProgressBar::new(total as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("a valid template"),
-    );
-    bar.set_position(at as u64);
-    bar
 }
 
 /// Peak resident memory of this process so far (Linux), in bytes.
