@@ -5,20 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
-use common::root;
-
-fn prolora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prolora"))
-        .args(args)
-        .current_dir(root())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{prolora, root, stderr};
 
 /// Runs a command that must fail; returns its error line after checking the shape of the failure.
 fn error_of(args: &[&str]) -> String {

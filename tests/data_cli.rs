@@ -4,16 +4,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 mod common;
-use common::root;
-
-fn prolora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prolora"))
-        .args(args)
-        .current_dir(root())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("the binary runs")
-}
+use common::{prolora, root};
 
 fn ok(o: &Output) -> String {
     let err = String::from_utf8_lossy(&o.stderr);

@@ -10,20 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::root;
-
-fn prolora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prolora"))
-        .args(args)
-        .current_dir(root())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{prolora, root, stderr};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

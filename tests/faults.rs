@@ -2,23 +2,10 @@
 //! a tree of runs with links in circles, losses at the edge of f64, names that are not tidy.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 mod common;
-use common::root;
-
-fn prolora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prolora"))
-        .args(args)
-        .current_dir(root())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{prolora, root, stderr};
 
 /// `train` of the demo config into `out` for `steps` steps, with `extra` arguments.
 fn train_args(out: &Path, steps: usize, extra: &[&str]) -> Vec<String> {

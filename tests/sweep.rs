@@ -2,20 +2,11 @@
 //! point's progress, and `sweep status` on points in every state.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::root;
-
-fn prolora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prolora"))
-        .args(args)
-        .current_dir(root())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("the binary runs")
-}
+use common::{prolora, root};
 
 fn sweep_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![

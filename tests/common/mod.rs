@@ -160,3 +160,17 @@ pub fn processes_with(marker: &str) -> Vec<String> {
         .filter(|cmdline| cmdline.contains(marker))
         .collect()
 }
+
+/// Runs the prolora binary from the repository root, offline.
+pub fn prolora(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_prolora"))
+        .args(args)
+        .current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("the binary runs")
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
