@@ -50,30 +50,34 @@ fn write_quantized(
     let dev = &Device::Cpu;
     let (v, d) = (cfg.vocab_size, cfg.hidden_size);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let mut dense = |name: String, shape: &[usize]| -> Result<()> {
-        let t = weights.get(&name, shape, dtype, dev)?;
-        tensors.insert(name, t);
-        Ok(())
+    let dense = |tensors: &mut HashMap<String, Tensor>, name: String, shape: &[usize]| {
+        tensors.insert(name.clone(), weights.get(&name, shape, dtype, dev)?);
+        anyhow::Ok(())
     };
-    dense("model.embed_tokens.weight".into(), &[v, d])?;
-    dense("model.norm.weight".into(), &[d])?;
-    if !cfg.tie_word_embeddings || weights.contains("lm_head.weight") {
-        dense("lm_head.weight".into(), &[v, d])?;
-    }
+    // Read in the order `Llama::load_quantized` reads, so a preset's seeded draws (taken in
+    // reading order) give the same model here as in training.
+    dense(&mut tensors, "model.embed_tokens.weight".into(), &[v, d])?;
     for l in 0..cfg.num_hidden_layers {
-        dense(format!("model.layers.{l}.input_layernorm.weight"), &[d])?;
         dense(
+            &mut tensors,
+            format!("model.layers.{l}.input_layernorm.weight"),
+            &[d],
+        )?;
+        dense(
+            &mut tensors,
             format!("model.layers.{l}.post_attention_layernorm.weight"),
             &[d],
         )?;
-    }
-    for l in 0..cfg.num_hidden_layers {
         for m in BLOCK_LINEARS {
             let (o, i) = cfg.linear_shape(m).expect("a block linear");
             let name = format!("model.layers.{l}.{}.weight", linear_path(m));
             let q = weights.get_nf4(&name, &[o, i], double_quant)?;
             tensors.extend(bnb::write(&name, &q)?);
         }
+    }
+    dense(&mut tensors, "model.norm.weight".into(), &[d])?;
+    if !cfg.tie_word_embeddings || weights.contains("lm_head.weight") {
+        dense(&mut tensors, "lm_head.weight".into(), &[v, d])?;
     }
     let st = out.join("model.safetensors");
     atomic::write_safetensors(&st, &tensors, None)?;

@@ -109,7 +109,10 @@ impl ModelSource {
     /// Where the base weights come from: the checkpoint, or a preset's seeded random init.
     pub fn weights(&self) -> Result<Box<dyn WeightSource>> {
         Ok(match &self.origin {
-            Origin::Preset(_) => Box::new(RandomWeights::new(PRESET_WEIGHT_SEED)),
+            Origin::Preset(name) if preset::has_weights(name, Quantization::None) => {
+                Box::new(RandomWeights::new(PRESET_WEIGHT_SEED))
+            }
+            Origin::Preset(_) => Box::new(RandomWeights::drawn_in_nf4(PRESET_WEIGHT_SEED)),
             Origin::Dir(dir) => Box::new(SafetensorsWeights::from_dir(dir)?),
         })
     }

@@ -135,6 +135,75 @@ fn quantize_writes_what_loads_back_bit_identically() {
     assert_eq!(max_diff(&on_load, &from_disk), 0.0);
 }
 
+/// A weight source that keeps, in f32, every tensor read through it.
+struct Recorder<'a> {
+    inner: &'a dyn WeightSource,
+    seen: std::cell::RefCell<HashMap<String, Vec<f32>>>,
+}
+
+impl WeightSource for Recorder<'_> {
+    fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<Tensor> {
+        let t = self.inner.get(name, shape, DType::F32, &Device::Cpu)?;
+        let values = t.flatten_all()?.to_vec1()?;
+        self.seen.borrow_mut().insert(name.to_string(), values);
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+}
+
+/// The 4-bit tiny preset, on load and from `prolora quantize`, is the full-precision tiny
+/// model quantized: same seeded draws, then NF4.
+#[test]
+fn the_4bit_tiny_preset_is_the_tiny_preset_quantized() {
+    let tiny = ModelSource::resolve("tiny", "main").unwrap();
+    let weights = tiny.weights().unwrap();
+    let recorder = Recorder {
+        inner: &*weights,
+        seen: Default::default(),
+    };
+    prolora::model::Llama::load(&tiny.config, &recorder, DType::F32, &Device::Cpu).unwrap();
+    let full = recorder.seen.into_inner();
+
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("tiny-nf4");
+    let o = common::prolora(&[
+        "quantize",
+        "--model",
+        "tiny",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let written = SafetensorsWeights::from_dir(&dir).unwrap();
+    for (name, shape) in linear_names(&tiny) {
+        let want = Nf4Tensor::quantize(&name, &full[&name], &shape, true).unwrap();
+        assert_eq!(
+            written.get_nf4(&name, &shape, true).unwrap(),
+            want,
+            "{name}"
+        );
+    }
+    let ids = Tensor::new(&[[1u32, 7, 42, 200, 3]], &Device::Cpu).unwrap();
+    let logits = |source: &ModelSource| {
+        source
+            .load_quantized(DType::F32, NF4, &Device::Cpu)
+            .unwrap()
+            .logits(&ids, &Ctx::eval())
+            .unwrap()
+    };
+    let from_disk = ModelSource::resolve(dir.to_str().unwrap(), "main").unwrap();
+    assert_eq!(max_diff(&logits(&tiny), &logits(&from_disk)), 0.0);
+}
+
 /// The fixture with one stored tensor changed by `edit`, written to a temporary copy.
 fn broken_copy(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> tempfile::TempDir {
     let src = fixture("bnb-4bit-gqa");

@@ -143,9 +143,14 @@ fn our_adapter_loads_in_peft_with_the_same_loss() {
 
 /// `prolora eval` of the adapter in `run` on the tiny preset over the demo's held-out data.
 fn demo_eval_loss(run: &Path) -> f64 {
+    demo_eval_loss_with(run, &[])
+}
+
+/// The same with `extra` arguments.
+fn demo_eval_loss_with(run: &Path, extra: &[&str]) -> f64 {
     let run = run.to_str().unwrap();
     let data = "data/sample_chat_eval.jsonl";
-    let args = [
+    let mut args = vec![
         "eval",
         "--model",
         "tiny",
@@ -157,6 +162,7 @@ fn demo_eval_loss(run: &Path) -> f64 {
         "128",
         "--json",
     ];
+    args.extend(extra);
     json_of(&prolora(&args))["loss"].as_f64().unwrap()
 }
 
@@ -215,6 +221,12 @@ fn demo_config_trains_loss_decreases_and_the_adapter_reloads() {
     // Reloading the saved adapter reproduces the trainer's final eval loss.
     let reloaded = demo_eval_loss(&run);
     assert!((reloaded - after).abs() < 1e-5, "{reloaded} vs {after}");
+    // In 4 bits the tiny model is the same model quantized: the adapter keeps its gain.
+    let in_4bit = demo_eval_loss_with(&run, &["--quantize", "nf4"]);
+    assert!(
+        (in_4bit - reloaded).abs() < 0.1 * (before - after),
+        "eval --quantize nf4 {in_4bit} vs {reloaded} (gain {before} → {after})"
+    );
 
     // The run shows up in a sweep table and a plot.
     let table = prolora(&["collect", tmp.path().to_str().unwrap()]);

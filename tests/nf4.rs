@@ -317,7 +317,7 @@ fn nf4_linear_forward_and_input_gradient() {
 fn presets_draw_random_weights_directly_in_nf4() {
     use prolora::model::weights::{RandomWeights, WeightSource};
     let draw = || {
-        RandomWeights::new(5)
+        RandomWeights::drawn_in_nf4(5)
             .get_nf4("w", &[256, 512], true)
             .unwrap()
     };

@@ -291,17 +291,32 @@ impl WeightSource for SafetensorsWeights {
     }
 }
 
-/// Seeded random weights, as transformers' `_init_weights` (normal, std 0.02; norms 1).
+/// Seeded random weights, as transformers' `_init_weights` (normal, std 0.02; norms 1), drawn
+/// tensor after tensor in the order they are read.
 pub struct RandomWeights {
     rng: RefCell<StdRng>,
     std: f64,
+    /// Whether NF4 requests get codes drawn directly instead of the full-precision draw
+    /// quantized: only for shapes too large to draw in full precision.
+    direct_nf4: bool,
 }
 
 impl RandomWeights {
+    /// Weights whose NF4 form is their full-precision draw quantized, so a model and its 4-bit
+    /// copy are the same model.
     pub fn new(seed: u64) -> Self {
         Self {
             rng: RefCell::new(StdRng::seed_from_u64(seed)),
             std: 0.02,
+            direct_nf4: false,
+        }
+    }
+
+    /// Weights whose NF4 form is drawn directly (see [`WeightSource::get_nf4`] below).
+    pub fn drawn_in_nf4(seed: u64) -> Self {
+        Self {
+            direct_nf4: true,
+            ..Self::new(seed)
         }
     }
 }
@@ -324,10 +339,14 @@ impl WeightSource for RandomWeights {
         true
     }
 
-    /// Drawn directly in NF4, so a 7B-shaped model never exists in full precision: uniform
-    /// codes (NF4's 16 bins are equiprobable for normal data) and block scales around the
-    /// expected max |·| of 64 normals (≈ 2.4 std), so the weights have about the init's spread.
+    /// With `direct_nf4`, drawn directly in NF4, so a 7B-shaped model never exists in full
+    /// precision: uniform codes (NF4's 16 bins are equiprobable for normal data) and block
+    /// scales around the expected max |·| of 64 normals (≈ 2.4 std), so the weights have about
+    /// the init's spread. Otherwise the full-precision draw, quantized.
     fn get_nf4(&self, name: &str, shape: &[usize], double_quant: bool) -> Result<Nf4Tensor> {
+        if !self.direct_nf4 {
+            return read_and_quantize(self, name, shape, double_quant);
+        }
         let n: usize = shape.iter().product();
         if n % 2 != 0 {
             bail!("tensor {name}: random NF4 weights need an even element count, got {n}");
