@@ -13,8 +13,10 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Writes the adapter in `adapter_dir` (any kind) to `out` as a PEFT LoRA of the same rank
-/// with `lora_alpha = r` (scaling 1): `lora_A = A`, `lora_B = scaling · B`, so ΔW is unchanged.
+/// Writes the adapter in `adapter_dir` (any kind) to `out` as a PEFT LoRA with
+/// `lora_alpha = r` (scaling 1) and the same ΔW of every linear: see [`exact_factors`]. PEFT
+/// has one rank for all linears, so it is the largest rank any linear needs; narrower linears
+/// get zero rows and columns up to it.
 pub fn export_peft_lora(
     adapter_dir: &Path,
     model: &LlamaConfig,
@@ -22,19 +24,33 @@ pub fn export_peft_lora(
     out: &Path,
 ) -> Result<()> {
     let set = peft::load(adapter_dir, model, DType::F32, &Device::Cpu)?;
+    let factors = set
+        .linears()
+        .map(|(t, adapter)| {
+            let (a, b, scaling) = adapter.lora_factors()?;
+            Ok((
+                peft_prefix(t.layer, t.module),
+                exact_factors(&a, &b, scaling)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rank = factors
+        .iter()
+        .map(|(_, (a, _))| a.dims()[0])
+        .max()
+        .context("the adapter adapts no linear")?;
     let mut tensors = HashMap::new();
-    let mut rank = None;
-    for (t, adapter) in set.linears() {
-        let (a, b, scaling) = adapter.lora_factors()?;
-        rank.get_or_insert(a.dim(0)?);
-        let prefix = peft_prefix(t.layer, t.module);
-        tensors.insert(format!("{prefix}.lora_A.weight"), a.contiguous()?);
+    for (prefix, (a, b)) in factors {
+        let missing = rank - a.dims()[0];
+        tensors.insert(
+            format!("{prefix}.lora_A.weight"),
+            a.pad_with_zeros(0, 0, missing)?.contiguous()?,
+        );
         tensors.insert(
             format!("{prefix}.lora_B.weight"),
-            (b * scaling)?.contiguous()?,
+            b.pad_with_zeros(1, 0, missing)?.contiguous()?,
         );
     }
-    let rank = rank.context("the adapter adapts no linear")?;
     let cfg = AdapterConfig {
         rank,
         alpha: rank as f64,
@@ -44,6 +60,24 @@ pub fn export_peft_lora(
     };
     let config = peft::config_json(&cfg, base_model);
     atomic::write_dir(out, |dir| peft::write_adapter(dir, &tensors, &config))
+}
+
+/// LoRA factors (A, B) with `B·A = scaling · b·a` of rank at most min(r, in, out): the given
+/// factors when r is within the shape (B scaled), else ΔW itself on its narrower side beside an
+/// identity (ΔW = ΔW·I or I·ΔW: exact up to the f32 rounding of one product). VeRA and
+/// Tied-LoRA ranks may exceed a linear's shape; a LoRA's may not.
+fn exact_factors(a: &Tensor, b: &Tensor, scaling: f64) -> Result<(Tensor, Tensor)> {
+    let (r, inputs) = a.dims2()?;
+    let outputs = b.dim(0)?;
+    if r <= inputs.min(outputs) {
+        return Ok((a.clone(), (b * scaling)?));
+    }
+    let delta = (b.matmul(a)? * scaling)?;
+    Ok(if inputs <= outputs {
+        (Tensor::eye(inputs, DType::F32, a.device())?, delta)
+    } else {
+        (delta, Tensor::eye(outputs, DType::F32, a.device())?)
+    })
 }
 
 /// ΔW of every adapted linear, keyed by the checkpoint's weight name.

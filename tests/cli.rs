@@ -380,8 +380,8 @@ fn unknown_config_key_is_named() {
     assert!(err.contains("learning_rate"), "{err}");
 }
 
-/// Every adapter kind trains from its example config, writes its PEFT-style files and reloads
-/// to the trainer's final eval loss.
+/// Every adapter kind trains from its example config, writes its PEFT-style files, reloads to
+/// the trainer's final eval loss, and exports to a LoRA with that loss.
 #[test]
 fn every_adapter_kind_trains_and_reloads() {
     let tmp = tempfile::tempdir().unwrap();
@@ -424,6 +424,32 @@ fn every_adapter_kind_trains_and_reloads() {
         assert!(
             (reloaded - after).abs() < 1e-5,
             "{config}: {reloaded} vs {after}"
+        );
+
+        // Its LoRA export (rank at most min(in, out) = 128 on the tiny model) loads and gives
+        // the same loss.
+        let export = tmp.path().join(format!("{peft_type}-lora"));
+        let o = prolora(&[
+            "export",
+            "--adapter",
+            run.to_str().unwrap(),
+            "--format",
+            "peft-lora",
+            "--model",
+            "tiny",
+            "--out",
+            export.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{config}: {}", stderr(&o));
+        let exported_cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(export.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(exported_cfg["r"].as_u64().unwrap() <= 128, "{exported_cfg}");
+        let exported = demo_eval_loss(&export);
+        assert!(
+            (exported - reloaded).abs() < 1e-4,
+            "{config}: export {exported} vs {reloaded}"
         );
     }
 }

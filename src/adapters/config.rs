@@ -121,18 +121,26 @@ impl AdapterConfig {
     pub fn checked_targets(&self, model: &LlamaConfig) -> Result<Vec<Target>> {
         self.validate()?;
         let targets = self.targets_in(model);
-        for t in &targets {
-            let widest = t.in_features.min(t.out_features);
-            if self.method.rank_bounded_by_shape() && self.rank > widest {
+        // One rank serves every target, so it is bounded by the widest: there it adds capacity
+        // (PEFT too gives narrower linears the same rank, e.g. an exported VeRA's k_proj).
+        let widest = targets
+            .iter()
+            .rev() // the first of equally wide ones
+            .max_by_key(|t| t.in_features.min(t.out_features));
+        if let Some(t) = widest.filter(|_| self.method.rank_bounded_by_shape()) {
+            let bound = t.in_features.min(t.out_features);
+            if self.rank > bound {
                 bail!(
-                    "adapter.rank = {} exceeds min(in, out) = {widest} of {} ({} × {}): a larger \
-                     rank adds parameters but no capacity; lower it",
+                    "adapter.rank = {} exceeds min(in, out) = {bound} of {} ({} × {}), the \
+                     widest target: a larger rank adds parameters but no capacity; lower it",
                     self.rank,
                     t.module,
                     t.out_features,
                     t.in_features
                 );
             }
+        }
+        for t in &targets {
             self.method.check_target(self, t)?;
         }
         Ok(targets)
