@@ -1068,6 +1068,13 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
     if let Some(out) = &args.out {
         crate::to_stderr!("wrote {}", out.display());
     }
+    if !args.json && matches!(source.origin, Origin::Preset(_)) {
+        crate::to_stdout!(
+            "note: --model {} has random weights, so scores of 0 are expected: this shows the \
+             benchmarks run end to end, not what an adapter learned (use a real model for that)",
+            args.model.spec.model
+        );
+    }
     if args.json {
         crate::to_stdout!("{value}");
     }
