@@ -868,7 +868,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 }
                 _ => bail!("{}: needs \"prompt\": \"…\" or \"messages\": [...]", at()),
             };
-            let id = v.get("id").cloned().unwrap_or(json!(n));
+            // The id as given (a string stays a string, a number a number), else the line number.
+            let id = match &v["id"] {
+                serde_json::Value::Null => json!(n),
+                id @ (serde_json::Value::String(_) | serde_json::Value::Number(_)) => id.clone(),
+                other => bail!("{}: \"id\": {other} must be a string or a number", at()),
+            };
             requests.push((id, messages));
         }
         Ok(())

@@ -41,7 +41,7 @@ pub fn report(model_name: &str, model: &LlamaConfig, cfg: &AdapterConfig) -> Res
     let n = cfg.param_count(model)?;
     let mut v = json!({
         "model": model_name,
-        "adapter": cfg.kind(),
+        "method": cfg.kind(),
         "rank": cfg.rank,
         "targets": cfg.targets,
         "layers": model.num_hidden_layers,
@@ -67,7 +67,7 @@ pub fn describe(r: &Value) -> String {
         "{}: {} rank {}{extra}, {} linears × {} layers: {} trainable parameters \
          ({} f32, {} bf16)",
         r["model"].as_str().unwrap_or(""),
-        r["adapter"].as_str().unwrap_or(""),
+        r["method"].as_str().unwrap_or(""),
         r["rank"],
         r["targets"].as_array().map_or(0, |t| t.len()),
         r["layers"],

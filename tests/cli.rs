@@ -651,6 +651,7 @@ fn params_prints_the_papers_counts() {
         full.extend(&args);
         let out = json_of(&prolora(&full));
         assert_eq!(out["params"], want, "{args:?}");
+        assert_eq!(out["method"], args[1], "the method by its name");
         assert_eq!(out["bytes_f32"], 4 * want);
         assert_eq!(out["bytes_bf16"], 2 * want);
     }
@@ -1241,7 +1242,8 @@ fn generate_batch_mode_writes_one_completion_per_prompt() {
     let prompts = tmp.path().join("prompts.jsonl");
     std::fs::write(
         &prompts,
-        "{\"id\": \"a\", \"prompt\": \"What is 2 + 2?\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n",
+        "{\"id\": \"a\", \"prompt\": \"What is 2 + 2?\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n\
+         {\"id\": 7, \"prompt\": \"x\"}\n{\"id\": null, \"prompt\": \"y\"}\n",
     )
     .unwrap();
     let out = tmp.path().join("out.jsonl");
@@ -1271,9 +1273,11 @@ fn generate_batch_mode_writes_one_completion_per_prompt() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 4);
     assert_eq!(lines[0]["id"], "a");
     assert_eq!(lines[1]["id"], 3, "the line number when no id is given");
+    assert_eq!(lines[2]["id"], 7, "a number stays a number");
+    assert_eq!(lines[3]["id"], 5, "a null id is no id");
     assert_eq!(
         lines[0]["prompt"],
         "<|user|>\nWhat is 2 + 2?\n<|assistant|>\n"
@@ -1307,6 +1311,18 @@ fn generate_batch_mode_writes_one_completion_per_prompt() {
     ]);
     assert!(
         err.contains("bad.jsonl:1") && err.contains("\"prompt\""),
+        "{err}"
+    );
+    std::fs::write(&bad, "{\"id\": [1], \"prompt\": \"x\"}\n").unwrap();
+    let err = error_of(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--prompts",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("bad.jsonl:1") && err.contains("must be a string or a number"),
         "{err}"
     );
     let err = error_of(&[
