@@ -1183,6 +1183,12 @@ fn data_options(input: &DataInput) -> Result<LoadOptions> {
 }
 
 fn data_encode(args: EncodeArgs) -> Result<()> {
+    if args.json && args.out.as_os_str() == "-" {
+        bail!(
+            "--json with --out -: the summary would be mixed into the data on stdout; write the \
+             data to a file, or drop --json (the summary then goes to stderr)"
+        );
+    }
     let encoder = data_encoder(&args.input.tokenizer)?;
     let opts = data_options(&args.input)?;
     let tokenizer = Path::new(&args.input.tokenizer);

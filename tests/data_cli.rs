@@ -56,6 +56,42 @@ fn encode_writes_open_instructs_ids_and_labels() {
     }
 }
 
+/// `--out -` streams the data on stdout, so its `--json` summary would corrupt it: refused in
+/// one line, before anything is read; without `--json` stdout holds the data alone.
+#[test]
+fn encode_to_stdout_keeps_the_summary_out_of_the_data() {
+    let tok = root().join("assets/llama2-tokenizer.json");
+    let args = |json: bool| {
+        let mut a = vec![
+            "data",
+            "encode",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--data",
+            "data/sample_chat_eval.jsonl",
+            "--out",
+            "-",
+        ];
+        if json {
+            a.push("--json");
+        }
+        prolora(&a)
+    };
+    let o = args(true);
+    let err = common::stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.trim().lines().count() == 1 && err.contains("--json with --out -"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty());
+    let data = ok(&args(false));
+    assert!(data.lines().all(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["input_ids"].is_array() && v["labels"].is_array()
+    }));
+}
+
 #[test]
 fn encode_keeps_line_order_with_unlabelled_examples_and_skips_when_asked() {
     let dir = tempfile::tempdir().unwrap();
