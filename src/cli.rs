@@ -214,7 +214,8 @@ pub struct InspectArgs {
 
 #[derive(Args)]
 pub struct PlotArgs {
-    /// Run directories (each with metrics.jsonl and config.toml).
+    /// Run directories (each with metrics.jsonl and config.toml), or directories holding runs
+    /// (a sweep), searched as `collect` searches.
     #[arg(required = true)]
     pub runs: Vec<PathBuf>,
     /// The SVG file to write.
@@ -549,14 +550,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Evaluate(a) => evaluate(a),
         Command::Plot(a) => {
-            let read: Vec<PathBuf> = a
-                .runs
-                .iter()
-                .flat_map(|r| [r.join(CONFIG_FILE), r.join(METRICS_FILE)])
-                .collect();
-            let inputs: Vec<&Path> = read.iter().map(PathBuf::as_path).collect();
-            atomic::check_output(&a.out, "--out", &inputs, a.overwrite)?;
-            crate::plot::plot(&a.runs, &a.out)?;
+            // Checked before the runs are searched (an existing --out is the first thing to
+            // hear about) and again against the files of the runs found in a folder.
+            let check = |dirs: &mut dyn Iterator<Item = &Path>| {
+                let read: Vec<PathBuf> = dirs
+                    .flat_map(|r| [r.join(CONFIG_FILE), r.join(METRICS_FILE)])
+                    .collect();
+                let inputs: Vec<&Path> = read.iter().map(PathBuf::as_path).collect();
+                atomic::check_output(&a.out, "--out", &inputs, a.overwrite)
+            };
+            check(&mut a.runs.iter().map(PathBuf::as_path))?;
+            let runs = crate::plot::runs_named(&a.runs)?;
+            check(&mut runs.iter().map(|r| r.dir.as_path()))?;
+            crate::plot::plot(&runs, &a.out)?;
             crate::to_stderr!("wrote {}", a.out.display());
             Ok(())
         }

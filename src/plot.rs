@@ -1,9 +1,10 @@
 //! `prolora plot`: loss curves of one or several runs as an SVG any browser opens.
 
 use crate::runs::Run;
+use crate::train::run_dir::CONFIG_FILE;
 use anyhow::{bail, Result};
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const WIDTH: f64 = 900.0;
 const HEIGHT: f64 = 520.0;
@@ -170,23 +171,35 @@ pub fn svg(runs: &[Run]) -> Result<String> {
     Ok(out)
 }
 
-/// Writes the plot of the runs in `dirs` to `out`.
-pub fn plot(dirs: &[std::path::PathBuf], out: &Path) -> Result<()> {
-    // One broken run does not cost the plot of the others.
-    let runs: Vec<Run> = dirs
-        .iter()
-        .filter_map(|d| match Run::read(d) {
-            Ok(run) => Some(run),
-            Err(e) => {
-                crate::to_stderr!("warning: skipping {}: {e:#}", d.display());
-                None
-            }
-        })
-        .collect();
-    if runs.is_empty() {
-        anyhow::bail!("no readable run among the {} given", dirs.len());
+/// The runs `dirs` name: a run directory as it is, any other directory (a sweep, a folder of
+/// runs) for the runs under it, found as `collect` finds them. One broken run or unreadable
+/// directory does not cost the plot of the others: it is skipped with a warning.
+pub fn runs_named(dirs: &[PathBuf]) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for d in dirs {
+        let found = if d.join(CONFIG_FILE).exists() {
+            Run::read(d).map(|run| vec![run])
+        } else {
+            Run::find_all(d)
+        };
+        match found {
+            Ok(found) if found.is_empty() => crate::to_stderr!(
+                "warning: skipping {}: no run directories (config.toml + metrics.jsonl) in it",
+                d.display()
+            ),
+            Ok(found) => runs.extend(found),
+            Err(e) => crate::to_stderr!("warning: skipping {}: {e:#}", d.display()),
+        }
     }
-    crate::atomic::write(out, svg(&runs)?.as_bytes())
+    if runs.is_empty() {
+        bail!("no readable run among the {} given", dirs.len());
+    }
+    Ok(runs)
+}
+
+/// Writes the plot of `runs` to `out`.
+pub fn plot(runs: &[Run], out: &Path) -> Result<()> {
+    crate::atomic::write(out, svg(runs)?.as_bytes())
 }
 
 #[cfg(test)]

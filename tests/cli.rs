@@ -812,6 +812,7 @@ fn a_non_finite_eval_loss_stops_the_run_naming_the_causes() {
 
 /// `collect` and `plot` skip a broken run with a warning naming it, and read a run whose last
 /// metrics line was cut short by a kill.
+/// collect and plot skip a broken run and take the same folder of runs.
 #[test]
 fn collect_and_plot_skip_a_broken_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -854,6 +855,20 @@ fn collect_and_plot_skip_a_broken_run() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("skipping") && svg.exists());
+
+    // The folder that collect took plots the same runs.
+    let sweep_svg = tmp.path().join("sweep.svg");
+    let o = prolora(&[
+        "plot",
+        tmp.path().to_str().unwrap(),
+        "--out",
+        sweep_svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&sweep_svg).unwrap(),
+        std::fs::read_to_string(&svg).unwrap()
+    );
 }
 
 /// Every writing command refuses an output that is, contains or lies inside one of its inputs,
