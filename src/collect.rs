@@ -11,16 +11,14 @@ fn fmt(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())
 }
 
-/// Mean and sample standard deviation.
-fn mean_std(xs: &[f64]) -> (f64, f64) {
+/// Mean and sample standard deviation (none for one value).
+fn mean_std(xs: &[f64]) -> (f64, Option<f64>) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
-    let var = if xs.len() > 1 {
-        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
+    // One value has no spread to report (not a spread of 0).
+    let std = (xs.len() > 1)
+        .then(|| (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
+    (mean, std)
 }
 
 /// The setting a run belongs to: its whole config except the seed and the output directory.
@@ -183,8 +181,10 @@ pub fn collect(root: &Path, csv: bool) -> Result<String> {
             if xs.is_empty() {
                 "-".to_string()
             } else {
-                let (m, s) = mean_std(xs);
-                format!("{m:.digits$} ± {s:.digits$}")
+                match mean_std(xs) {
+                    (m, Some(s)) => format!("{m:.digits$} ± {s:.digits$}"),
+                    (m, None) => format!("{m:.digits$}"),
+                }
             }
         };
         let benchmark_cells: String = benchmarks
@@ -239,7 +239,7 @@ mod tests {
     fn sample_standard_deviation() {
         let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
         assert_eq!(m, 2.0);
-        assert!((s - 1.0).abs() < 1e-12);
-        assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
+        assert!((s.unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(mean_std(&[5.0]), (5.0, None));
     }
 }
