@@ -100,7 +100,12 @@ fn an_interrupted_sweep_continues_to_the_same_adapters() {
 
     // Another grid into the same directory is refused.
     let o = prolora(&sweep_args(b, "train.steps=21"));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("holds another sweep"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("holds another sweep")
+            && err.contains("--set train.steps=21 (it had --set train.steps=20)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -180,10 +180,9 @@ impl Sweep {
             && old.points == self.points;
         if !same {
             bail!(
-                "--out {}: holds another sweep (of {}, grid {}); rerun that sweep's command to continue it, or pick another --out",
+                "--out {}: holds another sweep ({}); rerun that sweep's command to continue it, or pick another --out",
                 dir.display(),
-                old.config.display(),
-                old.grid.iter().map(Axis::to_string).collect::<Vec<_>>().join(" ")
+                old.difference_from(&self)
             );
         }
         if old.config_sha256 != self.config_sha256 {
@@ -201,6 +200,49 @@ impl Sweep {
             return Ok(updated);
         }
         Ok(old)
+    }
+}
+
+impl Sweep {
+    /// What a command asking for `new` changed of this sweep, in its flags' words.
+    fn difference_from(&self, new: &Sweep) -> String {
+        let grid = |g: &[Axis]| g.iter().map(|a| format!("--grid {a}")).collect::<Vec<_>>();
+        let mut changed = Vec::new();
+        if self.config != new.config {
+            changed.push(format!(
+                "--config {} (it was {})",
+                new.config.display(),
+                self.config.display()
+            ));
+        }
+        let only_in = |a: &[String], b: &[String]| -> Vec<String> {
+            a.iter()
+                .filter(|s| !b.contains(s))
+                .map(|s| format!("--set {s}"))
+                .collect()
+        };
+        let (added, dropped) = (
+            only_in(&new.sets, &self.sets),
+            only_in(&self.sets, &new.sets),
+        );
+        match (added.join(" "), dropped.join(" ")) {
+            (added, dropped) if added.is_empty() && dropped.is_empty() => {}
+            (added, dropped) if dropped.is_empty() => changed.push(format!("{added} (new)")),
+            (added, dropped) if added.is_empty() => changed.push(format!("lacking {dropped}")),
+            (added, dropped) => changed.push(format!("{added} (it had {dropped})")),
+        }
+        if self.grid != new.grid {
+            changed.push(format!(
+                "{} (it had {})",
+                grid(&new.grid).join(" "),
+                grid(&self.grid).join(" ")
+            ));
+        }
+        if changed.is_empty() {
+            "its points differ from this command's".into()
+        } else {
+            format!("this command differs in {}", changed.join("; "))
+        }
     }
 }
 
