@@ -366,6 +366,10 @@ pub struct TrainArgs {
     /// Compute device: auto, cpu, cuda or cuda:N (overrides the config's `device`).
     #[arg(long)]
     pub device: Option<DeviceSpec>,
+    /// Compute dtype of the base (overrides the config's `model.dtype`; auto: bf16 on a GPU,
+    /// f32 on the CPU).
+    #[arg(long, value_parser = choices::<ComputeDtype>(ComputeDtype::NAMES))]
+    pub dtype: Option<ComputeDtype>,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -676,7 +680,12 @@ fn merge(args: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-fn train(args: TrainArgs) -> Result<()> {
+fn train(mut args: TrainArgs) -> Result<()> {
+    // As `--set model.dtype=…`: recorded in the run's config.toml, and held to it on --resume.
+    if let Some(dtype) = args.dtype {
+        args.overrides
+            .push(format!("model.dtype=\"{}\"", dtype.name()));
+    }
     let (mut cfg, start) = match &args.resume {
         Some(run_dir) => {
             let saved = run_dir.join(CONFIG_FILE);

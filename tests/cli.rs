@@ -812,6 +812,33 @@ fn a_non_finite_eval_loss_stops_the_run_naming_the_causes() {
 
 /// `collect` and `plot` skip a broken run with a warning naming it, and read a run whose last
 /// metrics line was cut short by a kill.
+/// `train --dtype` overrides the config's model.dtype, as the other commands' --dtype does, and
+/// the run's config.toml records it.
+#[test]
+fn train_dtype_overrides_the_configs_model_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let o = prolora(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        &format!("output_dir={}", run.display()),
+        "--set",
+        "train.steps=1",
+        "--set",
+        "train.eval_every=0",
+        "--dtype",
+        "f64",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let snapshot = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(snapshot.contains("dtype = \"f64\""), "{snapshot}");
+    let err = error_of(&["train", "--config", "configs/demo.toml", "--dtype", "f8"]);
+    assert!(err.contains("f8") && err.contains("bf16"), "{err}");
+}
+
 /// collect and plot skip a broken run and take the same folder of runs.
 #[test]
 fn collect_and_plot_skip_a_broken_run() {
