@@ -19,7 +19,7 @@ Things that cannot run here and are replaced (documented in the README):
 
 Usage (from the repo root):
   python scripts/reference/make_eval_goldens.py --reference /path/to/checkout
-         [--model tests/fixtures/peft-lora/base] [--sp-model .../tokenizer.model]
+         --sp-model LLAMA2/tokenizer.model [--model tests/fixtures/peft-lora/base]
          [--data-dir data/eval] [--out tests/fixtures/eval] [--only mmlu gsm ...]
          [--label TEXT] [--suffix=-open-instruct]
 `--reference` is a directory containing the reference `eval/` package (a checkout of the authors'
@@ -607,8 +607,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", required=True, help="directory containing the reference eval/ package")
     ap.add_argument("--model", default="tests/fixtures/peft-lora/base")
-    ap.add_argument("--sp-model", default="/work/shared/fixtures/llama2-tokenizer/tokenizer.model",
-                    help="LLaMA-2 SentencePiece tokenizer.model (the slow tokenizer the paper used)")
+    ap.add_argument("--sp-model", required=True,
+                    help="LLaMA-2's SentencePiece tokenizer.model (the slow tokenizer the paper used), not in "
+                         "this repository: `huggingface-cli download meta-llama/Llama-2-7b-hf tokenizer.model` "
+                         "(a gated repo: accept its license on the Hub first)")
     ap.add_argument("--legacy", choices=["false", "true"], default="false",
                     help="LlamaTokenizer `legacy` flag written into tokenizer_config.json (Llama-2 repos: false)")
     ap.add_argument("--data-dir", default="data/eval")

@@ -131,7 +131,8 @@ def main():
     ap.add_argument("--paper", help="the authors' checkout (Forence1999/PRoLoRA), holding eval/")
     ap.add_argument("--open-instruct", help="allenai/open-instruct at 65c6f406, holding eval/")
     ap.add_argument("--data-dir", default="data/eval")
-    ap.add_argument("--sp-model", default="/work/shared/fixtures/llama2-tokenizer/tokenizer.model")
+    ap.add_argument("--sp-model", required=True,
+                    help="LLaMA-2's SentencePiece tokenizer.model, as for make_eval_goldens.py")
     ap.add_argument("--out", default="tests/fixtures/eval/subsets.json")
     ap.add_argument("--one", nargs=2, metavar=("PROTOCOL", "REFERENCE"), help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""NF4 goldens for shapes the shared fixtures do not cover, straight from bitsandbytes' CPU backend.
+"""NF4 goldens for shapes tests/fixtures/nf4 does not cover, straight from bitsandbytes' CPU backend.
 
 Run from the repository root (bitsandbytes 0.50.2, torch 2.15, CPU):
 
