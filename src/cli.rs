@@ -662,16 +662,52 @@ fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
+/// The largest preset `merge` writes out whole (tiny is 32 MiB).
+const MAX_PRESET_MERGE_BYTES: f64 = 1024.0 * 1024.0 * 1024.0;
+
 fn merge(args: MergeArgs) -> Result<()> {
     let source = ModelSource::resolve(&args.model.model, &args.model.revision)?;
-    let Origin::Dir(dir) = &source.origin else {
-        bail!(
-            "--model {}: a preset has no checkpoint files to merge into; pass a model directory or Hub id",
-            args.model.model
-        );
-    };
-    atomic::check_output(&args.out, "--out", &[dir, &args.adapter], args.overwrite)?;
-    crate::export::merge(dir, &source.config, &args.adapter, &args.out)?;
+    match &source.origin {
+        Origin::Dir(dir) => {
+            atomic::check_output(&args.out, "--out", &[dir, &args.adapter], args.overwrite)?;
+            crate::export::merge(dir, &source.config, &args.adapter, &args.out)?;
+        }
+        Origin::Preset(name) => {
+            // A small preset is written out whole first, so merge can be tried offline; a
+            // large one's random weights are not worth gigabytes of disk.
+            let bytes = crate::train::memory::estimate(
+                &source.config,
+                candle_core::DType::F32,
+                Quantization::None,
+                0,
+                None,
+                false,
+            )
+            .total();
+            if bytes > MAX_PRESET_MERGE_BYTES {
+                bail!(
+                    "--model {name}: a preset of random weights ({:.1} GiB in f32) is not worth \
+                     merging; pass a model directory or Hub id (tiny merges, for a try)",
+                    bytes / f64::from(1u32 << 30)
+                );
+            }
+            atomic::check_output(&args.out, "--out", &[&args.adapter], args.overwrite)?;
+            let base = std::env::temp_dir().join(format!(
+                "prolora-merge-base-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir(&base)
+                .with_context(|| format!("cannot create {}", base.display()))?;
+            let merged = crate::quantize::write_preset(&source, &base).and_then(|_| {
+                crate::export::merge(&base, &source.config, &args.adapter, &args.out)
+            });
+            let removed = std::fs::remove_dir_all(&base)
+                .with_context(|| format!("cannot remove {}", base.display()));
+            merged?;
+            removed?;
+        }
+    }
     report_written(
         args.json,
         format!("merged model written to {}", args.out.display()),

@@ -34,11 +34,23 @@ pub fn quantize_model(
     Ok(summary.expect("written"))
 }
 
+/// Writes a preset as a full-precision transformers checkpoint into the directory `out` (which
+/// exists): what `merge` adds an adapter to when the model is a preset.
+pub fn write_preset(source: &ModelSource, out: &Path) -> Result<()> {
+    write_model(source, out, None).map(|_| ())
+}
+
 fn write_quantized(
     source: &ModelSource,
     out: &Path,
     double_quant: bool,
 ) -> Result<QuantizeSummary> {
+    write_model(source, out, Some(double_quant))
+}
+
+/// The model's tensors, its block linears in NF4 (with double quantization or not) or as they
+/// are, with its config and tokenizer.
+fn write_model(source: &ModelSource, out: &Path, nf4: Option<bool>) -> Result<QuantizeSummary> {
     let cfg = &source.config;
     let weights = source.weights()?;
     let dtype = cfg
@@ -71,8 +83,13 @@ fn write_quantized(
         for m in BLOCK_LINEARS {
             let (o, i) = cfg.linear_shape(m).expect("a block linear");
             let name = format!("model.layers.{l}.{}.weight", linear_path(m));
-            let q = weights.get_nf4(&name, &[o, i], double_quant)?;
-            tensors.extend(bnb::write(&name, &q)?);
+            match nf4 {
+                Some(double_quant) => {
+                    let q = weights.get_nf4(&name, &[o, i], double_quant)?;
+                    tensors.extend(bnb::write(&name, &q)?);
+                }
+                None => dense(&mut tensors, name, &[o, i])?,
+            }
         }
     }
     dense(&mut tensors, "model.norm.weight".into(), &[d])?;
@@ -89,7 +106,9 @@ fn write_quantized(
         }
         Origin::Preset(_) => hf_config(cfg),
     };
-    config["quantization_config"] = bnb::quantization_config(double_quant, "float32");
+    if let Some(double_quant) = nf4 {
+        config["quantization_config"] = bnb::quantization_config(double_quant, "float32");
+    }
     atomic::write(
         &out.join("config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),

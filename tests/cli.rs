@@ -810,8 +810,67 @@ fn a_non_finite_eval_loss_stops_the_run_naming_the_causes() {
     assert!(!tmp.path().join("run/adapter_model.safetensors").exists());
 }
 
-/// `collect` and `plot` skip a broken run with a warning naming it, and read a run whose last
-/// metrics line was cut short by a kill.
+/// `merge --model tiny` writes the preset out whole and adds the adapter: the merged model's
+/// loss is the adapter's on tiny; a large preset of random weights is refused in one line.
+#[test]
+fn merge_into_the_tiny_preset_equals_its_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let o = prolora(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        &format!("output_dir={}", run.display()),
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.eval_every=0",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = run.to_str().unwrap();
+    let merged = tmp.path().join("merged");
+    let merged = merged.to_str().unwrap();
+    let o = prolora(&[
+        "merge",
+        "--model",
+        "tiny",
+        "--adapter",
+        run,
+        "--out",
+        merged,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let loss = |args: &[&str]| {
+        let mut all = vec!["eval", "--data", "data/sample_chat_eval.jsonl", "--json"];
+        all.extend(args);
+        json_of(&prolora(&all))["loss"].as_f64().unwrap()
+    };
+    let with_adapter = loss(&["--model", "tiny", "--adapter", run]);
+    let base = loss(&["--model", "tiny"]);
+    let ours = loss(&["--model", merged]);
+    assert!(
+        ((ours - with_adapter) / with_adapter).abs() < 1e-5,
+        "merged {ours} vs adapter {with_adapter}"
+    );
+    assert!(
+        (base - with_adapter).abs() > 1e-3,
+        "the adapter changed nothing"
+    );
+    let err = stderr(&prolora(&[
+        "merge",
+        "--model",
+        "llama2-7b",
+        "--adapter",
+        run,
+        "--out",
+        tmp.path().join("m7").to_str().unwrap(),
+    ]));
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("not worth merging"), "{err}");
+}
+
 /// `train --dtype` overrides the config's model.dtype, as the other commands' --dtype does, and
 /// the run's config.toml records it.
 #[test]
@@ -839,7 +898,8 @@ fn train_dtype_overrides_the_configs_model_dtype() {
     assert!(err.contains("f8") && err.contains("bf16"), "{err}");
 }
 
-/// collect and plot skip a broken run and take the same folder of runs.
+/// `collect` and `plot` skip a broken run with a warning naming it, read a run whose last
+/// metrics line was cut short by a kill, and take the same folder of runs.
 #[test]
 fn collect_and_plot_skip_a_broken_run() {
     let tmp = tempfile::tempdir().unwrap();
