@@ -32,6 +32,25 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
         .collect()
 }
 
+/// A tick's label with the decimals its spacing needs (a multiple of 0.2 computed in floats is
+/// 9.600000000000001), in scientific notation where that would not fit the margin.
+fn tick_label(v: f64, ticks: &[f64]) -> String {
+    let step = match ticks {
+        [a, b, ..] => (b - a).abs(),
+        _ => v.abs(),
+    };
+    let decimals = if step > 0.0 && step < 1.0 {
+        (-step.log10().floor()) as usize
+    } else {
+        0
+    };
+    let fixed = format!("{v:.decimals$}");
+    match fixed.len() <= 9 {
+        true => fixed,
+        false => format!("{v:.2e}"),
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -73,23 +92,27 @@ pub fn svg(runs: &[Run]) -> Result<String> {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">"#
     )?;
     writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#)?;
-    for v in ticks(y_lo, y_hi) {
+    let y_ticks = ticks(y_lo, y_hi);
+    for &v in &y_ticks {
         let py = y(v);
         writeln!(
             out,
-            r##"<line x1="{l}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{v}</text>"##,
+            r##"<line x1="{l}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
             l + pw,
             l - 6.0,
-            py + 4.0
+            py + 4.0,
+            tick_label(v, &y_ticks)
         )?;
     }
-    for s in ticks(0.0, x_max) {
+    let x_ticks = ticks(0.0, x_max);
+    for &s in &x_ticks {
         let px = x(s);
         writeln!(
             out,
-            r##"<line y1="{t}" y2="{}" x1="{px:.1}" x2="{px:.1}" stroke="#eee"/><text x="{px:.1}" y="{}" text-anchor="middle">{s}</text>"##,
+            r##"<line y1="{t}" y2="{}" x1="{px:.1}" x2="{px:.1}" stroke="#eee"/><text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"##,
             t + ph,
-            t + ph + 16.0
+            t + ph + 16.0,
+            tick_label(s, &x_ticks)
         )?;
     }
     writeln!(
@@ -204,7 +227,7 @@ pub fn plot(runs: &[Run], out: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::ticks;
+    use super::{tick_label, ticks};
 
     #[test]
     fn ticks_are_round_and_inside() {
@@ -221,5 +244,19 @@ mod tests {
             t.first().unwrap() >= &8.43 && t.last().unwrap() <= &10.52 && t.len() >= 3,
             "{t:?}"
         );
+    }
+
+    /// Labels show the decimals the spacing needs and fit the margin (9 characters).
+    #[test]
+    fn tick_labels_are_short() {
+        let t = ticks(9.43, 10.52);
+        let labels: Vec<String> = t.iter().map(|&v| tick_label(v, &t)).collect();
+        assert_eq!(labels, ["9.6", "9.8", "10.0", "10.2", "10.4"]);
+        let t = ticks(0.0, 300.0);
+        assert_eq!(tick_label(t[1], &t), "50");
+        let t = ticks(1e300, 1e308);
+        assert!(t.iter().all(|&v| tick_label(v, &t).len() <= 9), "{t:?}");
+        let t = ticks(0.01, 0.09);
+        assert_eq!(tick_label(t[0], &t), "0.02");
     }
 }
