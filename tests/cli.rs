@@ -816,18 +816,7 @@ fn a_non_finite_eval_loss_stops_the_run_naming_the_causes() {
 fn merge_into_the_tiny_preset_equals_its_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let o = prolora(&[
-        "train",
-        "--config",
-        "configs/demo.toml",
-        "--set",
-        &format!("output_dir={}", run.display()),
-        "--set",
-        "train.steps=3",
-        "--set",
-        "train.eval_every=0",
-        "--quiet",
-    ]);
+    let o = common::train_demo(&run, 3, &["--set", "train.eval_every=0"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let run = run.to_str().unwrap();
     let merged = tmp.path().join("merged");
@@ -877,20 +866,7 @@ fn merge_into_the_tiny_preset_equals_its_adapter() {
 fn train_dtype_overrides_the_configs_model_dtype() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let o = prolora(&[
-        "train",
-        "--config",
-        "configs/demo.toml",
-        "--set",
-        &format!("output_dir={}", run.display()),
-        "--set",
-        "train.steps=1",
-        "--set",
-        "train.eval_every=0",
-        "--dtype",
-        "f64",
-        "--quiet",
-    ]);
+    let o = common::train_demo(&run, 1, &["--set", "train.eval_every=0", "--dtype", "f64"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let snapshot = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(snapshot.contains("dtype = \"f64\""), "{snapshot}");
@@ -1438,8 +1414,8 @@ fn generate_batch_mode_writes_one_completion_per_prompt() {
 }
 
 /// `prolora evaluate`: the README's demo line runs every benchmark on the samples and says what
-/// its zeros mean; HumanEval without consent, a missing data file and an existing results file are one clear error each, and
-/// nothing runs or is written.
+/// its zeros mean; HumanEval without consent, a missing data file and an existing results file
+/// are one clear error each, and nothing runs or is written.
 #[test]
 fn evaluate_runs_the_demo_and_refuses_what_it_must() {
     let tmp = tempfile::tempdir().unwrap();

@@ -174,3 +174,22 @@ pub fn prolora(args: &[&str]) -> std::process::Output {
 pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// `prolora train` of the demo config into `out` for `steps` steps, quietly, with `extra`
+/// arguments.
+pub fn train_demo(out: &std::path::Path, steps: usize, extra: &[&str]) -> std::process::Output {
+    let output_dir = format!("output_dir={}", out.display());
+    let steps = format!("train.steps={steps}");
+    let mut args = vec![
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        &output_dir,
+        "--set",
+        &steps,
+        "--quiet",
+    ];
+    args.extend(extra);
+    prolora(&args)
+}
