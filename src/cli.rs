@@ -802,19 +802,20 @@ fn load_model(args: &ModelArgs) -> Result<(crate::model::Llama, ChatEncoder)> {
     load_model_from(
         &ModelSource::resolve(&args.spec.model, &args.spec.revision)?,
         args,
+        &crate::device::open(args.device)?,
     )
 }
 
-/// The same from the already resolved `source`.
+/// The same from the already resolved `source`, on the already opened `device`.
 fn load_model_from(
     source: &ModelSource,
     args: &ModelArgs,
+    device: &candle_core::Device,
 ) -> Result<(crate::model::Llama, ChatEncoder)> {
     let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
     encoder.check_fits(source.config.vocab_size)?;
-    let device = crate::device::open(args.device)?;
     let quant = Quantization::new(args.quantize, args.double_quant);
-    let mut model = source.load_quantized(args.dtype.on(&device), quant, &device)?;
+    let mut model = source.load_quantized(args.dtype.on(device), quant, device)?;
     if let Some(dir) = &args.adapter {
         peft::load_into(dir, &mut model)?;
     }
@@ -883,7 +884,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--{e}").context("generate"))?;
     let source = ModelSource::resolve(&args.model.spec.model, &args.model.spec.revision)?;
     let Some(file) = &args.prompts else {
-        let (model, encoder) = load_model_from(&source, &args.model)?;
+        let device = crate::device::open(args.model.device)?;
+        let (model, encoder) = load_model_from(&source, &args.model, &device)?;
         let messages = chat(args.system.clone(), args.prompt.clone().unwrap_or_default());
         crate::to_stdout!("{}", complete(&model, &encoder, &messages, &settings)?.text);
         return Ok(());
@@ -929,7 +931,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    let (model, encoder) = load_model_from(&source, &args.model)?;
+    let device = crate::device::open(args.model.device)?;
+    let (model, encoder) = load_model_from(&source, &args.model, &device)?;
     let mut progress = crate::progress::Progress::new(true, "prompts", requests.len(), 0, 0);
     let mut lines = String::new();
     let mut completed = 0;
@@ -1061,7 +1064,7 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         held.push(ev::writer::hold(path, "the results file")?);
         atomic::check_output(path, "the results file", &[], args.overwrite || args.update)?;
     }
-    let (model, encoder) = load_model_from(&source, &args.model)?;
+    let (model, encoder) = load_model_from(&source, &args.model, &device)?;
     let mut engine = ev::Engine::new(&model, encoder.tokenizer(), args.batch_size);
     let mut all = serde_json::Map::new();
     for b in &benchmarks {
