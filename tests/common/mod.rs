@@ -193,3 +193,6 @@ pub fn train_demo(out: &std::path::Path, steps: usize, extra: &[&str]) -> std::p
     args.extend(extra);
     prolora(&args)
 }
+
+/// The real model of the tests.
+pub mod smollm2;
