@@ -25,6 +25,7 @@ pub mod plot;
 pub mod progress;
 pub mod quantize;
 pub mod runs;
+pub mod serve;
 pub mod signals;
 pub mod source;
 pub mod sweep;

@@ -18,7 +18,7 @@ pub mod vera;
 pub use config::AdapterConfig;
 pub use lora::{Lora, LoraConfig};
 pub use method::{Method, PeftKeys, PeftRead};
-pub use prolora::{Axis, Prolora, ProloraConfig, ProloraForward};
+pub use prolora::{Axis, CompactProlora, Prolora, ProloraConfig, ProloraForward};
 pub use tied_lora::{TiedLora, TiedLoraConfig};
 pub use vera::{Vera, VeraConfig};
 
@@ -41,6 +41,19 @@ pub trait Adapter: Delta {
     /// ΔW as plain LoRA factors `(A (k, in), B (out, k), scaling)` with `ΔW = scaling · B A`:
     /// every method here is linear in that form, which is what export and merge need.
     fn lora_factors(&self) -> candle_core::Result<(Tensor, Tensor, f64)>;
+
+    /// What a server keeps for this linear when it differs from the adapter itself (PRoLoRA
+    /// drops its index tensors): None means the adapter as it is, its tensors alone.
+    fn served(&self) -> candle_core::Result<Option<Served>> {
+        Ok(None)
+    }
+}
+
+/// An adapted linear as a server keeps it: the delta, and the bytes it holds beyond the
+/// adapter's own tensors.
+pub struct Served {
+    pub delta: Rc<dyn Delta>,
+    pub extra_bytes: usize,
 }
 
 /// What a tensor of an adapter is for the optimizer.
@@ -134,6 +147,14 @@ impl AdapterSet {
                 .find(|(t, _)| t.layer == layer && t.module == module)
                 .map(|(_, a)| a.clone() as Rc<dyn Delta>)
         });
+    }
+
+    /// The adapter of block `layer`'s `module`, as the model takes it.
+    pub fn delta_of(&self, layer: usize, module: &str) -> Option<Rc<dyn Delta>> {
+        self.linears
+            .iter()
+            .find(|(t, _)| t.layer == layer && t.module == module)
+            .map(|(_, a)| a.clone() as Rc<dyn Delta>)
     }
 
     /// Every adapted linear with its adapter.

@@ -9,7 +9,9 @@
 //! (`rectified_init = false`) and the Table 4 siblings (`share_axis`, `rotate_axis`).
 
 use super::method::{lora_keys_and, Method, PeftKeys, PeftRead, Registration};
-use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Target};
+use super::{
+    adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Role, Served, Target,
+};
 use crate::ctx::Ctx;
 use crate::model::config::BLOCK_LINEARS;
 use crate::model::llama::Delta;
@@ -356,6 +358,51 @@ struct Chunked {
     copies: Tensor,
 }
 
+impl Chunked {
+    /// The chunk-wise forward's gathers for shape `s`; None where it does not apply (rank
+    /// sharing, or rolling along the hidden axis, or no shared rank).
+    fn new(
+        s: &Shape,
+        (la, lb): (Layout, Layout),
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Option<Self>> {
+        let r_s = s.shared_rank();
+        let applies = s.share_axis == Axis::Hidden && (s.rotate_axis == Axis::Rank || !s.rotation);
+        if !applies || r_s == 0 {
+            return Ok(None);
+        }
+        let (sa, sb) = (la.stride(), lb.stride());
+        let (m, n) = (s.rate_a, s.rate_b);
+        // 0/1 matrices: the rolls and the sum over chunks as two tiny GEMMs.
+        let mut sum_rolls = vec![0f32; m * r_s * r_s];
+        for j in 0..m {
+            for i in 0..r_s {
+                sum_rolls[(j * r_s + (i + j * sa) % r_s) * r_s + i] = 1.0;
+            }
+        }
+        let mut copies = vec![0f32; r_s * n * r_s];
+        for i in 0..n {
+            for c in 0..r_s {
+                copies[((c + r_s - (i * sb) % r_s) % r_s) * n * r_s + i * r_s + c] = 1.0;
+            }
+        }
+        Ok(Some(Chunked {
+            ca: la.base().1,
+            cb: lb.base().1,
+            sum_rolls: Tensor::from_vec(sum_rolls, (m * r_s, r_s), device)?.to_dtype(dtype)?,
+            copies: Tensor::from_vec(copies, (r_s, n * r_s), device)?.to_dtype(dtype)?,
+        }))
+    }
+
+    fn bytes(&self) -> usize {
+        [&self.sum_rolls, &self.copies]
+            .iter()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
 pub struct Prolora {
     /// (r_s, cA) or, rank sharing, (ceil(r_s/m), h); None when r_s = 0.
     a0: Option<Var>,
@@ -415,35 +462,9 @@ impl Prolora {
         } else {
             (None, None)
         };
-        let chunked = match (opts.forward, s.share_axis, s.rotate_axis, s.rotation) {
-            (ProloraForward::Chunked, Axis::Hidden, Axis::Rank, _)
-            | (ProloraForward::Chunked, Axis::Hidden, _, false)
-                if r_s > 0 =>
-            {
-                let (sa, sb) = (la.stride(), lb.stride());
-                let (m, n) = (s.rate_a, s.rate_b);
-                // 0/1 matrices: the rolls and the sum over chunks as two tiny GEMMs.
-                let mut sum_rolls = vec![0f32; m * r_s * r_s];
-                for j in 0..m {
-                    for i in 0..r_s {
-                        sum_rolls[(j * r_s + (i + j * sa) % r_s) * r_s + i] = 1.0;
-                    }
-                }
-                let mut copies = vec![0f32; r_s * n * r_s];
-                for i in 0..n {
-                    for c in 0..r_s {
-                        copies[((c + r_s - (i * sb) % r_s) % r_s) * n * r_s + i * r_s + c] = 1.0;
-                    }
-                }
-                Some(Chunked {
-                    ca: la.base().1,
-                    cb: lb.base().1,
-                    sum_rolls: Tensor::from_vec(sum_rolls, (m * r_s, r_s), device)?
-                        .to_dtype(dtype)?,
-                    copies: Tensor::from_vec(copies, (r_s, n * r_s), device)?.to_dtype(dtype)?,
-                })
-            }
-            _ => None,
+        let chunked = match opts.forward {
+            ProloraForward::Chunked => Chunked::new(&s, (la, lb), dtype, device)?,
+            ProloraForward::Materialized => None,
         };
         Ok(Self {
             a0,
@@ -500,35 +521,137 @@ impl Prolora {
 
     /// `(x Aᵀ) Bᵀ` without the scaling, for x (n, h), never building A or B.
     fn chunked_forward(&self, c: &Chunked, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (a0, b0) = (self.a0.as_ref().unwrap(), self.b0.as_ref().unwrap());
-        let n = x.dim(0)?;
-        let (m, nb, r_s) = (
-            self.shape.rate_a,
-            self.shape.rate_b,
-            self.shape.shared_rank(),
+        let shared = (
+            self.a0.as_ref().unwrap().as_tensor(),
+            self.b0.as_ref().unwrap().as_tensor(),
         );
-        let xp = x.pad_with_zeros(1, 0, m * c.ca - self.in_features)?;
-        let z = xp
-            .reshape((n * m, c.ca))?
-            .matmul(&a0.t()?)?
-            .reshape((n, m * r_s))?;
-        let w = z
-            .matmul(&c.sum_rolls)?
-            .matmul(&c.copies)?
-            .reshape((n * nb, r_s))?;
-        let y = w
-            .matmul(&b0.t()?)?
-            .reshape((n, nb * c.cb))?
-            .narrow(1, 0, self.out_features)?;
-        match (&self.au, &self.bu) {
-            (Some(au), Some(bu)) => y + x.matmul(&au.t()?)?.matmul(bu)?,
-            _ => Ok(y),
+        let unshared = self.au.as_ref().zip(self.bu.as_ref());
+        let unshared = unshared.map(|(au, bu)| (au.as_tensor(), bu.as_tensor()));
+        chunked_product(c, &self.shape, shared, unshared, self.out_features, x)
+    }
+
+    /// The adapter as a server keeps it: the compact tensors and, where it applies, the
+    /// chunk-wise forward; never the index tensors, which are as large as the expanded A and B.
+    pub fn compact(&self) -> candle_core::Result<CompactProlora> {
+        let dtype = self.a0.as_ref().or(self.au.as_ref()).unwrap().dtype();
+        let device = self.a_index.device();
+        let layouts = (
+            self.shape.layout(self.in_features, self.shape.rate_a),
+            self.shape.layout(self.out_features, self.shape.rate_b),
+        );
+        Ok(CompactProlora {
+            a0: self.a0.clone(),
+            b0: self.b0.clone(),
+            au: self.au.clone(),
+            bu: self.bu.clone(),
+            chunked: Chunked::new(&self.shape, layouts, dtype, device)?,
+            layouts,
+            shape: self.shape,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            scaling: self.scaling,
+        })
+    }
+}
+
+/// `(x Aᵀ) Bᵀ` of the chunk-wise forward, for x (n, h): the shared part from `A0`, `B0`, plus
+/// `(x Auᵀ) Bu` of the unshared ranks.
+fn chunked_product(
+    c: &Chunked,
+    s: &Shape,
+    (a0, b0): (&Tensor, &Tensor),
+    unshared: Option<(&Tensor, &Tensor)>,
+    out_features: usize,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (n, h) = x.dims2()?;
+    let (m, nb, r_s) = (s.rate_a, s.rate_b, s.shared_rank());
+    let xp = x.pad_with_zeros(1, 0, m * c.ca - h)?;
+    let z = xp
+        .reshape((n * m, c.ca))?
+        .matmul(&a0.t()?)?
+        .reshape((n, m * r_s))?;
+    let w = z
+        .matmul(&c.sum_rolls)?
+        .matmul(&c.copies)?
+        .reshape((n * nb, r_s))?;
+    let y = w
+        .matmul(&b0.t()?)?
+        .reshape((n, nb * c.cb))?
+        .narrow(1, 0, out_features)?;
+    match unshared {
+        Some((au, bu)) => y + x.matmul(&au.t()?)?.matmul(bu)?,
+        None => Ok(y),
+    }
+}
+
+/// A PRoLoRA adapter as served (inference only): `A0, B0, Au, Bu` and the chunk-wise forward's
+/// tiny roll matrices. Layouts the chunk-wise forward does not cover (Table 4's rank sharing
+/// and hidden rotation) gather A and B for each call from indices computed for it, and free
+/// both after it.
+pub struct CompactProlora {
+    a0: Option<Var>,
+    b0: Option<Var>,
+    au: Option<Var>,
+    bu: Option<Var>,
+    chunked: Option<Chunked>,
+    layouts: (Layout, Layout),
+    shape: Shape,
+    in_features: usize,
+    out_features: usize,
+    scaling: f64,
+}
+
+impl CompactProlora {
+    /// Bytes held beyond the adapter's own tensors (the roll matrices).
+    pub fn extra_bytes(&self) -> usize {
+        self.chunked.as_ref().map_or(0, Chunked::bytes)
+    }
+
+    /// `(x Aᵀ) Bᵀ` from A and B gathered for this call.
+    fn gathered_product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let device = x.device();
+        let (la, lb) = self.layouts;
+        let r_s = self.shape.shared_rank();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        if let (Some(a0), Some(b0)) = (&self.a0, &self.b0) {
+            let a_index = index_tensor(la.a_index(), device)?;
+            let b_index = index_tensor(lb.b_index(), device)?;
+            a.push(gather(a0, &a_index, (r_s, self.in_features))?);
+            b.push(gather(b0, &b_index, (self.out_features, r_s))?);
         }
+        if let (Some(au), Some(bu)) = (&self.au, &self.bu) {
+            a.push(au.as_tensor().clone());
+            b.push(bu.t()?);
+        }
+        x.matmul(&Tensor::cat(&a, 0)?.t()?)?
+            .matmul(&Tensor::cat(&b, 1)?.t()?)
+    }
+}
+
+impl Delta for CompactProlora {
+    /// Inference only: no dropout.
+    fn delta(&self, x: &Tensor, _ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let out_dtype = x.dtype();
+        let dtype = self.a0.as_ref().or(self.au.as_ref()).unwrap().dtype();
+        let mut dims = x.dims().to_vec();
+        let x2 = x.to_dtype(dtype)?.reshape(((), self.in_features))?;
+        let y = match (&self.chunked, &self.a0, &self.b0) {
+            (Some(c), Some(a0), Some(b0)) => {
+                let unshared = self.au.as_ref().zip(self.bu.as_ref());
+                let unshared = unshared.map(|(au, bu)| (au.as_tensor(), bu.as_tensor()));
+                let shared = (a0.as_tensor(), b0.as_tensor());
+                chunked_product(c, &self.shape, shared, unshared, self.out_features, &x2)?
+            }
+            _ => self.gathered_product(&x2)?,
+        };
+        *dims.last_mut().unwrap() = self.out_features;
+        (y * self.scaling)?.reshape(dims)?.to_dtype(out_dtype)
     }
 }
 
 /// The expanded factor: elements of `base` picked by `index`.
-fn gather(base: &Var, index: &Tensor, shape: (usize, usize)) -> candle_core::Result<Tensor> {
+fn gather(base: &Tensor, index: &Tensor, shape: (usize, usize)) -> candle_core::Result<Tensor> {
     base.flatten_all()?.index_select(index, 0)?.reshape(shape)
 }
 
@@ -565,5 +688,13 @@ impl Adapter for Prolora {
 
     fn lora_factors(&self) -> candle_core::Result<(Tensor, Tensor, f64)> {
         Ok((self.expand_a()?, self.expand_b()?, self.scaling))
+    }
+
+    fn served(&self) -> candle_core::Result<Option<Served>> {
+        let compact = self.compact()?;
+        Ok(Some(Served {
+            extra_bytes: compact.extra_bytes(),
+            delta: Rc::new(compact),
+        }))
     }
 }

@@ -20,6 +20,12 @@ use std::rc::Rc;
 pub trait Delta {
     /// The addition for input rows `x` (n, in) → (n, out).
     fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor>;
+
+    /// [`Self::delta`], or None where it is zero for every row (a server's batch in which no
+    /// row uses an adapter on this linear): the linear then adds nothing.
+    fn delta_if_any(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
+        self.delta(x, ctx).map(Some)
+    }
 }
 
 /// A frozen linear, optionally with an adapter whose output is added to it.
@@ -35,9 +41,10 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let x = x.flatten_to(dims.len().saturating_sub(2))?;
         let y = self.base.forward(&x)?;
-        let y = match &self.adapter {
-            Some(a) => (y + a.delta(&x, ctx)?)?,
-            None => y,
+        let y = match self.adapter.as_ref().map(|a| a.delta_if_any(&x, ctx)) {
+            Some(Ok(Some(delta))) => (y + delta)?,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(None)) | None => y,
         };
         *dims.last_mut().expect("x has at least one dim") = y.dim(1)?;
         y.reshape(dims)

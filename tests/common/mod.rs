@@ -196,3 +196,6 @@ pub fn train_demo(out: &std::path::Path, steps: usize, extra: &[&str]) -> std::p
 
 /// The real model of the tests.
 pub mod smollm2;
+
+/// Adapters for the serving tests.
+pub mod serve;

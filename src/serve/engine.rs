@@ -1,0 +1,403 @@
+//! The serving engine: continuous batching on one KV cache. A request is prefilled alone and
+//! joins the running batch at the next decoding step; a row leaves the batch the moment it ends
+//! (or its client is gone); rows of one batch may use different adapters ([`super::routing`]).
+//! Each row chooses its tokens with its own seeded stream, as `prolora generate` does, so a
+//! request's tokens do not depend on what else is in the batch.
+
+use super::adapters::{AdapterStore, ServedAdapter};
+use super::metrics::Metrics;
+use super::routing::{attach_routers, Routing};
+use super::sampling::choose;
+use crate::ctx::Ctx;
+use crate::model::kv_cache::KvCache;
+use crate::model::Llama;
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// How a request's tokens are chosen and how many.
+#[derive(Clone, Debug)]
+pub struct Sampling {
+    pub max_tokens: usize,
+    /// 0: greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+/// A request for the engine.
+pub struct Job {
+    /// Token ids, at least one, fewer than the engine's position limit.
+    pub prompt: Vec<u32>,
+    /// The adapter's name; None for the base model.
+    pub adapter: Option<String>,
+    pub sampling: Sampling,
+    /// Where the tokens go; once it is dropped the row is freed.
+    pub events: Sender<Event>,
+    /// Also send each step's logits (tests).
+    pub record_logits: bool,
+    pub submitted: Instant,
+}
+
+/// What a job hears, in order: tokens (each preceded by its logits when asked), then one end.
+#[derive(Debug)]
+pub enum Event {
+    Logits(Vec<f32>),
+    Token(u32),
+    Done(Finish),
+    /// The adapter is not known (any more).
+    UnknownAdapter(String),
+    Failed(String),
+}
+
+/// Why a row ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Finish {
+    Eos,
+    MaxTokens,
+    /// The engine's position limit.
+    Positions,
+}
+
+/// What the engine thread is asked.
+pub enum Command {
+    Submit(Job),
+    /// Make an adapter known and load it; the reply is its resident bytes.
+    Load {
+        name: String,
+        dir: PathBuf,
+        reply: Sender<Result<usize, String>>,
+    },
+    /// Forget an adapter; the reply says whether it was known.
+    Unload {
+        name: String,
+        reply: Sender<bool>,
+    },
+}
+
+/// One row of the running batch.
+struct Row {
+    job: Job,
+    adapter: Option<Rc<ServedAdapter>>,
+    rng: StdRng,
+    generated: usize,
+    /// The token it feeds at the next step.
+    next: u32,
+}
+
+impl Row {
+    /// Chooses the next token from `logits` and tells the client; returns whether the row goes
+    /// on (false: it ended, or its client is gone).
+    fn accept(&mut self, logits: Vec<f32>, eos: u32, metrics: &Metrics) -> bool {
+        let s = &self.job.sampling;
+        let token = choose(&logits, s.temperature, s.top_p, &mut self.rng);
+        let events = &self.job.events;
+        if self.job.record_logits && events.send(Event::Logits(logits)).is_err() {
+            return false;
+        }
+        if token == eos {
+            let _ = events.send(Event::Done(Finish::Eos));
+            return false;
+        }
+        if self.generated == 0 {
+            metrics.first_token(self.job.submitted.elapsed());
+        }
+        self.generated += 1;
+        metrics.generated(1);
+        if events.send(Event::Token(token)).is_err() {
+            return false;
+        }
+        if self.generated == self.job.sampling.max_tokens {
+            let _ = events.send(Event::Done(Finish::MaxTokens));
+            return false;
+        }
+        self.next = token;
+        true
+    }
+}
+
+pub struct Engine {
+    model: Llama,
+    routing: Rc<RefCell<Routing>>,
+    pub adapters: AdapterStore,
+    waiting: VecDeque<Job>,
+    rows: Vec<Row>,
+    /// The running rows' cache (row r of it is `rows[r]`); None when no row runs.
+    cache: Option<KvCache>,
+    max_batch: usize,
+    /// Positions a row may reach (the model's, or less).
+    max_len: usize,
+    metrics: Arc<Metrics>,
+    /// The adapter names the connection threads check requests against.
+    names: Arc<Mutex<Vec<String>>>,
+}
+
+impl Engine {
+    /// An engine on `model` (its adapters replaced by routers).
+    pub fn new(
+        mut model: Llama,
+        max_batch: usize,
+        max_len: usize,
+        max_loaded: Option<usize>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let routing = attach_routers(&mut model);
+        Engine {
+            model,
+            routing,
+            adapters: AdapterStore::new(max_loaded),
+            waiting: VecDeque::new(),
+            rows: Vec::new(),
+            cache: None,
+            max_batch: max_batch.max(1),
+            max_len,
+            metrics,
+            names: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// The known adapter names, kept current for other threads.
+    pub fn names(&self) -> Arc<Mutex<Vec<String>>> {
+        self.names.clone()
+    }
+
+    /// Makes `name` the adapter in `dir` and loads it; returns its resident bytes.
+    pub fn add_adapter(&mut self, name: &str, dir: &std::path::Path) -> Result<usize> {
+        let bytes = self.adapters.add(name, dir, &self.model)?.bytes;
+        self.publish();
+        Ok(bytes)
+    }
+
+    /// Forgets `name`; false when it was not known.
+    pub fn remove_adapter(&mut self, name: &str) -> bool {
+        let known = self.adapters.remove(name);
+        self.publish();
+        known
+    }
+
+    fn publish(&self) {
+        *self.names.lock().unwrap_or_else(|p| p.into_inner()) = self.adapters.names();
+        let (n, bytes) = self.adapters.resident();
+        self.metrics.set_adapters(n, bytes);
+    }
+
+    pub fn submit(&mut self, job: Job) {
+        self.metrics
+            .queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.waiting.push_back(job);
+    }
+
+    /// Nothing waiting and nothing running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.rows.is_empty()
+    }
+
+    /// Rows running now.
+    pub fn running(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Admits waiting jobs while there is room, then advances every running row one token.
+    pub fn step(&mut self) -> Result<()> {
+        while self.rows.len() < self.max_batch {
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
+            self.metrics
+                .queued
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.prefill(job)?;
+        }
+        if !self.rows.is_empty() {
+            self.decode()?;
+        }
+        self.metrics.set_running(self.rows.len());
+        let (n, bytes) = self.adapters.resident();
+        self.metrics.set_adapters(n, bytes);
+        Ok(())
+    }
+
+    /// Ends every running and waiting job with `why` (after an error the cache is lost).
+    pub fn fail_all(&mut self, why: &str) {
+        for row in self.rows.drain(..) {
+            let _ = row.job.events.send(Event::Failed(why.to_string()));
+        }
+        for job in self.waiting.drain(..) {
+            let _ = job.events.send(Event::Failed(why.to_string()));
+        }
+        self.metrics
+            .queued
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.cache = None;
+    }
+
+    /// The prompt alone through the model, its first token chosen, and the row in the batch.
+    fn prefill(&mut self, job: Job) -> Result<()> {
+        let adapter = match &job.adapter {
+            None => None,
+            Some(name) if !self.adapters.knows(name) => {
+                let _ = job.events.send(Event::UnknownAdapter(name.clone()));
+                return Ok(());
+            }
+            Some(name) => match self.adapters.get(name, &self.model) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    let _ = job.events.send(Event::Failed(format!("{e:#}")));
+                    return Ok(());
+                }
+            },
+        };
+        let n = job.prompt.len();
+        if n == 0 || n >= self.max_len {
+            let why = format!("the prompt has {n} tokens; 1 to {} fit", self.max_len - 1);
+            let _ = job.events.send(Event::Failed(why));
+            return Ok(());
+        }
+        self.metrics.prompt(n);
+        self.routing
+            .borrow_mut()
+            .set_all(adapter.as_ref(), self.model.device());
+        let mut cache = self.model.new_cache();
+        let ids = Tensor::from_slice(&job.prompt, (1, n), self.model.device())?;
+        let hidden = self.model.hidden_cached(&ids, &Ctx::eval(), &mut cache)?;
+        let logits = self.logits(&hidden.narrow(1, n - 1, 1)?)?;
+        let mut row = Row {
+            rng: StdRng::seed_from_u64(job.sampling.seed),
+            job,
+            adapter,
+            generated: 0,
+            next: 0,
+        };
+        let eos = self.model.cfg.eos_token_id;
+        let logits = logits.into_iter().next().expect("one row");
+        if row.accept(logits, eos, &self.metrics) {
+            self.cache = Some(match self.cache.take() {
+                Some(running) => KvCache::stack(vec![running, cache])?,
+                None => cache,
+            });
+            self.rows.push(row);
+        }
+        Ok(())
+    }
+
+    /// One token for every running row.
+    fn decode(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let cache = self.cache.as_mut().expect("rows run on a cache");
+        // A row that would pass the position limit ends there (as in `prolora generate`).
+        let fits: Vec<bool> = (0..self.rows.len())
+            .map(|r| cache.next_position(r) + 1 < self.max_len)
+            .collect();
+        if fits.contains(&false) {
+            for (row, _) in self.rows.iter().zip(&fits).filter(|(_, fits)| !**fits) {
+                let _ = row.job.events.send(Event::Done(Finish::Positions));
+            }
+            self.retain(&fits)?;
+        }
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let per_row: Vec<_> = self.rows.iter().map(|r| r.adapter.clone()).collect();
+        self.routing
+            .borrow_mut()
+            .set_rows(&per_row, self.model.device())?;
+        let next: Vec<u32> = self.rows.iter().map(|r| r.next).collect();
+        let ids = Tensor::from_slice(&next, (next.len(), 1), self.model.device())?;
+        let cache = self.cache.as_mut().expect("rows run on a cache");
+        let hidden = self.model.hidden_cached(&ids, &Ctx::eval(), cache)?;
+        let logits = self.logits(&hidden)?;
+        let eos = self.model.cfg.eos_token_id;
+        let goes_on: Vec<bool> = self
+            .rows
+            .iter_mut()
+            .zip(logits)
+            .map(|(row, logits)| row.accept(logits, eos, &self.metrics))
+            .collect();
+        self.metrics.step(started.elapsed(), goes_on.len());
+        if goes_on.contains(&false) {
+            self.retain(&goes_on)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the rows marked true; the others and their caches are dropped.
+    fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        let mut kept = Vec::new();
+        let mut rows = Vec::new();
+        for (r, (row, &k)) in self.rows.drain(..).zip(keep).enumerate() {
+            if k {
+                kept.push(r);
+                rows.push(row);
+            }
+        }
+        self.rows = rows;
+        if self.rows.is_empty() {
+            self.cache = None;
+        } else if let Some(cache) = self.cache.as_mut() {
+            cache.retain(&kept)?;
+        }
+        Ok(())
+    }
+
+    /// Vocabulary logits of hidden states (b, 1, d), one f32 row per batch row.
+    fn logits(&self, last: &Tensor) -> Result<Vec<Vec<f32>>> {
+        Ok(self
+            .model
+            .head(last)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?)
+    }
+
+    /// Serves `commands` until every sender is gone and no job is left.
+    pub fn run(mut self, commands: Receiver<Command>) {
+        let mut open = true;
+        loop {
+            if self.is_idle() {
+                if !open {
+                    return;
+                }
+                match commands.recv() {
+                    Ok(c) => self.handle(c),
+                    Err(_) => return,
+                }
+            }
+            while open {
+                match commands.try_recv() {
+                    Ok(c) => self.handle(c),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            if let Err(e) = self.step() {
+                crate::to_stderr!("serve: a decoding step failed: {e:#}");
+                self.fail_all(&format!("the decoding step failed: {e:#}"));
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit(job) => self.submit(job),
+            Command::Load { name, dir, reply } => {
+                let _ = reply.send(self.add_adapter(&name, &dir).map_err(|e| format!("{e:#}")));
+            }
+            Command::Unload { name, reply } => {
+                let _ = reply.send(self.remove_adapter(&name));
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Rows of one batch using different adapters: the frozen base runs once for the whole batch,
+//! and every block linear carries a [`Router`] that adds each adapter's delta to its own rows
+//! only (rows grouped by adapter, as Punica's SGMV groups them). A row without an adapter gets
+//! exactly the base's output.
+
+use super::adapters::ServedAdapter;
+use crate::ctx::Ctx;
+use crate::model::config::BLOCK_LINEARS;
+use crate::model::llama::Delta;
+use crate::model::Llama;
+use candle_core::{Device, Tensor};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// Which rows of the next forward use which adapter.
+#[derive(Default)]
+pub struct Routing {
+    groups: Vec<Group>,
+    /// Rows of the forward's input (the flattened (batch · positions) rows of every linear).
+    rows: usize,
+}
+
+struct Group {
+    adapter: Rc<ServedAdapter>,
+    /// Its rows, ascending, as a u32 tensor for gathering and scattering.
+    index: Tensor,
+    /// Whether it is every row in order (no gather or scatter needed).
+    whole: bool,
+}
+
+impl Routing {
+    /// Every one of the forward's rows uses `adapter` (a prompt prefilled alone), or none does.
+    pub fn set_all(&mut self, adapter: Option<&Rc<ServedAdapter>>, device: &Device) {
+        self.groups.clear();
+        self.rows = 0;
+        if let Some(adapter) = adapter {
+            self.groups.push(Group {
+                adapter: adapter.clone(),
+                index: Tensor::zeros(0, candle_core::DType::U32, device).expect("empty"),
+                whole: true,
+            });
+        }
+    }
+
+    /// Row r (of `per_row.len()`, one position each) uses `per_row[r]`.
+    pub fn set_rows(
+        &mut self,
+        per_row: &[Option<Rc<ServedAdapter>>],
+        device: &Device,
+    ) -> candle_core::Result<()> {
+        self.groups.clear();
+        self.rows = per_row.len();
+        let mut seen: Vec<(Rc<ServedAdapter>, Vec<u32>)> = Vec::new();
+        for (r, adapter) in per_row.iter().enumerate() {
+            let Some(adapter) = adapter else { continue };
+            match seen.iter_mut().find(|(a, _)| Rc::ptr_eq(a, adapter)) {
+                Some((_, rows)) => rows.push(r as u32),
+                None => seen.push((adapter.clone(), vec![r as u32])),
+            }
+        }
+        for (adapter, rows) in seen {
+            let whole = rows.len() == per_row.len();
+            let n = rows.len();
+            self.groups.push(Group {
+                adapter,
+                index: Tensor::from_vec(rows, n, device)?,
+                whole,
+            });
+        }
+        Ok(())
+    }
+
+    /// Distinct adapters in the next forward.
+    pub fn adapters(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+/// The delta of one block linear under the current [`Routing`].
+pub struct Router {
+    layer: usize,
+    module: usize,
+    routing: Rc<RefCell<Routing>>,
+}
+
+impl Delta for Router {
+    fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        match self.delta_if_any(x, ctx)? {
+            Some(d) => Ok(d),
+            None => candle_core::bail!("the router's delta is zero: the linear adds nothing"),
+        }
+    }
+
+    fn delta_if_any(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
+        let routing = self.routing.borrow();
+        let mut sum: Option<Tensor> = None;
+        for group in &routing.groups {
+            let Some(delta) = group.adapter.linear(self.layer, self.module) else {
+                continue;
+            };
+            if group.whole {
+                // Every row: exactly the single-adapter path.
+                return Ok(Some(delta.delta(x, ctx)?));
+            }
+            if x.dim(0)? != routing.rows {
+                candle_core::bail!(
+                    "routing for {} rows, the forward has {}",
+                    routing.rows,
+                    x.dim(0)?
+                );
+            }
+            let rows = delta.delta(&x.index_select(&group.index, 0)?, ctx)?;
+            let base = match sum.take() {
+                Some(s) => s,
+                None => Tensor::zeros((x.dim(0)?, rows.dim(1)?), rows.dtype(), x.device())?,
+            };
+            sum = Some(base.index_add(&group.index, &rows, 0)?);
+        }
+        Ok(sum)
+    }
+}
+
+/// Puts a router on every block linear of `model`; the returned routing steers them all.
+pub fn attach_routers(model: &mut Llama) -> Rc<RefCell<Routing>> {
+    let routing = Rc::new(RefCell::new(Routing::default()));
+    model.attach(|layer, module| {
+        let module = BLOCK_LINEARS.iter().position(|m| *m == module)?;
+        Some(Rc::new(Router {
+            layer,
+            module,
+            routing: routing.clone(),
+        }) as Rc<dyn Delta>)
+    });
+    routing
+}
