@@ -12,6 +12,7 @@ mod model;
 mod params;
 mod plot;
 mod quantize;
+mod serve;
 mod sweep;
 mod train;
 
@@ -27,6 +28,7 @@ use merge::MergeArgs;
 use params::ParamsArgs;
 use plot::PlotArgs;
 use quantize::QuantizeArgs;
+use serve::ServeArgs;
 use sweep::SweepArgs;
 use train::TrainArgs;
 
@@ -69,6 +71,8 @@ pub enum Command {
     /// A grid of runs (e.g. learning rates × seeds), here or as a Slurm job array; rerun the
     /// same command to continue it. `sweep status DIR` shows where each point stands.
     Sweep(SweepArgs),
+    /// Serve the model and many adapters at once behind an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
 }
 
 /// A flag that takes one of `names`, listed in `--help` and in the error.
@@ -103,6 +107,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

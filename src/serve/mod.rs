@@ -1,7 +1,11 @@
 //! `prolora serve`: many adapters on one base behind an OpenAI-compatible HTTP API.
 
 pub mod adapters;
+pub mod api;
 pub mod engine;
+pub mod http;
 pub mod metrics;
 pub mod routing;
 pub mod sampling;
+pub mod server;
+pub mod text;
