@@ -268,12 +268,14 @@ fn messages(v: Option<&Value>) -> Result<Vec<Message>, ApiError> {
                 Some("system" | "developer") => Role::System,
                 Some("user") => Role::User,
                 Some("assistant") => Role::Assistant,
-                Some(other) => return Err(ApiError::invalid(
-                    "messages",
-                    format!(
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!(
                         "messages[{i}]: role {other:?} is not supported (system, user, assistant)"
                     ),
-                )),
+                    ))
+                }
                 None => {
                     return Err(ApiError::invalid(
                         "messages",

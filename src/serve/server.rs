@@ -56,7 +56,7 @@ struct State {
     commands: Mutex<Sender<Command>>,
     names: Arc<Mutex<Vec<String>>>,
     metrics: Arc<Metrics>,
-    /// Requests queued that have not heard from the engine yet.
+    /// Requests in the engine (running or waiting).
     pending: AtomicUsize,
     connections: AtomicUsize,
     next_id: AtomicU64,
@@ -338,8 +338,8 @@ fn models(state: &State) -> Value {
     json!({"object": "list", "data": data})
 }
 
-/// A queue place, given back when the engine first answers or the request ends.
-struct Place<'a>(Option<&'a AtomicUsize>);
+/// A place in the engine, given back when the request ends.
+struct Place<'a>(&'a AtomicUsize);
 
 impl<'a> Place<'a> {
     fn take(counter: &'a AtomicUsize, max: usize) -> Option<Self> {
@@ -348,19 +348,13 @@ impl<'a> Place<'a> {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| Place(Some(counter)))
-    }
-
-    fn release(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.fetch_sub(1, Ordering::SeqCst);
-        }
+            .map(|_| Place(counter))
     }
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        self.release();
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -453,7 +447,9 @@ fn completion(
         None if chat => room,
         None => room.min(16),
     };
-    let Some(mut place) = Place::take(&state.pending, state.options.max_queue) else {
+    // In the engine at once: a row each for --max-batch, then --max-queue waiting.
+    let capacity = state.options.max_batch + state.options.max_queue;
+    let Some(_place) = Place::take(&state.pending, capacity) else {
         return Err(ApiError::new(
             429,
             format!(
@@ -506,7 +502,6 @@ fn completion(
                 return Err(ApiError::new(500, "the engine dropped the request"))
             }
         };
-        place.release();
         let token = match event {
             Event::Token(t) => t,
             Event::Done(Finish::Eos) => break "stop",
