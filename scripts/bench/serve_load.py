@@ -80,6 +80,9 @@ def main():
         try:
             if r.status != 200:
                 r.read()
+                if r.status == 429:
+                    # As the openai client does: wait as told before the next request.
+                    time.sleep(float(r.getheader("Retry-After", "1")))
                 return ("killed" if killed else "plain", r.status, time.perf_counter() - start, 0,
                         r.status == 429)
             if killed:

@@ -15,6 +15,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use rayon::prelude::*;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -94,11 +95,9 @@ struct Row {
 }
 
 impl Row {
-    /// Chooses the next token from `logits` and tells the client; returns whether the row goes
-    /// on (false: it ended, or its client is gone).
-    fn accept(&mut self, logits: Vec<f32>, eos: u32, metrics: &Metrics) -> bool {
-        let s = &self.job.sampling;
-        let token = choose(&logits, s.temperature, s.top_p, &mut self.rng);
+    /// Tells the client `token`, chosen from `logits`; returns whether the row goes on (false:
+    /// it ended, or its client is gone).
+    fn accept(&mut self, token: u32, logits: Vec<f32>, eos: u32, metrics: &Metrics) -> bool {
         let events = &self.job.events;
         if self.job.record_logits && events.send(Event::Logits(logits)).is_err() {
             return false;
@@ -283,7 +282,9 @@ impl Engine {
         };
         let eos = self.model.cfg.eos_token_id;
         let logits = logits.into_iter().next().expect("one row");
-        if row.accept(logits, eos, &self.metrics) {
+        let s = &row.job.sampling;
+        let token = choose(&logits, s.temperature, s.top_p, &mut row.rng);
+        if row.accept(token, logits, eos, &self.metrics) {
             self.cache = Some(match self.cache.take() {
                 Some(running) => KvCache::stack(vec![running, cache])?,
                 None => cache,
@@ -320,11 +321,24 @@ impl Engine {
         let hidden = self.model.hidden_cached(&ids, &Ctx::eval(), cache)?;
         let logits = self.logits(&hidden)?;
         let eos = self.model.cfg.eos_token_id;
+        // Each row draws from its own stream: the rows choose in parallel.
+        let tokens: Vec<u32> = {
+            let draws: Vec<(&mut StdRng, f64, f64)> = self
+                .rows
+                .iter_mut()
+                .map(|r| (&mut r.rng, r.job.sampling.temperature, r.job.sampling.top_p))
+                .collect();
+            draws
+                .into_par_iter()
+                .zip(logits.par_iter())
+                .map(|((rng, temperature, top_p), logits)| choose(logits, temperature, top_p, rng))
+                .collect()
+        };
         let goes_on: Vec<bool> = self
             .rows
             .iter_mut()
-            .zip(logits)
-            .map(|(row, logits)| row.accept(logits, eos, &self.metrics))
+            .zip(tokens.into_iter().zip(logits))
+            .map(|(row, (token, logits))| row.accept(token, logits, eos, &self.metrics))
             .collect();
         self.metrics.step(started.elapsed(), goes_on.len());
         if goes_on.contains(&false) {

@@ -449,7 +449,7 @@ fn completion(
     };
     // In the engine at once: a row each for --max-batch, then --max-queue waiting.
     let capacity = state.options.max_batch + state.options.max_queue;
-    let Some(_place) = Place::take(&state.pending, capacity) else {
+    let Some(place) = Place::take(&state.pending, capacity) else {
         return Err(ApiError::new(
             429,
             format!(
@@ -538,8 +538,10 @@ fn completion(
             break "stop";
         }
     };
-    // Dropping the channel frees the row if the engine is still on it (a stop sequence).
+    // Dropping the channel frees the row if the engine is still on it (a stop sequence); the
+    // place is free before the client reads the answer and sends its next request.
     drop(heard);
+    drop(place);
     let rest = text
         .take_rest()
         .map_err(|e| ApiError::new(500, format!("{e:#}")))?;
