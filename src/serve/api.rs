@@ -157,6 +157,9 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Params, ApiError> {
     })
 }
 
+/// An option, whether a value of it is its default, and why another is refused.
+type Check<'a> = (&'static str, &'a dyn Fn(&Value) -> bool, &'static str);
+
 /// Options that would change the answer and that this server does not implement: refused
 /// unless they hold their default.
 fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
@@ -171,7 +174,7 @@ fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
         v.as_object().is_some_and(Map::is_empty) || v.as_array().is_some_and(Vec::is_empty)
     };
     let text_format = |v: &Value| v.get("type").and_then(Value::as_str) == Some("text");
-    let checks: [(&'static str, &dyn Fn(&Value) -> bool, &str); 10] = [
+    let checks: [Check; 10] = [
         ("n", &one, "only n = 1 is supported"),
         ("best_of", &one, "only best_of = 1 is supported"),
         ("echo", &falsy, "echo is not supported"),

@@ -44,8 +44,11 @@ fn bad(status: u16, message: impl Into<String>) -> ReadError {
     }
 }
 
+/// A request's method, path and headers.
+pub type Head = (String, String, Vec<(String, String)>);
+
 /// The request line and headers of `head` (without the blank line).
-pub fn parse_head(head: &[u8]) -> Result<(String, String, Vec<(String, String)>), ReadError> {
+pub fn parse_head(head: &[u8]) -> Result<Head, ReadError> {
     let head = std::str::from_utf8(head).map_err(|_| bad(400, "the request head is not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let line = lines.next().unwrap_or_default();
