@@ -174,7 +174,8 @@ pub struct PrepareArgs {
 /// What the data commands read.
 #[derive(Args)]
 pub struct DataInput {
-    /// A tokenizer.json, a directory holding one, a preset or a Hub repo id.
+    /// A tokenizer.json, a GGUF file, a directory holding a tokenizer.json, a preset or a Hub
+    /// repo id.
     #[arg(long, default_value = "llama2-7b")]
     pub tokenizer: String,
     /// `{"messages": [...]}` jsonl.
@@ -238,7 +239,8 @@ pub struct CollectArgs {
 /// Where a model's files come from.
 #[derive(Args)]
 pub struct ModelSpec {
-    /// A preset (tiny, llama2-7b, …), a local transformers directory, or a Hub repo id (org/name).
+    /// A preset (tiny, llama2-7b, …), a local transformers directory, a LLaMA GGUF file, or a
+    /// Hub repo id (org/name).
     #[arg(long)]
     pub model: String,
     /// Hub revision: branch, tag or commit.
@@ -266,7 +268,8 @@ pub struct QuantizeArgs {
 
 #[derive(Args)]
 pub struct ParamsArgs {
-    /// A preset (tiny, llama2-7b, llama2-13b, llama2-70b), a local directory or a Hub repo id.
+    /// A preset (tiny, llama2-7b, llama2-13b, llama2-70b), a local directory, a GGUF file or a
+    /// Hub repo id.
     #[arg(long, required_unless_present = "paper_tables")]
     pub model: Option<String>,
     /// Hub revision: branch, tag or commit.
@@ -383,14 +386,15 @@ pub struct ModelArgs {
     /// An adapter directory (adapter_config.json + adapter_model.safetensors), any method.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Another tokenizer than the model's: a tokenizer.json, a directory holding one, a preset
-    /// or a Hub repo id.
+    /// Another tokenizer than the model's: a tokenizer.json, a GGUF file, a directory holding a
+    /// tokenizer.json, a preset or a Hub repo id.
     #[arg(long)]
     pub tokenizer: Option<String>,
     /// Compute dtype (auto: bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto", value_parser = choices::<ComputeDtype>(ComputeDtype::NAMES))]
     pub dtype: ComputeDtype,
-    /// Storage of the block linears (nf4: 4-bit, as bitsandbytes; quantized while loading).
+    /// Storage of the block linears (none: as stored — a GGUF's quantized ones stay in their
+    /// blocks; nf4: 4-bit, as bitsandbytes; quantized while loading).
     #[arg(long, default_value = "none", value_parser = choices::<Storage>(Storage::NAMES))]
     pub quantize: Storage,
     /// With --quantize nf4: also quantize the block scales (double quantization).
