@@ -129,3 +129,16 @@ fn dense_and_block_linears_give_the_same_logits() {
         .fold(0f32, f32::max);
     assert!(worst < 1e-4, "{worst}");
 }
+
+#[test]
+fn a_missing_or_foreign_gguf_is_a_clear_error() {
+    let err = |spec: &str| ModelSource::resolve(spec, "main").err().unwrap().to_string();
+    let e = err("no/such/model.gguf");
+    assert!(e.contains("no such GGUF file"), "{e}");
+    let quants = common::fixture("gguf/quants.gguf");
+    let e = err(quants.to_str().unwrap());
+    assert!(e.contains("quants.gguf") && e.contains("general.architecture is \"test\""), "{e}");
+    let tokenizer_only = common::fixture("gguf/spm-tokenizer.gguf");
+    let e = err(tokenizer_only.to_str().unwrap());
+    assert!(e.contains("no metadata key llama.embedding_length"), "{e}");
+}
