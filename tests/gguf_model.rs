@@ -26,8 +26,8 @@ fn floats(v: &Value) -> Vec<f64> {
 /// Greatest |ours − theirs| over the probed logits of every golden prompt, whether every
 /// position's argmax agrees, and our prediction after each prompt.
 fn compare(quant: Quantization) -> (f64, bool, Vec<u32>) {
-    let source = ModelSource::resolve(common::smollm2::smollm2_gguf().to_str().unwrap(), "main")
-        .unwrap();
+    let source =
+        ModelSource::resolve(common::smollm2::smollm2_gguf().to_str().unwrap(), "main").unwrap();
     let model = source
         .load_quantized(DType::F32, quant, &Device::Cpu)
         .unwrap();
@@ -36,8 +36,15 @@ fn compare(quant: Quantization) -> (f64, bool, Vec<u32>) {
     let mut next = Vec::new();
     for case in goldens()["cases"].as_array().unwrap() {
         let ids = ids_of(&case["ids"]);
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits = model.logits(&input, &Ctx::eval()).unwrap().squeeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model
+            .logits(&input, &Ctx::eval())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let argmax: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
         argmax_agrees &= argmax == ids_of(&case["argmax"]);
         next.push(argmax[ids.len() - 1]);
@@ -49,7 +56,12 @@ fn compare(quant: Quantization) -> (f64, bool, Vec<u32>) {
             }
         }
         let max = last.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
-        let lse = max + last.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        let lse = max
+            + last
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         worst = worst.max((lse - case["logsumexp"].as_f64().unwrap()).abs());
     }
     (worst, argmax_agrees, next)
@@ -57,16 +69,27 @@ fn compare(quant: Quantization) -> (f64, bool, Vec<u32>) {
 
 #[test]
 fn config_comes_from_the_metadata() {
-    let source = ModelSource::resolve(common::smollm2::smollm2_gguf().to_str().unwrap(), "main")
-        .unwrap();
+    let source =
+        ModelSource::resolve(common::smollm2::smollm2_gguf().to_str().unwrap(), "main").unwrap();
     assert!(matches!(source.origin, Origin::Gguf(_)));
     let c = &source.config;
     assert_eq!(
-        (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers
+        ),
         (49152, 576, 1536, 30)
     );
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (9, 3, 64));
-    assert_eq!((c.rope_theta, c.rms_norm_eps), (100000.0, f64::from(1e-5f32)));
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (9, 3, 64)
+    );
+    assert_eq!(
+        (c.rope_theta, c.rms_norm_eps),
+        (100000.0, f64::from(1e-5f32))
+    );
     assert_eq!(c.max_position_embeddings, 8192);
     assert!(c.tie_word_embeddings);
     assert_eq!((c.bos_token_id, c.eos_token_id), (1, 2));
@@ -90,7 +113,10 @@ fn nf4_from_a_gguf_keeps_a_confident_prediction() {
     let (worst, _, next) = compare(Quantization::Nf4 { double_quant: true });
     assert!(worst > 1e-2, "the layers are NF4, not the GGUF's blocks");
     let golden = goldens();
-    assert_eq!(next[0], golden["cases"][0]["top_ids"][0].as_u64().unwrap() as u32);
+    assert_eq!(
+        next[0],
+        golden["cases"][0]["top_ids"][0].as_u64().unwrap() as u32
+    );
     assert_eq!(next[0], 7042);
 }
 
@@ -114,10 +140,13 @@ fn dense_and_block_linears_give_the_same_logits() {
     let source = ModelSource::resolve(path.to_str().unwrap(), "main").unwrap();
     let blocks = source.load(DType::F32, &Device::Cpu).unwrap();
     let dense = Dense(GgufWeights::open(&path, &source.config).unwrap());
-    let dense = prolora::model::Llama::load(&source.config, &dense, DType::F32, &Device::Cpu)
-        .unwrap();
+    let dense =
+        prolora::model::Llama::load(&source.config, &dense, DType::F32, &Device::Cpu).unwrap();
     let ids = ids_of(&goldens()["cases"][1]["ids"]);
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = |m: &prolora::model::Llama| -> Vec<f32> {
         let l = m.logits(&input, &Ctx::eval()).unwrap();
         l.flatten_all().unwrap().to_vec1().unwrap()
@@ -132,12 +161,20 @@ fn dense_and_block_linears_give_the_same_logits() {
 
 #[test]
 fn a_missing_or_foreign_gguf_is_a_clear_error() {
-    let err = |spec: &str| ModelSource::resolve(spec, "main").err().unwrap().to_string();
+    let err = |spec: &str| {
+        ModelSource::resolve(spec, "main")
+            .err()
+            .unwrap()
+            .to_string()
+    };
     let e = err("no/such/model.gguf");
     assert!(e.contains("no such GGUF file"), "{e}");
     let quants = common::fixture("gguf/quants.gguf");
     let e = err(quants.to_str().unwrap());
-    assert!(e.contains("quants.gguf") && e.contains("general.architecture is \"test\""), "{e}");
+    assert!(
+        e.contains("quants.gguf") && e.contains("general.architecture is \"test\""),
+        "{e}"
+    );
     let tokenizer_only = common::fixture("gguf/spm-tokenizer.gguf");
     let e = err(tokenizer_only.to_str().unwrap());
     assert!(e.contains("no metadata key llama.embedding_length"), "{e}");

@@ -132,7 +132,8 @@ impl BlockMatrix {
             "block-aligned columns"
         );
         let row_start = row * (self.cols / block) * size;
-        let bytes = &self.bytes[row_start + cols.start / block * size..][..cols.len() / block * size];
+        let bytes =
+            &self.bytes[row_start + cols.start / block * size..][..cols.len() / block * size];
         blocks_into(self.block_fn, size, block, bytes, out);
     }
 

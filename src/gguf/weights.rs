@@ -33,7 +33,10 @@ impl GgufWeights {
     /// permuted by (the query and key projections).
     fn stored(&self, name: &str) -> Result<(&TensorInfo, Option<usize>)> {
         let Some(gguf_name) = gguf_name(name) else {
-            bail!("{}: no GGUF tensor corresponds to {name}", self.file.path().display());
+            bail!(
+                "{}: no GGUF tensor corresponds to {name}",
+                self.file.path().display()
+            );
         };
         let t = self.file.require_tensor(&gguf_name)?;
         let heads = if gguf_name.ends_with(".attn_q.weight") {

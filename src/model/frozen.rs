@@ -11,9 +11,7 @@
 use super::nf4::{Absmax, Nf4Out, Nf4Tensor, BLOCK};
 use crate::gguf::quants::BlockMatrix;
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -350,7 +348,10 @@ fn tiled_any<W: Tiles>(
         CpuStorage::BF16(_) => tiled::<bf16, W>(w, product, x, layout, TILE_ELEMS),
         CpuStorage::F16(_) => tiled::<f16, W>(w, product, x, layout, TILE_ELEMS),
         other => {
-            candle_core::bail!("quantized linear: unsupported input dtype {:?}", other.dtype())
+            candle_core::bail!(
+                "quantized linear: unsupported input dtype {:?}",
+                other.dtype()
+            )
         }
     }
 }
@@ -624,7 +625,12 @@ mod tests {
             .unwrap();
         let run = |layer: &FrozenLinear| {
             let y = layer.forward(x.as_tensor()).unwrap();
-            let grads = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = (&y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             let dx = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
             let y = y.flatten_all().unwrap();
             (y.to_vec1::<f32>().unwrap(), dx.to_vec1::<f32>().unwrap())
@@ -633,7 +639,10 @@ mod tests {
         for (want, got) in [(y0, y1), (dx0, dx1)] {
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (a, b) in want.iter().zip(&got) {
-                assert!((a - b).abs() <= 1e-6 * scale, "{a} vs {b} (largest {scale})");
+                assert!(
+                    (a - b).abs() <= 1e-6 * scale,
+                    "{a} vs {b} (largest {scale})"
+                );
             }
         }
     }
