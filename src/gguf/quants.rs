@@ -31,7 +31,7 @@ const BLOCKS_PER_TASK: usize = 64;
 /// Dequantizes `bytes`, whole blocks of `ty`, into `out` (`block_size` values per block).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let (block, size) = (ty.block_size(), ty.type_size());
-    if bytes.len() % size != 0 || bytes.len() / size * block != out.len() {
+    if !bytes.len().is_multiple_of(size) || bytes.len() / size * block != out.len() {
         bail!(
             "{ty}: {} bytes do not hold the {} values asked for",
             bytes.len(),
@@ -128,7 +128,7 @@ impl BlockMatrix {
     pub fn row_part_into(&self, row: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
         let (block, size) = (self.block_size(), self.ggml_type.type_size());
         assert!(
-            cols.start % block == 0 && cols.end % block == 0,
+            cols.start.is_multiple_of(block) && cols.end.is_multiple_of(block),
             "block-aligned columns"
         );
         let row_start = row * (self.cols / block) * size;

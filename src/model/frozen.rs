@@ -266,7 +266,7 @@ impl Tiles for Nf4Tensor {
     }
 
     fn tileable(&self) -> bool {
-        self.shape[1] % BLOCK == 0
+        self.shape[1].is_multiple_of(BLOCK)
     }
 
     fn block_cols(&self) -> usize {
