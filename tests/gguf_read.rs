@@ -238,7 +238,7 @@ fn damaged_files_give_one_error_naming_the_file_and_the_fault() {
     assert!(open_err(dir, &b).contains("big-endian"));
 }
 
-/// Every prefix of the header and thousands of random byte changes: an error or a file, never
+/// Every prefix of the header and hundreds of random byte changes: an error or a file, never
 /// a panic (or an allocation that aborts).
 #[test]
 fn no_prefix_or_corruption_panics() {
@@ -250,7 +250,7 @@ fn no_prefix_or_corruption_panics() {
         assert!(GgufFile::open(&p).is_err(), "prefix of {len} bytes opened");
     }
     let mut rng = StdRng::seed_from_u64(1);
-    for _ in 0..2000 {
+    for _ in 0..500 {
         let mut b = good.clone();
         for _ in 0..rng.random_range(1..4) {
             let at = rng.random_range(0..data_start);

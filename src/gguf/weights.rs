@@ -110,14 +110,31 @@ pub fn gguf_name(name: &str) -> Option<String> {
 /// interleaves the two rotary halves). Rows are whole blocks, so this works on quantized
 /// bytes as on floats.
 pub fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    move_rows(bytes, rows, heads, |from_gguf, to_hf| (from_gguf, to_hf))
+}
+
+/// llama.cpp's `LlamaModel.permute` itself (transformers' row order to GGUF's), e.g. for the
+/// rows of a LoRA B of `q_proj`/`k_proj` written to a GGUF adapter.
+pub fn permute_rows(bytes: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    move_rows(bytes, rows, heads, |gguf, hf| (hf, gguf))
+}
+
+/// Copies row `from` to row `to` for each pair `pick(gguf_row, hf_row)` of the permutation.
+fn move_rows(
+    bytes: &[u8],
+    rows: usize,
+    heads: usize,
+    pick: impl Fn(usize, usize) -> (usize, usize),
+) -> Vec<u8> {
     let row_bytes = bytes.len() / rows;
     let half = rows / heads / 2;
     let mut out = vec![0u8; bytes.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let from = h * 2 * half + 2 * i + j;
-                let to = h * 2 * half + j * half + i;
+                let gguf = h * 2 * half + 2 * i + j;
+                let hf = h * 2 * half + j * half + i;
+                let (from, to) = pick(gguf, hf);
                 out[to * row_bytes..(to + 1) * row_bytes]
                     .copy_from_slice(&bytes[from * row_bytes..(from + 1) * row_bytes]);
             }
@@ -163,5 +180,29 @@ impl WeightSource for GgufWeights {
             );
         }
         Ok(FrozenLinear::blocks(blocks, dtype, device)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's permute, as numpy writes it: `w.reshape(heads, 2, d/2, -1).swapaxes(1, 2)`
+    /// sends transformers' row (h, j, i) to GGUF row (h, i, j).
+    #[test]
+    fn permute_is_llama_cpp_s_and_unpermute_undoes_it() {
+        let (heads, d) = (3, 8);
+        let rows = heads * d;
+        let hf: Vec<u8> = (0..rows as u8).flat_map(|r| [r, 100 + r]).collect();
+        let gguf = permute_rows(&hf, rows, heads);
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..d / 2 {
+                    let (from, to) = (h * d + j * d / 2 + i, h * d + 2 * i + j);
+                    assert_eq!(gguf[2 * to..2 * to + 2], hf[2 * from..2 * from + 2]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&gguf, rows, heads), hf);
     }
 }
