@@ -179,3 +179,15 @@ fn a_missing_or_foreign_gguf_is_a_clear_error() {
     let e = err(tokenizer_only.to_str().unwrap());
     assert!(e.contains("no metadata key llama.embedding_length"), "{e}");
 }
+
+/// The memory check counts a GGUF base's quantized linears at their stored size: SmolLM2's
+/// 30 × 3,538,944 block weights in Q4_1 (20 bytes per 32 weights), not 4 bytes each.
+#[test]
+fn the_memory_estimate_counts_linears_as_stored() {
+    let file = prolora::gguf::GgufFile::open(&common::smollm2::smollm2_gguf()).unwrap();
+    let weights = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536);
+    assert_eq!(
+        prolora::gguf::weights::block_linear_bytes(&file, 4),
+        weights as u64 * 20 / 32
+    );
+}

@@ -105,6 +105,33 @@ pub fn gguf_name(name: &str) -> Option<String> {
     })
 }
 
+/// Bytes the block linears of `file` take once loaded on the CPU: quantized ones stay in their
+/// blocks, float ones become `dtype_bytes` per weight (for the memory estimate).
+pub fn block_linear_bytes(file: &GgufFile, dtype_bytes: usize) -> u64 {
+    const LINEARS: [&str; 7] = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    file.tensors()
+        .iter()
+        .filter(|t| {
+            t.name.strip_prefix("blk.").is_some_and(|rest| {
+                rest.split_once('.')
+                    .is_some_and(|(_, m)| LINEARS.iter().any(|l| m == format!("{l}.weight")))
+            })
+        })
+        .map(|t| match t.ggml_type {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => t.elements() * dtype_bytes as u64,
+            _ => t.byte_len(),
+        })
+        .sum()
+}
+
 /// Undoes llama.cpp's `LlamaModel.permute` of a query or key projection: within each of
 /// `heads` heads of `d` rows, GGUF row `2i + j` is transformers' row `j·d/2 + i` (llama.cpp
 /// interleaves the two rotary halves). Rows are whole blocks, so this works on quantized

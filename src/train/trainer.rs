@@ -16,6 +16,7 @@ use crate::data::batch::{split_eval, Batcher};
 use crate::data::chat::{ChatEncoder, Encoded};
 use crate::data::dataset::{default_cache_dir, file_sha256, load, DataReport, LoadOptions};
 use crate::eval::evaluate;
+use crate::gguf;
 use crate::model::Llama;
 use crate::progress::Progress;
 use crate::signals::{self, Interrupted};
@@ -62,13 +63,25 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         .context("model.source")?;
     let trainable = cfg.adapter.param_count(&shapes)?;
     let device = crate::device::open(cfg.device)?;
+    let dtype = cfg.model.dtype.on(&device);
+    // A GGUF base keeps its quantized linears in their blocks on the CPU.
+    let gguf = Path::new(&cfg.model.source);
+    let stored_linears = if gguf::is_gguf(gguf) && device.is_cpu() {
+        let file = gguf::GgufFile::open(gguf).context("model.source")?;
+        Some(gguf::weights::block_linear_bytes(
+            &file,
+            dtype.size_in_bytes(),
+        ))
+    } else {
+        None
+    };
     let need = |pass| {
-        let dtype = cfg.model.dtype.on(&device);
         let checkpointing = cfg.train.gradient_checkpointing;
         memory::estimate(
             &shapes,
             dtype,
             cfg.model.quantization(),
+            stored_linears,
             trainable,
             pass,
             checkpointing,
