@@ -4,7 +4,7 @@ use crate::adapters::peft;
 use crate::atomic;
 use crate::choice::named_enum;
 use crate::config::RunConfig;
-use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, Message, Role};
+use crate::data::chat::{encode_all, read_jsonl, ChatEncoder, ChatFormat, Message, Role};
 use crate::data::convert::{prepare, Format};
 use crate::data::dataset::{encode_file, LoadOptions};
 use crate::data::inspect;
@@ -174,9 +174,14 @@ pub struct PrepareArgs {
 /// What the data commands read.
 #[derive(Args)]
 pub struct DataInput {
-    /// A tokenizer.json, a directory holding one, a preset or a Hub repo id.
+    /// A tokenizer.json (with its tokenizer_config.json beside it), a directory holding one, a
+    /// preset or a Hub repo id.
     #[arg(long, default_value = "llama2-7b")]
     pub tokenizer: String,
+    /// How conversations become text: tulu (open-instruct's, the paper's), model (the model's
+    /// own chat template) or none (the texts alone, for a base model).
+    #[arg(long, default_value = "tulu", value_parser = choices::<ChatFormat>(ChatFormat::NAMES))]
+    pub chat_format: ChatFormat,
     /// `{"messages": [...]}` jsonl.
     #[arg(long)]
     pub data: PathBuf,
@@ -387,6 +392,11 @@ pub struct ModelArgs {
     /// or a Hub repo id.
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// How conversations and prompts become text: tulu (open-instruct's, what prolora trains
+    /// in by default), model (the model's own chat template) or none (the plain text, for a
+    /// base model).
+    #[arg(long, default_value = "tulu", value_parser = choices::<ChatFormat>(ChatFormat::NAMES))]
+    pub chat_format: ChatFormat,
     /// Compute dtype (auto: bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto", value_parser = choices::<ComputeDtype>(ComputeDtype::NAMES))]
     pub dtype: ComputeDtype,
@@ -445,9 +455,6 @@ pub struct EvaluateArgs {
     /// refuses it). Below 8, GSM's are drawn as the reference draws them.
     #[arg(long)]
     pub shots: Option<usize>,
-    /// How prompts are wrapped: tulu (prolora's chat format) or none (a base model).
-    #[arg(long, value_enum, default_value = "tulu")]
-    pub chat_format: crate::evaluate::ChatFormat,
     /// Run HumanEval's model-written code (sandboxed python3 subprocesses).
     #[arg(long)]
     pub allow_code_execution: bool,
@@ -812,7 +819,7 @@ fn load_model_from(
     args: &ModelArgs,
     device: &candle_core::Device,
 ) -> Result<(crate::model::Llama, ChatEncoder)> {
-    let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
+    let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?, args.chat_format)?;
     encoder.check_fits(source.config.vocab_size)?;
     let quant = Quantization::new(args.quantize, args.double_quant);
     let mut model = source.load_quantized(args.dtype.on(device), quant, device)?;
@@ -878,6 +885,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         stop: args.stop.clone(),
         past_positions: args.past_max_positions,
+        stop_ids: Vec::new(),
     };
     settings
         .validate()
@@ -933,6 +941,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     })?;
     let device = crate::device::open(args.model.device)?;
     let (model, encoder) = load_model_from(&source, &args.model, &device)?;
+    let settings = Settings {
+        stop_ids: encoder.stop_ids().to_vec(),
+        ..settings
+    };
     let mut progress = crate::progress::Progress::new(true, "prompts", requests.len(), 0, 0);
     let mut lines = String::new();
     let mut completed = 0;
@@ -990,7 +1002,7 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         temperature: args.temperature,
         samples: args.samples,
         shots: args.shots,
-        chat_format: args.chat_format,
+        chat_format: args.model.chat_format,
         allow_code_execution: args.allow_code_execution,
         seed: args.seed,
     };
@@ -1065,7 +1077,7 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
         atomic::check_output(path, "the results file", &[], args.overwrite || args.update)?;
     }
     let (model, encoder) = load_model_from(&source, &args.model, &device)?;
-    let mut engine = ev::Engine::new(&model, encoder.tokenizer(), args.batch_size);
+    let mut engine = ev::Engine::new(&model, &encoder, args.batch_size);
     let mut all = serde_json::Map::new();
     for b in &benchmarks {
         let started = std::time::Instant::now();
@@ -1221,8 +1233,8 @@ fn write_output<T>(
     atomic::write_with(out, |w| write(w))
 }
 
-fn data_encoder(spec: &str) -> Result<ChatEncoder> {
-    ChatEncoder::new(source::tokenizer(spec, "main")?)
+fn data_encoder(input: &DataInput) -> Result<ChatEncoder> {
+    ChatEncoder::new(source::tokenizer(&input.tokenizer, "main")?, input.chat_format)
 }
 
 fn data_options(input: &DataInput) -> Result<LoadOptions> {
@@ -1243,7 +1255,7 @@ fn data_encode(args: EncodeArgs) -> Result<()> {
              data to a file, or drop --json (the summary then goes to stderr)"
         );
     }
-    let encoder = data_encoder(&args.input.tokenizer)?;
+    let encoder = data_encoder(&args.input)?;
     let opts = data_options(&args.input)?;
     let tokenizer = Path::new(&args.input.tokenizer);
     let mut inputs = vec![args.input.data.as_path()];
@@ -1265,7 +1277,7 @@ fn data_encode(args: EncodeArgs) -> Result<()> {
 }
 
 fn data_inspect(args: InspectArgs) -> Result<()> {
-    let encoder = data_encoder(&args.input.tokenizer)?;
+    let encoder = data_encoder(&args.input)?;
     let opts = data_options(&args.input)?;
     let marks = if std::io::stdout().is_terminal() {
         &inspect::ANSI

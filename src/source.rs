@@ -9,7 +9,7 @@ use crate::model::{Llama, LlamaConfig};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
-use tokenizers::Tokenizer;
+use crate::tokenizer::ModelTokenizer;
 
 /// Base weights of a preset are fixed, like a downloaded checkpoint: the run seed only touches
 /// the adapters and the data order.
@@ -117,24 +117,20 @@ impl ModelSource {
         })
     }
 
-    /// The model's tokenizer, or the one `spec` names (see [`tokenizer`]) when given.
-    pub fn tokenizer(&self, spec: Option<&str>) -> Result<Tokenizer> {
+    /// The model's tokenizer and its special tokens, or the one `spec` names (see
+    /// [`tokenizer`]) when given.
+    pub fn tokenizer(&self, spec: Option<&str>) -> Result<ModelTokenizer> {
         if let Some(spec) = spec {
             return tokenizer(spec, "main");
         }
         match &self.origin {
-            Origin::Preset(_) => Tokenizer::from_bytes(LLAMA2_TOKENIZER_JSON)
-                .map_err(|e| anyhow::anyhow!("built-in tokenizer: {e}")),
-            Origin::Dir(dir) => {
-                let p = dir.join("tokenizer.json");
-                if !p.exists() {
-                    bail!(
-                        "{}: no tokenizer.json; pass one with --tokenizer (or model.tokenizer in the config)",
-                        dir.display()
-                    );
-                }
-                load_tokenizer(&p)
-            }
+            Origin::Preset(name) => ModelTokenizer::from_builtin(
+                LLAMA2_TOKENIZER_JSON,
+                self.config.bos_token_id,
+                self.config.eos_token_id,
+                &format!("the {name} preset's tokenizer"),
+            ),
+            Origin::Dir(dir) => ModelTokenizer::from_dir(dir),
         }
     }
 
@@ -151,22 +147,17 @@ impl ModelSource {
     }
 }
 
-/// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json, a directory holding one,
-/// or a model (a preset or a Hub repo id) whose tokenizer to use.
-pub fn tokenizer(spec: &str, revision: &str) -> Result<Tokenizer> {
+/// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json (with the files beside
+/// it), a directory holding one, or a model (a preset or a Hub repo id) whose tokenizer to use.
+pub fn tokenizer(spec: &str, revision: &str) -> Result<ModelTokenizer> {
     let path = Path::new(spec);
     if path.is_file() {
-        return load_tokenizer(path);
+        return ModelTokenizer::from_file(path);
     }
     if path.join("tokenizer.json").is_file() {
-        return load_tokenizer(&path.join("tokenizer.json"));
+        return ModelTokenizer::from_dir(path);
     }
     ModelSource::resolve(spec, revision)?.tokenizer(None)
-}
-
-fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path)
-        .map_err(|e| anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))
 }
 
 /// `f32`, `bf16`, `f16` or `f64`.
