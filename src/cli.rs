@@ -819,7 +819,10 @@ fn load_model_from(
     args: &ModelArgs,
     device: &candle_core::Device,
 ) -> Result<(crate::model::Llama, ChatEncoder)> {
-    let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?, args.chat_format)?;
+    let encoder = ChatEncoder::new(
+        source.tokenizer(args.tokenizer.as_deref())?,
+        args.chat_format,
+    )?;
     encoder.check_fits(source.config.vocab_size)?;
     let quant = Quantization::new(args.quantize, args.double_quant);
     let mut model = source.load_quantized(args.dtype.on(device), quant, device)?;
@@ -1030,6 +1033,14 @@ fn evaluate(mut args: EvaluateArgs) -> Result<()> {
                     run.display(), m.source, m.quantize, args.model.spec.model, args.model.quantize
                 );
             }
+            if cfg.data.chat_format != args.model.chat_format {
+                crate::to_stderr!(
+                    "warning: {} was trained in --chat-format {}; evaluating in --chat-format {}",
+                    run.display(),
+                    cfg.data.chat_format,
+                    args.model.chat_format
+                );
+            }
         }
         // Held to the end: no `train` replaces the adapter while it is evaluated.
         held.push(crate::train::run_dir::lock_for_evaluation(run)?);
@@ -1234,7 +1245,10 @@ fn write_output<T>(
 }
 
 fn data_encoder(input: &DataInput) -> Result<ChatEncoder> {
-    ChatEncoder::new(source::tokenizer(&input.tokenizer, "main")?, input.chat_format)
+    ChatEncoder::new(
+        source::tokenizer(&input.tokenizer, "main")?,
+        input.chat_format,
+    )
 }
 
 fn data_options(input: &DataInput) -> Result<LoadOptions> {

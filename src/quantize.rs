@@ -120,6 +120,7 @@ fn write_model(source: &ModelSource, out: &Path, nf4: Option<bool>) -> Result<Qu
                 "tokenizer_config.json",
                 "special_tokens_map.json",
                 "generation_config.json",
+                "chat_template.jinja",
             ] {
                 if dir.join(f).exists() {
                     atomic::copy(&dir.join(f), &out.join(f))?;

@@ -6,10 +6,10 @@ use crate::model::nf4::Quantization;
 use crate::model::preset::{self, LLAMA2_TOKENIZER_JSON};
 use crate::model::weights::{RandomWeights, SafetensorsWeights, WeightSource};
 use crate::model::{Llama, LlamaConfig};
+use crate::tokenizer::ModelTokenizer;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
-use crate::tokenizer::ModelTokenizer;
 
 /// Base weights of a preset are fixed, like a downloaded checkpoint: the run seed only touches
 /// the adapters and the data order.

@@ -69,7 +69,10 @@ impl ModelTokenizer {
         // The name in tokenizer_config.json, else special_tokens_map.json, else the token of the
         // model config's id.
         let special = |name: &str, id_key: &str| -> Result<Option<String>> {
-            for (file, v) in [("tokenizer_config.json", &config), ("special_tokens_map.json", &map)] {
+            for (file, v) in [
+                ("tokenizer_config.json", &config),
+                ("special_tokens_map.json", &map),
+            ] {
                 if let Some(text) = token_text(v, name)
                     .with_context(|| format!("{}: {name}", dir.join(file).display()))?
                 {
@@ -85,7 +88,10 @@ impl ModelTokenizer {
         let pad = special("pad_token", "pad_token_id")?;
         let mut chat_template = match &config {
             Some(v) => template_of(v).with_context(|| {
-                format!("{}: chat_template", dir.join("tokenizer_config.json").display())
+                format!(
+                    "{}: chat_template",
+                    dir.join("tokenizer_config.json").display()
+                )
             })?,
             None => None,
         };
@@ -96,7 +102,10 @@ impl ModelTokenizer {
                     .with_context(|| format!("cannot read {}", jinja.display()))?,
             );
         }
-        let mut eos_ids: Vec<u32> = eos.iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
+        let mut eos_ids: Vec<u32> = eos
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .collect();
         eos_ids.extend(ids(&model_config, "eos_token_id"));
         eos_ids.extend(ids(&generation, "eos_token_id"));
         Ok(ModelTokenizer {
@@ -165,8 +174,8 @@ impl ModelTokenizer {
 
     /// A built-in tokenizer.json whose special tokens are the model config's ids (a preset).
     pub fn from_builtin(json: &[u8], bos_id: u32, eos_id: u32, origin: &str) -> Result<Self> {
-        let tokenizer =
-            Tokenizer::from_bytes(json).map_err(|e| anyhow!("{origin}: built-in tokenizer: {e}"))?;
+        let tokenizer = Tokenizer::from_bytes(json)
+            .map_err(|e| anyhow!("{origin}: built-in tokenizer: {e}"))?;
         let name = |id: u32| tokenizer.id_to_token(id);
         Ok(ModelTokenizer {
             bos: name(bos_id),
@@ -258,7 +267,7 @@ impl ModelTokenizer {
                    that matches the model)";
         if n > vocab_size {
             bail!(
-                "the tokenizer {} has {n} tokens but the model's vocab_size is {vocab_size}: {fix}",
+                "the tokenizer has {n} tokens but the model's vocab_size is {vocab_size} ({}): {fix}",
                 self.origin
             );
         }
@@ -275,8 +284,8 @@ impl ModelTokenizer {
         // SmolLM2's 49152).
         if n * 10 < vocab_size * 9 {
             bail!(
-                "the tokenizer {} has {n} tokens but the model's vocab_size is {vocab_size}: it is \
-                 another model's tokenizer, whose ids name other tokens; {fix}",
+                "the tokenizer has {n} tokens but the model's vocab_size is {vocab_size} ({}): it \
+                 is another model's tokenizer, whose ids name other tokens; {fix}",
                 self.origin
             );
         }
@@ -291,7 +300,8 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let v = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
     Ok(Some(v))
 }
 

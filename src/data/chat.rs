@@ -295,7 +295,8 @@ impl ChatEncoder {
         match self.format {
             ChatFormat::Tulu => self.encode_tulu(messages, max_seq_len),
             ChatFormat::Model => {
-                let (text, answers) = spans::template_answers(self.template(), &self.specials, messages)?;
+                let (text, answers) =
+                    spans::template_answers(self.template(), &self.specials, messages)?;
                 spans::encode(self.tokenizer(), &text, &answers, false, max_seq_len)
             }
             ChatFormat::None => {

@@ -140,7 +140,11 @@ fn answer<'a>(through: &str, from: usize, content: &str, specials: &'a [String])
         .unwrap_or((from, from));
     let first = specials
         .iter()
-        .filter_map(|s| through[content_end..].find(s.as_str()).map(|at| (at, s.as_str())))
+        .filter_map(|s| {
+            through[content_end..]
+                .find(s.as_str())
+                .map(|at| (at, s.as_str()))
+        })
         .min_by_key(|&(at, s)| (at, std::cmp::Reverse(s.len())));
     match first {
         Some((at, s)) => Answer {

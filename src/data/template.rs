@@ -89,10 +89,8 @@ impl ChatTemplate {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
-                Value::from_iter([
-                    ("role", Value::from(m.role.as_str())),
-                    ("content", Value::from(m.content.as_str())),
-                ])
+                // A map in Python's dict order (preserve_order), for templates that iterate it.
+                minijinja::context! { role => m.role.as_str(), content => m.content.as_str() }
             })
             .collect();
         let template = self.env.get_template(NAME).expect("added in new");
@@ -255,7 +253,11 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) if v.kind() == ValueKind::Number => {
             Some(" ".repeat(usize::try_from(v).map_err(|_| bad("indent must be ≥ 0"))?))
         }
-        Some(v) => Some(v.as_str().ok_or_else(|| bad("indent must be a number or a string"))?.to_string()),
+        Some(v) => Some(
+            v.as_str()
+                .ok_or_else(|| bad("indent must be a number or a string"))?
+                .to_string(),
+        ),
     };
     let (item, key) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
@@ -386,7 +388,10 @@ mod tests {
             "26 Jul 2024|July Friday Fri|24-07 13:25:09 208 %"
         );
         assert_eq!(strftime("%Y-%m-%d", 0).unwrap(), "1970-01-01");
-        assert_eq!(strftime("%Y-%m-%d %a", 951_782_400).unwrap(), "2000-02-29 Tue");
+        assert_eq!(
+            strftime("%Y-%m-%d %a", 951_782_400).unwrap(),
+            "2000-02-29 Tue"
+        );
         assert!(strftime("%Q", 0).is_err());
     }
 }
