@@ -679,6 +679,12 @@ fn merge(args: MergeArgs) -> Result<()> {
             atomic::check_output(&args.out, "--out", &[dir, &args.adapter], args.overwrite)?;
             crate::export::merge(dir, &source.config, &args.adapter, &args.out)?;
         }
+        Origin::Gguf(path) => bail!(
+            "--model {}: merge writes a safetensors checkpoint from a safetensors base; for \
+             llama.cpp, export the adapter itself (prolora export --format gguf-lora) and load \
+             it with the GGUF, or merge into the checkpoint the GGUF was converted from",
+            path.display()
+        ),
         Origin::Preset(name) => {
             // A small preset is written out whole first, so merge can be tried offline; a
             // large one's random weights are not worth gigabytes of disk.
@@ -1221,7 +1227,7 @@ fn model_inputs<'a>(source: &'a ModelSource, args: &'a ModelArgs) -> Vec<&'a Pat
 /// The local directories a model is read from (none for a preset).
 fn local_dirs(source: &ModelSource) -> Vec<&Path> {
     match &source.origin {
-        Origin::Dir(dir) => vec![dir.as_path()],
+        Origin::Dir(dir) | Origin::Gguf(dir) => vec![dir.as_path()],
         Origin::Preset(_) => Vec::new(),
     }
 }

@@ -7,14 +7,15 @@
 //! AddedToken objects; `chat_template` as a string or a list of `{name, template}`),
 //! `special_tokens_map.json` (older files), `chat_template.jinja` (before the config's
 //! template), and `config.json` / `generation_config.json` (`eos_token_id`, an id or a list: each
-//! ends a generation).
+//! ends a generation). A GGUF carries all of these in its metadata.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::Tokenizer;
+
+use crate::gguf;
 
 /// The tokenizer and its special tokens.
 #[derive(Clone)]
@@ -31,8 +32,8 @@ pub struct ModelTokenizer {
     origin: String,
 }
 
-/// The special tokens of a tokenizer that comes with no `tokenizer_config.json` (a GGUF, a
-/// preset): ids, which are looked up in the vocabulary.
+/// The special tokens of a tokenizer that comes with no `tokenizer_config.json` (a GGUF):
+/// ids, which are looked up in the vocabulary.
 pub struct SpecialIds {
     pub bos: Option<u32>,
     pub eos: Option<u32>,
@@ -121,12 +122,29 @@ impl ModelTokenizer {
         .checked()?)
     }
 
-    /// A tokenizer whose special tokens are known by id (a GGUF's, a preset's); `add_bos` sets
-    /// its post-processor as transformers does for a tokenizer built without a tokenizer.json.
+    /// A GGUF's tokenizer as transformers converts it (its post-processor adds BOS/EOS as
+    /// `tokenizer.ggml.add_bos_token` / `add_eos_token` say), its special tokens (the EOS and
+    /// any `eot_token_id` end a generation) and `tokenizer.chat_template`.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let file = gguf::GgufFile::open(path)?;
+        let info = gguf::tokenizer::info(&file)?;
+        let id = |t: &Option<gguf::tokenizer::SpecialToken>| t.as_ref().map(|t| t.id);
+        let specials = SpecialIds {
+            bos: id(&info.bos),
+            eos: id(&info.eos),
+            more_eos: id(&info.eot).into_iter().collect(),
+            unk: id(&info.unk),
+            pad: id(&info.pad),
+        };
+        let tokenizer = gguf::tokenizer::tokenizer(&file)?;
+        let origin = path.display().to_string();
+        Self::from_ids(tokenizer, specials, info.chat_template, &origin)
+    }
+
+    /// A tokenizer whose special tokens are known by id.
     pub fn from_ids(
-        mut tokenizer: Tokenizer,
+        tokenizer: Tokenizer,
         specials: SpecialIds,
-        add_bos: bool,
         chat_template: Option<String>,
         origin: &str,
     ) -> Result<Self> {
@@ -142,21 +160,6 @@ impl ModelTokenizer {
         let eos = text(specials.eos, "EOS")?;
         let unk = text(specials.unk, "unknown-token")?;
         let pad = text(specials.pad, "padding")?;
-        let processor = match (&bos, specials.bos) {
-            (Some(b), Some(id)) if add_bos => TemplateProcessing::builder()
-                .try_single(format!("{b}:0 $A:0"))
-                .and_then(|t| t.try_pair(format!("{b}:0 $A:0 {b}:1 $B:1")))
-                .map_err(|e| anyhow!("{origin}: BOS {b:?}: {e}"))?
-                .special_tokens(vec![(b.clone(), id)])
-                .build(),
-            _ => TemplateProcessing::builder()
-                .try_single("$A:0")
-                .and_then(|t| t.try_pair("$A:0 $B:1"))
-                .expect("a valid template")
-                .build(),
-        }
-        .map_err(|e| anyhow!("{origin}: building the post-processor: {e}"))?;
-        tokenizer.with_post_processor(Some(processor));
         let mut eos_ids: Vec<u32> = specials.eos.into_iter().collect();
         eos_ids.extend(specials.more_eos);
         Ok(ModelTokenizer {
@@ -247,6 +250,18 @@ impl ModelTokenizer {
         .into_iter()
         .filter_map(|(name, t)| t.clone().map(|t| (name, t)))
         .collect()
+    }
+
+    /// `tokenizer_config.json` and `generation_config.json` naming the special tokens and
+    /// the ids that end a generation, for a directory written beside a tokenizer.json.
+    pub fn configs(&self) -> (Value, Value) {
+        let tokenizer_config: serde_json::Map<String, Value> = self
+            .template_specials()
+            .into_iter()
+            .map(|(name, text)| (name.to_string(), Value::from(text)))
+            .collect();
+        let generation_config = serde_json::json!({ "eos_token_id": self.eos_ids });
+        (Value::Object(tokenizer_config), generation_config)
     }
 
     /// One more id past the largest the tokenizer can produce.

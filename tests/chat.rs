@@ -233,7 +233,7 @@ fn tokenizer_without_eos_is_rejected() {
         unk: None,
         pad: None,
     };
-    let t = ModelTokenizer::from_ids(t, none, false, None, "empty").unwrap();
+    let t = ModelTokenizer::from_ids(t, none, None, "empty").unwrap();
     for format in [ChatFormat::Tulu, ChatFormat::None] {
         let err = ChatEncoder::new(t.clone(), format)
             .err()

@@ -316,3 +316,34 @@ fn quantize_keeps_the_chat_template_and_the_tokenizer_configs() {
         );
     }
 }
+
+/// What `quantize` writes beside the tokenizer.json of a GGUF model reads back as the same
+/// special tokens, stop ids and template.
+#[test]
+fn a_gguf_tokenizer_written_as_files_reads_back_the_same() {
+    let t = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    t.tokenizer()
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    let (tokenizer_config, generation_config) = t.configs();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        tokenizer_config.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        generation_config.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        t.chat_template().unwrap(),
+    )
+    .unwrap();
+    let back = ModelTokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(back.template_specials(), t.template_specials());
+    assert_eq!(back.eos_ids(), t.eos_ids());
+    assert_eq!(back.chat_template(), t.chat_template());
+}

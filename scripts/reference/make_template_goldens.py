@@ -19,6 +19,12 @@ prompt           apply_chat_template(messages[:k], add_generation_prompt=True), 
 open_instruct    open-instruct's 2023 encode_with_messages_format (imported from make_goldens.py,
                  unchanged) with this tokenizer, whose eos_token is <|im_end|>, at max_seq_length
 
+and tests/fixtures/chat-template/smollm2_model.json: the model itself, as transformers' GGUF loader
+gives it (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, f32, eager attention): the
+mean cross-entropy over the assistant tokens (labels = input_ids where assistant_masks is 1,
+HF's shift) of three conversations, and greedy `generate` (eos_token_id 2) from the generation
+prompts of two;
+
 and tests/fixtures/chat-template/features.json: small templates that use what chat templates
 use (whitespace control, trim_blocks/lstrip_blocks, namespace, Python string methods, tojson,
 loop controls, generation blocks), rendered by transformers' render_jinja_template: the text and
@@ -37,6 +43,7 @@ from transformers import AutoTokenizer
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = "tests/fixtures/chat-template/smollm2.json"
 FEATURES_OUT = "tests/fixtures/chat-template/features.json"
+MODEL_OUT = "tests/fixtures/chat-template/smollm2_model.json"
 
 # The assistant turn of SmolLM2's template, and the same turn with the answer (content and
 # <|im_end|>) in a generation block.
@@ -190,6 +197,56 @@ END {{ loop.index }}/{{ messages|length }} {{ message.content.split()|length }} 
 }
 
 
+MODEL_LOSS_CASES = ["single_turn", "multi_turn", "unicode"]
+MODEL_GREEDY_CASES = ["single_turn", "system"]
+GREEDY_TOKENS = 24
+
+
+def make_model_goldens(gguf):
+    import shutil
+    import tempfile
+
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(gguf, os.path.join(d, "model.gguf"))
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            d, gguf_file="model.gguf", dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+    with open(OUT) as f:
+        cases = {c["name"]: c for c in json.load(f)["cases"]}
+    loss_sum, tokens, per_case = 0.0, 0, []
+    for name in MODEL_LOSS_CASES:
+        c = cases[name]
+        ids = torch.tensor([c["input_ids"]])
+        labels = torch.tensor([[i if m == 1 else -100 for i, m in zip(c["input_ids"], c["assistant_masks"])]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].double()
+        target = labels[0, 1:]
+        keep = target != -100
+        ce = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+        per_case.append({"name": name, "tokens": int(keep.sum()), "loss_sum": ce})
+        loss_sum += ce
+        tokens += int(keep.sum())
+    greedy = []
+    for name in MODEL_GREEDY_CASES:
+        prompt = cases[name]["prompt"]["input_ids"]
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt]), max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=[2],
+                pad_token_id=2,
+            )[0, len(prompt):].tolist()
+        ended = "eos" if out[-1] == 2 else "max_new_tokens"
+        greedy.append({"name": name, "new_ids": out[:-1] if ended == "eos" else out, "ended": ended})
+    with open(MODEL_OUT, "w") as f:
+        json.dump({"transformers": transformers.__version__, "torch": torch.__version__, "dtype": "float32",
+                   "loss": loss_sum / tokens, "tokens": tokens, "per_case": per_case,
+                   "max_new_tokens": GREEDY_TOKENS, "greedy": greedy}, f, indent=1)
+        f.write("\n")
+
+
 def make_features():
     from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -289,4 +346,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    make_model_goldens(os.path.abspath(sys.argv[1]))
     make_features()
