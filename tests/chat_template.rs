@@ -347,3 +347,60 @@ fn a_gguf_tokenizer_written_as_files_reads_back_the_same() {
     assert_eq!(back.eos_ids(), t.eos_ids());
     assert_eq!(back.chat_template(), t.chat_template());
 }
+
+/// SmolLM2 itself in its own template (f32, from the GGUF): the loss over the answers and the
+/// greedy answers to generation prompts equal transformers' (its GGUF loader, f32).
+#[test]
+fn smollm2_in_its_template_gives_transformers_loss_and_greedy_answers() {
+    use prolora::generate::{generate, Ended, Settings};
+    let g = golden("smollm2_model");
+    let conversations = golden("smollm2");
+    let case = |name: &str| -> Vec<Message> {
+        let c = conversations["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
+        messages(&c["messages"])
+    };
+    let gguf = common::smollm2::smollm2_gguf();
+    let source = prolora::source::ModelSource::resolve(gguf.to_str().unwrap(), "main").unwrap();
+    let model = source
+        .load(candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    let enc = encoder(ChatFormat::Model);
+    let examples: Vec<Encoded> = g["per_case"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let messages = case(c["name"].as_str().unwrap());
+            enc.encode(&Example { messages }, 4096).unwrap()
+        })
+        .collect();
+    let (loss, tokens) = prolora::eval::evaluate(&model, &examples, 3).unwrap();
+    assert_eq!(tokens as u64, g["tokens"].as_u64().unwrap());
+    let want = g["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want).abs() < 1e-4,
+        "loss {loss} vs transformers' {want}"
+    );
+    let n = g["max_new_tokens"].as_u64().unwrap() as usize;
+    for greedy in g["greedy"].as_array().unwrap() {
+        let name = greedy["name"].as_str().unwrap();
+        let messages = case(name);
+        let k = messages
+            .iter()
+            .rposition(|m| m.role == prolora::data::chat::Role::User)
+            .unwrap();
+        let c = generate(&model, &enc, &messages[..=k], &Settings::greedy(n)).unwrap();
+        assert_eq!(c.ids, ids(&greedy["new_ids"]), "{name}");
+        let ended = if greedy["ended"] == "eos" {
+            Ended::Eos
+        } else {
+            Ended::MaxNewTokens
+        };
+        assert_eq!(c.ended, ended, "{name}");
+    }
+}
