@@ -1,8 +1,10 @@
-//! Chat examples (`{"messages": [...]}`) → token ids and loss labels.
+//! Chat examples (`{"messages": [...]}`) → token ids and loss labels, in one of three formats.
 //!
-//! Reproduces open-instruct's 2023 `encode_with_messages_format` (the encoder of the paper's
-//! training code) exactly, including its quirks; see docs/methods.md §7 for the rules and
-//! `tests/fixtures/chat-encoding/*.jsonl` for the golden cases.
+//! `tulu` reproduces open-instruct's 2023 `encode_with_messages_format` (the encoder of the
+//! paper's training code) exactly, including its quirks, with the tokenizer's own EOS; see
+//! docs/methods.md §7 and `tests/fixtures/chat-encoding/*.jsonl`. `model` renders the model's
+//! chat template as transformers does and `none` uses the plain texts; both take the loss on the
+//! answers as `spans.rs` finds them (docs/methods.md §7a, `tests/fixtures/chat-template/`).
 
 use std::path::Path;
 
@@ -171,7 +173,7 @@ impl ChatEncoder {
                 })?;
                 let template = ChatTemplate::new(source, &tokenizer.template_specials())
                     .with_context(|| format!("{origin}"))?;
-                if let Some(id) = spans::end_of_turn(&template, tokenizer.tokenizer(), &specials)? {
+                if let Some(id) = spans::end_of_turn(&template, tokenizer.tokenizer(), &specials) {
                     if !stop_ids.contains(&id) {
                         stop_ids.push(id);
                     }

@@ -98,13 +98,14 @@ pub fn encode(
     Ok((Encoded { input_ids, labels }, full_len))
 }
 
-/// The id of the token that ends the template's assistant turns (found on a probe
-/// conversation), if it writes one.
+/// The id of the token that ends the template's assistant turns, found on a probe
+/// conversation; none if the template writes none, or refuses the probe (a template that
+/// demands a system message: the EOS ids still end a generation).
 pub fn end_of_turn(
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
     specials: &[String],
-) -> Result<Option<u32>> {
+) -> Option<u32> {
     let probe = [
         Message {
             role: Role::User,
@@ -115,13 +116,13 @@ pub fn end_of_turn(
             content: "Hello".into(),
         },
     ];
-    let before = template.render(&probe[..1], true)?.text;
-    let through = template.render(&probe, false)?.text;
+    let before = template.render(&probe[..1], true).ok()?.text;
+    let through = template.render(&probe, false).ok()?.text;
     if !through.starts_with(&before) {
-        return Ok(None);
+        return None;
     }
     let found = answer(&through, before.len(), &probe[1].content, specials);
-    Ok(found.terminator.and_then(|t| tokenizer.token_to_id(t)))
+    found.terminator.and_then(|t| tokenizer.token_to_id(t))
 }
 
 struct Answer<'a> {
