@@ -34,7 +34,8 @@ pub struct RunConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// A built-in preset (`tiny`), a local directory, or a Hugging Face Hub repo id.
+    /// A built-in preset (`tiny`), a local directory, a LLaMA GGUF file, or a Hugging Face Hub
+    /// repo id.
     pub source: String,
     /// Hub revision (branch, tag or commit).
     #[serde(default = "default_revision")]

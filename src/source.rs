@@ -44,6 +44,9 @@ impl ModelSource {
             });
         }
         let path = Path::new(spec);
+        if names_gguf(spec) && !path.exists() {
+            bail!("model {spec}: no such GGUF file");
+        }
         if gguf::is_gguf(path) {
             let config = gguf::config::llama_config(&gguf::GgufFile::open(path)?)?;
             return Ok(Self {
@@ -85,6 +88,7 @@ impl ModelSource {
     pub fn resolve_shapes(spec: &str, revision: &str) -> Result<(String, LlamaConfig)> {
         if preset::preset(spec).is_some()
             || Path::new(spec).exists()
+            || names_gguf(spec)
             || !hub::looks_like_repo_id(spec)
         {
             let source = Self::resolve(spec, revision)?;
@@ -160,6 +164,13 @@ impl ModelSource {
             Origin::Dir(d) | Origin::Gguf(d) => d.display().to_string(),
         }
     }
+}
+
+/// Whether `spec` is named like a GGUF file (so never taken for a Hub id).
+fn names_gguf(spec: &str) -> bool {
+    Path::new(spec)
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json (with the files beside

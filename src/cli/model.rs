@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 /// Where a model's files come from.
 #[derive(Args)]
 pub struct ModelSpec {
-    /// A preset (tiny, llama2-7b, …), a local transformers directory, or a Hub repo id (org/name).
+    /// A preset (tiny, llama2-7b, …), a local transformers directory, a LLaMA GGUF file, or a
+    /// Hub repo id (org/name).
     #[arg(long)]
     pub model: String,
     /// Hub revision: branch, tag or commit.
@@ -41,7 +42,8 @@ pub struct ModelArgs {
     /// Compute dtype (auto: bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto", value_parser = choices::<ComputeDtype>(ComputeDtype::NAMES))]
     pub dtype: ComputeDtype,
-    /// Storage of the block linears (nf4: 4-bit, as bitsandbytes; quantized while loading).
+    /// Storage of the block linears (none: as stored — a GGUF's quantized ones stay in their
+    /// blocks; nf4: 4-bit, as bitsandbytes; quantized while loading).
     #[arg(long, default_value = "none", value_parser = choices::<Storage>(Storage::NAMES))]
     pub quantize: Storage,
     /// With --quantize nf4: also quantize the block scales (double quantization).

@@ -2,8 +2,10 @@
 //! llama.cpp's, llama.cpp's row permutation of the query and key projections undone, blocks
 //! dequantized to f32 as gguf-py does.
 
-use super::quants;
+use super::ggml_type::GgmlType;
+use super::quants::{self, BlockMatrix};
 use super::read::{GgufFile, TensorInfo};
+use crate::model::frozen::FrozenLinear;
 use crate::model::weights::{check_finite, WeightSource};
 use crate::model::LlamaConfig;
 use anyhow::{bail, Result};
@@ -136,5 +138,30 @@ impl WeightSource for GgufWeights {
 
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).is_some_and(|n| self.file.tensor(&n).is_some())
+    }
+
+    /// A quantized linear stays in its blocks (dequantized tile by tile in each product); a
+    /// float one is read in `dtype`.
+    fn get_linear(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<FrozenLinear> {
+        let (t, _) = self.stored(name)?;
+        if matches!(t.ggml_type, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            return Ok(FrozenLinear::new(self.get(name, shape, dtype, device)?));
+        }
+        let (t, bytes) = self.rows(name, shape)?;
+        let blocks = BlockMatrix::new(t.ggml_type, shape[0], shape[1], bytes)?;
+        if blocks.to_f32().iter().any(|v| !v.is_finite()) {
+            bail!(
+                "{}: tensor {} holds NaN or infinite values: the file is damaged",
+                self.file.path().display(),
+                t.name
+            );
+        }
+        Ok(FrozenLinear::blocks(blocks, dtype, device)?)
     }
 }
