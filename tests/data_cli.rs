@@ -35,8 +35,7 @@ fn encode_writes_open_instructs_ids_and_labels() {
     let text: String = cases.iter().map(|c| format!("{c}\n")).collect();
     std::fs::write(&input, text).unwrap();
     let out = dir.path().join("out.jsonl");
-    // LLaMA-2's tokenizer.json, with the config.json beside it that names its EOS.
-    let tok = root().join("tests/fixtures/peft-lora/base/tokenizer.json");
+    let tok = root().join("assets/llama2-tokenizer.json");
     ok(&prolora(&[
         "data",
         "encode",
@@ -61,8 +60,7 @@ fn encode_writes_open_instructs_ids_and_labels() {
 /// one line, before anything is read; without `--json` stdout holds the data alone.
 #[test]
 fn encode_to_stdout_keeps_the_summary_out_of_the_data() {
-    // LLaMA-2's tokenizer.json, with the config.json beside it that names its EOS.
-    let tok = root().join("tests/fixtures/peft-lora/base/tokenizer.json");
+    let tok = root().join("assets/llama2-tokenizer.json");
     let args = |json: bool| {
         let mut a = vec![
             "data",

@@ -172,7 +172,7 @@ impl ChatEncoder {
                     )
                 })?;
                 let template = ChatTemplate::new(source, &tokenizer.template_specials())
-                    .with_context(|| format!("{origin}"))?;
+                    .with_context(|| origin.clone())?;
                 if let Some(id) = spans::end_of_turn(&template, tokenizer.tokenizer(), &specials) {
                     if !stop_ids.contains(&id) {
                         stop_ids.push(id);
