@@ -3,6 +3,7 @@
 use crate::adapters::AdapterConfig;
 use crate::choice::named_enum;
 use crate::data::batch::Order;
+use crate::data::chat::ChatFormat;
 use crate::device::{ComputeDtype, DeviceSpec};
 use crate::model::nf4::{Quantization, Storage};
 use anyhow::{bail, Context, Result};
@@ -90,6 +91,10 @@ pub struct DataConfig {
     /// Cache tokenized data (in `$PROLORA_CACHE`, else `~/.cache/prolora/tokenized`).
     #[serde(default = "default_true")]
     pub cache: bool,
+    /// How conversations become text: `tulu` (open-instruct's, the paper's), `model` (the
+    /// model's own chat template) or `none` (the texts alone, for a base model).
+    #[serde(default = "default_chat_format")]
+    pub chat_format: ChatFormat,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -173,6 +178,9 @@ fn default_quantize() -> Storage {
 }
 fn default_true() -> bool {
     true
+}
+fn default_chat_format() -> ChatFormat {
+    ChatFormat::Tulu
 }
 fn default_max_seq_len() -> usize {
     512

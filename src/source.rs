@@ -8,10 +8,10 @@ use crate::model::nf4::Quantization;
 use crate::model::preset::{self, LLAMA2_TOKENIZER_JSON};
 use crate::model::weights::{RandomWeights, SafetensorsWeights, WeightSource};
 use crate::model::{Llama, LlamaConfig};
+use crate::tokenizer::ModelTokenizer;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
-use tokenizers::Tokenizer;
 
 /// Base weights of a preset are fixed, like a downloaded checkpoint: the run seed only touches
 /// the adapters and the data order.
@@ -135,25 +135,21 @@ impl ModelSource {
         })
     }
 
-    /// The model's tokenizer, or the one `spec` names (see [`tokenizer`]) when given.
-    pub fn tokenizer(&self, spec: Option<&str>) -> Result<Tokenizer> {
+    /// The model's tokenizer and its special tokens, or the one `spec` names (see
+    /// [`tokenizer`]) when given.
+    pub fn tokenizer(&self, spec: Option<&str>) -> Result<ModelTokenizer> {
         if let Some(spec) = spec {
             return tokenizer(spec, "main");
         }
         match &self.origin {
-            Origin::Preset(_) => Tokenizer::from_bytes(LLAMA2_TOKENIZER_JSON)
-                .map_err(|e| anyhow::anyhow!("built-in tokenizer: {e}")),
-            Origin::Dir(dir) => {
-                let p = dir.join("tokenizer.json");
-                if !p.exists() {
-                    bail!(
-                        "{}: no tokenizer.json; pass one with --tokenizer (or model.tokenizer in the config)",
-                        dir.display()
-                    );
-                }
-                load_tokenizer(&p)
-            }
-            Origin::Gguf(path) => gguf::tokenizer::tokenizer(&gguf::GgufFile::open(path)?),
+            Origin::Preset(name) => ModelTokenizer::from_builtin(
+                LLAMA2_TOKENIZER_JSON,
+                self.config.bos_token_id,
+                self.config.eos_token_id,
+                &format!("the {name} preset's tokenizer"),
+            ),
+            Origin::Dir(dir) => ModelTokenizer::from_dir(dir),
+            Origin::Gguf(path) => ModelTokenizer::from_gguf(path),
         }
     }
 
@@ -177,25 +173,21 @@ fn names_gguf(spec: &str) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-/// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json, a GGUF file, a directory
-/// holding a tokenizer.json, or a model (a preset or a Hub repo id) whose tokenizer to use.
-pub fn tokenizer(spec: &str, revision: &str) -> Result<Tokenizer> {
+/// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json (with the files beside
+/// it), a GGUF file, a directory holding a tokenizer.json, or a model (a preset or a Hub repo
+/// id) whose tokenizer to use.
+pub fn tokenizer(spec: &str, revision: &str) -> Result<ModelTokenizer> {
     let path = Path::new(spec);
     if gguf::is_gguf(path) {
-        return gguf::tokenizer::tokenizer(&gguf::GgufFile::open(path)?);
+        return ModelTokenizer::from_gguf(path);
     }
     if path.is_file() {
-        return load_tokenizer(path);
+        return ModelTokenizer::from_file(path);
     }
     if path.join("tokenizer.json").is_file() {
-        return load_tokenizer(&path.join("tokenizer.json"));
+        return ModelTokenizer::from_dir(path);
     }
     ModelSource::resolve(spec, revision)?.tokenizer(None)
-}
-
-fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path)
-        .map_err(|e| anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))
 }
 
 /// `f32`, `bf16`, `f16` or `f64`.

@@ -74,6 +74,7 @@ fn tokenizer_spec_accepts_a_gguf_file() {
     let path = common::fixture("gguf/spm-tokenizer.gguf");
     let tok = prolora::source::tokenizer(path.to_str().unwrap(), "main").unwrap();
     let ids = tok
+        .tokenizer()
         .encode("Hello, world!", true)
         .unwrap()
         .get_ids()

@@ -2,7 +2,7 @@
 
 use super::choices;
 use crate::adapters::peft;
-use crate::data::chat::ChatEncoder;
+use crate::data::chat::{ChatEncoder, ChatFormat};
 use crate::device::{ComputeDtype, DeviceSpec};
 use crate::model::nf4::{Quantization, Storage};
 use crate::source::{ModelSource, Origin};
@@ -34,6 +34,11 @@ pub struct ModelArgs {
     /// tokenizer.json, a preset or a Hub repo id.
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// How conversations and prompts become text: tulu (open-instruct's, what prolora trains
+    /// in by default), model (the model's own chat template) or none (the plain text, for a
+    /// base model).
+    #[arg(long, default_value = "tulu", value_parser = choices::<ChatFormat>(ChatFormat::NAMES))]
+    pub chat_format: ChatFormat,
     /// Compute dtype (auto: bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto", value_parser = choices::<ComputeDtype>(ComputeDtype::NAMES))]
     pub dtype: ComputeDtype,
@@ -64,7 +69,10 @@ pub(super) fn load_model_from(
     args: &ModelArgs,
     device: &candle_core::Device,
 ) -> Result<(crate::model::Llama, ChatEncoder)> {
-    let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
+    let encoder = ChatEncoder::new(
+        source.tokenizer(args.tokenizer.as_deref())?,
+        args.chat_format,
+    )?;
     encoder.check_fits(source.config.vocab_size)?;
     let quant = Quantization::new(args.quantize, args.double_quant);
     let mut model = source.load_quantized(args.dtype.on(device), quant, device)?;

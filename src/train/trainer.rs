@@ -95,7 +95,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         Some(spec) => source.tokenizer(Some(spec)).context("model.tokenizer")?,
         None => source.tokenizer(None)?,
     };
-    let encoder = ChatEncoder::new(tokenizer)?;
+    let encoder = ChatEncoder::new(tokenizer, cfg.data.chat_format).context("data.chat_format")?;
     encoder.check_fits(source.config.vocab_size)?;
     // Data before the model: a bad line should not wait for a 13 GB load.
     let data = Data::load(cfg, &encoder)?;
