@@ -2,7 +2,7 @@
 
 use super::choices;
 use super::model::ModelSpec;
-use crate::data::chat::ChatEncoder;
+use crate::data::chat::{ChatEncoder, ChatFormat};
 use crate::device::{ComputeDtype, DeviceSpec};
 use crate::model::nf4::{Quantization, Storage};
 use crate::serve::server::{serve, Options};
@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// or a Hub repo id.
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// How chat messages become the prompt: tulu (open-instruct's, what prolora trains in by
+    /// default), model (the model's own chat template) or none (the plain text).
+    #[arg(long, default_value = "tulu", value_parser = choices::<ChatFormat>(ChatFormat::NAMES))]
+    pub chat_format: ChatFormat,
     /// Compute dtype (auto: bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto", value_parser = choices::<ComputeDtype>(ComputeDtype::NAMES))]
     pub dtype: ComputeDtype,
@@ -135,12 +139,13 @@ pub(super) fn run(args: ServeArgs) -> Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout),
     };
     let (tokenizer, device, dtype) = (args.tokenizer.clone(), args.device, args.dtype);
+    let format = args.chat_format;
     let quant = Quantization::new(args.quantize, args.double_quant);
     serve(
         options,
         Box::new(move || {
             let device = crate::device::open(device)?;
-            let encoder = ChatEncoder::new(source.tokenizer(tokenizer.as_deref())?)?;
+            let encoder = ChatEncoder::new(source.tokenizer(tokenizer.as_deref())?, format)?;
             encoder.check_fits(source.config.vocab_size)?;
             let model = source.load_quantized(dtype.on(&device), quant, &device)?;
             Ok((model, encoder))

@@ -97,12 +97,12 @@ struct Row {
 impl Row {
     /// Tells the client `token`, chosen from `logits`; returns whether the row goes on (false:
     /// it ended, or its client is gone).
-    fn accept(&mut self, token: u32, logits: Vec<f32>, eos: u32, metrics: &Metrics) -> bool {
+    fn accept(&mut self, token: u32, logits: Vec<f32>, ends: &[u32], metrics: &Metrics) -> bool {
         let events = &self.job.events;
         if self.job.record_logits && events.send(Event::Logits(logits)).is_err() {
             return false;
         }
-        if token == eos {
+        if ends.contains(&token) {
             let _ = events.send(Event::Done(Finish::Eos));
             return false;
         }
@@ -137,6 +137,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     /// The adapter names the connection threads check requests against.
     names: Arc<Mutex<Vec<String>>>,
+    /// The ids that end an answer: the model's EOS, and the chat format's ends of turn.
+    ends: Vec<u32>,
 }
 
 impl Engine {
@@ -149,6 +151,7 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> Self {
         let routing = attach_routers(&mut model);
+        let ends = vec![model.cfg.eos_token_id];
         Engine {
             model,
             routing,
@@ -160,7 +163,19 @@ impl Engine {
             max_len,
             metrics,
             names: Arc::new(Mutex::new(Vec::new())),
+            ends,
         }
+    }
+
+    /// Also ends an answer at these ids (a chat format's EOS ids and end of turn, as
+    /// `ChatEncoder::stop_ids` gives them).
+    pub fn with_stop_ids(mut self, ids: &[u32]) -> Self {
+        for &id in ids {
+            if !self.ends.contains(&id) {
+                self.ends.push(id);
+            }
+        }
+        self
     }
 
     pub fn model(&self) -> &Llama {
@@ -280,11 +295,10 @@ impl Engine {
             generated: 0,
             next: 0,
         };
-        let eos = self.model.cfg.eos_token_id;
         let logits = logits.into_iter().next().expect("one row");
         let s = &row.job.sampling;
         let token = choose(&logits, s.temperature, s.top_p, &mut row.rng);
-        if row.accept(token, logits, eos, &self.metrics) {
+        if row.accept(token, logits, &self.ends, &self.metrics) {
             self.cache = Some(match self.cache.take() {
                 Some(running) => KvCache::stack(vec![running, cache])?,
                 None => cache,
@@ -320,7 +334,6 @@ impl Engine {
         let cache = self.cache.as_mut().expect("rows run on a cache");
         let hidden = self.model.hidden_cached(&ids, &Ctx::eval(), cache)?;
         let logits = self.logits(&hidden)?;
-        let eos = self.model.cfg.eos_token_id;
         // Each row draws from its own stream: the rows choose in parallel.
         let tokens: Vec<u32> = {
             let draws: Vec<(&mut StdRng, f64, f64)> = self
@@ -338,7 +351,7 @@ impl Engine {
             .rows
             .iter_mut()
             .zip(tokens.into_iter().zip(logits))
-            .map(|(row, (token, logits))| row.accept(token, logits, eos, &self.metrics))
+            .map(|(row, (token, logits))| row.accept(token, logits, &self.ends, &self.metrics))
             .collect();
         self.metrics.step(started.elapsed(), goes_on.len());
         if goes_on.contains(&false) {

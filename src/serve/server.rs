@@ -92,7 +92,8 @@ pub fn serve(options: Options, load: Loader) -> Result<()> {
                     bail!("--max-model-len {max_len} must be in 2..={positions} (the model's max_position_embeddings)");
                 }
                 let vocab = model.cfg.vocab_size;
-                let mut engine = Engine::new(model, max_batch, max_len, max_loaded, engine_metrics);
+                let mut engine = Engine::new(model, max_batch, max_len, max_loaded, engine_metrics)
+                    .with_stop_ids(encoder.stop_ids());
                 for (name, dir) in &adapters {
                     engine.add_adapter(name, dir)?;
                 }
@@ -398,7 +399,7 @@ fn prompt_ids(state: &State, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
             }
             (ids.clone(), "prompt")
         }
-        // `--chat-format model` plugs in here (the tulu format for now).
+        // In the chat format of --chat-format.
         Prompt::Chat(messages) => (
             state
                 .encoder
