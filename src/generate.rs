@@ -270,7 +270,7 @@ impl Row {
         tokenizer: &Tokenizer,
         settings: &Settings,
     ) -> Result<Option<u32>> {
-        let token = choose(logits, settings, &mut self.rng);
+        let token = choose(logits, settings.temperature, settings.top_p, &mut self.rng);
         if token == model.cfg.eos_token_id || settings.stop_ids.contains(&token) {
             self.ended = Some(Ended::Eos);
             return Ok(None);
@@ -323,7 +323,7 @@ fn first_stop<'a>(text: &str, stops: &'a [String]) -> Option<(usize, &'a str)> {
 /// The next token: the argmax at temperature 0, else a sample from the tempered softmax
 /// restricted to the nucleus (transformers' TopPLogitsWarper: the most probable tokens whose
 /// probabilities sum to at least `top_p`, and never fewer than one).
-fn choose(logits: &[f32], settings: &Settings, rng: &mut StdRng) -> u32 {
+pub fn choose(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> u32 {
     let argmax = || {
         logits
             .iter()
@@ -337,10 +337,10 @@ fn choose(logits: &[f32], settings: &Settings, rng: &mut StdRng) -> u32 {
             })
             .0 as u32
     };
-    if settings.temperature == 0.0 {
+    if temperature == 0.0 {
         return argmax();
     }
-    let t = settings.temperature;
+    let t = temperature;
     let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<(usize, f64)> = logits
         .iter()
@@ -361,7 +361,7 @@ fn choose(logits: &[f32], settings: &Settings, rng: &mut StdRng) -> u32 {
         let mut mass = 0.0;
         let within = probs[..k].iter().position(|p| {
             mass += p.1;
-            mass >= settings.top_p
+            mass >= top_p
         });
         match within {
             Some(i) => break i + 1,
@@ -398,11 +398,11 @@ mod tests {
     fn temperature_zero_is_the_argmax_and_a_seed_repeats_its_samples() {
         let logits = [0.1f32, 2.0, -1.0, 1.9];
         let mut rng = StdRng::seed_from_u64(0);
-        assert_eq!(choose(&logits, &settings(0.0, 1.0, 0), &mut rng), 1);
+        assert_eq!(choose(&logits, 0.0, 1.0, &mut rng), 1);
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
             (0..50)
-                .map(|_| choose(&logits, &settings(1.0, 1.0, seed), &mut rng))
+                .map(|_| choose(&logits, 1.0, 1.0, &mut rng))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(5), draw(5));
@@ -419,7 +419,7 @@ mod tests {
         let draws = |top_p| {
             let mut rng = StdRng::seed_from_u64(3);
             (0..400)
-                .map(|_| choose(&logits, &settings(1.0, top_p, 3), &mut rng))
+                .map(|_| choose(&logits, 1.0, top_p, &mut rng))
                 .collect::<std::collections::BTreeSet<u32>>()
         };
         assert_eq!(draws(0.5), [0].into());

@@ -677,8 +677,9 @@ fn params_prints_the_papers_counts() {
     );
 }
 
-/// Every shipped config parses, validates and fits its model's shapes (no download: the LLaMA-2
-/// configs are checked against the llama2-7b preset's shapes).
+/// Every shipped config parses, validates and fits its model's shapes (no model download: the
+/// LLaMA-2 configs are checked against the llama2-7b preset's shapes, SmolLM2's against the
+/// real model of the tests).
 #[test]
 fn every_shipped_config_is_valid() {
     use prolora::config::RunConfig;
@@ -687,12 +688,19 @@ fn every_shipped_config_is_valid() {
         let path = entry.unwrap().path();
         let cfg =
             RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-        let shapes = match cfg.model.source.as_str() {
-            "meta-llama/Llama-2-7b-hf" => "llama2-7b",
-            other => other,
+        let model = if cfg.model.source == "models/SmolLM2-135M-Instruct.Q4_1.gguf" {
+            let gguf = common::smollm2::smollm2_gguf();
+            prolora::source::ModelSource::resolve(gguf.to_str().unwrap(), "main")
+                .unwrap()
+                .config
+        } else {
+            let shapes = match cfg.model.source.as_str() {
+                "meta-llama/Llama-2-7b-hf" => "llama2-7b",
+                other => other,
+            };
+            prolora::model::preset::preset(shapes)
+                .unwrap_or_else(|| panic!("{}: unknown model", path.display()))
         };
-        let model = prolora::model::preset::preset(shapes)
-            .unwrap_or_else(|| panic!("{}: unknown model", path.display()));
         cfg.adapter
             .param_count(&model)
             .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));

@@ -7,7 +7,7 @@
 use super::adapters::{AdapterStore, ServedAdapter};
 use super::metrics::Metrics;
 use super::routing::{attach_routers, Routing};
-use super::sampling::choose;
+use crate::generate::choose;
 use crate::ctx::Ctx;
 use crate::model::kv_cache::KvCache;
 use crate::model::Llama;

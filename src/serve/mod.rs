@@ -6,6 +6,5 @@ pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod routing;
-pub mod sampling;
 pub mod server;
 pub mod text;
