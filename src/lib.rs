@@ -15,6 +15,7 @@ pub mod eval;
 pub mod evaluate;
 pub mod export;
 pub mod generate;
+pub mod gguf;
 pub mod hub;
 pub mod kernels;
 pub mod lock;

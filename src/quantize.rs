@@ -105,6 +105,7 @@ fn write_model(source: &ModelSource, out: &Path, nf4: Option<bool>) -> Result<Qu
                 .with_context(|| format!("{}: not valid JSON", p.display()))?
         }
         Origin::Preset(_) => hf_config(cfg),
+        Origin::Gguf(path) => crate::gguf::config::hf_config(&crate::gguf::GgufFile::open(path)?)?,
     };
     if let Some(double_quant) = nf4 {
         config["quantization_config"] = bnb::quantization_config(double_quant, "float32");
@@ -127,6 +128,7 @@ fn write_model(source: &ModelSource, out: &Path, nf4: Option<bool>) -> Result<Qu
             }
         }
         Origin::Preset(_) => atomic::write(&out.join("tokenizer.json"), LLAMA2_TOKENIZER_JSON)?,
+        Origin::Gguf(path) => crate::gguf::tokenizer::write_files(path, out)?,
     }
     Ok(QuantizeSummary {
         tensors: tensors.len(),

@@ -1,6 +1,8 @@
-//! Where a model comes from: a built-in preset, a local directory, or a Hub repo id (resolved
-//! to its directory in the standard Hugging Face cache).
+//! Where a model comes from: a built-in preset, a local directory, a GGUF file, or a Hub repo
+//! id (resolved to its directory in the standard Hugging Face cache).
 
+use crate::gguf;
+use crate::gguf::weights::GgufWeights;
 use crate::hub;
 use crate::model::nf4::Quantization;
 use crate::model::preset::{self, LLAMA2_TOKENIZER_JSON};
@@ -18,6 +20,8 @@ const PRESET_WEIGHT_SEED: u64 = 0;
 pub enum Origin {
     Preset(String),
     Dir(PathBuf),
+    /// A llama.cpp model file: config, weights and tokenizer all inside.
+    Gguf(PathBuf),
 }
 
 /// A model whose config is known and whose weights can be loaded.
@@ -29,7 +33,8 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
-    /// Resolves `spec`: a preset name, an existing directory, or `org/name` on the Hub.
+    /// Resolves `spec`: a preset name, an existing directory, a GGUF file, or `org/name` on
+    /// the Hub.
     pub fn resolve(spec: &str, revision: &str) -> Result<Self> {
         if let Some(config) = preset::preset(spec) {
             return Ok(Self {
@@ -39,11 +44,19 @@ impl ModelSource {
             });
         }
         let path = Path::new(spec);
+        if gguf::is_gguf(path) {
+            let config = gguf::config::llama_config(&gguf::GgufFile::open(path)?)?;
+            return Ok(Self {
+                origin: Origin::Gguf(path.to_path_buf()),
+                config,
+                repo_id: None,
+            });
+        }
         let mut repo_id = None;
         let dir = if path.is_dir() {
             path.to_path_buf()
         } else if path.exists() {
-            bail!("model {spec}: is a file; pass the directory that holds config.json and the safetensors weights");
+            bail!("model {spec}: is a file but not a GGUF one; pass a .gguf file or the directory that holds config.json and the safetensors weights");
         } else if hub::looks_like_repo_id(spec) {
             repo_id = Some(spec.to_string());
             hub::fetch_model(spec, revision, &hub::HubOptions::from_env()?)?
@@ -114,6 +127,7 @@ impl ModelSource {
             }
             Origin::Preset(_) => Box::new(RandomWeights::drawn_in_nf4(PRESET_WEIGHT_SEED)),
             Origin::Dir(dir) => Box::new(SafetensorsWeights::from_dir(dir)?),
+            Origin::Gguf(path) => Box::new(GgufWeights::open(path, &self.config)?),
         })
     }
 
@@ -135,6 +149,7 @@ impl ModelSource {
                 }
                 load_tokenizer(&p)
             }
+            Origin::Gguf(path) => gguf::tokenizer::tokenizer(&gguf::GgufFile::open(path)?),
         }
     }
 
@@ -146,15 +161,18 @@ impl ModelSource {
         }
         match &self.origin {
             Origin::Preset(n) => n.clone(),
-            Origin::Dir(d) => d.display().to_string(),
+            Origin::Dir(d) | Origin::Gguf(d) => d.display().to_string(),
         }
     }
 }
 
-/// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json, a directory holding one,
-/// or a model (a preset or a Hub repo id) whose tokenizer to use.
+/// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json, a GGUF file, a directory
+/// holding a tokenizer.json, or a model (a preset or a Hub repo id) whose tokenizer to use.
 pub fn tokenizer(spec: &str, revision: &str) -> Result<Tokenizer> {
     let path = Path::new(spec);
+    if gguf::is_gguf(path) {
+        return gguf::tokenizer::tokenizer(&gguf::GgufFile::open(path)?);
+    }
     if path.is_file() {
         return load_tokenizer(path);
     }

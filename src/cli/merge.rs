@@ -39,6 +39,12 @@ pub(super) fn run(args: MergeArgs) -> Result<()> {
             atomic::check_output(&args.out, "--out", &[dir, &args.adapter], args.overwrite)?;
             crate::export::merge(dir, &source.config, &args.adapter, &args.out)?;
         }
+        Origin::Gguf(path) => bail!(
+            "--model {}: merge writes a safetensors checkpoint from a safetensors base; for \
+             llama.cpp, export the adapter itself (prolora export --format gguf-lora) and load \
+             it with the GGUF, or merge into the checkpoint the GGUF was converted from",
+            path.display()
+        ),
         Origin::Preset(name) => {
             // A small preset is written out whole first, so merge can be tried offline; a
             // large one's random weights are not worth gigabytes of disk.

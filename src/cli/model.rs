@@ -88,7 +88,7 @@ pub(super) fn model_inputs<'a>(source: &'a ModelSource, args: &'a ModelArgs) -> 
 /// The local directories a model is read from (none for a preset).
 pub(super) fn local_dirs(source: &ModelSource) -> Vec<&Path> {
     match &source.origin {
-        Origin::Dir(dir) => vec![dir.as_path()],
+        Origin::Dir(dir) | Origin::Gguf(dir) => vec![dir.as_path()],
         Origin::Preset(_) => Vec::new(),
     }
 }

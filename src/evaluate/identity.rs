@@ -61,6 +61,10 @@ impl Identity {
                 };
                 (shown, Some(model_sha256(dir)?))
             }
+            Origin::Gguf(path) => (
+                absolute(path).display().to_string(),
+                Some(content_hash::sha256(path)?),
+            ),
         };
         let model_revision = match (&loading.source.repo_id, &loading.source.origin) {
             // A Hub model is loaded from its snapshot directory, named by the commit.

@@ -1,0 +1,170 @@
+//! Dequantization of ggml blocks to f32, bit for bit as llama.cpp's Python package
+//! (`gguf.quants.dequantize`) computes it: the same f32 products and sums in the same order
+//! (no fused multiply-adds).
+
+use super::ggml_type::GgmlType;
+use anyhow::{bail, Result};
+use half::f16;
+use rayon::prelude::*;
+
+/// The types [`dequantize`] reads.
+pub const SUPPORTED: [GgmlType; 9] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Whether [`dequantize`] reads `ty`.
+pub fn supported(ty: GgmlType) -> bool {
+    SUPPORTED.contains(&ty)
+}
+
+/// Blocks handed to one rayon task.
+const BLOCKS_PER_TASK: usize = 64;
+
+/// Dequantizes `bytes`, whole blocks of `ty`, into `out` (`block_size` values per block).
+pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    let (block, size) = (ty.block_size(), ty.type_size());
+    if bytes.len() % size != 0 || bytes.len() / size * block != out.len() {
+        bail!(
+            "{ty}: {} bytes do not hold the {} values asked for",
+            bytes.len(),
+            out.len()
+        );
+    }
+    let one: fn(&[u8], &mut [f32]) = match ty {
+        GgmlType::F32 => f32_block,
+        GgmlType::F16 => f16_block,
+        GgmlType::BF16 => bf16_block,
+        GgmlType::Q8_0 => q8_0,
+        GgmlType::Q4_0 => q4_0,
+        GgmlType::Q4_1 => q4_1,
+        GgmlType::Q4_K => q4_k,
+        GgmlType::Q5_K => q5_k,
+        GgmlType::Q6_K => q6_k,
+        other => bail!(
+            "tensors of type {other} cannot be read (supported: {})",
+            SUPPORTED.map(|t| t.name()).join(", ")
+        ),
+    };
+    bytes
+        .par_chunks(size * BLOCKS_PER_TASK)
+        .zip(out.par_chunks_mut(block * BLOCKS_PER_TASK))
+        .for_each(|(b, o)| {
+            for (b, o) in b.chunks_exact(size).zip(o.chunks_exact_mut(block)) {
+                one(b, o);
+            }
+        });
+    Ok(())
+}
+
+fn half_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+fn f32_block(b: &[u8], out: &mut [f32]) {
+    out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+}
+
+fn f16_block(b: &[u8], out: &mut [f32]) {
+    out[0] = half_at(b, 0);
+}
+
+fn bf16_block(b: &[u8], out: &mut [f32]) {
+    out[0] = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+}
+
+/// d (f16), 32 × i8: `q · d`.
+fn q8_0(b: &[u8], out: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+        *o = f32::from(q as i8) * d;
+    }
+}
+
+/// d (f16), 16 bytes of nibbles (low nibbles are elements 0..16, high 16..32): `d · (q − 8)`.
+fn q4_0(b: &[u8], out: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (i, &q) in b[2..18].iter().enumerate() {
+        out[i] = d * f32::from((q & 0x0F) as i8 - 8);
+        out[i + 16] = d * f32::from((q >> 4) as i8 - 8);
+    }
+}
+
+/// d, m (f16), nibbles as Q4_0: `d · q + m`.
+fn q4_1(b: &[u8], out: &mut [f32]) {
+    let (d, m) = (half_at(b, 0), half_at(b, 2));
+    for (i, &q) in b[4..20].iter().enumerate() {
+        out[i] = d * f32::from(q & 0x0F) + m;
+        out[i + 16] = d * f32::from(q >> 4) + m;
+    }
+}
+
+/// The eight 6-bit scales and mins of a Q4_K/Q5_K super-block, packed in 12 bytes.
+fn k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = s[j] & 0x3F;
+        mn[j] = s[j + 4] & 0x3F;
+        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 2) & 0x30);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
+    }
+    (sc, mn)
+}
+
+/// d, dmin (f16), 12 bytes of scales/mins, 128 bytes of nibbles: sub-block j (32 values) is
+/// the low (j even) or high nibbles of bytes 32·(j/2)…, `d·sc_j · q − dmin·m_j`.
+fn q4_k(b: &[u8], out: &mut [f32]) {
+    let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+    let (sc, mn) = k_scales(&b[4..16]);
+    let qs = &b[16..144];
+    for j in 0..8 {
+        let (scale, min) = (d * f32::from(sc[j]), dmin * f32::from(mn[j]));
+        let shift = 4 * (j % 2);
+        for l in 0..32 {
+            let q = (qs[32 * (j / 2) + l] >> shift) & 0x0F;
+            out[32 * j + l] = scale * f32::from(q) - min;
+        }
+    }
+}
+
+/// Q4_K with a fifth bit: bit j of the 32 bytes `qh` is sub-block j's high bit.
+fn q5_k(b: &[u8], out: &mut [f32]) {
+    let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+    let (sc, mn) = k_scales(&b[4..16]);
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for j in 0..8 {
+        let (scale, min) = (d * f32::from(sc[j]), dmin * f32::from(mn[j]));
+        let shift = 4 * (j % 2);
+        for l in 0..32 {
+            let low = (qs[32 * (j / 2) + l] >> shift) & 0x0F;
+            let high = (qh[l] >> j) & 1;
+            out[32 * j + l] = scale * f32::from(low | (high << 4)) - min;
+        }
+    }
+}
+
+/// 128 bytes of low nibbles, 64 of 2-bit highs, 16 i8 scales (one per 16 values), d (f16):
+/// group g (32 values) of half h = g/4 takes nibble (g/2)%2 of `ql[64h + 32(g%2) + l]` and
+/// bits 2(g%4) of `qh[32h + l]`; value `(d · scale) · (q − 32)`.
+fn q6_k(b: &[u8], out: &mut [f32]) {
+    let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+    let d = half_at(b, 208);
+    for g in 0..8 {
+        let h = g / 4;
+        for l in 0..32 {
+            let low = (ql[64 * h + 32 * (g % 2) + l] >> (4 * ((g / 2) % 2))) & 0x0F;
+            let high = (qh[32 * h + l] >> (2 * (g % 4))) & 0x03;
+            let q = (low | (high << 4)) as i8 - 32;
+            let e = 32 * g + l;
+            out[e] = d * f32::from(scales[e / 16] as i8) * f32::from(q);
+        }
+    }
+}
