@@ -1,0 +1,77 @@
+//! `prolora export --format gguf-lora`: the adapter as the GGUF LoRA that llama.cpp's
+//! `convert_lora_to_gguf.py` writes from the equivalent PEFT LoRA, for `llama-server --lora`,
+//! `llama-cli --lora` and ollama's `ADAPTER`.
+//!
+//! llama.cpp adds `scale · B·(A·x)` with `scale = adapter.lora.alpha / r` (r from each B's
+//! shape); the factors carry the whole ΔW and alpha = r, so its scale is 1 at any strength
+//! the user does not change. Its LLaMA weights store each head's q/k rows in the interleaved
+//! order of its RoPE, so B's rows of q and k are permuted the same way.
+
+use super::lora_equivalent;
+use crate::adapters::peft;
+use crate::gguf::write::{self, TensorData};
+use crate::gguf::Value;
+use crate::model::LlamaConfig;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// Writes the adapter in `adapter_dir` (any kind) for `model` to the GGUF file `out`.
+pub fn export_gguf_lora(adapter_dir: &Path, model: &LlamaConfig, out: &Path) -> Result<()> {
+    let set = peft::load(adapter_dir, model, DType::F32, &Device::Cpu)?;
+    let (rank, factors) = lora_equivalent(&set)?;
+    let mut tensors = Vec::with_capacity(2 * factors.len());
+    for (t, a, b) in factors {
+        let name = format!("blk.{}.{}.weight", t.layer, gguf_name(t.module)?);
+        let b = match t.module {
+            "q_proj" => rope_rows(&b, model.num_attention_heads)?,
+            "k_proj" => rope_rows(&b, model.num_key_value_heads)?,
+            _ => b,
+        };
+        tensors.push(f32_tensor(format!("{name}.lora_a"), &a)?);
+        tensors.push(f32_tensor(format!("{name}.lora_b"), &b)?);
+    }
+    let metadata = [
+        ("general.architecture", Value::String("llama".into())),
+        ("general.type", Value::String("adapter".into())),
+        ("adapter.type", Value::String("lora".into())),
+        ("adapter.lora.alpha", Value::F32(rank as f32)),
+        // gguf-py writes it into every file it makes; llama.cpp reads it for quantized types.
+        ("general.quantization_version", Value::U32(2)),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    write::write(out, &metadata, &tensors)
+}
+
+/// llama.cpp's name of a decoder-block linear (`convert_hf_to_gguf.py`'s tensor map).
+fn gguf_name(module: &str) -> Result<&'static str> {
+    Ok(match module {
+        "q_proj" => "attn_q",
+        "k_proj" => "attn_k",
+        "v_proj" => "attn_v",
+        "o_proj" => "attn_output",
+        "gate_proj" => "ffn_gate",
+        "up_proj" => "ffn_up",
+        "down_proj" => "ffn_down",
+        other => bail!("no GGUF tensor name for the linear {other}"),
+    })
+}
+
+/// The rows of a q or k projection (or of its LoRA B) in llama.cpp's order: within each of
+/// the `heads` heads, the first and second halves interleaved (row 2i is row i, row 2i+1 is
+/// row i + head_dim/2), as `convert_hf_to_gguf.py`'s `LlamaModel.permute` does.
+fn rope_rows(rows: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, cols) = rows.dims2()?;
+    if heads == 0 || out % (2 * heads) != 0 {
+        bail!("{out} rows do not split into {heads} heads of an even size");
+    }
+    Ok(rows
+        .reshape((heads, 2, out / heads / 2, cols))?
+        .transpose(1, 2)?
+        .reshape((out, cols))?)
+}
+
+fn f32_tensor(name: String, t: &Tensor) -> Result<TensorData> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(TensorData::f32(name, t.dims().to_vec(), &values))
+}
