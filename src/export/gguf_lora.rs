@@ -3,16 +3,18 @@
 //! `llama-cli --lora` and ollama's `ADAPTER`.
 //!
 //! llama.cpp adds `scale · B·(A·x)` with `scale = adapter.lora.alpha / r` (r from each B's
-//! shape); the factors carry the whole ΔW and alpha = r, so its scale is 1 at any strength
-//! the user does not change. Its LLaMA weights store each head's q/k rows in the interleaved
-//! order of its RoPE, so B's rows of q and k are permuted the same way.
+//! shape) times the strength the user picks (1 by default); the factors carry the whole ΔW
+//! and alpha = r, so the scale is that strength. Its LLaMA weights store each head's q/k rows
+//! in the interleaved order of its RoPE, so B's rows of q and k are permuted the same way.
 
 use super::lora_equivalent;
 use crate::adapters::peft;
+use crate::gguf::weights::gguf_name;
 use crate::gguf::write::{self, TensorData};
 use crate::gguf::Value;
+use crate::model::config::linear_path;
 use crate::model::LlamaConfig;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
@@ -22,7 +24,9 @@ pub fn export_gguf_lora(adapter_dir: &Path, model: &LlamaConfig, out: &Path) -> 
     let (rank, factors) = lora_equivalent(&set)?;
     let mut tensors = Vec::with_capacity(2 * factors.len());
     for (t, a, b) in factors {
-        let name = format!("blk.{}.{}.weight", t.layer, gguf_name(t.module)?);
+        let checkpoint_name = format!("model.layers.{}.{}.weight", t.layer, linear_path(t.module));
+        let name = gguf_name(&checkpoint_name)
+            .with_context(|| format!("no GGUF tensor name for {checkpoint_name}"))?;
         let b = match t.module {
             "q_proj" => rope_rows(&b, model.num_attention_heads)?,
             "k_proj" => rope_rows(&b, model.num_key_value_heads)?,
@@ -41,20 +45,6 @@ pub fn export_gguf_lora(adapter_dir: &Path, model: &LlamaConfig, out: &Path) -> 
     ]
     .map(|(k, v)| (k.to_string(), v));
     write::write(out, &metadata, &tensors)
-}
-
-/// llama.cpp's name of a decoder-block linear (`convert_hf_to_gguf.py`'s tensor map).
-fn gguf_name(module: &str) -> Result<&'static str> {
-    Ok(match module {
-        "q_proj" => "attn_q",
-        "k_proj" => "attn_k",
-        "v_proj" => "attn_v",
-        "o_proj" => "attn_output",
-        "gate_proj" => "ffn_gate",
-        "up_proj" => "ffn_up",
-        "down_proj" => "ffn_down",
-        other => bail!("no GGUF tensor name for the linear {other}"),
-    })
 }
 
 /// The rows of a q or k projection (or of its LoRA B) in llama.cpp's order: within each of
