@@ -3,6 +3,7 @@
 use crate::adapters::AdapterConfig;
 use crate::choice::named_enum;
 use crate::data::batch::Order;
+use crate::data::chat::ChatFormat;
 use crate::device::{ComputeDtype, DeviceSpec};
 use crate::model::nf4::{Quantization, Storage};
 use anyhow::{bail, Context, Result};
@@ -33,7 +34,8 @@ pub struct RunConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// A built-in preset (`tiny`), a local directory, or a Hugging Face Hub repo id.
+    /// A built-in preset (`tiny`), a local directory, a LLaMA GGUF file, or a Hugging Face Hub
+    /// repo id.
     pub source: String,
     /// Hub revision (branch, tag or commit).
     #[serde(default = "default_revision")]
@@ -89,6 +91,10 @@ pub struct DataConfig {
     /// Cache tokenized data (in `$PROLORA_CACHE`, else `~/.cache/prolora/tokenized`).
     #[serde(default = "default_true")]
     pub cache: bool,
+    /// How conversations become text: `tulu` (open-instruct's, the paper's), `model` (the
+    /// model's own chat template) or `none` (the texts alone, for a base model).
+    #[serde(default = "default_chat_format")]
+    pub chat_format: ChatFormat,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -172,6 +178,9 @@ fn default_quantize() -> Storage {
 }
 fn default_true() -> bool {
     true
+}
+fn default_chat_format() -> ChatFormat {
+    ChatFormat::Tulu
 }
 fn default_max_seq_len() -> usize {
     512

@@ -27,6 +27,9 @@ pub struct Settings {
     pub stop: Vec<String>,
     /// Go on past the model's max_position_embeddings (RoPE is defined for any position).
     pub past_positions: bool,
+    /// Token ids that end the completion besides the model config's EOS: the tokenizer's EOS
+    /// ids, a chat template's end-of-turn ([`ChatEncoder::stop_ids`]).
+    pub stop_ids: Vec<u32>,
 }
 
 impl Settings {
@@ -38,6 +41,7 @@ impl Settings {
             seed: 0,
             stop: Vec::new(),
             past_positions: false,
+            stop_ids: Vec::new(),
         }
     }
 
@@ -83,7 +87,7 @@ pub struct Completion {
     pub ended: Ended,
 }
 
-/// The assistant's reply to `messages` with the chat template.
+/// The assistant's reply to `messages` in the encoder's chat format, ending at its stop ids.
 pub fn generate(
     model: &Llama,
     encoder: &ChatEncoder,
@@ -91,7 +95,11 @@ pub fn generate(
     settings: &Settings,
 ) -> Result<Completion> {
     let prompt = encoder.encode_prompt(messages)?;
-    complete(model, encoder.tokenizer(), &prompt, settings)
+    let settings = Settings {
+        stop_ids: encoder.stop_ids().to_vec(),
+        ..settings.clone()
+    };
+    complete(model, encoder.tokenizer(), &prompt, &settings)
 }
 
 /// The continuation of `prompt` (token ids) under `settings`.
@@ -263,7 +271,7 @@ impl Row {
         settings: &Settings,
     ) -> Result<Option<u32>> {
         let token = choose(logits, settings, &mut self.rng);
-        if token == model.cfg.eos_token_id {
+        if token == model.cfg.eos_token_id || settings.stop_ids.contains(&token) {
             self.ended = Some(Ended::Eos);
             return Ok(None);
         }

@@ -29,4 +29,5 @@ pub mod runs;
 pub mod signals;
 pub mod source;
 pub mod sweep;
+pub mod tokenizer;
 pub mod train;

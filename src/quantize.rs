@@ -121,6 +121,7 @@ fn write_model(source: &ModelSource, out: &Path, nf4: Option<bool>) -> Result<Qu
                 "tokenizer_config.json",
                 "special_tokens_map.json",
                 "generation_config.json",
+                "chat_template.jinja",
             ] {
                 if dir.join(f).exists() {
                     atomic::copy(&dir.join(f), &out.join(f))?;
@@ -128,7 +129,21 @@ fn write_model(source: &ModelSource, out: &Path, nf4: Option<bool>) -> Result<Qu
             }
         }
         Origin::Preset(_) => atomic::write(&out.join("tokenizer.json"), LLAMA2_TOKENIZER_JSON)?,
-        Origin::Gguf(path) => crate::gguf::tokenizer::write_files(path, out)?,
+        Origin::Gguf(path) => {
+            crate::gguf::tokenizer::write_files(path, out)?;
+            // The special tokens, which a tokenizer.json alone does not name.
+            let (tokenizer_config, generation_config) =
+                crate::tokenizer::ModelTokenizer::from_gguf(path)?.configs();
+            for (name, v) in [
+                ("tokenizer_config.json", tokenizer_config),
+                ("generation_config.json", generation_config),
+            ] {
+                atomic::write(
+                    &out.join(name),
+                    serde_json::to_string_pretty(&v)?.as_bytes(),
+                )?;
+            }
+        }
     }
     Ok(QuantizeSummary {
         tensors: tensors.len(),

@@ -8,10 +8,10 @@ use crate::model::nf4::Quantization;
 use crate::model::preset::{self, LLAMA2_TOKENIZER_JSON};
 use crate::model::weights::{RandomWeights, SafetensorsWeights, WeightSource};
 use crate::model::{Llama, LlamaConfig};
+use crate::tokenizer::ModelTokenizer;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
-use tokenizers::Tokenizer;
 
 /// Base weights of a preset are fixed, like a downloaded checkpoint: the run seed only touches
 /// the adapters and the data order.
@@ -44,6 +44,9 @@ impl ModelSource {
             });
         }
         let path = Path::new(spec);
+        if names_gguf(spec) && !path.exists() {
+            bail!("model {spec}: no such GGUF file");
+        }
         if gguf::is_gguf(path) {
             let config = gguf::config::llama_config(&gguf::GgufFile::open(path)?)?;
             return Ok(Self {
@@ -85,6 +88,7 @@ impl ModelSource {
     pub fn resolve_shapes(spec: &str, revision: &str) -> Result<(String, LlamaConfig)> {
         if preset::preset(spec).is_some()
             || Path::new(spec).exists()
+            || names_gguf(spec)
             || !hub::looks_like_repo_id(spec)
         {
             let source = Self::resolve(spec, revision)?;
@@ -131,25 +135,21 @@ impl ModelSource {
         })
     }
 
-    /// The model's tokenizer, or the one `spec` names (see [`tokenizer`]) when given.
-    pub fn tokenizer(&self, spec: Option<&str>) -> Result<Tokenizer> {
+    /// The model's tokenizer and its special tokens, or the one `spec` names (see
+    /// [`tokenizer`]) when given.
+    pub fn tokenizer(&self, spec: Option<&str>) -> Result<ModelTokenizer> {
         if let Some(spec) = spec {
             return tokenizer(spec, "main");
         }
         match &self.origin {
-            Origin::Preset(_) => Tokenizer::from_bytes(LLAMA2_TOKENIZER_JSON)
-                .map_err(|e| anyhow::anyhow!("built-in tokenizer: {e}")),
-            Origin::Dir(dir) => {
-                let p = dir.join("tokenizer.json");
-                if !p.exists() {
-                    bail!(
-                        "{}: no tokenizer.json; pass one with --tokenizer (or model.tokenizer in the config)",
-                        dir.display()
-                    );
-                }
-                load_tokenizer(&p)
-            }
-            Origin::Gguf(path) => gguf::tokenizer::tokenizer(&gguf::GgufFile::open(path)?),
+            Origin::Preset(name) => ModelTokenizer::from_builtin(
+                LLAMA2_TOKENIZER_JSON,
+                self.config.bos_token_id,
+                self.config.eos_token_id,
+                &format!("the {name} preset's tokenizer"),
+            ),
+            Origin::Dir(dir) => ModelTokenizer::from_dir(dir),
+            Origin::Gguf(path) => ModelTokenizer::from_gguf(path),
         }
     }
 
@@ -166,25 +166,28 @@ impl ModelSource {
     }
 }
 
-/// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json, a GGUF file, a directory
-/// holding a tokenizer.json, or a model (a preset or a Hub repo id) whose tokenizer to use.
-pub fn tokenizer(spec: &str, revision: &str) -> Result<Tokenizer> {
-    let path = Path::new(spec);
-    if gguf::is_gguf(path) {
-        return gguf::tokenizer::tokenizer(&gguf::GgufFile::open(path)?);
-    }
-    if path.is_file() {
-        return load_tokenizer(path);
-    }
-    if path.join("tokenizer.json").is_file() {
-        return load_tokenizer(&path.join("tokenizer.json"));
-    }
-    ModelSource::resolve(spec, revision)?.tokenizer(None)
+/// Whether `spec` is named like a GGUF file (so never taken for a Hub id).
+fn names_gguf(spec: &str) -> bool {
+    Path::new(spec)
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path)
-        .map_err(|e| anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))
+/// What `--tokenizer` (and `model.tokenizer`) names: a tokenizer.json (with the files beside
+/// it), a GGUF file, a directory holding a tokenizer.json, or a model (a preset or a Hub repo
+/// id) whose tokenizer to use.
+pub fn tokenizer(spec: &str, revision: &str) -> Result<ModelTokenizer> {
+    let path = Path::new(spec);
+    if gguf::is_gguf(path) {
+        return ModelTokenizer::from_gguf(path);
+    }
+    if path.is_file() {
+        return ModelTokenizer::from_file(path);
+    }
+    if path.join("tokenizer.json").is_file() {
+        return ModelTokenizer::from_dir(path);
+    }
+    ModelSource::resolve(spec, revision)?.tokenizer(None)
 }
 
 /// `f32`, `bf16`, `f16` or `f64`.

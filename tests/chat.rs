@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use prolora::data::chat::{
-    encode_all, py_strip, read_jsonl, ChatEncoder, Encoded, Example, Message, Role, IGNORE_INDEX,
+    encode_all, py_strip, read_jsonl, ChatEncoder, ChatFormat, Encoded, Example, Message, Role,
+    IGNORE_INDEX,
 };
+use prolora::source;
+use prolora::tokenizer::{ModelTokenizer, SpecialIds};
 
-const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/llama2-tokenizer.json");
 const CASES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/chat-encoding/cases.jsonl"
@@ -16,7 +18,13 @@ const CASES: &str = concat!(
 
 fn encoder() -> &'static ChatEncoder {
     static ENC: OnceLock<ChatEncoder> = OnceLock::new();
-    ENC.get_or_init(|| ChatEncoder::from_file(Path::new(TOKENIZER)).expect("load tokenizer"))
+    ENC.get_or_init(|| {
+        ChatEncoder::new(
+            source::tokenizer("llama2-7b", "main").unwrap(),
+            ChatFormat::Tulu,
+        )
+        .unwrap()
+    })
 }
 
 struct Case {
@@ -138,7 +146,8 @@ fn special_tokens_split_with_own_dummy_prefix() {
     assert_eq!(ids("a</s>b"), [1, 263, 2, 289]);
     assert_eq!(ids("</s>\n"), [1, 2, 29871, 13]);
     assert_eq!(ids(""), [1]);
-    assert_eq!(encoder().eos_id(), 2);
+    assert_eq!(encoder().model_tokenizer().eos(), Some("</s>"));
+    assert_eq!(encoder().stop_ids(), [2]);
 }
 
 #[test]
@@ -217,12 +226,30 @@ fn encode_all_drops_examples_without_labels() {
 #[test]
 fn tokenizer_without_eos_is_rejected() {
     let t = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default());
-    let err = ChatEncoder::new(t).err().expect("must fail").to_string();
-    assert!(err.contains("</s>"), "{err}");
+    let none = SpecialIds {
+        bos: None,
+        eos: None,
+        more_eos: Vec::new(),
+        unk: None,
+        pad: None,
+    };
+    let t = ModelTokenizer::from_ids(t, none, None, "empty").unwrap();
+    for format in [ChatFormat::Tulu, ChatFormat::None] {
+        let err = ChatEncoder::new(t.clone(), format)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(err.contains("no EOS token"), "{err}");
+    }
+    let err = ChatEncoder::new(t, ChatFormat::Model)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("no chat template"), "{err}");
     let missing = Path::new("/nonexistent/tok.json");
     let err = format!(
         "{:#}",
-        ChatEncoder::from_file(missing).err().expect("must fail")
+        ModelTokenizer::from_file(missing).err().expect("must fail")
     );
     assert!(err.contains("/nonexistent/tok.json"), "{err}");
 }

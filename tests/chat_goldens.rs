@@ -2,14 +2,15 @@
 //! (`scripts/reference/make_data_goldens.py chat`), and properties of the label mask on random
 //! conversations: labels cover exactly the assistant answers, and truncation only cuts.
 
-use std::path::Path;
 use std::sync::OnceLock;
 
-use prolora::data::chat::{py_strip, ChatEncoder, Encoded, Example, Message, Role, IGNORE_INDEX};
+use prolora::data::chat::{
+    py_strip, ChatEncoder, ChatFormat, Encoded, Example, Message, Role, IGNORE_INDEX,
+};
+use prolora::source;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/llama2-tokenizer.json");
 const MORE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/chat-encoding/more_cases.jsonl"
@@ -17,7 +18,13 @@ const MORE: &str = concat!(
 
 fn encoder() -> &'static ChatEncoder {
     static ENC: OnceLock<ChatEncoder> = OnceLock::new();
-    ENC.get_or_init(|| ChatEncoder::from_file(Path::new(TOKENIZER)).unwrap())
+    ENC.get_or_init(|| {
+        ChatEncoder::new(
+            source::tokenizer("llama2-7b", "main").unwrap(),
+            ChatFormat::Tulu,
+        )
+        .unwrap()
+    })
 }
 
 #[test]

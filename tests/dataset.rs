@@ -3,14 +3,18 @@
 
 use std::path::{Path, PathBuf};
 
-use prolora::data::chat::{encode_all, read_jsonl, ChatEncoder};
+use prolora::data::chat::{encode_all, read_jsonl, ChatEncoder, ChatFormat};
 use prolora::data::dataset::{load, LoadOptions};
+use prolora::source;
 
-const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/llama2-tokenizer.json");
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample_chat.jsonl");
 
 fn encoder() -> ChatEncoder {
-    ChatEncoder::from_file(Path::new(TOKENIZER)).unwrap()
+    ChatEncoder::new(
+        source::tokenizer("llama2-7b", "main").unwrap(),
+        ChatFormat::Tulu,
+    )
+    .unwrap()
 }
 
 fn opts(max_seq_len: usize, skip_invalid: bool, cache_dir: Option<PathBuf>) -> LoadOptions {

@@ -4,6 +4,7 @@
 //! outputs, predictions, correctness and metrics; the string rules on the reference's tables;
 //! HumanEval's execution and pass@k.
 
+use prolora::data::chat::ChatEncoder;
 use prolora::evaluate::{self as ev, text, ChatFormat, Engine, Options, Protocol};
 use prolora::generate::{complete, Settings};
 use serde_json::Value;
@@ -39,13 +40,14 @@ fn options() -> Options {
     }
 }
 
-fn model() -> (prolora::model::Llama, tokenizers::Tokenizer) {
+fn model() -> (prolora::model::Llama, ChatEncoder) {
     let dir = common::fixture("peft-lora").join("base");
     let source = prolora::source::ModelSource::resolve(dir.to_str().unwrap(), "main").unwrap();
     let model = source
         .load(candle_core::DType::F32, &candle_core::Device::Cpu)
         .unwrap();
-    (model, source.tokenizer(None).unwrap())
+    let encoder = ChatEncoder::new(source.tokenizer(None).unwrap(), ChatFormat::Tulu).unwrap();
+    (model, encoder)
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -76,8 +78,8 @@ fn check(benchmark: &str, options: &Options) -> (Value, Value) {
 
 /// `check` against the golden file `name`.
 fn check_against(benchmark: &str, name: &str, options: &Options) -> (Value, Value) {
-    let (model, tokenizer) = model();
-    let mut engine = Engine::new(&model, &tokenizer, options.batch_size);
+    let (model, encoder) = model();
+    let mut engine = Engine::new(&model, &encoder, options.batch_size);
     let ours = ev::run(benchmark, &mut engine, options).unwrap();
     let gold = golden(name);
     let (got, want) = (
@@ -107,7 +109,13 @@ fn check_against(benchmark: &str, name: &str, options: &Options) -> (Value, Valu
                 past_positions: true,
                 ..Settings::greedy(n)
             };
-            let c = complete(&model, &tokenizer, &ids(&w["prompt_ids"]), &settings).unwrap();
+            let c = complete(
+                &model,
+                encoder.tokenizer(),
+                &ids(&w["prompt_ids"]),
+                &settings,
+            )
+            .unwrap();
             assert_eq!(
                 c.ids,
                 ids(&w["generated_ids"]),
@@ -316,8 +324,8 @@ fn humaneval_problems() -> serde_json::Map<String, Value> {
 /// Our prompts, in order, for `benchmark` under `options` (one new token each: only the prompts
 /// are compared).
 fn prompts_of(benchmark: &str, options: &Options) -> Vec<String> {
-    let (model, tokenizer) = model();
-    let mut engine = Engine::new(&model, &tokenizer, options.batch_size);
+    let (model, encoder) = model();
+    let mut engine = Engine::new(&model, &encoder, options.batch_size);
     let options = Options {
         max_new_tokens: Some(1),
         ..options.clone()
@@ -364,7 +372,8 @@ fn seeded_subsets_equal_the_reference() {
     assert_prompts_equal(prompts_of("gsm", &gsm), "gsm");
     assert_prompts_equal(prompts_of("bbh", &subset(3)), "bbh");
     assert_prompts_equal(prompts_of("tydiqa", &subset(1)), "tydiqa");
-    let humaneval: Vec<String> = ev::humaneval::prompts(&subset(3))
+    let (_, encoder) = model();
+    let humaneval: Vec<String> = ev::humaneval::prompts(&subset(3), &encoder)
         .unwrap()
         .into_iter()
         .map(|(_, p)| p)
@@ -403,8 +412,8 @@ fn mmlu_shots_and_subset_equal_the_reference() {
 
 /// The error `benchmark` stops with under `options`.
 fn error_of(benchmark: &str, options: &Options) -> String {
-    let (model, tokenizer) = model();
-    let mut engine = Engine::new(&model, &tokenizer, options.batch_size);
+    let (model, encoder) = model();
+    let mut engine = Engine::new(&model, &encoder, options.batch_size);
     format!(
         "{:#}",
         ev::run(benchmark, &mut engine, options).unwrap_err()

@@ -6,9 +6,10 @@
 use candle_core::{Device, Tensor};
 use prolora::adapters::peft;
 use prolora::config::RunConfig;
-use prolora::data::chat::{encode_all, parse_line, ChatEncoder};
+use prolora::data::chat::{encode_all, parse_line, ChatEncoder, ChatFormat};
 use prolora::model::nf4::Nf4Tensor;
 use prolora::model::LlamaConfig;
+use prolora::source;
 use proptest::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -112,7 +113,11 @@ fn run_configs_and_overrides_never_panic() {
 fn chat_lines_never_panic() {
     let data = std::fs::read_to_string(root().join("data/sample_chat.jsonl")).unwrap();
     let base = data.lines().next().unwrap().as_bytes().to_vec();
-    let encoder = ChatEncoder::from_file(&root().join("assets/llama2-tokenizer.json")).unwrap();
+    let encoder = ChatEncoder::new(
+        source::tokenizer("llama2-7b", "main").unwrap(),
+        ChatFormat::Tulu,
+    )
+    .unwrap();
     proptest!(config(cases()), |(e in edits())| {
         CHAT.tick();
         if let Ok(example) = parse_line(&text(&mutate(&base, &e))) {

@@ -186,7 +186,7 @@ fn greedy_ids_equal_transformers_generate() {
             .map(|x| x.as_u64().unwrap() as u32)
             .collect()
     };
-    let tokenizer = source.tokenizer(None).unwrap();
+    let tokenizer = source.tokenizer(None).unwrap().tokenizer().clone();
     for (prompt, want) in golden["prompts"]
         .as_array()
         .unwrap()

@@ -65,14 +65,25 @@ fn metadata_and_tensor_infos_are_what_gguf_py_wrote() {
     for entry in want["metadata"].as_array().unwrap() {
         let key = entry["key"].as_str().unwrap();
         let v = meta.require(key).unwrap();
-        assert_eq!(v.value_type(), value_type(entry["type"].as_str().unwrap()), "{key}");
+        assert_eq!(
+            v.value_type(),
+            value_type(entry["type"].as_str().unwrap()),
+            "{key}"
+        );
         if let (Value::Array(item, _), Some(t)) = (v, entry["item_type"].as_str()) {
             assert_eq!(*item, value_type(t), "{key}");
         }
-        assert!(same(v, &entry["value"]), "{key}: {v:?} vs {}", entry["value"]);
+        assert!(
+            same(v, &entry["value"]),
+            "{key}: {v:?} vs {}",
+            entry["value"]
+        );
     }
     // 2 general.* keys and ours, in the order written.
-    assert_eq!(meta.entries().len(), 2 + want["metadata"].as_array().unwrap().len());
+    assert_eq!(
+        meta.entries().len(),
+        2 + want["metadata"].as_array().unwrap().len()
+    );
     let infos = want["tensors"].as_array().unwrap();
     assert_eq!(f.tensors().len(), infos.len());
     for (t, info) in f.tensors().iter().zip(infos) {
@@ -91,13 +102,22 @@ fn typed_accessors_name_the_key_and_the_file() {
     assert_eq!(meta.u64("test.u32").unwrap(), 4_000_000_000);
     assert_eq!(meta.u64("test.u8").unwrap(), 200);
     assert_eq!(meta.f64("test.f32").unwrap(), f64::from(0.1f32));
-    assert_eq!(meta.strings("test.strings").unwrap(), ["a", "", "Ġthe", "日本"]);
+    assert_eq!(
+        meta.strings("test.strings").unwrap(),
+        ["a", "", "Ġthe", "日本"]
+    );
     assert_eq!(meta.i64s("test.i32s").unwrap(), [1, -2, 3]);
     assert_eq!(meta.opt_u64("test.absent").unwrap(), None);
     let err = meta.u64("test.i8").unwrap_err().to_string();
-    assert!(err.contains("quants.gguf") && err.contains("test.i8"), "{err}");
+    assert!(
+        err.contains("quants.gguf") && err.contains("test.i8"),
+        "{err}"
+    );
     let err = meta.str("test.absent").unwrap_err().to_string();
-    assert!(err.contains("quants.gguf") && err.contains("test.absent"), "{err}");
+    assert!(
+        err.contains("quants.gguf") && err.contains("test.absent"),
+        "{err}"
+    );
     let err = meta.f64s("test.strings").unwrap_err().to_string();
     assert!(err.contains("test.strings"), "{err}");
 }
@@ -124,7 +144,13 @@ fn dequantization_equals_gguf_py_bit_for_bit() {
             .zip(&want)
             .filter(|(a, b)| a.to_bits() != **b)
             .count();
-        assert_eq!(differ, 0, "{}: {differ} of {} values differ", t.name, want.len());
+        assert_eq!(
+            differ,
+            0,
+            "{}: {differ} of {} values differ",
+            t.name,
+            want.len()
+        );
         seen.push(t.ggml_type);
     }
     assert_eq!(seen, quants::SUPPORTED);
@@ -151,7 +177,10 @@ fn tensor_info_at(bytes: &[u8], name: &str) -> usize {
     let mut needle = (name.len() as u64).to_le_bytes().to_vec();
     needle.extend_from_slice(name.as_bytes());
     needle.extend_from_slice(&2u32.to_le_bytes());
-    bytes.windows(needle.len()).position(|w| w == needle).unwrap()
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap()
 }
 
 fn open_err(dir: &Path, bytes: &[u8]) -> String {
@@ -181,12 +210,18 @@ fn damaged_files_give_one_error_naming_the_file_and_the_fault() {
     let mut b = good.clone();
     b[type_at..type_at + 4].copy_from_slice(&31u32.to_le_bytes());
     let err = open_err(dir, &b);
-    assert!(err.contains("Q4_K") && err.contains("unknown ggml type 31"), "{err}");
+    assert!(
+        err.contains("Q4_K") && err.contains("unknown ggml type 31"),
+        "{err}"
+    );
 
     let mut b = good.clone();
     b[offset_at..offset_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let err = open_err(dir, &b);
-    assert!(err.contains("Q4_K") && err.contains("beyond the end"), "{err}");
+    assert!(
+        err.contains("Q4_K") && err.contains("beyond the end"),
+        "{err}"
+    );
 
     // A hostile length: a key of 2⁶² bytes must not be allocated.
     let mut b = good.clone();
@@ -203,7 +238,7 @@ fn damaged_files_give_one_error_naming_the_file_and_the_fault() {
     assert!(open_err(dir, &b).contains("big-endian"));
 }
 
-/// Every prefix of the header and thousands of random byte changes: an error or a file, never
+/// Every prefix of the header and hundreds of random byte changes: an error or a file, never
 /// a panic (or an allocation that aborts).
 #[test]
 fn no_prefix_or_corruption_panics() {
@@ -215,7 +250,7 @@ fn no_prefix_or_corruption_panics() {
         assert!(GgufFile::open(&p).is_err(), "prefix of {len} bytes opened");
     }
     let mut rng = StdRng::seed_from_u64(1);
-    for _ in 0..2000 {
+    for _ in 0..500 {
         let mut b = good.clone();
         for _ in 0..rng.random_range(1..4) {
             let at = rng.random_range(0..data_start);

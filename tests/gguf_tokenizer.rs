@@ -31,7 +31,11 @@ fn check(path: &Path, which: &str) {
         let offsets: Vec<(usize, usize)> = serde_json::from_value(case["offsets"].clone()).unwrap();
         assert_eq!(enc.get_offsets(), offsets, "{which}: offsets of {text:?}");
         let decoded = tok.decode(&ids, false).unwrap();
-        assert_eq!(decoded, case["decoded"].as_str().unwrap(), "{which}: decoding {text:?}");
+        assert_eq!(
+            decoded,
+            case["decoded"].as_str().unwrap(),
+            "{which}: decoding {text:?}"
+        );
     }
     let info = info(&file).unwrap();
     let named = |t: &Option<SpecialToken>| t.as_ref().map(|t| t.content.clone());
@@ -58,7 +62,10 @@ fn sentencepiece_equals_transformers() {
     // No add_bos_token in the file: a SentencePiece vocabulary adds BOS.
     assert!(info.add_bos && !info.add_eos);
     assert_eq!(info.eot, None);
-    assert!(info.chat_template.unwrap().starts_with("{% for m in messages %}"));
+    assert!(info
+        .chat_template
+        .unwrap()
+        .starts_with("{% for m in messages %}"));
 }
 
 /// `--tokenizer file.gguf` reads the same tokenizer.
@@ -66,7 +73,12 @@ fn sentencepiece_equals_transformers() {
 fn tokenizer_spec_accepts_a_gguf_file() {
     let path = common::fixture("gguf/spm-tokenizer.gguf");
     let tok = prolora::source::tokenizer(path.to_str().unwrap(), "main").unwrap();
-    let ids = tok.encode("Hello, world!", true).unwrap().get_ids().to_vec();
+    let ids = tok
+        .tokenizer()
+        .encode("Hello, world!", true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     let want = goldens("spm")["cases"][0]["ids"].clone();
     let want: Vec<u32> = serde_json::from_value(want).unwrap();
     assert_eq!(ids, want[..ids.len()]);

@@ -1048,3 +1048,40 @@ fn a_download_writes_progress_lines_into_a_log() {
         "{err}"
     );
 }
+
+/// The tokenizer's companions (special tokens, chat template, EOS ids) come with it when the repo
+/// has them; the ones it lacks are remembered as huggingface_hub remembers them, so the cached
+/// model makes no request.
+#[test]
+fn tokenizer_companions_are_fetched_and_absent_ones_remembered() {
+    let mut repo = sharded_repo("acme/chat-llama");
+    let config = br#"{"eos_token": "</s>", "chat_template": "{{ messages[0].content }}"}"#;
+    repo.files.push(("tokenizer_config.json", config.to_vec()));
+    let expected_files = repo.files.clone();
+    let hub = FakeHub::start(vec![repo]);
+    let cache = tempfile::tempdir().unwrap();
+    let o = opts(&hub.endpoint(), cache.path());
+
+    let dir = fetch_model("acme/chat-llama", "main", &o).unwrap();
+    for (name, bytes) in &expected_files {
+        assert_eq!(&std::fs::read(dir.join(name)).unwrap(), bytes, "{name}");
+    }
+    let no_exist = cache
+        .path()
+        .join("models--acme--chat-llama/.no_exist")
+        .join(COMMIT);
+    for absent in [
+        "special_tokens_map.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
+        assert!(!dir.join(absent).exists(), "{absent}");
+        assert!(
+            no_exist.join(absent).is_file(),
+            "{absent} remembered as absent"
+        );
+    }
+    let before = hub.requests().len();
+    assert_eq!(fetch_model("acme/chat-llama", "main", &o).unwrap(), dir);
+    assert_eq!(hub.requests().len(), before, "no request once cached");
+}

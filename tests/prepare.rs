@@ -4,9 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use prolora::data::chat::ChatEncoder;
+use prolora::data::chat::{ChatEncoder, ChatFormat};
 use prolora::data::convert::{prepare, Format};
 use prolora::data::dataset::{load, LoadOptions};
+use prolora::source;
 use serde_json::Value;
 
 mod common;
@@ -83,7 +84,11 @@ fn another_seed_changes_the_templates() {
 
 #[test]
 fn prepare_then_encode_round_trips_every_sample() {
-    let enc = ChatEncoder::from_file(&root().join("assets/llama2-tokenizer.json")).unwrap();
+    let enc = ChatEncoder::new(
+        source::tokenizer("llama2-7b", "main").unwrap(),
+        ChatFormat::Tulu,
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let samples = [
         (Format::Superni, "data/raw/superni"),

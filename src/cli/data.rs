@@ -2,7 +2,7 @@
 
 use super::{choices, report_written};
 use crate::atomic;
-use crate::data::chat::ChatEncoder;
+use crate::data::chat::{ChatEncoder, ChatFormat};
 use crate::data::convert::{prepare, Format};
 use crate::data::dataset::{encode_file, LoadOptions};
 use crate::data::inspect;
@@ -53,9 +53,14 @@ pub struct PrepareArgs {
 /// What the data commands read.
 #[derive(Args)]
 pub struct DataInput {
-    /// A tokenizer.json, a directory holding one, a preset or a Hub repo id.
+    /// A tokenizer.json (with its tokenizer_config.json beside it), a GGUF file, a directory
+    /// holding a tokenizer.json, a preset or a Hub repo id.
     #[arg(long, default_value = "llama2-7b")]
     pub tokenizer: String,
+    /// How conversations become text: tulu (open-instruct's, the paper's), model (the model's
+    /// own chat template) or none (the texts alone, for a base model).
+    #[arg(long, default_value = "tulu", value_parser = choices::<ChatFormat>(ChatFormat::NAMES))]
+    pub chat_format: ChatFormat,
     /// `{"messages": [...]}` jsonl.
     #[arg(long)]
     pub data: PathBuf,
@@ -109,8 +114,11 @@ pub(super) fn write_output<T>(
     atomic::write_with(out, |w| write(w))
 }
 
-pub(super) fn data_encoder(spec: &str) -> Result<ChatEncoder> {
-    ChatEncoder::new(source::tokenizer(spec, "main")?)
+pub(super) fn data_encoder(input: &DataInput) -> Result<ChatEncoder> {
+    ChatEncoder::new(
+        source::tokenizer(&input.tokenizer, "main")?,
+        input.chat_format,
+    )
 }
 
 pub(super) fn data_options(input: &DataInput) -> Result<LoadOptions> {
@@ -131,7 +139,7 @@ pub(super) fn run_encode(args: EncodeArgs) -> Result<()> {
              data to a file, or drop --json (the summary then goes to stderr)"
         );
     }
-    let encoder = data_encoder(&args.input.tokenizer)?;
+    let encoder = data_encoder(&args.input)?;
     let opts = data_options(&args.input)?;
     let tokenizer = Path::new(&args.input.tokenizer);
     let mut inputs = vec![args.input.data.as_path()];
@@ -153,7 +161,7 @@ pub(super) fn run_encode(args: EncodeArgs) -> Result<()> {
 }
 
 pub(super) fn run_inspect(args: InspectArgs) -> Result<()> {
-    let encoder = data_encoder(&args.input.tokenizer)?;
+    let encoder = data_encoder(&args.input)?;
     let opts = data_options(&args.input)?;
     let marks = if std::io::stdout().is_terminal() {
         &inspect::ANSI

@@ -52,9 +52,6 @@ pub struct EvaluateArgs {
     /// refuses it). Below 8, GSM's are drawn as the reference draws them.
     #[arg(long)]
     pub shots: Option<usize>,
-    /// How prompts are wrapped: tulu (prolora's chat format) or none (a base model).
-    #[arg(long, value_enum, default_value = "tulu")]
-    pub chat_format: crate::evaluate::ChatFormat,
     /// Run HumanEval's model-written code (sandboxed python3 subprocesses).
     #[arg(long)]
     pub allow_code_execution: bool,
@@ -93,7 +90,7 @@ pub(super) fn run(mut args: EvaluateArgs) -> Result<()> {
         temperature: args.temperature,
         samples: args.samples,
         shots: args.shots,
-        chat_format: args.chat_format,
+        chat_format: args.model.chat_format,
         allow_code_execution: args.allow_code_execution,
         seed: args.seed,
     };
@@ -119,6 +116,14 @@ pub(super) fn run(mut args: EvaluateArgs) -> Result<()> {
                 crate::to_stderr!(
                     "warning: {} was trained on --model {} --quantize {}; evaluating on --model {} --quantize {}",
                     run.display(), m.source, m.quantize, args.model.spec.model, args.model.quantize
+                );
+            }
+            if cfg.data.chat_format != args.model.chat_format {
+                crate::to_stderr!(
+                    "warning: {} was trained in --chat-format {}; evaluating in --chat-format {}",
+                    run.display(),
+                    cfg.data.chat_format,
+                    args.model.chat_format
                 );
             }
         }
@@ -168,7 +173,7 @@ pub(super) fn run(mut args: EvaluateArgs) -> Result<()> {
         atomic::check_output(path, "the results file", &[], args.overwrite || args.update)?;
     }
     let (model, encoder) = load_model_from(&source, &args.model, &device)?;
-    let mut engine = ev::Engine::new(&model, encoder.tokenizer(), args.batch_size);
+    let mut engine = ev::Engine::new(&model, &encoder, args.batch_size);
     let mut all = serde_json::Map::new();
     for b in &benchmarks {
         let started = std::time::Instant::now();

@@ -61,6 +61,7 @@ pub(super) fn run(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         stop: args.stop.clone(),
         past_positions: args.past_max_positions,
+        stop_ids: Vec::new(),
     };
     settings
         .validate()
@@ -116,6 +117,10 @@ pub(super) fn run(args: GenerateArgs) -> Result<()> {
     })?;
     let device = crate::device::open(args.model.device)?;
     let (model, encoder) = load_model_from(&source, &args.model, &device)?;
+    let settings = Settings {
+        stop_ids: encoder.stop_ids().to_vec(),
+        ..settings
+    };
     let mut progress = crate::progress::Progress::new(true, "prompts", requests.len(), 0, 0);
     let mut lines = String::new();
     let mut completed = 0;

@@ -52,6 +52,7 @@ pub(super) fn run(args: MergeArgs) -> Result<()> {
                 &source.config,
                 candle_core::DType::F32,
                 Quantization::None,
+                None,
                 0,
                 None,
                 false,

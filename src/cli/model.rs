@@ -2,7 +2,7 @@
 
 use super::choices;
 use crate::adapters::peft;
-use crate::data::chat::ChatEncoder;
+use crate::data::chat::{ChatEncoder, ChatFormat};
 use crate::device::{ComputeDtype, DeviceSpec};
 use crate::model::nf4::{Quantization, Storage};
 use crate::source::{ModelSource, Origin};
@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 /// Where a model's files come from.
 #[derive(Args)]
 pub struct ModelSpec {
-    /// A preset (tiny, llama2-7b, …), a local transformers directory, or a Hub repo id (org/name).
+    /// A preset (tiny, llama2-7b, …), a local transformers directory, a LLaMA GGUF file, or a
+    /// Hub repo id (org/name).
     #[arg(long)]
     pub model: String,
     /// Hub revision: branch, tag or commit.
@@ -29,14 +30,20 @@ pub struct ModelArgs {
     /// An adapter directory (adapter_config.json + adapter_model.safetensors), any method.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Another tokenizer than the model's: a tokenizer.json, a directory holding one, a preset
-    /// or a Hub repo id.
+    /// Another tokenizer than the model's: a tokenizer.json, a GGUF file, a directory holding a
+    /// tokenizer.json, a preset or a Hub repo id.
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// How conversations and prompts become text: tulu (open-instruct's, what prolora trains
+    /// in by default), model (the model's own chat template) or none (the plain text, for a
+    /// base model).
+    #[arg(long, default_value = "tulu", value_parser = choices::<ChatFormat>(ChatFormat::NAMES))]
+    pub chat_format: ChatFormat,
     /// Compute dtype (auto: bf16 on a GPU, f32 on the CPU).
     #[arg(long, default_value = "auto", value_parser = choices::<ComputeDtype>(ComputeDtype::NAMES))]
     pub dtype: ComputeDtype,
-    /// Storage of the block linears (nf4: 4-bit, as bitsandbytes; quantized while loading).
+    /// Storage of the block linears (none: as stored — a GGUF's quantized ones stay in their
+    /// blocks; nf4: 4-bit, as bitsandbytes; quantized while loading).
     #[arg(long, default_value = "none", value_parser = choices::<Storage>(Storage::NAMES))]
     pub quantize: Storage,
     /// With --quantize nf4: also quantize the block scales (double quantization).
@@ -62,7 +69,10 @@ pub(super) fn load_model_from(
     args: &ModelArgs,
     device: &candle_core::Device,
 ) -> Result<(crate::model::Llama, ChatEncoder)> {
-    let encoder = ChatEncoder::new(source.tokenizer(args.tokenizer.as_deref())?)?;
+    let encoder = ChatEncoder::new(
+        source.tokenizer(args.tokenizer.as_deref())?,
+        args.chat_format,
+    )?;
     encoder.check_fits(source.config.vocab_size)?;
     let quant = Quantization::new(args.quantize, args.double_quant);
     let mut model = source.load_quantized(args.dtype.on(device), quant, device)?;

@@ -7,7 +7,8 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct ParamsArgs {
-    /// A preset (tiny, llama2-7b, llama2-13b, llama2-70b), a local directory or a Hub repo id.
+    /// A preset (tiny, llama2-7b, llama2-13b, llama2-70b), a local directory, a GGUF file or a
+    /// Hub repo id.
     #[arg(long, required_unless_present = "paper_tables")]
     pub model: Option<String>,
     /// Hub revision: branch, tag or commit.

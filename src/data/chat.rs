@@ -1,8 +1,10 @@
-//! Chat examples (`{"messages": [...]}`) → token ids and loss labels.
+//! Chat examples (`{"messages": [...]}`) → token ids and loss labels, in one of three formats.
 //!
-//! Reproduces open-instruct's 2023 `encode_with_messages_format` (the encoder of the paper's
-//! training code) exactly, including its quirks; see docs/methods.md §7 for the rules and
-//! `tests/fixtures/chat-encoding/*.jsonl` for the golden cases.
+//! `tulu` reproduces open-instruct's 2023 `encode_with_messages_format` (the encoder of the
+//! paper's training code) exactly, including its quirks, with the tokenizer's own EOS; see
+//! docs/methods.md §7 and `tests/fixtures/chat-encoding/*.jsonl`. `model` renders the model's
+//! chat template as transformers does and `none` uses the plain texts; both take the loss on the
+//! answers as `spans.rs` finds them (docs/methods.md §7a, `tests/fixtures/chat-template/`).
 
 use std::path::Path;
 
@@ -12,17 +14,29 @@ use serde_json::{Map, Value};
 use tokenizers::Tokenizer;
 
 use crate::data::jsonl::{for_each_chunk, line_text};
+use crate::data::spans;
+use crate::data::template::ChatTemplate;
+use crate::tokenizer::ModelTokenizer;
 
 /// Label of a position that is not trained on (PyTorch's `CrossEntropyLoss` default).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// The EOS token as text. The reference appends `tokenizer.eos_token` to the *text*, and the
-/// tokenizer then splits it out as a special token, so we do the same rather than pushing an id.
-const EOS_TOKEN: &str = "</s>";
 const SYSTEM_TAG: &str = "<|system|>\n";
 const USER_TAG: &str = "<|user|>\n";
 const ASSISTANT_TAG: &str = "<|assistant|>\n";
 
+crate::choice::named_enum! {
+/// How a conversation becomes text (`--chat-format`, `data.chat_format`).
+pub enum ChatFormat {
+    /// open-instruct's tulu format, the paper's: `<|user|>\n…` turns, the EOS after each answer.
+    Tulu = "tulu",
+    /// The model's own chat template (chat_template.jinja, tokenizer_config.json or the GGUF).
+    Model = "model",
+    /// No template, for a base model: the messages' texts one after another, the EOS after
+    /// each answer.
+    None = "none",
+}
+}
 /// Who speaks a message. Serialized as `"system"`, `"user"` or `"assistant"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -106,7 +120,8 @@ struct ChatText {
 }
 
 impl ChatText {
-    fn new(messages: &[Message]) -> Self {
+    /// `eos` is the tokenizer's EOS text, which the reference appends after each answer.
+    fn new(messages: &[Message], eos: &str) -> Self {
         let mut text = String::new();
         let mut ends = Vec::with_capacity(messages.len() + 1);
         ends.push(0);
@@ -115,7 +130,7 @@ impl ChatText {
             match m.role {
                 Role::System => text.extend([SYSTEM_TAG, content, "\n"]),
                 Role::User => text.extend([USER_TAG, content, "\n"]),
-                Role::Assistant => text.extend([ASSISTANT_TAG, content, EOS_TOKEN, "\n"]),
+                Role::Assistant => text.extend([ASSISTANT_TAG, content, eos, "\n"]),
             }
             ends.push(text.len());
         }
@@ -128,74 +143,126 @@ impl ChatText {
     }
 }
 
-/// Encodes chat examples with a LLaMA-style tokenizer (BOS added by its post-processor,
-/// `</s>` registered as a special added token).
+/// Encodes chat examples in one [`ChatFormat`] with a model's tokenizer.
 pub struct ChatEncoder {
-    tokenizer: Tokenizer,
-    eos_id: u32,
+    tokenizer: ModelTokenizer,
+    format: ChatFormat,
+    /// The compiled template (format `model`).
+    template: Option<ChatTemplate>,
+    /// The ids that end an answer in generation: every EOS id, and the template's end-of-turn.
+    stop_ids: Vec<u32>,
+    /// The texts that can end a turn (format `model`).
+    specials: Vec<String>,
 }
 
 impl ChatEncoder {
-    /// Refuses a tokenizer with ids the model has no embedding for.
+    /// The encoder of `format`. `tulu` and `none` need the tokenizer's EOS token, split out of
+    /// text as one token; `model` needs a chat template.
+    pub fn new(tokenizer: ModelTokenizer, format: ChatFormat) -> Result<Self> {
+        let origin = tokenizer.origin().to_string();
+        let mut stop_ids = tokenizer.eos_ids().to_vec();
+        let specials = spans::special_texts(&tokenizer);
+        let template = match format {
+            ChatFormat::Model => {
+                let source = tokenizer.chat_template().ok_or_else(|| {
+                    anyhow!(
+                        "{origin}: the model has no chat template (no chat_template.jinja, no \
+                         chat_template in tokenizer_config.json or the GGUF); use --chat-format \
+                         tulu or none (data.chat_format)"
+                    )
+                })?;
+                let template = ChatTemplate::new(source, &tokenizer.template_specials())
+                    .with_context(|| origin.clone())?;
+                if let Some(id) = spans::end_of_turn(&template, tokenizer.tokenizer(), &specials) {
+                    if !stop_ids.contains(&id) {
+                        stop_ids.push(id);
+                    }
+                }
+                Some(template)
+            }
+            ChatFormat::Tulu | ChatFormat::None => {
+                let eos = tokenizer.eos().ok_or_else(|| {
+                    anyhow!(
+                        "{origin}: the tokenizer has no EOS token, which --chat-format {format} \
+                         appends to each answer; put the model's tokenizer_config.json (with \
+                         eos_token) beside its tokenizer.json"
+                    )
+                })?;
+                // It must be split out of text as one token: otherwise "…<eos>" in the chat
+                // text would be tokenized as its characters and the examples would have no EOS.
+                let probe = tokenizer
+                    .tokenizer()
+                    .encode_fast(eos, false)
+                    .map_err(|e| anyhow!("tokenizing {eos:?}: {e}"))?;
+                let id = tokenizer.tokenizer().token_to_id(eos);
+                if id.is_none() || probe.get_ids() != id.as_slice() {
+                    bail!(
+                        "{origin}: the tokenizer encodes its EOS text {eos:?} as {:?}, not as one \
+                         token; it must be registered as a special added token",
+                        probe.get_ids()
+                    );
+                }
+                None
+            }
+        };
+        Ok(ChatEncoder {
+            tokenizer,
+            format,
+            template,
+            stop_ids,
+            specials,
+        })
+    }
+
+    /// Refuses a tokenizer that is not the model's (see [`ModelTokenizer::check_fits`]).
     pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
-        let n = self.tokenizer.get_vocab_size(true);
-        if n > vocab_size {
-            bail!(
-                "the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}: use the \
-                 model's own tokenizer (or --tokenizer / model.tokenizer naming a matching one)"
-            );
-        }
-        Ok(())
-    }
-
-    /// Wraps `tokenizer`. Any truncation or padding configured on it is removed (truncation is
-    /// done here, and padding belongs to batching). Errors if it has no `</s>` token or does not
-    /// split `</s>` out of text as one token (the chat format relies on both).
-    pub fn new(mut tokenizer: Tokenizer) -> Result<Self> {
-        let eos_id = tokenizer.token_to_id(EOS_TOKEN).ok_or_else(|| {
-            anyhow!("the tokenizer has no {EOS_TOKEN:?} token (a LLaMA tokenizer is needed)")
-        })?;
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| anyhow!("clearing tokenizer truncation: {e}"))?;
-        tokenizer.with_padding(None);
-        // `</s>` must be an added special token: otherwise "…</s>" in the chat text would be
-        // tokenised as the characters `<`, `/`, `s`, `>` and the examples would have no EOS.
-        let probe = tokenizer
-            .encode_fast(EOS_TOKEN, false)
-            .map_err(|e| anyhow!("tokenizing {EOS_TOKEN:?}: {e}"))?;
-        if probe.get_ids() != [eos_id] {
-            bail!(
-                "the tokenizer encodes the text {EOS_TOKEN:?} as {:?}, not as the single token {eos_id}; \
-                 {EOS_TOKEN:?} must be registered as a special added token",
-                probe.get_ids()
-            );
-        }
-        Ok(ChatEncoder { tokenizer, eos_id })
-    }
-
-    /// Loads a `tokenizer.json` file.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(path)
-            .map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
-        Self::new(tokenizer).with_context(|| format!("tokenizer {}", path.display()))
+        self.tokenizer.check_fits(vocab_size)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
+        self.tokenizer.tokenizer()
+    }
+
+    pub fn model_tokenizer(&self) -> &ModelTokenizer {
         &self.tokenizer
     }
 
-    /// The id of `</s>`.
-    pub fn eos_id(&self) -> u32 {
-        self.eos_id
+    pub fn format(&self) -> ChatFormat {
+        self.format
     }
 
-    /// Token ids of `text` with BOS (`tokenizer(text)` in the reference), untruncated.
-    fn ids(&self, text: &str) -> Result<Vec<u32>> {
+    /// The ids that end a generated answer: every EOS id of the model, and with the model's
+    /// template the token that ends its turns.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// What the encoding depends on besides the tokenizer.json, for cache keys.
+    pub fn identity(&self) -> String {
+        format!(
+            "format {}\neos {:?}\ntemplate {:?}\n",
+            self.format,
+            self.tokenizer.eos(),
+            self.template.as_ref().map(ChatTemplate::source)
+        )
+    }
+
+    /// The EOS text (present for tulu and none, checked in `new`).
+    fn eos(&self) -> &str {
+        self.tokenizer.eos().expect("checked in new")
+    }
+
+    fn template(&self) -> &ChatTemplate {
+        self.template.as_ref().expect("format model has a template")
+    }
+
+    /// Token ids of `text`; `specials`: with what the tokenizer's post-processor adds (BOS for
+    /// a LLaMA tokenizer), as `tokenizer(text)` does in the reference.
+    pub fn ids(&self, text: &str, specials: bool) -> Result<Vec<u32>> {
         // `encode_fast` skips char-offset bookkeeping; the ids are the same as `encode`'s.
         let enc = self
-            .tokenizer
-            .encode_fast(text, true)
+            .tokenizer()
+            .encode_fast(text, specials)
             .map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -203,12 +270,11 @@ impl ChatEncoder {
     /// Token count of `text` with BOS, truncated to `max` (right truncation keeps BOS, so
     /// truncating to `max` tokens only caps the count).
     fn count(&self, text: &str, max: usize) -> Result<usize> {
-        Ok(self.ids(text)?.len().min(max))
+        Ok(self.ids(text, true)?.len().min(max))
     }
 
-    /// Encodes one example as the reference does: ids of the stripped chat text (BOS first,
-    /// right-truncated to `max_seq_len`), labels = ids with every non-assistant message masked,
-    /// span ends taken from separately tokenised message prefixes.
+    /// Encodes one example (see [`ChatFormat`]), right-truncated to `max_seq_len`; labels are
+    /// the ids where the loss is taken, else [`IGNORE_INDEX`].
     pub fn encode(&self, example: &Example, max_seq_len: usize) -> Result<Encoded> {
         Ok(self.encode_with_length(example, max_seq_len)?.0)
     }
@@ -228,9 +294,27 @@ impl ChatEncoder {
             bail!("the example has no messages");
         }
         check_order(messages).map_err(|e| anyhow!(e))?;
-        let chat = ChatText::new(messages);
+        match self.format {
+            ChatFormat::Tulu => self.encode_tulu(messages, max_seq_len),
+            ChatFormat::Model => {
+                let (text, answers) =
+                    spans::template_answers(self.template(), &self.specials, messages)?;
+                spans::encode(self.tokenizer(), &text, &answers, false, max_seq_len)
+            }
+            ChatFormat::None => {
+                let (text, answers) = spans::plain_answers(messages, self.eos());
+                spans::encode(self.tokenizer(), &text, &answers, true, max_seq_len)
+            }
+        }
+    }
 
-        let mut input_ids = self.ids(py_strip(&chat.text))?;
+    /// open-instruct's encoding: ids of the stripped chat text (BOS first, right-truncated to
+    /// `max_seq_len`), labels = ids with every non-assistant message masked, span ends taken
+    /// from separately tokenised message prefixes.
+    fn encode_tulu(&self, messages: &[Message], max_seq_len: usize) -> Result<(Encoded, usize)> {
+        let chat = ChatText::new(messages, self.eos());
+
+        let mut input_ids = self.ids(py_strip(&chat.text), true)?;
         let full_len = input_ids.len();
         input_ids.truncate(max_seq_len);
         let mut labels: Vec<i64> = input_ids.iter().map(|&id| i64::from(id)).collect();
@@ -276,17 +360,48 @@ impl ChatEncoder {
         Ok((Encoded { input_ids, labels }, full_len))
     }
 
-    /// The prompt for generation: the chat text of the messages followed by "<|assistant|>\n",
-    /// tokenized with BOS (as open-instruct's generation prompt). Not truncated.
+    /// The prompt for generation, tokenized: the conversation and the assistant's header (tulu:
+    /// "<|assistant|>\n" with BOS, as open-instruct's generation prompt; model: the template's
+    /// `add_generation_prompt`, tokenized as `apply_chat_template(tokenize=True)`, which adds no
+    /// specials; none: the texts with the tokenizer's specials). Not truncated.
     pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        self.ids(&self.prompt_text(messages)?)
+        let text = self.prompt_text(messages)?;
+        self.prompt_ids(&text)
     }
 
-    /// The exact text [`Self::encode_prompt`] tokenizes: the chat, then the assistant's tag.
+    /// The ids of a prompt text of this format (one [`Self::prompt_text`] or
+    /// [`Self::wrap_user`] made): the template's text holds its specials itself.
+    pub fn prompt_ids(&self, text: &str) -> Result<Vec<u32>> {
+        self.ids(text, self.format != ChatFormat::Model)
+    }
+
+    /// The exact text [`Self::encode_prompt`] tokenizes.
     pub fn prompt_text(&self, messages: &[Message]) -> Result<String> {
-        let mut text = ChatText::new(messages).text;
-        text.push_str(ASSISTANT_TAG);
-        Ok(text)
+        Ok(match self.format {
+            ChatFormat::Tulu => {
+                let mut text = ChatText::new(messages, self.eos()).text;
+                text.push_str(ASSISTANT_TAG);
+                text
+            }
+            ChatFormat::Model => self.template().render(messages, true)?.text,
+            ChatFormat::None => spans::plain_answers(messages, self.eos()).0,
+        })
+    }
+
+    /// One user message as a prompt, followed by `answer_prefix` (the reference appends it with
+    /// no space, the tulu text ending in a newline): what the benchmarks ask.
+    pub fn wrap_user(&self, user: &str, answer_prefix: &str) -> Result<String> {
+        Ok(match self.format {
+            ChatFormat::Tulu => format!("<|user|>\n{user}\n{ASSISTANT_TAG}{answer_prefix}"),
+            ChatFormat::Model => {
+                let user = Message {
+                    role: Role::User,
+                    content: user.to_string(),
+                };
+                self.template().render(&[user], true)?.text + answer_prefix
+            }
+            ChatFormat::None => user.to_string(),
+        })
     }
 }
 

@@ -19,9 +19,9 @@ use crate::data::jsonl::{for_each_chunk, line_text};
 /// raw text of one chunk is all that is held.
 const CHUNK_LINES: usize = 4096;
 
-/// Names the chat template and label rules in the cache key; change it when `chat.rs` changes
-/// what it produces.
-pub const TEMPLATE: &str = "open-instruct-2023-messages/v1";
+/// Names the encoders' rules in the cache key (with the chat format and template themselves);
+/// change it when `chat.rs` or `spans.rs` changes what they produce.
+pub const TEMPLATE: &str = "chat-encoders/v2";
 
 pub struct LoadOptions {
     pub max_seq_len: usize,
@@ -238,9 +238,10 @@ fn cache_key(encoder: &ChatEncoder, path: &Path, opts: &LoadOptions) -> Result<S
         .to_string(false)
         .map_err(|e| anyhow!("serializing the tokenizer for the cache key: {e}"))?;
     let key = format!(
-        "data {data}\ntokenizer {}\nmax_seq_len {}\ntemplate {TEMPLATE}\n",
+        "data {data}\ntokenizer {}\nmax_seq_len {}\ntemplate {TEMPLATE}\n{}",
         sha256_hex(tokenizer),
-        opts.max_seq_len
+        opts.max_seq_len,
+        encoder.identity()
     );
     Ok(sha256_hex(key))
 }

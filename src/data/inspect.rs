@@ -22,7 +22,7 @@ pub const PLAIN: Marks = Marks {
 };
 
 /// The decoded example with every run of trained-on tokens inside `marks`. Special tokens are
-/// shown (`<s>`, `</s>`) so the EOS the model learns is visible.
+/// shown (`<s>`, `</s>`, `<|im_end|>`) so the end of turn the model learns is visible.
 pub fn render(encoder: &ChatEncoder, e: &Encoded, marks: &Marks) -> Result<String> {
     // Text of a span = decode(prefix up to its end) minus decode(prefix up to its start): a
     // span decoded alone would lose the leading space SentencePiece folds into its first token.

@@ -7,3 +7,5 @@ pub mod dataset;
 pub mod inspect;
 pub mod jsonl;
 pub mod rng;
+pub mod spans;
+pub mod template;

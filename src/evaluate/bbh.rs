@@ -100,7 +100,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         for (i, ex) in first(examples, options.limit) {
             let user = format!("{exemplars}\n\nQ: {}", ex.input);
             let prompt = match options.chat_format {
-                ChatFormat::Tulu => options.chat_format.wrap(&user, "A:"),
+                ChatFormat::Tulu | ChatFormat::Model => engine.wrap(&user, "A:")?,
                 ChatFormat::None => format!("{user}\nA:"),
             };
             work.push((name.clone(), i, prompt, ex.target));

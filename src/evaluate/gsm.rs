@@ -92,11 +92,11 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         .map(|(_, (q, _))| {
             let user = format!("{prefix}Question: {}", py_strip(q));
             match options.chat_format {
-                ChatFormat::Tulu => options.chat_format.wrap(&user, "Answer:"),
-                ChatFormat::None => format!("{user}\nAnswer:"),
+                ChatFormat::Tulu | ChatFormat::Model => engine.wrap(&user, "Answer:"),
+                ChatFormat::None => Ok(format!("{user}\nAnswer:")),
             }
         })
-        .collect();
+        .collect::<Result<_>>()?;
     // With the chat format the reference stops only at EOS; without, at the first newline.
     let mut settings = greedy(max_new_tokens);
     if options.chat_format == ChatFormat::None {

@@ -6,6 +6,7 @@ use super::pass_at_k::pass_at_k;
 use super::{
     data_file, first, mean, nonempty, sampled, ChatFormat, Engine, Example, Options, Scored,
 };
+use crate::data::chat::ChatEncoder;
 use crate::data::rng::Mt19937;
 use crate::generate::Settings;
 use crate::progress::Progress;
@@ -91,22 +92,23 @@ fn chosen(options: &Options) -> Result<Vec<Problem>> {
     Ok(first(problems, options.limit))
 }
 
-fn prompt(p: &Problem, chat_format: ChatFormat) -> String {
-    match chat_format {
-        ChatFormat::Tulu => chat_format.wrap(
+fn prompt(p: &Problem, encoder: &ChatEncoder) -> Result<String> {
+    match encoder.format() {
+        ChatFormat::Tulu | ChatFormat::Model => encoder.wrap_user(
             &format!("Complete the following python function.\n\n\n{}", p.prompt),
             &format!("Here is the completed function:\n\n\n{}", p.prompt),
         ),
-        ChatFormat::None => p.prompt.clone(),
+        ChatFormat::None => Ok(p.prompt.clone()),
     }
 }
 
-/// Each chosen problem's task id and prompt (what a run would generate from, nothing run).
-pub fn prompts(options: &Options) -> Result<Vec<(String, String)>> {
-    Ok(chosen(options)?
+/// Each chosen problem's task id and prompt in `encoder`'s chat format (what a run would
+/// generate from, nothing run).
+pub fn prompts(options: &Options, encoder: &ChatEncoder) -> Result<Vec<(String, String)>> {
+    chosen(options)?
         .iter()
-        .map(|p| (p.task_id.clone(), prompt(p, options.chat_format)))
-        .collect())
+        .map(|p| Ok((p.task_id.clone(), prompt(p, encoder)?)))
+        .collect()
 }
 
 pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
@@ -121,13 +123,13 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         bail!("--samples must be at least 1");
     }
     let problems = chosen(options)?;
-    let prompt_of = |p: &Problem| prompt(p, options.chat_format);
+    let prompt_of = |p: &Problem| prompt(p, engine.encoder);
     // Sample s of problem i draws from its own stream of the run's seed.
     let mut prompts = Vec::new();
     let mut seeds = Vec::new();
     for (i, p) in problems.iter().enumerate() {
         for s in 0..samples {
-            prompts.push(prompt_of(p));
+            prompts.push(prompt_of(p)?);
             seeds.push(
                 options
                     .seed
@@ -143,6 +145,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
         seed: options.seed,
         stop: STOPS.iter().map(|s| s.to_string()).collect(),
         past_positions: true,
+        stop_ids: Vec::new(),
     };
     engine.start("humaneval", prompts.len());
     let outputs = engine.complete(&prompts, &seeds, &settings)?;

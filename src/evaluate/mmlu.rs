@@ -4,7 +4,8 @@
 use super::csv::read_rendered;
 use super::np_random::pandas_sample;
 use super::{
-    data_file, first, mean, names_ending, nonempty, pick, Engine, Example, Options, Scored,
+    data_file, first, mean, names_ending, nonempty, pick, ChatFormat, Engine, Example, Options,
+    Scored,
 };
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
@@ -163,9 +164,12 @@ fn prompt(
     let mut k = shots;
     loop {
         let plain = header(dev, subject, k) + &question;
-        let prompt = options
-            .chat_format
-            .wrap(&plain, options.protocol.mmlu_answer_cue());
+        let prompt = match options.chat_format {
+            ChatFormat::Tulu | ChatFormat::Model => {
+                engine.wrap(&plain, options.protocol.mmlu_answer_cue())?
+            }
+            ChatFormat::None => plain,
+        };
         // With no exemplars left the prompt is kept (the reference loops on, to k < 0, forever).
         if k == 0 || engine.text_tokens(&prompt)? <= MAX_PROMPT_TOKENS {
             return Ok(prompt);

@@ -18,6 +18,7 @@ pub mod tydiqa;
 pub mod writer;
 
 use crate::ctx::Ctx;
+use crate::data::chat::ChatEncoder;
 use crate::generate::{complete_batch, Completion, Request, Settings};
 use crate::model::Llama;
 use crate::progress::Progress;
@@ -58,26 +59,7 @@ pub fn results_path(run: &Path, benchmark: &str) -> PathBuf {
     run.join("eval").join(format!("{benchmark}.json"))
 }
 
-/// How prompts are wrapped.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum ChatFormat {
-    /// open-instruct's `create_prompt_with_tulu_chat_format` (what prolora trains in).
-    Tulu,
-    /// The plain prompt, for a base model.
-    None,
-}
-
-impl ChatFormat {
-    /// One user message, then the assistant's tag and `answer_prefix` (the reference appends
-    /// it with no space, the wrapped text ending in a newline).
-    pub fn wrap(self, user: &str, answer_prefix: &str) -> String {
-        match self {
-            ChatFormat::Tulu => format!("<|user|>\n{user}\n<|assistant|>\n{answer_prefix}"),
-            ChatFormat::None => user.to_string(),
-        }
-    }
-}
+pub use crate::data::chat::ChatFormat;
 
 /// Whose evaluation scripts the prompts follow. They differ only in MMLU's answer cue.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, clap::ValueEnum)]
@@ -125,7 +107,8 @@ pub struct Options {
 #[derive(Clone, Debug, Serialize)]
 pub struct Example {
     pub id: String,
-    /// The exact string given to the tokenizer (a BOS token goes before it).
+    /// The exact string given to the tokenizer (which adds BOS where its post-processor does,
+    /// except to a model template's text, which holds its own special tokens).
     pub prompt: String,
     /// The decoded generation (empty for MMLU, which reads the next-token logits).
     pub output: String,
@@ -142,9 +125,10 @@ pub struct Scored {
     pub settings: Value,
 }
 
-/// The model and tokenizer a benchmark runs on, with the progress of the benchmark.
+/// The model and chat encoder a benchmark runs on, with the progress of the benchmark.
 pub struct Engine<'a> {
     pub model: &'a Llama,
+    pub encoder: &'a ChatEncoder,
     pub tokenizer: &'a Tokenizer,
     pub batch_size: usize,
     progress: Progress,
@@ -155,10 +139,11 @@ pub struct Engine<'a> {
 }
 
 impl<'a> Engine<'a> {
-    pub fn new(model: &'a Llama, tokenizer: &'a Tokenizer, batch_size: usize) -> Self {
+    pub fn new(model: &'a Llama, encoder: &'a ChatEncoder, batch_size: usize) -> Self {
         Engine {
             model,
-            tokenizer,
+            encoder,
+            tokenizer: encoder.tokenizer(),
             batch_size: batch_size.max(1),
             progress: Progress::hidden(),
             examples: 0,
@@ -178,20 +163,27 @@ impl<'a> Engine<'a> {
         self.progress.finish_and_clear();
     }
 
-    /// `[BOS] + tokens of prompt`, as the reference's tokenizer call gives them.
-    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(prompt, false)
-            .map_err(|e| anyhow::anyhow!("cannot tokenize a prompt: {e}"))?;
-        Ok(std::iter::once(self.model.cfg.bos_token_id)
-            .chain(enc.get_ids().iter().copied())
-            .collect())
+    /// One user message wrapped in the chat format, then `answer_prefix`.
+    pub fn wrap(&self, user: &str, answer_prefix: &str) -> Result<String> {
+        self.encoder.wrap_user(user, answer_prefix)
     }
 
-    /// The number of tokens of `prompt` without BOS.
+    /// The tokens of `prompt` as the reference's tokenizer call gives them: with the BOS the
+    /// tokenizer's post-processor adds (LLaMA's; none for SmolLM2), none added to a model
+    /// template's text (`apply_chat_template` tokenizes without).
+    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.encoder
+            .prompt_ids(prompt)
+            .context("cannot tokenize a prompt")
+    }
+
+    /// The number of tokens of `prompt`, no special token added.
     pub fn text_tokens(&self, prompt: &str) -> Result<usize> {
-        Ok(self.prompt_ids(prompt)?.len() - 1)
+        Ok(self
+            .encoder
+            .ids(prompt, false)
+            .context("cannot tokenize a prompt")?
+            .len())
     }
 
     fn count(&mut self, examples: u64, tokens: u64) {
@@ -225,6 +217,10 @@ impl<'a> Engine<'a> {
         seeds: &[u64],
         settings: &Settings,
     ) -> Result<Vec<Completion>> {
+        let settings = &Settings {
+            stop_ids: self.encoder.stop_ids().to_vec(),
+            ..settings.clone()
+        };
         let mut out = Vec::with_capacity(prompts.len());
         let requests = prompts
             .iter()

@@ -294,7 +294,7 @@ pub fn run(engine: &mut Engine, options: &Options) -> Result<Scored> {
             item.question
         ));
         prompts.push(match options.chat_format {
-            ChatFormat::Tulu => options.chat_format.wrap(&user, answer),
+            ChatFormat::Tulu | ChatFormat::Model => engine.wrap(&user, answer)?,
             ChatFormat::None => user + answer,
         });
     }

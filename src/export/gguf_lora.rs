@@ -9,12 +9,12 @@
 
 use super::lora_equivalent;
 use crate::adapters::peft;
-use crate::gguf::weights::gguf_name;
+use crate::gguf::weights::{gguf_name, permute_rows};
 use crate::gguf::write::{self, TensorData};
 use crate::gguf::Value;
 use crate::model::config::linear_path;
 use crate::model::LlamaConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
@@ -27,13 +27,17 @@ pub fn export_gguf_lora(adapter_dir: &Path, model: &LlamaConfig, out: &Path) -> 
         let checkpoint_name = format!("model.layers.{}.{}.weight", t.layer, linear_path(t.module));
         let name = gguf_name(&checkpoint_name)
             .with_context(|| format!("no GGUF tensor name for {checkpoint_name}"))?;
-        let b = match t.module {
-            "q_proj" => rope_rows(&b, model.num_attention_heads)?,
-            "k_proj" => rope_rows(&b, model.num_key_value_heads)?,
-            _ => b,
+        let mut lora_b = f32_tensor(format!("{name}.lora_b"), &b)?;
+        let heads = match t.module {
+            "q_proj" => Some(model.num_attention_heads),
+            "k_proj" => Some(model.num_key_value_heads),
+            _ => None,
         };
+        if let Some(heads) = heads {
+            lora_b.bytes = permute_rows(&lora_b.bytes, lora_b.shape[0], heads);
+        }
         tensors.push(f32_tensor(format!("{name}.lora_a"), &a)?);
-        tensors.push(f32_tensor(format!("{name}.lora_b"), &b)?);
+        tensors.push(lora_b);
     }
     let metadata = [
         ("general.architecture", Value::String("llama".into())),
@@ -45,20 +49,6 @@ pub fn export_gguf_lora(adapter_dir: &Path, model: &LlamaConfig, out: &Path) -> 
     ]
     .map(|(k, v)| (k.to_string(), v));
     write::write(out, &metadata, &tensors)
-}
-
-/// The rows of a q or k projection (or of its LoRA B) in llama.cpp's order: within each of
-/// the `heads` heads, the first and second halves interleaved (row 2i is row i, row 2i+1 is
-/// row i + head_dim/2), as `convert_hf_to_gguf.py`'s `LlamaModel.permute` does.
-fn rope_rows(rows: &Tensor, heads: usize) -> Result<Tensor> {
-    let (out, cols) = rows.dims2()?;
-    if heads == 0 || out % (2 * heads) != 0 {
-        bail!("{out} rows do not split into {heads} heads of an even size");
-    }
-    Ok(rows
-        .reshape((heads, 2, out / heads / 2, cols))?
-        .transpose(1, 2)?
-        .reshape((out, cols))?)
 }
 
 fn f32_tensor(name: String, t: &Tensor) -> Result<TensorData> {

@@ -33,7 +33,9 @@ pub fn hf_config(file: &GgufFile) -> Result<Json> {
     }
     let hidden = meta.u64(&key("embedding_length"))?;
     let heads = meta.u64(&key("attention.head_count"))?;
-    let kv_heads = meta.opt_u64(&key("attention.head_count_kv"))?.unwrap_or(heads);
+    let kv_heads = meta
+        .opt_u64(&key("attention.head_count_kv"))?
+        .unwrap_or(heads);
     if heads == 0 {
         bail!("{path}: {arch}.attention.head_count is 0");
     }
@@ -55,7 +57,12 @@ pub fn hf_config(file: &GgufFile) -> Result<Json> {
         Some(_) => meta.array("tokenizer.ggml.tokens")?.len() as u64,
         None => match meta.opt_u64(&key("vocab_size"))? {
             Some(v) => v,
-            None => file.require_tensor("token_embd.weight")?.dims.get(1).copied().unwrap_or(0),
+            None => file
+                .require_tensor("token_embd.weight")?
+                .dims
+                .get(1)
+                .copied()
+                .unwrap_or(0),
         },
     };
     let mut config = json!({

@@ -116,7 +116,9 @@ impl GgmlType {
     /// Bytes of `elements` elements (a whole number of blocks), or None when they are not.
     pub fn bytes_for(self, elements: u64) -> Option<u64> {
         let block = self.block_size() as u64;
-        (elements % block == 0).then(|| elements / block * self.type_size() as u64)
+        elements
+            .is_multiple_of(block)
+            .then(|| elements / block * self.type_size() as u64)
     }
 }
 

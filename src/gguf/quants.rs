@@ -31,14 +31,26 @@ const BLOCKS_PER_TASK: usize = 64;
 /// Dequantizes `bytes`, whole blocks of `ty`, into `out` (`block_size` values per block).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let (block, size) = (ty.block_size(), ty.type_size());
-    if bytes.len() % size != 0 || bytes.len() / size * block != out.len() {
+    if !bytes.len().is_multiple_of(size) || bytes.len() / size * block != out.len() {
         bail!(
             "{ty}: {} bytes do not hold the {} values asked for",
             bytes.len(),
             out.len()
         );
     }
-    let one: fn(&[u8], &mut [f32]) = match ty {
+    let one = block_dequantizer(ty)?;
+    bytes
+        .par_chunks(size * BLOCKS_PER_TASK)
+        .zip(out.par_chunks_mut(block * BLOCKS_PER_TASK))
+        .for_each(|(b, o)| blocks_into(one, size, block, b, o));
+    Ok(())
+}
+
+/// Dequantizes one block of a type into its `block_size` values.
+type BlockFn = fn(&[u8], &mut [f32]);
+
+fn block_dequantizer(ty: GgmlType) -> Result<BlockFn> {
+    Ok(match ty {
         GgmlType::F32 => f32_block,
         GgmlType::F16 => f16_block,
         GgmlType::BF16 => bf16_block,
@@ -52,16 +64,87 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             "tensors of type {other} cannot be read (supported: {})",
             SUPPORTED.map(|t| t.name()).join(", ")
         ),
-    };
-    bytes
-        .par_chunks(size * BLOCKS_PER_TASK)
-        .zip(out.par_chunks_mut(block * BLOCKS_PER_TASK))
-        .for_each(|(b, o)| {
-            for (b, o) in b.chunks_exact(size).zip(o.chunks_exact_mut(block)) {
-                one(b, o);
-            }
-        });
-    Ok(())
+    })
+}
+
+fn blocks_into(one: BlockFn, size: usize, block: usize, bytes: &[u8], out: &mut [f32]) {
+    for (b, o) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(block)) {
+        one(b, o);
+    }
+}
+
+/// A matrix (rows, cols) kept in ggml blocks, each row whole blocks, that dequantizes any
+/// part of a row: what a frozen linear holds to dequantize tile by tile.
+#[derive(Debug)]
+pub struct BlockMatrix {
+    ggml_type: GgmlType,
+    rows: usize,
+    cols: usize,
+    bytes: Vec<u8>,
+    block_fn: BlockFn,
+}
+
+impl BlockMatrix {
+    /// `bytes` of `rows` rows of `cols` values of `ty`.
+    pub fn new(ggml_type: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
+        let block_fn = block_dequantizer(ggml_type)?;
+        let row_bytes = ggml_type.bytes_for(cols as u64);
+        if row_bytes.is_none_or(|b| b as usize * rows != bytes.len()) {
+            bail!(
+                "{ggml_type}: {} bytes are not {rows} rows of {cols} values",
+                bytes.len()
+            );
+        }
+        Ok(Self {
+            ggml_type,
+            rows,
+            cols,
+            bytes,
+            block_fn,
+        })
+    }
+
+    pub fn ggml_type(&self) -> GgmlType {
+        self.ggml_type
+    }
+
+    /// (rows, cols)
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held: what the matrix costs in memory.
+    pub fn storage_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Values per block: column ranges given to [`Self::row_part_into`] start and end on
+    /// multiples of it (or at the row's end).
+    pub fn block_size(&self) -> usize {
+        self.ggml_type.block_size()
+    }
+
+    /// Values `cols` of row `row` into `out` (`cols.len()` values).
+    pub fn row_part_into(&self, row: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+        let (block, size) = (self.block_size(), self.ggml_type.type_size());
+        assert!(
+            cols.start.is_multiple_of(block) && cols.end.is_multiple_of(block),
+            "block-aligned columns"
+        );
+        let row_start = row * (self.cols / block) * size;
+        let bytes =
+            &self.bytes[row_start + cols.start / block * size..][..cols.len() / block * size];
+        blocks_into(self.block_fn, size, block, bytes, out);
+    }
+
+    /// The whole matrix in f32, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols.max(1))
+            .enumerate()
+            .for_each(|(r, o)| self.row_part_into(r, 0..self.cols, o));
+        out
+    }
 }
 
 fn half_at(b: &[u8], at: usize) -> f32 {

@@ -118,12 +118,14 @@ impl Metadata {
 
     pub fn str(&self, key: &str) -> Result<&str> {
         let v = self.require(key)?;
-        v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v))
+        v.as_str()
+            .ok_or_else(|| self.wrong_type(key, "a string", v))
     }
 
     pub fn array(&self, key: &str) -> Result<&[Value]> {
         let v = self.require(key)?;
-        v.as_array().ok_or_else(|| self.wrong_type(key, "an array", v))
+        v.as_array()
+            .ok_or_else(|| self.wrong_type(key, "an array", v))
     }
 
     /// An array of strings.
@@ -325,9 +327,7 @@ impl GgufFile {
         let mut bytes = vec![0u8; len as usize];
         self.file
             .read_exact_at(&mut bytes, self.data_start + t.offset + start)
-            .with_context(|| {
-                format!("{}: cannot read tensor {}", self.path.display(), t.name)
-            })?;
+            .with_context(|| format!("{}: cannot read tensor {}", self.path.display(), t.name))?;
         Ok(bytes)
     }
 }
@@ -485,7 +485,10 @@ impl Reader<'_> {
             ValueType::Bool => match self.array::<1>()?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
-                b => bail!("bool value {b} at offset {} is neither 0 nor 1", self.pos - 1),
+                b => bail!(
+                    "bool value {b} at offset {} is neither 0 nor 1",
+                    self.pos - 1
+                ),
             },
             ValueType::String => Value::String(self.string()?),
             ValueType::U64 => Value::U64(self.u64()?),

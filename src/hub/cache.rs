@@ -42,6 +42,11 @@ impl RepoCache {
         self.dir.join("snapshots").join(commit)
     }
 
+    /// huggingface_hub's marker for a file `commit` does not have (so no request asks again).
+    pub fn no_exist(&self, commit: &str, file: &str) -> PathBuf {
+        self.dir.join(".no_exist").join(commit).join(file)
+    }
+
     pub fn blob(&self, etag: &str) -> PathBuf {
         self.dir.join("blobs").join(etag)
     }

@@ -21,6 +21,14 @@ use http::{Client, Failure};
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 const CONFIG: &str = "config.json";
 const TOKENIZER: &str = "tokenizer.json";
+/// The tokenizer's special tokens and chat template, and the generation defaults (EOS ids):
+/// fetched when the repo has them.
+const TOKENIZER_EXTRAS: [&str; 4] = [
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 
@@ -158,8 +166,8 @@ pub fn looks_like_repo_id(s: &str) -> bool {
 }
 
 /// Makes the files of a LLaMA-family model repo available locally and returns the snapshot
-/// directory that holds them: config.json, tokenizer.json (optional: absent is fine, return
-/// without it), and the weights: model.safetensors, or model.safetensors.index.json plus
+/// directory that holds them: config.json, tokenizer.json and its companions (optional: absent
+/// is fine, return without them), and the weights: model.safetensors, or model.safetensors.index.json plus
 /// every shard it names.
 ///
 /// Files already in the cache are not downloaded again (so a cached branch such as "main"
@@ -254,6 +262,11 @@ impl Fetcher<'_> {
         files.push((CONFIG.to_string(), config));
         if let Some(tok) = self.fetch(TOKENIZER)? {
             files.push((TOKENIZER.to_string(), tok));
+            for extra in TOKENIZER_EXTRAS {
+                if let Some(path) = self.fetch_optional(extra)? {
+                    files.push((extra.to_string(), path));
+                }
+            }
         }
 
         // Probe the cache for both layouts before the network, so a cached sharded model
@@ -295,6 +308,24 @@ impl Fetcher<'_> {
             Some(path) => Ok(Some(path)),
             None => self.download(file),
         }
+    }
+
+    /// [`Self::fetch`] for a file many repos lack: its absence at a commit is remembered as
+    /// huggingface_hub remembers it (`.no_exist/<commit>/<file>`), so a cached model makes no
+    /// request for it again.
+    fn fetch_optional(&self, file: &str) -> anyhow::Result<Option<PathBuf>> {
+        let commit = self.cache.commit_of(self.revision);
+        let marker = commit.as_ref().map(|c| self.cache.no_exist(c, file));
+        if self.cached(file).is_none() && marker.as_ref().is_some_and(|m| m.is_file()) {
+            return Ok(None);
+        }
+        let found = self.fetch(file)?;
+        if let (None, Some(marker), Some(_)) = (&found, marker, &self.client) {
+            // Best effort: without the marker the next run only asks again.
+            let _ = std::fs::create_dir_all(marker.parent().expect("under .no_exist"))
+                .and_then(|_| std::fs::File::create(&marker));
+        }
+        Ok(found)
     }
 
     fn cached(&self, file: &str) -> Option<PathBuf> {

@@ -5,12 +5,16 @@
 //! this op removes both. A 4-bit (NF4) weight is the second variant: it is dequantized into a
 //! temporary of the input's dtype for each GEMM (forward, and again in backward) — on the CPU
 //! a cache-sized tile at a time, on a GPU whole — so no full-precision copy outlives its use.
+//! A weight kept in a GGUF file's ggml blocks (Q4_K, Q8_0, …) is the third, dequantized tile by
+//! tile the same way (on the CPU; on a GPU it is loaded dense, see [`FrozenLinear::blocks`]).
 
 use super::nf4::{Absmax, Nf4Out, Nf4Tensor, BLOCK};
+use crate::gguf::quants::BlockMatrix;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// `x (n, h) · wᵀ` for `w (o, h)`, with no weight gradient.
@@ -175,15 +179,7 @@ impl CustomOp1 for Nf4Matmul {
         let Nf4Codes::Host(q) = &*self.w else {
             candle_core::bail!("4-bit linear: the weight is on the GPU, the input on the CPU");
         };
-        match x {
-            CpuStorage::F32(_) => tiled::<f32>(q, self.product, x, layout, TILE_ELEMS),
-            CpuStorage::F64(_) => tiled::<f64>(q, self.product, x, layout, TILE_ELEMS),
-            CpuStorage::BF16(_) => tiled::<bf16>(q, self.product, x, layout, TILE_ELEMS),
-            CpuStorage::F16(_) => tiled::<f16>(q, self.product, x, layout, TILE_ELEMS),
-            other => {
-                candle_core::bail!("4-bit linear: unsupported input dtype {:?}", other.dtype())
-            }
-        }
+        tiled_any(q, self.product, x, layout)
     }
 
     #[cfg(feature = "cuda")]
@@ -241,34 +237,150 @@ impl CustomOp1 for Nf4Matmul {
 /// out to memory and was read back.
 const TILE_ELEMS: usize = 1 << 22;
 
-/// `product` of `x` with the NF4 weight `q (o, h)`, dequantized a tile at a time: the forward
-/// `x Wᵀ` takes whole rows of W (output columns of y), the input gradient `g W` whole block
-/// columns of W (output columns of dx); each tile's GEMM writes its own columns, so nothing
-/// is summed across tiles. Rows that are not whole quantization blocks dequantize whole.
-fn tiled<T: TileBuffer>(
-    q: &Nf4Tensor,
+/// A weight `(o, h)` kept in quantization blocks that dequantizes a tile of itself.
+trait Tiles: Sync {
+    /// What a call computes once for all its tiles (NF4: the block scales).
+    type Prepared;
+    /// (o, h)
+    fn shape(&self) -> (usize, usize);
+    /// Whether tiles may split the weight (no block straddles two rows).
+    fn tileable(&self) -> bool;
+    /// Column tiles (those of the input gradient) are multiples of this.
+    fn block_cols(&self) -> usize;
+    fn prepare(&self) -> Self::Prepared;
+    fn whole_into<T: TileBuffer>(&self, out: &mut [T]);
+    fn tile_into<T: TileBuffer>(
+        &self,
+        prepared: &Self::Prepared,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: &mut [T],
+    );
+}
+
+impl Tiles for Nf4Tensor {
+    type Prepared = Vec<f32>;
+
+    fn shape(&self) -> (usize, usize) {
+        (self.shape[0], self.shape[1])
+    }
+
+    fn tileable(&self) -> bool {
+        self.shape[1].is_multiple_of(BLOCK)
+    }
+
+    fn block_cols(&self) -> usize {
+        BLOCK
+    }
+
+    fn prepare(&self) -> Vec<f32> {
+        self.absmax_f32()
+    }
+
+    fn whole_into<T: TileBuffer>(&self, out: &mut [T]) {
+        self.dequantize_into(out)
+    }
+
+    fn tile_into<T: TileBuffer>(
+        &self,
+        absmax: &Vec<f32>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: &mut [T],
+    ) {
+        self.dequantize_tile_into(rows, cols, absmax, out)
+    }
+}
+
+impl Tiles for BlockMatrix {
+    type Prepared = ();
+
+    fn shape(&self) -> (usize, usize) {
+        BlockMatrix::shape(self)
+    }
+
+    fn tileable(&self) -> bool {
+        true
+    }
+
+    fn block_cols(&self) -> usize {
+        self.block_size()
+    }
+
+    fn prepare(&self) {}
+
+    fn whole_into<T: TileBuffer>(&self, out: &mut [T]) {
+        let (o, h) = BlockMatrix::shape(self);
+        self.tile_into(&(), 0..o, 0..h, out)
+    }
+
+    /// Row by row in parallel, each through an f32 row buffer of the worker's.
+    fn tile_into<T: TileBuffer>(
+        &self,
+        _: &(),
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: &mut [T],
+    ) {
+        let width = cols.len();
+        out.par_chunks_mut(width.max(1)).zip(rows).for_each_init(
+            || vec![0f32; width],
+            |row_f32, (o, r)| {
+                self.row_part_into(r, cols.clone(), row_f32);
+                for (o, &v) in o.iter_mut().zip(row_f32.iter()) {
+                    *o = T::from_f32(v);
+                }
+            },
+        );
+    }
+}
+
+/// [`tiled`] in the dtype of `x`.
+fn tiled_any<W: Tiles>(
+    w: &W,
+    product: Product,
+    x: &CpuStorage,
+    layout: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    match x {
+        CpuStorage::F32(_) => tiled::<f32, W>(w, product, x, layout, TILE_ELEMS),
+        CpuStorage::F64(_) => tiled::<f64, W>(w, product, x, layout, TILE_ELEMS),
+        CpuStorage::BF16(_) => tiled::<bf16, W>(w, product, x, layout, TILE_ELEMS),
+        CpuStorage::F16(_) => tiled::<f16, W>(w, product, x, layout, TILE_ELEMS),
+        other => {
+            candle_core::bail!(
+                "quantized linear: unsupported input dtype {:?}",
+                other.dtype()
+            )
+        }
+    }
+}
+
+/// `product` of `x` with the quantized weight `q (o, h)`, dequantized a tile at a time: the
+/// forward `x Wᵀ` takes whole rows of W (output columns of y), the input gradient `g W` whole
+/// block columns of W (output columns of dx); each tile's GEMM writes its own columns, so
+/// nothing is summed across tiles. A weight whose blocks straddle rows dequantizes whole.
+fn tiled<T: TileBuffer, W: Tiles>(
+    q: &W,
     product: Product,
     xs: &CpuStorage,
     x_layout: &Layout,
     tile_elems: usize,
 ) -> Result<(CpuStorage, Shape)> {
-    let (o, h) = (q.shape[0], q.shape[1]);
+    let (o, h) = q.shape();
     let n = x_layout.shape().dims2()?.0;
     let (along, out_width) = match product {
         Product::XWt => (o, o),
         Product::GW => (h, h),
     };
+    let block = q.block_cols();
     let step = match product {
-        _ if h % BLOCK != 0 => along,
-        Product::XWt => (tile_elems / h).max(1),
-        Product::GW => (tile_elems / o / BLOCK).max(1) * BLOCK,
+        _ if !q.tileable() => along,
+        Product::XWt => (tile_elems / h.max(1)).max(1),
+        Product::GW => (tile_elems / o.max(1) / block).max(1) * block,
     }
     .clamp(1, along.max(1));
-    let absmax = if step < along {
-        q.absmax_f32()
-    } else {
-        Vec::new()
-    };
+    let prepared = (step < along).then(|| q.prepare());
     let mut w = T::to_cpu_storage_owned(Vec::new());
     let mut y = Vec::new();
     for first in (0..along).step_by(step) {
@@ -280,10 +392,9 @@ fn tiled<T: TileBuffer>(
         let shape = (rows.len(), cols.len());
         let tile = T::buffer(&mut w);
         tile.resize(shape.0 * shape.1, T::default());
-        if step == along {
-            q.dequantize_into(tile);
-        } else {
-            q.dequantize_tile_into(rows, cols, &absmax, tile);
+        match &prepared {
+            None => q.whole_into(tile),
+            Some(p) => q.tile_into(p, rows, cols, tile),
         }
         let (part, part_shape) = product.apply(xs, x_layout, &w, &Layout::contiguous(shape))?;
         if step == along {
@@ -295,6 +406,30 @@ fn tiled<T: TileBuffer>(
             .for_each(|(yr, pr)| yr[first..first + len].copy_from_slice(pr));
     }
     Ok((T::to_cpu_storage_owned(y), Shape::from((n, out_width))))
+}
+
+/// A matmul with a weight in ggml blocks held by the op (never a variable, never a gradient).
+struct BlockMatmul {
+    w: Arc<BlockMatrix>,
+    product: Product,
+}
+
+impl CustomOp1 for BlockMatmul {
+    fn name(&self) -> &'static str {
+        "ggml-block-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        tiled_any(&*self.w, self.product, x, layout)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        let op = BlockMatmul {
+            w: self.w.clone(),
+            product: self.product.transposed(),
+        };
+        Ok(Some(grad_y.contiguous()?.apply_op1(op)?))
+    }
 }
 
 /// The element types a tile is dequantized to, and their buffer inside a `CpuStorage` (so
@@ -320,11 +455,13 @@ tile_buffer!(f64, F64);
 tile_buffer!(bf16, BF16);
 tile_buffer!(f16, F16);
 
-/// The frozen weight: full precision, or 4-bit codes that are dequantized per use.
+/// The frozen weight: full precision, or quantized codes that are dequantized per use.
 #[derive(Clone, Debug)]
 enum Weight {
     Dense(Tensor),
     Nf4(Arc<Nf4Codes>),
+    /// ggml blocks from a GGUF file, in host memory.
+    Blocks(Arc<BlockMatrix>),
 }
 
 /// A weight that never trains.
@@ -347,11 +484,24 @@ impl FrozenLinear {
         })
     }
 
-    /// The full-precision weight, when the layer is not 4-bit.
+    /// A layer whose weight `w` (out, in) stays in its ggml blocks, dequantized tile by tile
+    /// per product, on the CPU. candle has no kernel for ggml blocks on a GPU here, so there
+    /// the weight is dequantized once, to `dtype`.
+    pub fn blocks(w: BlockMatrix, dtype: DType, device: &Device) -> Result<Self> {
+        if device.is_cpu() {
+            return Ok(Self {
+                weight: Weight::Blocks(Arc::new(w)),
+            });
+        }
+        let dense = Tensor::from_vec(w.to_f32(), w.shape(), device)?.to_dtype(dtype)?;
+        Ok(Self::new(dense))
+    }
+
+    /// The full-precision weight, when the layer is not quantized.
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
             Weight::Dense(w) => Some(w),
-            Weight::Nf4(_) => None,
+            Weight::Nf4(_) | Weight::Blocks(_) => None,
         }
     }
 
@@ -363,6 +513,7 @@ impl FrozenLinear {
                 (d[0], d[1])
             }
             Weight::Nf4(w) => w.shape(),
+            Weight::Blocks(w) => w.shape(),
         }
     }
 
@@ -378,6 +529,10 @@ impl FrozenLinear {
                 w: w.clone(),
                 product: Product::XWt,
             })?,
+            Weight::Blocks(w) => x2.apply_op1(BlockMatmul {
+                w: w.clone(),
+                product: Product::XWt,
+            })?,
         };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("x has at least one dim") = self.dims().0;
@@ -388,15 +543,13 @@ impl FrozenLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::GgmlType;
+    use half::f16;
 
     /// Small tiles (uneven last ones, both products) give what one whole-weight GEMM gives.
-    #[test]
-    fn tiles_equal_the_whole_weight() {
-        let (o, h, n) = (96, 192, 5);
-        let w: Vec<f32> = (0..o * h)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
-            .collect();
-        let q = Nf4Tensor::quantize("w", &w, &[o, h], true).unwrap();
+    fn check_tiles<W: Tiles>(q: &W) {
+        let (o, h) = q.shape();
+        let n = 5;
         for (product, k) in [(Product::XWt, h), (Product::GW, o)] {
             let x: Vec<f64> = (0..n * k)
                 .map(|i| ((i * 13 % 29) as f64 - 14.0) / 9.0)
@@ -404,7 +557,7 @@ mod tests {
             let run = |tile_elems| {
                 let xs = CpuStorage::F64(x.clone());
                 let (y, shape) =
-                    tiled::<f64>(&q, product, &xs, &Layout::contiguous((n, k)), tile_elems)
+                    tiled::<f64, _>(q, product, &xs, &Layout::contiguous((n, k)), tile_elems)
                         .unwrap();
                 (y.as_slice::<f64>().unwrap().to_vec(), shape)
             };
@@ -417,6 +570,80 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f64::max);
             assert!(worst < 1e-12, "{worst}");
+        }
+    }
+
+    #[test]
+    fn nf4_tiles_equal_the_whole_weight() {
+        let (o, h) = (96, 192);
+        let w: Vec<f32> = (0..o * h)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        check_tiles(&Nf4Tensor::quantize("w", &w, &[o, h], true).unwrap());
+    }
+
+    /// Deterministic bytes of `rows` × `cols` values of `ty`, with finite f16 scales.
+    fn blocks_of(ty: GgmlType, rows: usize, cols: usize) -> BlockMatrix {
+        let n_blocks = rows * cols / ty.block_size();
+        let mut bytes: Vec<u8> = (0..n_blocks * ty.type_size())
+            .map(|i| (i * 131 % 251) as u8)
+            .collect();
+        for (b, block) in bytes.chunks_exact_mut(ty.type_size()).enumerate() {
+            let scale = f16::from_f32(0.01 + 0.002 * (b % 7) as f32).to_le_bytes();
+            let at = if ty == GgmlType::Q6_K { 208 } else { 0 };
+            block[at..at + 2].copy_from_slice(&scale);
+            if ty == GgmlType::Q4_K {
+                block[2..4].copy_from_slice(&scale);
+            }
+        }
+        BlockMatrix::new(ty, rows, cols, bytes).unwrap()
+    }
+
+    #[test]
+    fn ggml_tiles_equal_the_whole_weight() {
+        check_tiles(&blocks_of(GgmlType::Q8_0, 96, 192));
+        check_tiles(&blocks_of(GgmlType::Q4_K, 40, 512));
+        check_tiles(&blocks_of(GgmlType::Q6_K, 40, 512));
+    }
+
+    /// A layer kept in ggml blocks computes what the layer of its dequantized weight computes:
+    /// the output and the input gradient, within f32 rounding (the two GEMMs sum in different
+    /// orders: 1e-6 of the largest value).
+    #[test]
+    fn ggml_blocks_equal_the_dense_weight() {
+        let q = blocks_of(GgmlType::Q4_K, 48, 512);
+        let dense = Tensor::from_vec(q.to_f32(), q.shape(), &Device::Cpu).unwrap();
+        let dense = FrozenLinear::new(dense);
+        let blocks = FrozenLinear::blocks(q, DType::F32, &Device::Cpu).unwrap();
+        let x: Vec<f32> = (0..7 * 512)
+            .map(|i| ((i * 29 % 61) as f32 - 30.0) / 40.0)
+            .collect();
+        let x = candle_core::Var::from_vec(x, (7, 512), &Device::Cpu).unwrap();
+        let weights = Tensor::arange(0f32, 7.0 * 48.0, &Device::Cpu)
+            .unwrap()
+            .reshape((7, 48))
+            .unwrap();
+        let run = |layer: &FrozenLinear| {
+            let y = layer.forward(x.as_tensor()).unwrap();
+            let grads = (&y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dx = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+            let y = y.flatten_all().unwrap();
+            (y.to_vec1::<f32>().unwrap(), dx.to_vec1::<f32>().unwrap())
+        };
+        let ((y0, dx0), (y1, dx1)) = (run(&dense), run(&blocks));
+        for (want, got) in [(y0, y1), (dx0, dx1)] {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in want.iter().zip(&got) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * scale,
+                    "{a} vs {b} (largest {scale})"
+                );
+            }
         }
     }
 }

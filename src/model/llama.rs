@@ -151,9 +151,7 @@ impl Llama {
                 let (o, i) = cfg.linear_shape(m).expect("a block linear");
                 let name = format!("{p}.{}.weight", linear_path(m));
                 let base = match quant {
-                    Quantization::None => {
-                        FrozenLinear::new(weights.get(&name, &[o, i], dtype, device)?)
-                    }
+                    Quantization::None => weights.get_linear(&name, &[o, i], dtype, device)?,
                     Quantization::Nf4 { double_quant } => {
                         FrozenLinear::nf4(weights.get_nf4(&name, &[o, i], double_quant)?, device)?
                     }

@@ -2,6 +2,7 @@
 //! random init for the built-in presets.
 
 use super::bnb;
+use super::frozen::FrozenLinear;
 use super::nf4::{Absmax, NestedAbsmax, Nf4Tensor, BLOCK};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -24,6 +25,18 @@ pub trait WeightSource {
     /// full-precision linear exists at a time.
     fn get_nf4(&self, name: &str, shape: &[usize], double_quant: bool) -> Result<Nf4Tensor> {
         read_and_quantize(self, name, shape, double_quant)
+    }
+    /// The block linear `name` (shape (out, in)) as a frozen layer computing in `dtype`, kept
+    /// as stored where the source stores it quantized (a GGUF's ggml blocks); by default read
+    /// in `dtype`.
+    fn get_linear(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<FrozenLinear> {
+        Ok(FrozenLinear::new(self.get(name, shape, dtype, device)?))
     }
 }
 

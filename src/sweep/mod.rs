@@ -308,7 +308,8 @@ fn evaluate_point(cfg: &RunConfig, point: &Point, evaluation: &Evaluation) -> Re
         .arg("--data-dir")
         .arg(&evaluation.data_dir)
         .args(["--benchmark", &evaluation.benchmarks.join(",")])
-        .arg("--update");
+        .arg("--update")
+        .args(["--chat-format", cfg.data.chat_format.name()]);
     if let Some(t) = &m.tokenizer {
         cmd.args(["--tokenizer", t]);
     }

@@ -45,11 +45,13 @@ pub struct Pass {
 }
 
 /// The peak of a training step of `model` stored as `quant` in `dtype`, with `trainable`
-/// adapter parameters; `pass` = None counts the weights alone.
+/// adapter parameters; `pass` = None counts the weights alone. `stored_linears`: the bytes of
+/// block linears a file keeps in its own quantization (a GGUF base), where `quant` is none.
 pub fn estimate(
     model: &LlamaConfig,
     dtype: DType,
     quant: Quantization,
+    stored_linears: Option<u64>,
     trainable: usize,
     pass: Option<Pass>,
     checkpointing: bool,
@@ -65,7 +67,7 @@ pub fn estimate(
     let (q, kv) = (n(model.q_dim()), n(model.kv_dim()));
     let linear_params = layers * (h * q + 2.0 * h * kv + q * h + 3.0 * h * i);
     let linears = match quant {
-        Quantization::None => linear_params * bytes,
+        Quantization::None => stored_linears.map_or(linear_params * bytes, |b| b as f64),
         // 4 bits per weight; a scale per 64 weights, itself 8 bits with double quantization.
         Quantization::Nf4 { double_quant } => {
             linear_params / 2.0 + linear_params / 64.0 * if double_quant { 1.0 } else { 4.0 }
@@ -236,9 +238,10 @@ mod tests {
             labels: 112,
         });
         // LoRA r 8 on all seven linears of 32 layers: 19,988,480 parameters.
-        let gib = |ckpt| estimate(&cfg, DType::F32, quant, 19_988_480, pass, ckpt).total() / GIB;
+        let gib =
+            |ckpt| estimate(&cfg, DType::F32, quant, None, 19_988_480, pass, ckpt).total() / GIB;
         let (on, off) = (gib(true), gib(false));
-        // The calibration points, measured with scripts/bench/step_7b.py (README): 4.67 GiB
+        // The calibration points, measured with scripts/bench/step_7b.py (docs/performance.md): 4.67 GiB
         // with checkpointing, 7.93 GiB without. A change to the model's memory use that moves
         // the peak far from the estimate must move the estimate too.
         assert!((on - 4.67).abs() < 0.4, "{on}");
@@ -257,6 +260,7 @@ mod tests {
             &cfg,
             DType::F64,
             Quantization::None,
+            None,
             usize::MAX,
             pass,
             false,

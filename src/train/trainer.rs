@@ -16,6 +16,7 @@ use crate::data::batch::{split_eval, Batcher};
 use crate::data::chat::{ChatEncoder, Encoded};
 use crate::data::dataset::{default_cache_dir, file_sha256, load, DataReport, LoadOptions};
 use crate::eval::evaluate;
+use crate::gguf;
 use crate::model::Llama;
 use crate::progress::Progress;
 use crate::signals::{self, Interrupted};
@@ -62,13 +63,25 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         .context("model.source")?;
     let trainable = cfg.adapter.param_count(&shapes)?;
     let device = crate::device::open(cfg.device)?;
+    let dtype = cfg.model.dtype.on(&device);
+    // A GGUF base keeps its quantized linears in their blocks on the CPU.
+    let gguf = Path::new(&cfg.model.source);
+    let stored_linears = if gguf::is_gguf(gguf) && device.is_cpu() {
+        let file = gguf::GgufFile::open(gguf).context("model.source")?;
+        Some(gguf::weights::block_linear_bytes(
+            &file,
+            dtype.size_in_bytes(),
+        ))
+    } else {
+        None
+    };
     let need = |pass| {
-        let dtype = cfg.model.dtype.on(&device);
         let checkpointing = cfg.train.gradient_checkpointing;
         memory::estimate(
             &shapes,
             dtype,
             cfg.model.quantization(),
+            stored_linears,
             trainable,
             pass,
             checkpointing,
@@ -82,7 +95,7 @@ pub fn train(cfg: &RunConfig, start: Start, show_progress: bool) -> Result<Train
         Some(spec) => source.tokenizer(Some(spec)).context("model.tokenizer")?,
         None => source.tokenizer(None)?,
     };
-    let encoder = ChatEncoder::new(tokenizer)?;
+    let encoder = ChatEncoder::new(tokenizer, cfg.data.chat_format).context("data.chat_format")?;
     encoder.check_fits(source.config.vocab_size)?;
     // Data before the model: a bad line should not wait for a 13 GB load.
     let data = Data::load(cfg, &encoder)?;
