@@ -1,10 +1,10 @@
-//! `prolora export` (any adapter as a plain PEFT LoRA) and `prolora merge` (W0 + ΔW written as
-//! a transformers checkpoint). Both go through [`Adapter::lora_factors`], so they work for every
-//! method and every model shape.
+//! `prolora export` (any adapter as a plain PEFT LoRA or a llama.cpp GGUF LoRA) and `prolora
+//! merge` (W0 + ΔW written as a transformers checkpoint). All go through
+//! [`Adapter::lora_factors`], so they work for every method and every model shape.
 //!
 //! [`Adapter::lora_factors`]: crate::adapters::Adapter::lora_factors
 
-use crate::adapters::{peft, peft_prefix, AdapterConfig, AdapterSet};
+use crate::adapters::{peft, peft_prefix, AdapterConfig, AdapterSet, Target};
 use crate::atomic;
 use crate::model::config::linear_path;
 use crate::model::LlamaConfig;
@@ -13,10 +13,12 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
+mod gguf_lora;
+
+pub use gguf_lora::export_gguf_lora;
+
 /// Writes the adapter in `adapter_dir` (any kind) to `out` as a PEFT LoRA with
-/// `lora_alpha = r` (scaling 1) and the same ΔW of every linear: see [`exact_factors`]. PEFT
-/// has one rank for all linears, so it is the largest rank any linear needs; narrower linears
-/// get zero rows and columns up to it.
+/// `lora_alpha = r` (scaling 1) and the same ΔW of every linear: see [`lora_equivalent`].
 pub fn export_peft_lora(
     adapter_dir: &Path,
     model: &LlamaConfig,
@@ -24,32 +26,12 @@ pub fn export_peft_lora(
     out: &Path,
 ) -> Result<()> {
     let set = peft::load(adapter_dir, model, DType::F32, &Device::Cpu)?;
-    let factors = set
-        .linears()
-        .map(|(t, adapter)| {
-            let (a, b, scaling) = adapter.lora_factors()?;
-            Ok((
-                peft_prefix(t.layer, t.module),
-                exact_factors(&a, &b, scaling)?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let rank = factors
-        .iter()
-        .map(|(_, (a, _))| a.dims()[0])
-        .max()
-        .context("the adapter adapts no linear")?;
+    let (rank, factors) = lora_equivalent(&set)?;
     let mut tensors = HashMap::new();
-    for (prefix, (a, b)) in factors {
-        let missing = rank - a.dims()[0];
-        tensors.insert(
-            format!("{prefix}.lora_A.weight"),
-            a.pad_with_zeros(0, 0, missing)?.contiguous()?,
-        );
-        tensors.insert(
-            format!("{prefix}.lora_B.weight"),
-            b.pad_with_zeros(1, 0, missing)?.contiguous()?,
-        );
+    for (t, a, b) in factors {
+        let prefix = peft_prefix(t.layer, t.module);
+        tensors.insert(format!("{prefix}.lora_A.weight"), a);
+        tensors.insert(format!("{prefix}.lora_B.weight"), b);
     }
     let cfg = AdapterConfig {
         rank,
@@ -60,6 +42,38 @@ pub fn export_peft_lora(
     };
     let config = peft::config_json(&cfg, base_model);
     atomic::write_dir(out, |dir| peft::write_adapter(dir, &tensors, &config))
+}
+
+/// Every adapted linear of `set` as LoRA factors (A (r, in), B (out, r)) of one rank r with
+/// `ΔW = B·A` (scaling folded into B: a LoRA file's alpha is then r), and that rank. Formats
+/// with one alpha for all linears (PEFT, GGUF) need one rank, so it is the largest any linear
+/// needs ([`exact_factors`]); narrower linears get zero rows and columns up to it.
+fn lora_equivalent(set: &AdapterSet) -> Result<(usize, Vec<(&Target, Tensor, Tensor)>)> {
+    let factors = set
+        .linears()
+        .map(|(t, adapter)| {
+            let (a, b, scaling) = adapter.lora_factors()?;
+            let (a, b) = exact_factors(&a, &b, scaling)?;
+            Ok((t, a, b))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rank = factors
+        .iter()
+        .map(|(_, a, _)| a.dims()[0])
+        .max()
+        .context("the adapter adapts no linear")?;
+    let padded = factors
+        .into_iter()
+        .map(|(t, a, b)| {
+            let missing = rank - a.dims()[0];
+            Ok((
+                t,
+                a.pad_with_zeros(0, 0, missing)?.contiguous()?,
+                b.pad_with_zeros(1, 0, missing)?.contiguous()?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((rank, padded))
 }
 
 /// LoRA factors (A, B) with `B·A = scaling · b·a` of rank at most min(r, in, out): the given

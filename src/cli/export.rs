@@ -1,4 +1,4 @@
-//! `prolora export`: an adapter as a plain PEFT LoRA.
+//! `prolora export`: an adapter as a plain PEFT LoRA or a llama.cpp GGUF LoRA.
 
 use super::model::local_dirs;
 use super::{choices, report_written};
@@ -16,6 +16,8 @@ named_enum! {
 pub enum ExportFormat {
     /// A plain PEFT LoRA of the equivalent rank.
     PeftLora = "peft-lora",
+    /// llama.cpp's GGUF LoRA (`llama-server --lora`, ollama's `ADAPTER`) of the same rank.
+    GgufLora = "gguf-lora",
 }
 }
 
@@ -27,7 +29,7 @@ pub struct ExportArgs {
     /// Output format.
     #[arg(long, default_value = "peft-lora", value_parser = choices::<ExportFormat>(ExportFormat::NAMES))]
     pub format: ExportFormat,
-    /// Where to write the PEFT LoRA adapter.
+    /// Where to write the adapter: a directory (peft-lora) or a .gguf file (gguf-lora).
     #[arg(long)]
     pub out: PathBuf,
     /// The base model (for its shapes); default: the adapter's base_model_name_or_path.
@@ -53,6 +55,9 @@ pub(super) fn run(args: ExportArgs) -> Result<()> {
     match args.format {
         ExportFormat::PeftLora => {
             crate::export::export_peft_lora(&args.adapter, &source.config, &model, &args.out)?
+        }
+        ExportFormat::GgufLora => {
+            crate::export::export_gguf_lora(&args.adapter, &source.config, &args.out)?
         }
     }
     report_written(

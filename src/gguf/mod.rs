@@ -1,5 +1,5 @@
-//! GGUF, llama.cpp's model file: reading its metadata and tensors, and a LLaMA model (config,
-//! weights) from one.
+//! GGUF, llama.cpp's model file: reading and writing its metadata and tensors, and a LLaMA
+//! model (config, weights) from one.
 //!
 //! The value model ([`Value`], [`ValueType`]) and the tensor types ([`GgmlType`]) are shared
 //! by the reader and the writer.
@@ -11,6 +11,7 @@ pub mod read;
 pub mod tokenizer;
 pub mod value;
 pub mod weights;
+pub mod write;
 
 pub use ggml_type::GgmlType;
 pub use read::{GgufFile, Metadata, TensorInfo};
