@@ -7,8 +7,8 @@
 use super::adapters::{AdapterStore, ServedAdapter};
 use super::metrics::Metrics;
 use super::routing::{attach_routers, Routing};
-use crate::generate::choose;
 use crate::ctx::Ctx;
+use crate::generate::choose;
 use crate::model::kv_cache::KvCache;
 use crate::model::Llama;
 use anyhow::Result;
