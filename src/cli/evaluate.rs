@@ -90,7 +90,7 @@ pub(super) fn run(mut args: EvaluateArgs) -> Result<()> {
         temperature: args.temperature,
         samples: args.samples,
         shots: args.shots,
-        chat_format: args.model.chat_format,
+        chat_format: args.model.base.chat_format,
         allow_code_execution: args.allow_code_execution,
         seed: args.seed,
     };
@@ -112,18 +112,18 @@ pub(super) fn run(mut args: EvaluateArgs) -> Result<()> {
             crate::config::RunConfig::load(&run.join(crate::train::run_dir::CONFIG_FILE), &[])
         {
             let m = &cfg.model;
-            if m.source != args.model.spec.model || m.quantize != args.model.quantize {
+            if m.source != args.model.base.spec.model || m.quantize != args.model.base.quantize {
                 crate::to_stderr!(
                     "warning: {} was trained on --model {} --quantize {}; evaluating on --model {} --quantize {}",
-                    run.display(), m.source, m.quantize, args.model.spec.model, args.model.quantize
+                    run.display(), m.source, m.quantize, args.model.base.spec.model, args.model.base.quantize
                 );
             }
-            if cfg.data.chat_format != args.model.chat_format {
+            if cfg.data.chat_format != args.model.base.chat_format {
                 crate::to_stderr!(
                     "warning: {} was trained in --chat-format {}; evaluating in --chat-format {}",
                     run.display(),
                     cfg.data.chat_format,
-                    args.model.chat_format
+                    args.model.base.chat_format
                 );
             }
         }
@@ -134,7 +134,7 @@ pub(super) fn run(mut args: EvaluateArgs) -> Result<()> {
             outputs.push((b.clone(), run.join("eval").join(format!("{b}.json"))));
         }
     }
-    let source = ModelSource::resolve(&args.model.spec.model, &args.model.spec.revision)?;
+    let source = ModelSource::resolve(&args.model.base.spec.model, &args.model.base.spec.revision)?;
     if let Some(out) = &args.out {
         let mut inputs = model_inputs(&source, &args.model);
         inputs.push(&args.data_dir);
@@ -143,15 +143,15 @@ pub(super) fn run(mut args: EvaluateArgs) -> Result<()> {
         held.push(ev::writer::hold(out, "--out")?);
         atomic::check_output(out, "--out", &inputs, args.overwrite)?;
     }
-    let device = crate::device::open(args.model.device)?;
+    let device = crate::device::open(args.model.base.device)?;
     let identity = ev::identity::Identity::new(
         &ev::identity::Loading {
             source: &source,
-            tokenizer: args.model.tokenizer.as_deref(),
+            tokenizer: args.model.base.tokenizer.as_deref(),
             adapter: args.model.adapter.as_deref(),
-            quantize: args.model.quantize.name(),
-            double_quant: args.model.double_quant,
-            dtype: args.model.dtype.on(&device),
+            quantize: args.model.base.quantize.name(),
+            double_quant: args.model.base.double_quant,
+            dtype: args.model.base.dtype.on(&device),
         },
         &options,
     )?;
@@ -239,7 +239,7 @@ pub(super) fn run(mut args: EvaluateArgs) -> Result<()> {
         crate::to_stdout!(
             "note: --model {} has random weights, so scores of 0 are expected: this shows the \
              benchmarks run end to end, not what an adapter learned (use a real model for that)",
-            args.model.spec.model
+            args.model.base.spec.model
         );
     }
     if args.json {

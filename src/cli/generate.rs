@@ -66,9 +66,9 @@ pub(super) fn run(args: GenerateArgs) -> Result<()> {
     settings
         .validate()
         .map_err(|e| anyhow::anyhow!("--{e}").context("generate"))?;
-    let source = ModelSource::resolve(&args.model.spec.model, &args.model.spec.revision)?;
+    let source = ModelSource::resolve(&args.model.base.spec.model, &args.model.base.spec.revision)?;
     let Some(file) = &args.prompts else {
-        let device = crate::device::open(args.model.device)?;
+        let device = crate::device::open(args.model.base.device)?;
         let (model, encoder) = load_model_from(&source, &args.model, &device)?;
         let messages = chat(args.system.clone(), args.prompt.clone().unwrap_or_default());
         crate::to_stdout!("{}", complete(&model, &encoder, &messages, &settings)?.text);
@@ -115,7 +115,7 @@ pub(super) fn run(args: GenerateArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    let device = crate::device::open(args.model.device)?;
+    let device = crate::device::open(args.model.base.device)?;
     let (model, encoder) = load_model_from(&source, &args.model, &device)?;
     let settings = Settings {
         stop_ids: encoder.stop_ids().to_vec(),

@@ -22,14 +22,12 @@ pub struct ModelSpec {
     pub revision: String,
 }
 
-/// The base model a command runs, and the adapter on it.
+/// The base model a command runs: where it comes from, its tokenizer and chat format, and how
+/// it is held and computed.
 #[derive(Args)]
-pub struct ModelArgs {
+pub struct BaseArgs {
     #[command(flatten)]
     pub spec: ModelSpec,
-    /// An adapter directory (adapter_config.json + adapter_model.safetensors), any method.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
     /// Another tokenizer than the model's: a tokenizer.json, a GGUF file, a directory holding a
     /// tokenizer.json, a preset or a Hub repo id.
     #[arg(long)]
@@ -54,12 +52,22 @@ pub struct ModelArgs {
     pub device: DeviceSpec,
 }
 
+/// The base model a command runs, and the adapter on it.
+#[derive(Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub base: BaseArgs,
+    /// An adapter directory (adapter_config.json + adapter_model.safetensors), any method.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
 /// The base model with the adapter (if any) attached, and its chat encoder.
 pub(super) fn load_model(args: &ModelArgs) -> Result<(crate::model::Llama, ChatEncoder)> {
     load_model_from(
-        &ModelSource::resolve(&args.spec.model, &args.spec.revision)?,
+        &ModelSource::resolve(&args.base.spec.model, &args.base.spec.revision)?,
         args,
-        &crate::device::open(args.device)?,
+        &crate::device::open(args.base.device)?,
     )
 }
 
@@ -70,12 +78,12 @@ pub(super) fn load_model_from(
     device: &candle_core::Device,
 ) -> Result<(crate::model::Llama, ChatEncoder)> {
     let encoder = ChatEncoder::new(
-        source.tokenizer(args.tokenizer.as_deref())?,
-        args.chat_format,
+        source.tokenizer(args.base.tokenizer.as_deref())?,
+        args.base.chat_format,
     )?;
     encoder.check_fits(source.config.vocab_size)?;
-    let quant = Quantization::new(args.quantize, args.double_quant);
-    let mut model = source.load_quantized(args.dtype.on(device), quant, device)?;
+    let quant = Quantization::new(args.base.quantize, args.base.double_quant);
+    let mut model = source.load_quantized(args.base.dtype.on(device), quant, device)?;
     if let Some(dir) = &args.adapter {
         peft::load_into(dir, &mut model)?;
     }
@@ -87,7 +95,8 @@ pub(super) fn model_inputs<'a>(source: &'a ModelSource, args: &'a ModelArgs) -> 
     let mut inputs = local_dirs(source);
     inputs.extend(args.adapter.as_deref());
     inputs.extend(
-        args.tokenizer
+        args.base
+            .tokenizer
             .as_deref()
             .map(Path::new)
             .filter(|t| t.exists()),

@@ -1,10 +1,8 @@
 //! `prolora serve`: many adapters on one base behind an OpenAI-compatible API.
 
-use super::choices;
-use super::model::ModelSpec;
-use crate::data::chat::{ChatEncoder, ChatFormat};
-use crate::device::{ComputeDtype, DeviceSpec};
-use crate::model::nf4::{Quantization, Storage};
+use super::model::BaseArgs;
+use crate::data::chat::ChatEncoder;
+use crate::model::nf4::Quantization;
 use crate::serve::server::{serve, Options};
 use crate::source::ModelSource;
 use anyhow::{bail, Result};
@@ -15,7 +13,7 @@ use std::time::Duration;
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    pub spec: ModelSpec,
+    pub base: BaseArgs,
     /// An adapter served as NAME (the API's `model`): NAME=DIR, repeatable.
     #[arg(long = "adapter", value_name = "NAME=DIR", value_parser = parse_named_adapter)]
     pub adapters: Vec<(String, PathBuf)>,
@@ -23,26 +21,6 @@ pub struct ServeArgs {
     /// be loaded from below it at run time (POST /v1/load_lora_adapter).
     #[arg(long, value_name = "DIR")]
     pub adapter_root: Option<PathBuf>,
-    /// Another tokenizer than the model's: a tokenizer.json, a directory holding one, a preset
-    /// or a Hub repo id.
-    #[arg(long)]
-    pub tokenizer: Option<String>,
-    /// How chat messages become the prompt: tulu (open-instruct's, what prolora trains in by
-    /// default), model (the model's own chat template) or none (the plain text).
-    #[arg(long, default_value = "tulu", value_parser = choices::<ChatFormat>(ChatFormat::NAMES))]
-    pub chat_format: ChatFormat,
-    /// Compute dtype (auto: bf16 on a GPU, f32 on the CPU).
-    #[arg(long, default_value = "auto", value_parser = choices::<ComputeDtype>(ComputeDtype::NAMES))]
-    pub dtype: ComputeDtype,
-    /// Storage of the base's block linears (nf4: 4-bit, quantized while loading).
-    #[arg(long, default_value = "none", value_parser = choices::<Storage>(Storage::NAMES))]
-    pub quantize: Storage,
-    /// With --quantize nf4: also quantize the block scales.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub double_quant: bool,
-    /// Compute device: auto, cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceSpec,
     /// The address to listen on (only this machine by default).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -113,8 +91,8 @@ fn adapters_below(root: &Path) -> Result<Vec<(String, PathBuf)>> {
 }
 
 pub(super) fn run(args: ServeArgs) -> Result<()> {
-    let source = ModelSource::resolve(&args.spec.model, &args.spec.revision)?;
-    let base_name = args.spec.model.clone();
+    let source = ModelSource::resolve(&args.base.spec.model, &args.base.spec.revision)?;
+    let base_name = args.base.spec.model.clone();
     let mut adapters = args.adapters.clone();
     if let Some(root) = &args.adapter_root {
         adapters.extend(adapters_below(root)?);
@@ -138,9 +116,13 @@ pub(super) fn run(args: ServeArgs) -> Result<()> {
         base_name,
         drain_timeout: Duration::from_secs(args.drain_timeout),
     };
-    let (tokenizer, device, dtype) = (args.tokenizer.clone(), args.device, args.dtype);
-    let format = args.chat_format;
-    let quant = Quantization::new(args.quantize, args.double_quant);
+    let (tokenizer, device, dtype) = (
+        args.base.tokenizer.clone(),
+        args.base.device,
+        args.base.dtype,
+    );
+    let format = args.base.chat_format;
+    let quant = Quantization::new(args.base.quantize, args.base.double_quant);
     serve(
         options,
         Box::new(move || {
