@@ -63,6 +63,16 @@ struct State {
     root: Option<PathBuf>,
 }
 
+impl State {
+    /// Hands `command` to the engine thread; an error once it has stopped.
+    fn send(&self, command: Command) -> Result<(), std::sync::mpsc::SendError<Command>> {
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(command)
+    }
+}
+
 /// Serves until a stop signal; returns once the requests in flight are answered (or the
 /// drain deadline passed).
 pub fn serve(options: Options, load: Loader) -> Result<()> {
@@ -475,11 +485,7 @@ fn completion(
         record_logits: false,
         submitted: Instant::now(),
     };
-    let sent = state
-        .commands
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send(Command::Submit(job));
+    let sent = state.send(Command::Submit(job));
     if sent.is_err() {
         return Err(ApiError::new(503, "the engine has stopped"));
     }
@@ -639,11 +645,7 @@ fn load_adapter(stream: &TcpStream, state: &State, request: &Request) -> Result<
         dir,
         reply,
     };
-    let _ = state
-        .commands
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send(command);
+    let _ = state.send(command);
     match answer.recv() {
         Ok(Ok(bytes)) => {
             let text = format!(
@@ -665,11 +667,7 @@ fn unload_adapter(stream: &TcpStream, state: &State, request: &Request) -> Resul
         name: name.clone(),
         reply,
     };
-    let _ = state
-        .commands
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send(command);
+    let _ = state.send(command);
     match answer.recv() {
         Ok(true) => {
             let text = format!("Success: LoRA adapter '{name}' removed successfully.");
