@@ -3,6 +3,7 @@
 //! (no fused multiply-adds).
 
 use super::ggml_type::GgmlType;
+use crate::kernels::quant_gemv::{GgmlBlocks, QuantMatrix};
 use anyhow::{bail, Result};
 use half::f16;
 use rayon::prelude::*;
@@ -135,6 +136,22 @@ impl BlockMatrix {
         let bytes =
             &self.bytes[row_start + cols.start / block * size..][..cols.len() / block * size];
         blocks_into(self.block_fn, size, block, bytes, out);
+    }
+
+    /// The matrix as the fused few-row product reads it, for the types it reads.
+    pub fn fused(&self) -> Option<QuantMatrix<'_>> {
+        let kind = match self.ggml_type {
+            GgmlType::Q4_0 => GgmlBlocks::Q4_0,
+            GgmlType::Q4_1 => GgmlBlocks::Q4_1,
+            GgmlType::Q8_0 => GgmlBlocks::Q8_0,
+            _ => return None,
+        };
+        Some(QuantMatrix::Ggml {
+            kind,
+            bytes: &self.bytes,
+            rows: self.rows,
+            cols: self.cols,
+        })
     }
 
     /// The whole matrix in f32, row-major.

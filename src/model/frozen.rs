@@ -10,6 +10,7 @@
 
 use super::nf4::{Absmax, Nf4Out, Nf4Tensor, BLOCK};
 use crate::gguf::quants::BlockMatrix;
+use crate::kernels::quant_gemv::{self, QuantMatrix};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
@@ -179,6 +180,9 @@ impl CustomOp1 for Nf4Matmul {
         let Nf4Codes::Host(q) = &*self.w else {
             candle_core::bail!("4-bit linear: the weight is on the GPU, the input on the CPU");
         };
+        if let Some(y) = fused(q.fused(), self.product, x, layout)? {
+            return Ok(y);
+        }
         tiled_any(q, self.product, x, layout)
     }
 
@@ -335,6 +339,27 @@ impl Tiles for BlockMatrix {
     }
 }
 
+/// A decoding step's forward (a few f32 rows times a weight the fused kernels read): the
+/// codes and scales are read once, dequantized in registers. `None`: use the tiled GEMM.
+fn fused(
+    w: Option<QuantMatrix>,
+    product: Product,
+    x: &CpuStorage,
+    layout: &Layout,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    let (Some(w), Product::XWt, CpuStorage::F32(xs), Some((start, end))) =
+        (w, product, x, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let (n, h) = layout.shape().dims2()?;
+    if !quant_gemv::ROWS.contains(&n) || h != w.shape().1 {
+        return Ok(None);
+    }
+    Ok(quant_gemv::xwt(&w, &xs[start..end], n)
+        .map(|y| (CpuStorage::F32(y), Shape::from((n, w.shape().0)))))
+}
+
 /// [`tiled`] in the dtype of `x`.
 fn tiled_any<W: Tiles>(
     w: &W,
@@ -420,6 +445,9 @@ impl CustomOp1 for BlockMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        if let Some(y) = fused(self.w.fused(), self.product, x, layout)? {
+            return Ok(y);
+        }
         tiled_any(&*self.w, self.product, x, layout)
     }
 

@@ -7,6 +7,7 @@
 //! pads the last low nibble with the code of 0).
 
 use crate::choice::named_enum;
+use crate::kernels::quant_gemv::{Nf4Scales, QuantMatrix};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -241,6 +242,36 @@ impl Nf4Tensor {
             let amax = &absmax[first / BLOCK..(first + width) / BLOCK];
             dequantize_blocks(bytes, amax, row);
         });
+    }
+
+    /// The tensor as the fused few-row product reads it, when it is a matrix of whole
+    /// blocks per row.
+    pub fn fused(&self) -> Option<QuantMatrix<'_>> {
+        let [rows, cols] = self.shape[..] else {
+            return None;
+        };
+        if !cols.is_multiple_of(BLOCK) {
+            return None;
+        }
+        let scales = match &self.absmax {
+            Absmax::Plain(a) => Nf4Scales::Plain(a),
+            Absmax::Double(d) => {
+                static MAP: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+                Nf4Scales::Double {
+                    codes: &d.codes,
+                    scales: &d.scales,
+                    offset: d.offset,
+                    map: MAP.get_or_init(dynamic_map),
+                }
+            }
+        };
+        Some(QuantMatrix::Nf4 {
+            packed: &self.packed,
+            scales,
+            table: &NF4,
+            rows,
+            cols,
+        })
     }
 
     /// The dequantized tensor in `dtype` (f32, f64, bf16 or f16).

@@ -1,0 +1,635 @@
+//! `x · Wᵀ` for the few rows of `x` a decoding step has, with `W` in 4- or 8-bit blocks (NF4,
+//! ggml's Q4_0, Q4_1 and Q8_0): the codes and scales are read once and dequantized in
+//! registers, never into a tile of f32 weights that a GEMM would read again.
+//!
+//! Each block's scale is factored out of its sum, `Σ (s·q_i)·x_i = s · Σ q_i·x_i` (Q4_1's
+//! offset `m` as `m · Σ x_i`, with the block sums of `x` computed once per call), so the result
+//! equals the composed form — dequantize, then the f32 product — up to the order and the
+//! rounding of the sums: within [`TOLERANCE`] · Σ |w_i·x_i| (docs/methods.md, "Fused quantized
+//! products").
+
+use rayon::prelude::*;
+
+/// Rows of `x` the fused product serves (decoding: one per sequence); more rows go to the
+/// tiled GEMM, which reuses each dequantized tile across them.
+pub const ROWS: std::ops::RangeInclusive<usize> = 1..=16;
+
+/// The stated bound: |fused − composed| ≤ TOLERANCE · Σ_i |w_i · x_i| for each output.
+pub const TOLERANCE: f32 = 1e-5;
+
+/// NF4 values per absmax block.
+const NF4_BLOCK: usize = 64;
+/// Absmax values per nested (double-quantization) block.
+const NESTED_BLOCK: usize = 256;
+/// Values per ggml block of Q4_0, Q4_1 and Q8_0.
+const GGML_BLOCK: usize = 32;
+
+/// Weights a task multiplies (at least one row), to balance the two cores without paying a
+/// task's overhead per row.
+const TASK_WEIGHTS: usize = 1 << 15;
+
+/// NF4 block scales: plain f32, or double-quantized as `map[code] · scale[b / 256] + offset`.
+#[derive(Clone, Copy)]
+pub enum Nf4Scales<'a> {
+    Plain(&'a [f32]),
+    Double {
+        codes: &'a [u8],
+        scales: &'a [f32],
+        offset: f32,
+        /// The 256-entry dynamic map of the codes.
+        map: &'a [f32; 256],
+    },
+}
+
+impl Nf4Scales<'_> {
+    /// The scale of block `b`, rounded as the composed dequantization rounds it.
+    #[inline(always)]
+    fn get(&self, b: usize) -> f32 {
+        match *self {
+            Self::Plain(a) => a[b],
+            Self::Double {
+                codes,
+                scales,
+                offset,
+                map,
+            } => map[codes[b] as usize] * scales[b / NESTED_BLOCK] + offset,
+        }
+    }
+}
+
+/// The ggml block types with a fused product.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GgmlBlocks {
+    /// d (f16), 16 bytes of nibbles (low: values 0..16, high: 16..32): `d · (q − 8)`.
+    Q4_0,
+    /// d, m (f16), nibbles as Q4_0: `d · q + m`.
+    Q4_1,
+    /// d (f16), 32 × i8: `d · q`.
+    Q8_0,
+}
+
+impl GgmlBlocks {
+    /// Bytes per block of 32 values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+}
+
+/// A weight `(rows, cols)` the fused product reads; every row is whole blocks.
+#[derive(Clone, Copy)]
+pub enum QuantMatrix<'a> {
+    /// NF4 codes two per byte (the first value of a pair in the high nibble), row-major,
+    /// blocks of 64 along the row.
+    Nf4 {
+        packed: &'a [u8],
+        scales: Nf4Scales<'a>,
+        table: &'a [f32; 16],
+        rows: usize,
+        cols: usize,
+    },
+    Ggml {
+        kind: GgmlBlocks,
+        bytes: &'a [u8],
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl QuantMatrix<'_> {
+    /// (rows, cols)
+    pub fn shape(&self) -> (usize, usize) {
+        match *self {
+            Self::Nf4 { rows, cols, .. } | Self::Ggml { rows, cols, .. } => (rows, cols),
+        }
+    }
+
+    /// Values per block along a row.
+    fn block(&self) -> usize {
+        match self {
+            Self::Nf4 { .. } => NF4_BLOCK,
+            Self::Ggml { .. } => GGML_BLOCK,
+        }
+    }
+
+    /// Whether the layout is one the kernels read: rows of whole blocks, bytes to match.
+    fn well_formed(&self) -> bool {
+        let (rows, cols) = self.shape();
+        if !cols.is_multiple_of(self.block()) {
+            return false;
+        }
+        match *self {
+            Self::Nf4 {
+                packed, scales, ..
+            } => {
+                let blocks = rows * cols / NF4_BLOCK;
+                packed.len() == rows * cols / 2
+                    && match scales {
+                        Nf4Scales::Plain(a) => a.len() == blocks,
+                        Nf4Scales::Double { codes, scales, .. } => {
+                            codes.len() == blocks
+                                && scales.len() == blocks.div_ceil(NESTED_BLOCK)
+                        }
+                    }
+            }
+            Self::Ggml { kind, bytes, .. } => {
+                bytes.len() == rows * cols / GGML_BLOCK * kind.block_bytes()
+            }
+        }
+    }
+}
+
+/// Whether this CPU runs the vector kernels (AVX2, FMA and F16C); elsewhere the portable ones
+/// compute the same sums.
+pub fn vectorized() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x (m, cols) · Wᵀ → (m, rows)`, row-major, in parallel over the rows of `W`. `None` when
+/// the weight's layout is not whole blocks per row (the caller keeps the tiled product).
+pub fn xwt(w: &QuantMatrix, x: &[f32], m: usize) -> Option<Vec<f32>> {
+    xwt_with(w, x, m, vectorized())
+}
+
+/// [`xwt`] with the kernels chosen by the caller (the tests compare both).
+fn xwt_with(w: &QuantMatrix, x: &[f32], m: usize, vector: bool) -> Option<Vec<f32>> {
+    let (rows, cols) = w.shape();
+    if !w.well_formed() || x.len() != m * cols || m == 0 {
+        return None;
+    }
+    let xs = Prepared::new(w, x, m);
+    let task_rows = (TASK_WEIGHTS / cols.max(1)).max(1);
+    // Each output row of W gives m values, stored (rows, m) and transposed at the end.
+    let mut yt = vec![0f32; rows * m];
+    yt.par_chunks_mut(task_rows * m)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first = task * task_rows;
+            for (i, y) in out.chunks_exact_mut(m).enumerate() {
+                row_dots(w, first + i, &xs, y, vector);
+            }
+        });
+    if m == 1 {
+        return Some(yt);
+    }
+    let mut y = vec![0f32; m * rows];
+    for (j, vals) in yt.chunks_exact(m).enumerate() {
+        for (r, &v) in vals.iter().enumerate() {
+            y[r * rows + j] = v;
+        }
+    }
+    Some(y)
+}
+
+/// The rows of `x` as the kernels read them, computed once per call: NF4 pairs its codes
+/// (high nibble, low nibble) with values (even, odd), so each 16 values of `x` are stored
+/// evens then odds; Q4_1 needs each block's sum of `x`.
+struct Prepared {
+    m: usize,
+    cols: usize,
+    values: Vec<f32>,
+    block_sums: Vec<f32>,
+}
+
+impl Prepared {
+    fn new(w: &QuantMatrix, x: &[f32], m: usize) -> Self {
+        let cols = x.len() / m;
+        let values = match w {
+            QuantMatrix::Nf4 { .. } => x
+                .chunks_exact(16)
+                .flat_map(|g| (0..16).map(move |i| g[if i < 8 { 2 * i } else { 2 * (i - 8) + 1 }]))
+                .collect(),
+            QuantMatrix::Ggml { .. } => x.to_vec(),
+        };
+        let block_sums = match w {
+            QuantMatrix::Ggml {
+                kind: GgmlBlocks::Q4_1,
+                ..
+            } => x.chunks_exact(GGML_BLOCK).map(|b| b.iter().sum()).collect(),
+            _ => Vec::new(),
+        };
+        Self {
+            m,
+            cols,
+            values,
+            block_sums,
+        }
+    }
+
+    fn row(&self, r: usize) -> &[f32] {
+        &self.values[r * self.cols..(r + 1) * self.cols]
+    }
+
+    fn sums(&self, r: usize) -> &[f32] {
+        let n = self.cols / GGML_BLOCK;
+        &self.block_sums[r * n..(r + 1) * n]
+    }
+}
+
+/// `y[r] = Σ_i x_r[i] · W[row, i]` for every prepared row `r` of `x`.
+fn row_dots(w: &QuantMatrix, row: usize, xs: &Prepared, y: &mut [f32], vector: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        let mut r = 0;
+        while r < xs.m {
+            let n = (xs.m - r).min(4);
+            // SAFETY: `vector` is only true where `vectorized()` holds.
+            unsafe {
+                match n {
+                    4 => avx2::row::<4>(w, row, xs, r, &mut y[r..r + 4]),
+                    3 => avx2::row::<3>(w, row, xs, r, &mut y[r..r + 3]),
+                    2 => avx2::row::<2>(w, row, xs, r, &mut y[r..r + 2]),
+                    _ => avx2::row::<1>(w, row, xs, r, &mut y[r..r + 1]),
+                }
+            }
+            r += n;
+        }
+        return;
+    }
+    let _ = vector;
+    for (r, y) in y.iter_mut().enumerate() {
+        *y = portable::row(w, row, xs, r);
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// The same sums in plain Rust: per block, the sum of code × value, times the block's scale.
+mod portable {
+    use super::*;
+
+    pub fn row(w: &QuantMatrix, row: usize, xs: &Prepared, r: usize) -> f32 {
+        let x = xs.row(r);
+        match *w {
+            QuantMatrix::Nf4 {
+                packed,
+                scales,
+                table,
+                cols,
+                ..
+            } => {
+                let codes = &packed[row * cols / 2..(row + 1) * cols / 2];
+                let first_block = row * cols / NF4_BLOCK;
+                let mut total = 0f32;
+                for (b, (bytes, xb)) in codes
+                    .chunks_exact(NF4_BLOCK / 2)
+                    .zip(x.chunks_exact(NF4_BLOCK))
+                    .enumerate()
+                {
+                    let mut sum = 0f32;
+                    for (pair, xg) in bytes.chunks_exact(8).zip(xb.chunks_exact(16)) {
+                        for (i, &byte) in pair.iter().enumerate() {
+                            sum += table[(byte >> 4) as usize] * xg[i];
+                            sum += table[(byte & 15) as usize] * xg[8 + i];
+                        }
+                    }
+                    total += scales.get(first_block + b) * sum;
+                }
+                total
+            }
+            QuantMatrix::Ggml {
+                kind, bytes, cols, ..
+            } => {
+                let size = kind.block_bytes();
+                let n = cols / GGML_BLOCK;
+                let row_bytes = &bytes[row * n * size..(row + 1) * n * size];
+                let mut total = 0f32;
+                for (b, (blk, xb)) in row_bytes
+                    .chunks_exact(size)
+                    .zip(x.chunks_exact(GGML_BLOCK))
+                    .enumerate()
+                {
+                    let d = f16_at(blk, 0);
+                    total += match kind {
+                        GgmlBlocks::Q4_0 => {
+                            let sum: f32 = (0..16)
+                                .map(|i| {
+                                    let q = blk[2 + i];
+                                    f32::from((q & 15) as i8 - 8) * xb[i]
+                                        + f32::from((q >> 4) as i8 - 8) * xb[16 + i]
+                                })
+                                .sum();
+                            d * sum
+                        }
+                        GgmlBlocks::Q4_1 => {
+                            let sum: f32 = (0..16)
+                                .map(|i| {
+                                    let q = blk[4 + i];
+                                    f32::from(q & 15) * xb[i] + f32::from(q >> 4) * xb[16 + i]
+                                })
+                                .sum();
+                            d * sum + f16_at(blk, 2) * xs.sums(r)[b]
+                        }
+                        GgmlBlocks::Q8_0 => {
+                            let sum: f32 = blk[2..34]
+                                .iter()
+                                .zip(xb)
+                                .map(|(&q, &x)| f32::from(q as i8) * x)
+                                .sum();
+                            d * sum
+                        }
+                    };
+                }
+                total
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn f16_scale(p: *const u8) -> f32 {
+        let bits = i32::from(u16::from_le_bytes([*p, *p.add(1)]));
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+
+    /// Eight bytes widened to eight i32 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn bytes8(p: *const u8) -> __m256i {
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
+    }
+
+    /// The NF4 values of eight codes: codes 0..8 from the first half of the table, 8..16 from
+    /// the second (bit 3 shifted into the sign bit picks the half).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn look(t_lo: __m256, t_hi: __m256, i: __m256i) -> __m256 {
+        _mm256_blendv_ps(
+            _mm256_permutevar8x32_ps(t_lo, i),
+            _mm256_permutevar8x32_ps(t_hi, i),
+            _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)),
+        )
+    }
+
+    /// `R` rows of `x` from row `r0` against weight row `row`; results into `y[..R]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn row<const R: usize>(
+        w: &QuantMatrix,
+        row: usize,
+        xs: &Prepared,
+        r0: usize,
+        y: &mut [f32],
+    ) {
+        let x: [*const f32; R] = std::array::from_fn(|r| xs.row(r0 + r).as_ptr());
+        let z = _mm256_setzero_ps();
+        let mut total = [z; R];
+        match *w {
+            QuantMatrix::Nf4 {
+                packed,
+                scales,
+                table,
+                cols,
+                ..
+            } => {
+                let (t_lo, t_hi) = (
+                    _mm256_loadu_ps(table.as_ptr()),
+                    _mm256_loadu_ps(table.as_ptr().add(8)),
+                );
+                let fifteen = _mm256_set1_epi32(15);
+                let codes = packed.as_ptr().add(row * cols / 2);
+                let first_block = row * cols / NF4_BLOCK;
+                for b in 0..cols / NF4_BLOCK {
+                    let mut sum = [z; R];
+                    for g in 0..NF4_BLOCK / 16 {
+                        let idx = bytes8(codes.add(b * 32 + g * 8));
+                        let hi = look(t_lo, t_hi, _mm256_srli_epi32(idx, 4));
+                        let lo = look(t_lo, t_hi, _mm256_and_si256(idx, fifteen));
+                        let e = b * NF4_BLOCK + g * 16;
+                        for r in 0..R {
+                            sum[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x[r].add(e)), sum[r]);
+                            sum[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x[r].add(e + 8)), sum[r]);
+                        }
+                    }
+                    let s = _mm256_set1_ps(scales.get(first_block + b));
+                    for r in 0..R {
+                        total[r] = _mm256_fmadd_ps(sum[r], s, total[r]);
+                    }
+                }
+                for r in 0..R {
+                    y[r] = hsum(total[r]);
+                }
+            }
+            QuantMatrix::Ggml {
+                kind, bytes, cols, ..
+            } => {
+                let size = kind.block_bytes();
+                let n = cols / GGML_BLOCK;
+                let base = bytes.as_ptr().add(row * n * size);
+                let (fifteen, eight) = (_mm256_set1_epi32(15), _mm256_set1_epi32(8));
+                let mut offsets = [0f32; R];
+                for b in 0..n {
+                    let blk = base.add(b * size);
+                    let e = b * GGML_BLOCK;
+                    let mut sum = [z; R];
+                    match kind {
+                        GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1 => {
+                            let (qs, bias) = match kind {
+                                GgmlBlocks::Q4_0 => (blk.add(2), eight),
+                                _ => (blk.add(4), _mm256_setzero_si256()),
+                            };
+                            for h in 0..2 {
+                                let idx = bytes8(qs.add(8 * h));
+                                let lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                                    _mm256_and_si256(idx, fifteen),
+                                    bias,
+                                ));
+                                let hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                                    _mm256_srli_epi32(idx, 4),
+                                    bias,
+                                ));
+                                for r in 0..R {
+                                    let xr = x[r].add(e + 8 * h);
+                                    sum[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr), sum[r]);
+                                    sum[r] =
+                                        _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr.add(16)), sum[r]);
+                                }
+                            }
+                            if kind == GgmlBlocks::Q4_1 {
+                                let m = f16_scale(blk.add(2));
+                                for (r, o) in offsets.iter_mut().enumerate() {
+                                    *o += m * xs.sums(r0 + r)[b];
+                                }
+                            }
+                        }
+                        GgmlBlocks::Q8_0 => {
+                            for q in 0..4 {
+                                let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                    blk.add(2 + 8 * q) as *const __m128i,
+                                )));
+                                for r in 0..R {
+                                    sum[r] = _mm256_fmadd_ps(
+                                        v,
+                                        _mm256_loadu_ps(x[r].add(e + 8 * q)),
+                                        sum[r],
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    let d = _mm256_set1_ps(f16_scale(blk));
+                    for r in 0..R {
+                        total[r] = _mm256_fmadd_ps(sum[r], d, total[r]);
+                    }
+                }
+                for r in 0..R {
+                    y[r] = hsum(total[r]) + offsets[r];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random value in [-1, 1).
+    fn value(i: usize, salt: usize) -> f32 {
+        let h = (i.wrapping_mul(2654435761) ^ salt.wrapping_mul(40503)) % 10007;
+        h as f32 / 5003.5 - 1.0
+    }
+
+    const TABLE: [f32; 16] = crate::kernels::nf4_codes::NF4;
+
+    /// The composed form: the weight dequantized to f32 as given, then each product summed
+    /// in f64; checks both kernels against it within the stated tolerance.
+    fn check(w: &QuantMatrix, dense: &[f32]) {
+        let (rows, cols) = w.shape();
+        assert_eq!(dense.len(), rows * cols);
+        for m in [1, 2, 3, 5, 16] {
+            let x: Vec<f32> = (0..m * cols).map(|i| value(i, 7)).collect();
+            let kernels = if vectorized() { vec![false, true] } else { vec![false] };
+            for vector in kernels {
+                let y = xwt_with(w, &x, m, vector).unwrap();
+                assert_eq!(y.len(), m * rows);
+                for r in 0..m {
+                    for j in 0..rows {
+                        let terms = (0..cols)
+                            .map(|i| f64::from(x[r * cols + i]) * f64::from(dense[j * cols + i]));
+                        let want: f64 = terms.clone().sum();
+                        let scale: f64 = terms.map(f64::abs).sum();
+                        let got = f64::from(y[r * rows + j]);
+                        assert!(
+                            (got - want).abs() <= f64::from(TOLERANCE) * scale,
+                            "m {m}, vector {vector}, [{r},{j}]: {got} vs {want} (Σ|wx| {scale})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nf4_equals_the_dequantized_product() {
+        let (rows, cols) = (37, 192);
+        let packed: Vec<u8> = (0..rows * cols / 2).map(|i| (i * 73 % 256) as u8).collect();
+        let plain: Vec<f32> = (0..rows * cols / 64)
+            .map(|b| 0.5 + value(b, 3).abs())
+            .collect();
+        let map: [f32; 256] = crate::kernels::nf4_codes::dynamic_map();
+        let codes: Vec<u8> = (0..plain.len()).map(|b| (b * 37 % 256) as u8).collect();
+        let nested = [0.7f32];
+        let double = Nf4Scales::Double {
+            codes: &codes,
+            scales: &nested,
+            offset: 0.3,
+            map: &map,
+        };
+        for scales in [Nf4Scales::Plain(&plain), double] {
+            let dense: Vec<f32> = (0..rows * cols)
+                .map(|k| {
+                    let byte = packed[k / 2];
+                    let code = if k % 2 == 0 { byte >> 4 } else { byte & 15 };
+                    TABLE[code as usize] * scales.get(k / 64)
+                })
+                .collect();
+            let w = QuantMatrix::Nf4 {
+                packed: &packed,
+                scales,
+                table: &TABLE,
+                rows,
+                cols,
+            };
+            check(&w, &dense);
+        }
+    }
+
+    /// Blocks of `kind` with deterministic codes and finite f16 scales (and mins).
+    fn ggml_bytes(kind: GgmlBlocks, blocks: usize) -> Vec<u8> {
+        let size = kind.block_bytes();
+        let mut bytes: Vec<u8> = (0..blocks * size).map(|i| (i * 131 % 251) as u8).collect();
+        for (b, blk) in bytes.chunks_exact_mut(size).enumerate() {
+            let d = half::f16::from_f32(0.01 + 0.003 * (b % 5) as f32).to_le_bytes();
+            blk[0..2].copy_from_slice(&d);
+            if kind == GgmlBlocks::Q4_1 {
+                let m = half::f16::from_f32(-0.05 + 0.01 * (b % 7) as f32).to_le_bytes();
+                blk[2..4].copy_from_slice(&m);
+            }
+        }
+        bytes
+    }
+
+    /// The dense weight by llama.cpp's reference dequantization (src/gguf/quants.rs).
+    #[test]
+    fn ggml_blocks_equal_the_dequantized_product() {
+        use crate::gguf::quants::dequantize;
+        use crate::gguf::GgmlType;
+        let (rows, cols) = (41, 160);
+        for (kind, ty) in [
+            (GgmlBlocks::Q4_0, GgmlType::Q4_0),
+            (GgmlBlocks::Q4_1, GgmlType::Q4_1),
+            (GgmlBlocks::Q8_0, GgmlType::Q8_0),
+        ] {
+            let bytes = ggml_bytes(kind, rows * cols / GGML_BLOCK);
+            let mut dense = vec![0f32; rows * cols];
+            dequantize(ty, &bytes, &mut dense).unwrap();
+            let w = QuantMatrix::Ggml {
+                kind,
+                bytes: &bytes,
+                rows,
+                cols,
+            };
+            check(&w, &dense);
+        }
+    }
+
+    #[test]
+    fn rows_of_partial_blocks_are_refused() {
+        let bytes = ggml_bytes(GgmlBlocks::Q8_0, 3);
+        let w = QuantMatrix::Ggml {
+            kind: GgmlBlocks::Q8_0,
+            bytes: &bytes,
+            rows: 2,
+            cols: 48,
+        };
+        assert!(xwt(&w, &[0.0; 48], 1).is_none());
+    }
+}
