@@ -208,6 +208,27 @@ impl WeightSource for GgufWeights {
         }
         Ok(FrozenLinear::blocks(blocks, dtype, device)?)
     }
+
+    /// On the CPU, a tensor in Q4_0, Q4_1 or Q8_0 (the types the fused product reads).
+    fn get_decode_blocks(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<FrozenLinear>> {
+        let (t, _) = self.stored(name)?;
+        if !device.is_cpu()
+            || !matches!(
+                t.ggml_type,
+                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0
+            )
+        {
+            return Ok(None);
+        }
+        let (t, bytes) = self.rows(name, shape)?;
+        let blocks = BlockMatrix::new(t.ggml_type, shape[0], shape[1], bytes)?;
+        Ok(Some(FrozenLinear::blocks(blocks, DType::F32, device)?))
+    }
 }
 
 #[cfg(test)]

@@ -122,16 +122,13 @@ impl QuantMatrix<'_> {
             return false;
         }
         match *self {
-            Self::Nf4 {
-                packed, scales, ..
-            } => {
+            Self::Nf4 { packed, scales, .. } => {
                 let blocks = rows * cols / NF4_BLOCK;
                 packed.len() == rows * cols / 2
                     && match scales {
                         Nf4Scales::Plain(a) => a.len() == blocks,
                         Nf4Scales::Double { codes, scales, .. } => {
-                            codes.len() == blocks
-                                && scales.len() == blocks.div_ceil(NESTED_BLOCK)
+                            codes.len() == blocks && scales.len() == blocks.div_ceil(NESTED_BLOCK)
                         }
                     }
             }
@@ -440,70 +437,86 @@ mod avx2 {
             QuantMatrix::Ggml {
                 kind, bytes, cols, ..
             } => {
-                let size = kind.block_bytes();
-                let n = cols / GGML_BLOCK;
-                let base = bytes.as_ptr().add(row * n * size);
-                let (fifteen, eight) = (_mm256_set1_epi32(15), _mm256_set1_epi32(8));
-                let mut offsets = [0f32; R];
-                for b in 0..n {
-                    let blk = base.add(b * size);
-                    let e = b * GGML_BLOCK;
-                    let mut sum = [z; R];
-                    match kind {
-                        GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1 => {
-                            let (qs, bias) = match kind {
-                                GgmlBlocks::Q4_0 => (blk.add(2), eight),
-                                _ => (blk.add(4), _mm256_setzero_si256()),
-                            };
-                            for h in 0..2 {
-                                let idx = bytes8(qs.add(8 * h));
-                                let lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(
-                                    _mm256_and_si256(idx, fifteen),
-                                    bias,
-                                ));
-                                let hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(
-                                    _mm256_srli_epi32(idx, 4),
-                                    bias,
-                                ));
-                                for r in 0..R {
-                                    let xr = x[r].add(e + 8 * h);
-                                    sum[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr), sum[r]);
-                                    sum[r] =
-                                        _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr.add(16)), sum[r]);
-                                }
-                            }
-                            if kind == GgmlBlocks::Q4_1 {
-                                let m = f16_scale(blk.add(2));
-                                for (r, o) in offsets.iter_mut().enumerate() {
-                                    *o += m * xs.sums(r0 + r)[b];
-                                }
-                            }
-                        }
-                        GgmlBlocks::Q8_0 => {
-                            for q in 0..4 {
-                                let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                                    blk.add(2 + 8 * q) as *const __m128i,
-                                )));
-                                for r in 0..R {
-                                    sum[r] = _mm256_fmadd_ps(
-                                        v,
-                                        _mm256_loadu_ps(x[r].add(e + 8 * q)),
-                                        sum[r],
-                                    );
-                                }
-                            }
-                        }
-                    }
-                    let d = _mm256_set1_ps(f16_scale(blk));
-                    for r in 0..R {
-                        total[r] = _mm256_fmadd_ps(sum[r], d, total[r]);
-                    }
-                }
+                // One loop per type, so the block's layout is known inside it.
+                let sums = match kind {
+                    GgmlBlocks::Q4_0 => ggml_row::<R, 0>(bytes, cols, row, &x),
+                    GgmlBlocks::Q4_1 => ggml_row::<R, 1>(bytes, cols, row, &x),
+                    GgmlBlocks::Q8_0 => ggml_row::<R, 2>(bytes, cols, row, &x),
+                };
                 for r in 0..R {
-                    y[r] = hsum(total[r]) + offsets[r];
+                    y[r] = hsum(sums[r]);
+                }
+                if kind == GgmlBlocks::Q4_1 {
+                    // The offsets: Σ_b m_b · Σ_{i in b} x_i.
+                    let blk = bytes
+                        .as_ptr()
+                        .add(row * cols / GGML_BLOCK * kind.block_bytes());
+                    for (r, y) in y.iter_mut().enumerate().take(R) {
+                        let block_sums = xs.sums(r0 + r);
+                        let mut offset = 0f32;
+                        for (b, &sum) in block_sums.iter().enumerate() {
+                            offset += f16_scale(blk.add(b * 20 + 2)) * sum;
+                        }
+                        *y += offset;
+                    }
                 }
             }
         }
+    }
+
+    /// The scaled block sums `Σ_b d_b · Σ_i q_i·x_i` of weight row `row` of a ggml type
+    /// (`KIND` 0: Q4_0, 1: Q4_1, 2: Q8_0), eight lanes per row of `x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn ggml_row<const R: usize, const KIND: u8>(
+        bytes: &[u8],
+        cols: usize,
+        row: usize,
+        x: &[*const f32; R],
+    ) -> [__m256; R] {
+        let size = [18, 20, 34][KIND as usize];
+        let n = cols / GGML_BLOCK;
+        let base = bytes.as_ptr().add(row * n * size);
+        let (fifteen, eight) = (_mm256_set1_epi32(15), _mm256_set1_epi32(8));
+        let z = _mm256_setzero_ps();
+        let mut total = [z; R];
+        for b in 0..n {
+            let blk = base.add(b * size);
+            let e = b * GGML_BLOCK;
+            let mut sum = [z; R];
+            if KIND == 2 {
+                for q in 0..4 {
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        blk.add(2 + 8 * q) as *const __m128i,
+                    )));
+                    for r in 0..R {
+                        sum[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x[r].add(e + 8 * q)), sum[r]);
+                    }
+                }
+            } else {
+                let qs = blk.add(if KIND == 0 { 2 } else { 4 });
+                for h in 0..2 {
+                    let idx = bytes8(qs.add(8 * h));
+                    let (mut lo, mut hi) =
+                        (_mm256_and_si256(idx, fifteen), _mm256_srli_epi32(idx, 4));
+                    if KIND == 0 {
+                        lo = _mm256_sub_epi32(lo, eight);
+                        hi = _mm256_sub_epi32(hi, eight);
+                    }
+                    let (lo, hi) = (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi));
+                    for r in 0..R {
+                        let xr = x[r].add(e + 8 * h);
+                        sum[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr), sum[r]);
+                        sum[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr.add(16)), sum[r]);
+                    }
+                }
+            }
+            let d = _mm256_set1_ps(f16_scale(blk));
+            for r in 0..R {
+                total[r] = _mm256_fmadd_ps(sum[r], d, total[r]);
+            }
+        }
+        total
     }
 }
 
@@ -526,7 +539,11 @@ mod tests {
         assert_eq!(dense.len(), rows * cols);
         for m in [1, 2, 3, 5, 16] {
             let x: Vec<f32> = (0..m * cols).map(|i| value(i, 7)).collect();
-            let kernels = if vectorized() { vec![false, true] } else { vec![false] };
+            let kernels = if vectorized() {
+                vec![false, true]
+            } else {
+                vec![false]
+            };
             for vector in kernels {
                 let y = xwt_with(w, &x, m, vector).unwrap();
                 assert_eq!(y.len(), m * rows);

@@ -545,6 +545,18 @@ impl FrozenLinear {
         }
     }
 
+    /// Whether [`Self::forward`] of `x` reads the weight in place with the fused few-row
+    /// product (a quantized weight, a few f32 rows on the CPU).
+    pub fn fused_for(&self, x: &Tensor) -> bool {
+        let fused = match &self.weight {
+            Weight::Dense(_) => false,
+            Weight::Nf4(w) => matches!(&**w, Nf4Codes::Host(q) if q.fused().is_some()),
+            Weight::Blocks(w) => w.fused().is_some(),
+        };
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        fused && x.dtype() == DType::F32 && x.device().is_cpu() && quant_gemv::ROWS.contains(&rows)
+    }
+
     /// Applies the layer to the last axis of `x` (any leading dims).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();

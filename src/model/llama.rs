@@ -114,6 +114,9 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: FrozenLinear,
+    /// The tied head as the source stores it, where a decoding step's few rows read it in
+    /// place (see [`WeightSource::get_decode_blocks`]).
+    decode_head: Option<FrozenLinear>,
     inv_freq: Vec<f64>,
     dtype: DType,
     device: Device,
@@ -175,7 +178,12 @@ impl Llama {
             });
         }
         let norm = weights.get("model.norm.weight", &[d], dtype, device)?;
-        let lm_head = if cfg.tie_word_embeddings && !weights.contains("lm_head.weight") {
+        let tied = cfg.tie_word_embeddings && !weights.contains("lm_head.weight");
+        let decode_head = match tied {
+            true => weights.get_decode_blocks("model.embed_tokens.weight", &[v, d], device)?,
+            false => None,
+        };
+        let lm_head = if tied {
             FrozenLinear::new(embed.clone())
         } else {
             FrozenLinear::new(weights.get("lm_head.weight", &[v, d], dtype, device)?)
@@ -187,6 +195,7 @@ impl Llama {
             blocks,
             norm,
             lm_head,
+            decode_head,
             dtype,
             device: device.clone(),
         })
@@ -387,7 +396,10 @@ impl Llama {
 
     /// Vocabulary logits for hidden states (…, d) → (…, vocab).
     pub fn head(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        self.lm_head.forward(h)
+        match &self.decode_head {
+            Some(head) if head.fused_for(h) => head.forward(h),
+            _ => self.lm_head.forward(h),
+        }
     }
 
     /// Full logits (b, t, vocab), as transformers' forward.

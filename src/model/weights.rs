@@ -38,6 +38,17 @@ pub trait WeightSource {
     ) -> Result<FrozenLinear> {
         Ok(FrozenLinear::new(self.get(name, shape, dtype, device)?))
     }
+    /// The tensor `name` (shape (out, in)) as a layer over its stored blocks, where the source
+    /// keeps it in blocks that a decoding step's fused product reads in place (a GGUF's Q8_0
+    /// embedding, the tied head: a quarter of the f32 bytes per token); by default `None`.
+    fn get_decode_blocks(
+        &self,
+        _name: &str,
+        _shape: &[usize],
+        _device: &Device,
+    ) -> Result<Option<FrozenLinear>> {
+        Ok(None)
+    }
 }
 
 fn read_and_quantize(
