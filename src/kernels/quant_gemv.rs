@@ -386,6 +386,20 @@ mod avx2 {
         )
     }
 
+    /// Block layouts the loop reads.
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q8_0: u8 = 2;
+    const NF4: u8 = 3;
+
+    /// What one weight row's loop reads: its first byte, and for NF4 the table halves and
+    /// the scales (with the row's first block).
+    struct RowCodes<'a> {
+        start: *const u8,
+        tables: [__m256; 2],
+        nf4: Option<(Nf4Scales<'a>, usize)>,
+    }
+
     /// `R` rows of `x` from row `r0` against weight row `row`; results into `y[..R]`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn row<const R: usize>(
@@ -396,95 +410,132 @@ mod avx2 {
         y: &mut [f32],
     ) {
         let x: [*const f32; R] = std::array::from_fn(|r| xs.row(r0 + r).as_ptr());
-        let z = _mm256_setzero_ps();
-        let mut total = [z; R];
-        match *w {
+        let sums: [&[f32]; R] = std::array::from_fn(|r| {
+            if xs.block_sums.is_empty() {
+                &[][..]
+            } else {
+                xs.sums(r0 + r)
+            }
+        });
+        let (kind, cols, codes) = match *w {
             QuantMatrix::Nf4 {
                 packed,
                 scales,
                 table,
                 cols,
                 ..
-            } => {
-                let (t_lo, t_hi) = (
-                    _mm256_loadu_ps(table.as_ptr()),
-                    _mm256_loadu_ps(table.as_ptr().add(8)),
-                );
-                let fifteen = _mm256_set1_epi32(15);
-                let codes = packed.as_ptr().add(row * cols / 2);
-                let first_block = row * cols / NF4_BLOCK;
-                for b in 0..cols / NF4_BLOCK {
-                    let mut sum = [z; R];
-                    for g in 0..NF4_BLOCK / 16 {
-                        let idx = bytes8(codes.add(b * 32 + g * 8));
-                        let hi = look(t_lo, t_hi, _mm256_srli_epi32(idx, 4));
-                        let lo = look(t_lo, t_hi, _mm256_and_si256(idx, fifteen));
-                        let e = b * NF4_BLOCK + g * 16;
-                        for r in 0..R {
-                            sum[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x[r].add(e)), sum[r]);
-                            sum[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x[r].add(e + 8)), sum[r]);
-                        }
-                    }
-                    let s = _mm256_set1_ps(scales.get(first_block + b));
-                    for r in 0..R {
-                        total[r] = _mm256_fmadd_ps(sum[r], s, total[r]);
-                    }
-                }
-                for r in 0..R {
-                    y[r] = hsum(total[r]);
-                }
-            }
+            } => (
+                NF4,
+                cols,
+                RowCodes {
+                    start: packed.as_ptr().add(row * cols / 2),
+                    tables: [
+                        _mm256_loadu_ps(table.as_ptr()),
+                        _mm256_loadu_ps(table.as_ptr().add(8)),
+                    ],
+                    nf4: Some((scales, row * cols / NF4_BLOCK)),
+                },
+            ),
             QuantMatrix::Ggml {
                 kind, bytes, cols, ..
-            } => {
-                // One loop per type, so the block's layout is known inside it.
-                let sums = match kind {
-                    GgmlBlocks::Q4_0 => ggml_row::<R, 0>(bytes, cols, row, &x),
-                    GgmlBlocks::Q4_1 => ggml_row::<R, 1>(bytes, cols, row, &x),
-                    GgmlBlocks::Q8_0 => ggml_row::<R, 2>(bytes, cols, row, &x),
-                };
-                for r in 0..R {
-                    y[r] = hsum(sums[r]);
-                }
-                if kind == GgmlBlocks::Q4_1 {
-                    // The offsets: Σ_b m_b · Σ_{i in b} x_i.
-                    let blk = bytes
+            } => (
+                match kind {
+                    GgmlBlocks::Q4_0 => Q4_0,
+                    GgmlBlocks::Q4_1 => Q4_1,
+                    GgmlBlocks::Q8_0 => Q8_0,
+                },
+                cols,
+                RowCodes {
+                    start: bytes
                         .as_ptr()
-                        .add(row * cols / GGML_BLOCK * kind.block_bytes());
-                    for (r, y) in y.iter_mut().enumerate().take(R) {
-                        let block_sums = xs.sums(r0 + r);
-                        let mut offset = 0f32;
-                        for (b, &sum) in block_sums.iter().enumerate() {
-                            offset += f16_scale(blk.add(b * 20 + 2)) * sum;
-                        }
-                        *y += offset;
-                    }
-                }
-            }
+                        .add(row * cols / GGML_BLOCK * kind.block_bytes()),
+                    tables: [_mm256_setzero_ps(); 2],
+                    nf4: None,
+                },
+            ),
+        };
+        // One loop per layout, so the block's layout is known inside it.
+        let totals = match kind {
+            Q4_0 => sweep::<R, Q4_0>(&codes, cols, &x, &sums),
+            Q4_1 => sweep::<R, Q4_1>(&codes, cols, &x, &sums),
+            Q8_0 => sweep::<R, Q8_0>(&codes, cols, &x, &sums),
+            _ => sweep::<R, NF4>(&codes, cols, &x, &sums),
+        };
+        y[..R].copy_from_slice(&totals);
+    }
+
+    /// Values per block and bytes per block of a layout.
+    const fn layout(kind: u8) -> (usize, usize) {
+        match kind {
+            Q4_0 => (GGML_BLOCK, 18),
+            Q4_1 => (GGML_BLOCK, 20),
+            Q8_0 => (GGML_BLOCK, 34),
+            _ => (NF4_BLOCK, NF4_BLOCK / 2),
         }
     }
 
-    /// The scaled block sums `Σ_b d_b · Σ_i q_i·x_i` of weight row `row` of a ggml type
-    /// (`KIND` 0: Q4_0, 1: Q4_1, 2: Q8_0), eight lanes per row of `x`.
+    /// `Σ_b scale_b · Σ_i q_i·x_i` (plus Q4_1's `Σ_b m_b · Σ_i x_i`) over the row's blocks.
+    /// The sum of each block is independent; the running totals are the loop's only carried
+    /// values, so with one or two rows of `x` they alternate between two sets of registers
+    /// and two blocks are in flight (one chain of FMAs waits on its latency every block).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn ggml_row<const R: usize, const KIND: u8>(
-        bytes: &[u8],
+    unsafe fn sweep<const R: usize, const KIND: u8>(
+        codes: &RowCodes,
         cols: usize,
-        row: usize,
         x: &[*const f32; R],
-    ) -> [__m256; R] {
-        let size = [18, 20, 34][KIND as usize];
-        let n = cols / GGML_BLOCK;
-        let base = bytes.as_ptr().add(row * n * size);
-        let (fifteen, eight) = (_mm256_set1_epi32(15), _mm256_set1_epi32(8));
+        sums: &[&[f32]; R],
+    ) -> [f32; R] {
+        let (values, _) = layout(KIND);
+        let n = cols / values;
         let z = _mm256_setzero_ps();
-        let mut total = [z; R];
-        for b in 0..n {
-            let blk = base.add(b * size);
-            let e = b * GGML_BLOCK;
-            let mut sum = [z; R];
-            if KIND == 2 {
+        let (mut even, mut odd) = ([z; R], [z; R]);
+        let (mut off_even, mut off_odd) = ([0f32; R], [0f32; R]);
+        let mut b = 0;
+        if R <= 2 {
+            while b + 1 < n {
+                let (s0, d0, m0) = block::<R, KIND>(codes, b, x);
+                let (s1, d1, m1) = block::<R, KIND>(codes, b + 1, x);
+                for r in 0..R {
+                    even[r] = _mm256_fmadd_ps(s0[r], _mm256_set1_ps(d0), even[r]);
+                    odd[r] = _mm256_fmadd_ps(s1[r], _mm256_set1_ps(d1), odd[r]);
+                    if KIND == Q4_1 {
+                        off_even[r] += m0 * sums[r][b];
+                        off_odd[r] += m1 * sums[r][b + 1];
+                    }
+                }
+                b += 2;
+            }
+        }
+        while b < n {
+            let (s, d, m) = block::<R, KIND>(codes, b, x);
+            for r in 0..R {
+                even[r] = _mm256_fmadd_ps(s[r], _mm256_set1_ps(d), even[r]);
+                if KIND == Q4_1 {
+                    off_even[r] += m * sums[r][b];
+                }
+            }
+            b += 1;
+        }
+        std::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])) + (off_even[r] + off_odd[r]))
+    }
+
+    /// Block `b`'s sums `Σ_i q_i·x_i` (eight lanes per row of `x`), its scale and (Q4_1) its
+    /// offset `m`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn block<const R: usize, const KIND: u8>(
+        codes: &RowCodes,
+        b: usize,
+        x: &[*const f32; R],
+    ) -> ([__m256; R], f32, f32) {
+        let (values, size) = layout(KIND);
+        let blk = codes.start.add(b * size);
+        let e = b * values;
+        let mut sum = [_mm256_setzero_ps(); R];
+        let fifteen = _mm256_set1_epi32(15);
+        match KIND {
+            Q8_0 => {
                 for q in 0..4 {
                     let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
                         blk.add(2 + 8 * q) as *const __m128i,
@@ -493,13 +544,31 @@ mod avx2 {
                         sum[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x[r].add(e + 8 * q)), sum[r]);
                     }
                 }
-            } else {
-                let qs = blk.add(if KIND == 0 { 2 } else { 4 });
+                (sum, f16_scale(blk), 0.0)
+            }
+            NF4 => {
+                let [t_lo, t_hi] = codes.tables;
+                for g in 0..NF4_BLOCK / 16 {
+                    let idx = bytes8(blk.add(g * 8));
+                    let hi = look(t_lo, t_hi, _mm256_srli_epi32(idx, 4));
+                    let lo = look(t_lo, t_hi, _mm256_and_si256(idx, fifteen));
+                    let at = e + g * 16;
+                    for r in 0..R {
+                        sum[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x[r].add(at)), sum[r]);
+                        sum[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x[r].add(at + 8)), sum[r]);
+                    }
+                }
+                let (scales, first) = codes.nf4.expect("NF4 rows carry their scales");
+                (sum, scales.get(first + b), 0.0)
+            }
+            _ => {
+                let qs = blk.add(if KIND == Q4_0 { 2 } else { 4 });
                 for h in 0..2 {
                     let idx = bytes8(qs.add(8 * h));
                     let (mut lo, mut hi) =
                         (_mm256_and_si256(idx, fifteen), _mm256_srli_epi32(idx, 4));
-                    if KIND == 0 {
+                    if KIND == Q4_0 {
+                        let eight = _mm256_set1_epi32(8);
                         lo = _mm256_sub_epi32(lo, eight);
                         hi = _mm256_sub_epi32(hi, eight);
                     }
@@ -510,13 +579,14 @@ mod avx2 {
                         sum[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr.add(16)), sum[r]);
                     }
                 }
-            }
-            let d = _mm256_set1_ps(f16_scale(blk));
-            for r in 0..R {
-                total[r] = _mm256_fmadd_ps(sum[r], d, total[r]);
+                let m = if KIND == Q4_1 {
+                    f16_scale(blk.add(2))
+                } else {
+                    0.0
+                };
+                (sum, f16_scale(blk), m)
             }
         }
-        total
     }
 }
 
