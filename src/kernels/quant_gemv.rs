@@ -521,9 +521,10 @@ mod avx2 {
     }
 
     /// Block `b`'s sums `Σ_i q_i·x_i` (eight lanes per row of `x`), its scale and (Q4_1) its
-    /// offset `m`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
+    /// offset `m`. Only called from [`sweep`], into which it must inline (its result stays in
+    /// registers); `#[inline(always)]` cannot go with `#[target_feature]`, so it has none of
+    /// its own and takes the caller's.
+    #[inline(always)]
     unsafe fn block<const R: usize, const KIND: u8>(
         codes: &RowCodes,
         b: usize,
