@@ -204,10 +204,16 @@ impl Prepared {
     fn new(w: &QuantMatrix, x: &[f32], m: usize) -> Self {
         let cols = x.len() / m;
         let values = match w {
-            QuantMatrix::Nf4 { .. } => x
-                .chunks_exact(16)
-                .flat_map(|g| (0..16).map(move |i| g[if i < 8 { 2 * i } else { 2 * (i - 8) + 1 }]))
-                .collect(),
+            QuantMatrix::Nf4 { .. } => {
+                let mut v = vec![0f32; x.len()];
+                for (out, g) in v.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
+                    for i in 0..8 {
+                        out[i] = g[2 * i];
+                        out[8 + i] = g[2 * i + 1];
+                    }
+                }
+                v
+            }
             QuantMatrix::Ggml { .. } => x.to_vec(),
         };
         let block_sums = match w {
