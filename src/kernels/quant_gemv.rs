@@ -139,34 +139,49 @@ impl QuantMatrix<'_> {
     }
 }
 
-/// Whether this CPU runs the vector kernels (AVX2, FMA and F16C); elsewhere the portable ones
-/// compute the same sums.
-pub fn vectorized() -> bool {
+/// Which loops compute the sums; all give them within [`TOLERANCE`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernel {
+    /// Plain Rust, on any CPU.
+    Portable,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// As `Avx2`, and NF4 with AVX-512F: its 16-entry table fits one register, so one
+    /// permute looks up 16 codes (AVX2 needs two permutes and a blend per 8).
+    Avx512,
+}
+
+/// The kernels this CPU runs, the fastest last.
+fn kernels() -> Vec<Kernel> {
+    let mut k = vec![Kernel::Portable];
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            k.push(Kernel::Avx2);
+            if has!("avx512f") {
+                k.push(Kernel::Avx512);
+            }
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    k
 }
 
 /// `x (m, cols) · Wᵀ → (m, rows)`, row-major, in parallel over the rows of `W`. `None` when
 /// the weight's layout is not whole blocks per row (the caller keeps the tiled product).
 pub fn xwt(w: &QuantMatrix, x: &[f32], m: usize) -> Option<Vec<f32>> {
-    xwt_with(w, x, m, vectorized())
+    static FASTEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    let kernel = *FASTEST.get_or_init(|| *kernels().last().expect("the portable kernel"));
+    xwt_with(w, x, m, kernel)
 }
 
-/// [`xwt`] with the kernels chosen by the caller (the tests compare both).
-fn xwt_with(w: &QuantMatrix, x: &[f32], m: usize, vector: bool) -> Option<Vec<f32>> {
+/// [`xwt`] with the kernels chosen by the caller (the tests compare them all).
+fn xwt_with(w: &QuantMatrix, x: &[f32], m: usize, kernel: Kernel) -> Option<Vec<f32>> {
     let (rows, cols) = w.shape();
     if !w.well_formed() || x.len() != m * cols || m == 0 {
         return None;
     }
-    let xs = Prepared::new(w, x, m);
+    let xs = Prepared::new(w, x, m, if kernel == Kernel::Avx512 { 32 } else { 16 });
     let task_rows = (TASK_WEIGHTS / cols.max(1)).max(1);
     // Each output row of W gives m values, stored (rows, m) and transposed at the end.
     let mut yt = vec![0f32; rows * m];
@@ -175,7 +190,7 @@ fn xwt_with(w: &QuantMatrix, x: &[f32], m: usize, vector: bool) -> Option<Vec<f3
         .for_each(|(task, out)| {
             let first = task * task_rows;
             for (i, y) in out.chunks_exact_mut(m).enumerate() {
-                row_dots(w, first + i, &xs, y, vector);
+                row_dots(w, first + i, &xs, y, kernel);
             }
         });
     if m == 1 {
@@ -191,25 +206,28 @@ fn xwt_with(w: &QuantMatrix, x: &[f32], m: usize, vector: bool) -> Option<Vec<f3
 }
 
 /// The rows of `x` as the kernels read them, computed once per call: NF4 pairs its codes
-/// (high nibble, low nibble) with values (even, odd), so each 16 values of `x` are stored
-/// evens then odds; Q4_1 needs each block's sum of `x`.
+/// (high nibble, low nibble) with values (even, odd), so each `group` values of `x` (the codes
+/// a kernel widens at once, twice) are stored evens then odds; Q4_1 needs each block's sum of
+/// `x`.
 struct Prepared {
     m: usize,
     cols: usize,
+    group: usize,
     values: Vec<f32>,
     block_sums: Vec<f32>,
 }
 
 impl Prepared {
-    fn new(w: &QuantMatrix, x: &[f32], m: usize) -> Self {
+    fn new(w: &QuantMatrix, x: &[f32], m: usize, group: usize) -> Self {
         let cols = x.len() / m;
         let values = match w {
             QuantMatrix::Nf4 { .. } => {
                 let mut v = vec![0f32; x.len()];
-                for (out, g) in v.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
-                    for i in 0..8 {
+                let half = group / 2;
+                for (out, g) in v.chunks_exact_mut(group).zip(x.chunks_exact(group)) {
+                    for i in 0..half {
                         out[i] = g[2 * i];
-                        out[8 + i] = g[2 * i + 1];
+                        out[half + i] = g[2 * i + 1];
                     }
                 }
                 v
@@ -226,6 +244,7 @@ impl Prepared {
         Self {
             m,
             cols,
+            group,
             values,
             block_sums,
         }
@@ -242,14 +261,25 @@ impl Prepared {
 }
 
 /// `y[r] = Σ_i x_r[i] · W[row, i]` for every prepared row `r` of `x`.
-fn row_dots(w: &QuantMatrix, row: usize, xs: &Prepared, y: &mut [f32], vector: bool) {
+fn row_dots(w: &QuantMatrix, row: usize, xs: &Prepared, y: &mut [f32], kernel: Kernel) {
     #[cfg(target_arch = "x86_64")]
-    if vector {
+    if kernel != Kernel::Portable {
+        let nf4_512 = kernel == Kernel::Avx512 && matches!(w, QuantMatrix::Nf4 { .. });
         let mut r = 0;
         while r < xs.m {
             let n = (xs.m - r).min(4);
-            // SAFETY: `vector` is only true where `vectorized()` holds.
+            // SAFETY: `kernel` is one `kernels()` found this CPU to run.
             unsafe {
+                if nf4_512 {
+                    match n {
+                        4 => avx512::nf4_row::<4>(w, row, xs, r, &mut y[r..r + 4]),
+                        3 => avx512::nf4_row::<3>(w, row, xs, r, &mut y[r..r + 3]),
+                        2 => avx512::nf4_row::<2>(w, row, xs, r, &mut y[r..r + 2]),
+                        _ => avx512::nf4_row::<1>(w, row, xs, r, &mut y[r..r + 1]),
+                    }
+                    r += n;
+                    continue;
+                }
                 match n {
                     4 => avx2::row::<4>(w, row, xs, r, &mut y[r..r + 4]),
                     3 => avx2::row::<3>(w, row, xs, r, &mut y[r..r + 3]),
@@ -261,7 +291,7 @@ fn row_dots(w: &QuantMatrix, row: usize, xs: &Prepared, y: &mut [f32], vector: b
         }
         return;
     }
-    let _ = vector;
+    let _ = kernel;
     for (r, y) in y.iter_mut().enumerate() {
         *y = portable::row(w, row, xs, r);
     }
@@ -294,10 +324,11 @@ mod portable {
                     .enumerate()
                 {
                     let mut sum = 0f32;
-                    for (pair, xg) in bytes.chunks_exact(8).zip(xb.chunks_exact(16)) {
+                    let half = xs.group / 2;
+                    for (pair, xg) in bytes.chunks_exact(half).zip(xb.chunks_exact(xs.group)) {
                         for (i, &byte) in pair.iter().enumerate() {
                             sum += table[(byte >> 4) as usize] * xg[i];
-                            sum += table[(byte & 15) as usize] * xg[8 + i];
+                            sum += table[(byte & 15) as usize] * xg[half + i];
                         }
                     }
                     total += scales.get(first_block + b) * sum;
@@ -597,6 +628,69 @@ mod avx2 {
     }
 }
 
+/// NF4 rows with AVX-512F: 32 codes per step, the table in one register.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// `R` rows of `x` from row `r0` (prepared in groups of 32) against NF4 weight row `row`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn nf4_row<const R: usize>(
+        w: &QuantMatrix,
+        row: usize,
+        xs: &Prepared,
+        r0: usize,
+        y: &mut [f32],
+    ) {
+        let QuantMatrix::Nf4 {
+            packed,
+            scales,
+            table,
+            cols,
+            ..
+        } = *w
+        else {
+            unreachable!("called for NF4 weights only")
+        };
+        let x: [*const f32; R] = std::array::from_fn(|r| xs.row(r0 + r).as_ptr());
+        let codes = packed.as_ptr().add(row * cols / 2);
+        let first = row * cols / NF4_BLOCK;
+        let t = _mm512_loadu_ps(table.as_ptr());
+        let fifteen = _mm512_set1_epi32(15);
+        let z = _mm512_setzero_ps();
+        // Two running totals for one or two rows, as `avx2::sweep`.
+        let (mut even, mut odd) = ([z; R], [z; R]);
+        let n = cols / NF4_BLOCK;
+        for b in 0..n {
+            let mut sum = [z; R];
+            for g in 0..NF4_BLOCK / 32 {
+                let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    codes.add(b * 32 + g * 16) as *const __m128i
+                ));
+                let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), t);
+                let lo = _mm512_permutexvar_ps(_mm512_and_si512(idx, fifteen), t);
+                let at = b * NF4_BLOCK + g * 32;
+                for r in 0..R {
+                    sum[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x[r].add(at)), sum[r]);
+                    sum[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x[r].add(at + 16)), sum[r]);
+                }
+            }
+            let s = _mm512_set1_ps(scales.get(first + b));
+            for r in 0..R {
+                if R <= 2 && b % 2 == 1 {
+                    odd[r] = _mm512_fmadd_ps(sum[r], s, odd[r]);
+                } else {
+                    even[r] = _mm512_fmadd_ps(sum[r], s, even[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            y[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,13 +710,8 @@ mod tests {
         assert_eq!(dense.len(), rows * cols);
         for m in [1, 2, 3, 5, 16] {
             let x: Vec<f32> = (0..m * cols).map(|i| value(i, 7)).collect();
-            let kernels = if vectorized() {
-                vec![false, true]
-            } else {
-                vec![false]
-            };
-            for vector in kernels {
-                let y = xwt_with(w, &x, m, vector).unwrap();
+            for kernel in kernels() {
+                let y = xwt_with(w, &x, m, kernel).unwrap();
                 assert_eq!(y.len(), m * rows);
                 for r in 0..m {
                     for j in 0..rows {
@@ -633,7 +722,7 @@ mod tests {
                         let got = f64::from(y[r * rows + j]);
                         assert!(
                             (got - want).abs() <= f64::from(TOLERANCE) * scale,
-                            "m {m}, vector {vector}, [{r},{j}]: {got} vs {want} (Σ|wx| {scale})"
+                            "m {m}, {kernel:?}, [{r},{j}]: {got} vs {want} (Σ|wx| {scale})"
                         );
                     }
                 }
