@@ -3,6 +3,7 @@
 //!   cargo bench --bench nf4 -- dequant   # dequantization GB/s: 1 core, all cores, memcpy
 //!   cargo bench --bench nf4 -- step      # LoRA step, tiny LLaMA: NF4 base vs f32 base
 //!   cargo bench --bench nf4 -- rss7b     # peak RSS + time of one LoRA step, 7B NF4 preset
+//!   cargo bench --bench nf4 -- gemv      # fused NF4 product of one row: GB/s of codes read
 //!
 //! Each prints one markdown table row per measurement.
 
@@ -37,6 +38,42 @@ fn main() {
     if want("rss7b") {
         rss7b();
     }
+    if want("gemv") {
+        gemv();
+    }
+}
+
+/// The fused product of one row with a 7B MLP-shaped NF4 weight (double-quantized), on all
+/// cores: bytes of codes and scales read per second, next to a 1-core memcpy.
+fn gemv() {
+    let (o, h) = (11008, 4096);
+    let mut rng = StdRng::seed_from_u64(0);
+    let w: Vec<f32> = (0..o * h)
+        .map(|_| 0.02 * (rng.random::<f32>() - 0.5))
+        .collect();
+    let x: Vec<f32> = (0..h).map(|_| rng.random::<f32>() - 0.5).collect();
+    let mut copy_out = vec![0f32; o * h];
+    let copy = best(5, || {
+        copy_out.copy_from_slice(std::hint::black_box(&w));
+        std::hint::black_box(&mut copy_out);
+    });
+    let q = Nf4Tensor::quantize("w", &w, &[o, h], true).unwrap();
+    let fused = q.fused().expect("rows of whole blocks");
+    let s = best(10, || {
+        std::hint::black_box(prolora::kernels::quant_gemv::xwt(&fused, &x, 1).unwrap());
+    });
+    let bytes = q.storage_bytes();
+    println!("| what | GB/s |\n|---|---|");
+    println!(
+        "| memcpy (1 core, read + write) | {:.2} |",
+        8.0 * (o * h) as f64 / copy / 1e9
+    );
+    println!(
+        "| fused NF4 x·Wᵀ, 1 row, {} cores ({:.2} ms) | {:.2} |",
+        rayon::current_num_threads(),
+        s * 1e3,
+        bytes as f64 / s / 1e9
+    );
 }
 
 /// The best of `reps` timings of `f`, in seconds.
