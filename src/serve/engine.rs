@@ -32,6 +32,8 @@ pub struct Sampling {
     pub temperature: f64,
     pub top_p: f64,
     pub seed: u64,
+    /// Go on past the end-of-sequence ids (vLLM's `ignore_eos`; benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// A request for the engine.
@@ -102,7 +104,7 @@ impl Row {
         if self.job.record_logits && events.send(Event::Logits(logits)).is_err() {
             return false;
         }
-        if ends.contains(&token) {
+        if !self.job.sampling.ignore_eos && ends.contains(&token) {
             let _ = events.send(Event::Done(Finish::Eos));
             return false;
         }
