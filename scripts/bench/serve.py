@@ -187,26 +187,31 @@ def serve_side(args, roots, exported, base_name):
     results = {}
     texts = prompts(args.requests)
     for method, root in roots.items():
+        for stale in root.glob("probe-*"):
+            shutil.rmtree(stale)
         server = Server(args, root)
         try:
             server.load(texts[:4], [base_name], 4)  # warm-up
-            if "base" not in results:
-                results["base"] = best(args, lambda: server.load(texts, [base_name],
-                                                                 args.max_tokens))
-            for k in args.distinct:
-                names = [f"{method}-{i}" for i in range(k)]
-                results[f"{method}-{k}"] = best(args, lambda: server.load(texts, names,
-                                                                          args.max_tokens))
+            loads = {} if "base" in results else {"base": [base_name]}
+            loads.update({f"{method}-{k}": [f"{method}-{i}" for i in range(k)]
+                          for k in args.distinct})
+            # Round-robin over the loads, best of --repeat each: noise from other work on the
+            # machine hits every load alike.
+            runs = {label: [] for label in loads}
+            for _ in range(args.repeat):
+                for label, names in loads.items():
+                    runs[label].append(server.load(texts, names, args.max_tokens))
+                    print(f"  {label}: {runs[label][-1][0]:.1f} tok/s", file=sys.stderr, flush=True)
+            results.update({label: max(r)[0] for label, r in runs.items()})
             if method == "prolora":
-                # Resident bytes: one more PRoLoRA copy, then its LoRA export, loaded at run time.
+                # Resident bytes: a PRoLoRA copy, then its LoRA export, loaded at run time.
                 for label, path in (("prolora", root / "prolora-0"),
                                     ("prolora-as-lora", exported / "prolora-0")):
-                    before = server.metric("prolora_adapter_bytes")
                     dest = root / f"probe-{label}"
-                    shutil.copytree(path, dest, dirs_exist_ok=True)
-                    server.post("/v1/load_lora_adapter", {"lora_name": f"probe-{label}",
-                                                          "lora_path": str(dest)})
-                    results[f"bytes-{label}"] = server.metric("prolora_adapter_bytes") - before
+                    shutil.copytree(path, dest)
+                    reply = server.post("/v1/load_lora_adapter", {"lora_name": f"probe-{label}",
+                                                                  "lora_path": str(dest)})
+                    results[f"bytes-{label}"] = int(reply.split("(")[1].split(" bytes")[0])
                     shutil.rmtree(dest)
         finally:
             server.close()
@@ -215,10 +220,9 @@ def serve_side(args, roots, exported, base_name):
 
 def best(args, measure):
     runs = [measure() for _ in range(args.repeat)]
-    tps, tokens = max(runs)
-    print(f"  {tps:.1f} tok/s ({tokens} tokens; runs {[round(r[0], 1) for r in runs]})",
+    print(f"  {max(runs)[0]:.1f} tok/s (runs {[round(r[0], 1) for r in runs]})",
           file=sys.stderr, flush=True)
-    return tps
+    return max(runs)[0]
 
 
 def peft_side(args, model_dir, roots, exported):
@@ -284,6 +288,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=2, help="best of N per point")
     ap.add_argument("--methods", nargs="+", default=["prolora", "lora"], choices=["prolora", "lora"])
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-serve", action="store_true", help="PEFT only")
     ap.add_argument("--prepare", action="store_true",
                     help="only make the adapters and the f32 directory (untimed), then stop")
     args = ap.parse_args()
@@ -297,7 +302,7 @@ def main():
     if args.prepare:
         return
     roots = {m: roots[m] for m in args.methods}
-    ours = serve_side(args, roots, exported, base_name=str(args.gguf))
+    ours = {} if args.skip_serve else serve_side(args, roots, exported, base_name=str(args.gguf))
     peft = {} if args.skip_peft else peft_side(args, model_dir, roots, exported)
     gib = per_gib()
     result = {"ours": ours, "peft": peft, "per_gib_7b": gib, "requests": args.requests,
@@ -309,13 +314,15 @@ def main():
           "`prolora export` to LoRA)\n")
     print("| adapters in the load | prolora serve | vs one adapter | transformers + PEFT | ours / PEFT |")
     print("|---|---|---|---|---|")
-    print(f"| none (base) | {ours['base']:.1f} | | | |")
+    fmt = lambda v: f"{v:.1f}" if v else "–"
+    print(f"| none (base) | {fmt(ours.get('base'))} | | | |")
     for method in args.methods:
-        one = ours[f"{method}-{args.distinct[0]}"]
+        one = ours.get(f"{method}-{args.distinct[0]}")
         for k in args.distinct:
-            o, p = ours[f"{method}-{k}"], peft.get(f"{method}-{k}")
-            peft_cells = f"{p:.1f} | {o / p:.1f}×" if p else "– | –"
-            print(f"| {k} distinct {method} | {o:.1f} | {100 * o / one:.0f} % | {peft_cells} |")
+            o, p = ours.get(f"{method}-{k}"), peft.get(f"{method}-{k}")
+            share = f"{100 * o / one:.0f} %" if o and one else "–"
+            ratio = f"{o / p:.1f}×" if o and p else "–"
+            print(f"| {k} distinct {method} | {fmt(o)} | {share} | {fmt(p)} | {ratio} |")
     if "bytes-prolora" in ours:
         print(f"\nResident bytes per adapter on SmolLM2-135M (f32, /metrics): PRoLoRA r 8, u 1, m = n = 7 "
               f"{ours['bytes-prolora']:.0f}; the same adapter exported to LoRA "
