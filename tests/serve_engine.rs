@@ -348,7 +348,9 @@ fn the_per_row_kernel_gives_each_row_its_own_adapters_delta() {
     let methods = [
         common::serve::method_config("lora"),
         common::serve::method_config("prolora"),
-        prolora_with(toml::toml! { unshared_rank = 0 sharing_rate_a = 3 sharing_rate_b = 2 rotation = false }),
+        prolora_with(
+            toml::toml! { unshared_rank = 0 sharing_rate_a = 3 sharing_rate_b = 2 rotation = false },
+        ),
         prolora_with(toml::toml! { unshared_rank = 4 sharing_rate_a = 2 }),
     ];
     let tmp = tempfile::tempdir().unwrap();
@@ -362,7 +364,16 @@ fn the_per_row_kernel_gives_each_row_its_own_adapters_delta() {
         sets.push(set);
     }
     // Rows 1 and 6 use no adapter; the others mix all four.
-    let assignment = [Some(0), None, Some(1), Some(2), Some(0), Some(3), None, Some(1)];
+    let assignment = [
+        Some(0),
+        None,
+        Some(1),
+        Some(2),
+        Some(0),
+        Some(3),
+        None,
+        Some(1),
+    ];
     let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(5);
     let mut worst = 0f32;
     for (t, _) in sets[0].linears() {
@@ -409,9 +420,13 @@ fn the_per_row_kernel_gives_each_row_its_own_adapters_delta() {
     assert!(worst < 1e-5, "max relative |Δ| {worst}");
     // Layouts the kernel does not read (rank sharing) keep their own delta.
     let dir = tmp.path().join("rank-shared");
-    let method = prolora_with(toml::toml! { unshared_rank = 1 sharing_rate_a = 2 share_axis = "rank" });
+    let method =
+        prolora_with(toml::toml! { unshared_rank = 1 sharing_rate_a = 2 share_axis = "rank" });
     common::serve::write_adapter(&dir, &method, &cfg, 80, 0.5);
     let set = peft::load(&dir, &cfg, DType::F32, &Device::Cpu).unwrap();
     let rank_shared = ServedAdapter::from_set("r", &set, 2).unwrap();
-    assert!(matches!(rank_shared.linear(0, 0), Some(ServedLinear::Composed(_))));
+    assert!(matches!(
+        rank_shared.linear(0, 0),
+        Some(ServedLinear::Composed(_))
+    ));
 }

@@ -474,7 +474,8 @@ fn the_server_answers_as_generate_does_and_keeps_its_limits() {
     // Keep-alive: two requests sent at once on one connection, both answered on it in order;
     // the second's `Connection: close` is honoured (the server closes after it).
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let body = json!({"model": "lora", "prompt": "a", "max_tokens": 3, "temperature": 0}).to_string();
+    let body =
+        json!({"model": "lora", "prompt": "a", "max_tokens": 3, "temperature": 0}).to_string();
     write!(
         s,
         "GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n\r\nPOST /v1/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
@@ -487,7 +488,10 @@ fn the_server_answers_as_generate_does_and_keeps_its_limits() {
         assert!(reader.read_line(&mut head).unwrap() > 0, "{head}");
     }
     let head = head.to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 200") && head.contains("connection: keep-alive"), "{head}");
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("connection: keep-alive"),
+        "{head}"
+    );
     let length: usize = head
         .split("content-length: ")
         .nth(1)
@@ -503,9 +507,15 @@ fn the_server_answers_as_generate_does_and_keeps_its_limits() {
     reader.read_to_string(&mut rest).unwrap();
     let (head, answer) = rest.split_once("\r\n\r\n").unwrap();
     let head = head.to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 200") && head.contains("connection: close"), "{head}");
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("connection: close"),
+        "{head}"
+    );
     let answer: Value = serde_json::from_str(answer).unwrap();
-    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{answer}");
+    assert!(
+        answer["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{answer}"
+    );
 
     // SIGTERM: the stream in flight finishes, new connections are refused, exit 0.
     let mut server = server;

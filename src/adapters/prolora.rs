@@ -711,16 +711,14 @@ impl Adapter for Prolora {
             self.shape.layout(self.out_features, self.shape.rate_b),
         );
         let shared = match (&self.a0, &self.b0) {
-            (Some(a0), Some(b0)) if self.shape.chunk_wise() => {
-                Some(super::SharedChunks {
-                    a0: a0.as_tensor().clone(),
-                    b0: b0.as_tensor().clone(),
-                    chunk_a: la.base().1,
-                    chunk_b: lb.base().1,
-                    roll_a: la.stride(),
-                    roll_b: lb.stride(),
-                })
-            }
+            (Some(a0), Some(b0)) if self.shape.chunk_wise() => Some(super::SharedChunks {
+                a0: a0.as_tensor().clone(),
+                b0: b0.as_tensor().clone(),
+                chunk_a: la.base().1,
+                chunk_b: lb.base().1,
+                roll_a: la.stride(),
+                roll_b: lb.stride(),
+            }),
             (Some(_), Some(_)) => return None,
             _ => None,
         };

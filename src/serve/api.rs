@@ -423,7 +423,11 @@ mod tests {
         assert_eq!(p.stop, ["a", "b"]);
         assert!((p.temperature - 1.0).abs() < 1e-12);
         assert!(!p.ignore_eos);
-        let p = parse(br#"{"model": "m", "prompt": "x", "ignore_eos": true}"#, false).unwrap();
+        let p = parse(
+            br#"{"model": "m", "prompt": "x", "ignore_eos": true}"#,
+            false,
+        )
+        .unwrap();
         assert!(p.ignore_eos);
         let param = |body: &str, chat| parse(body.as_bytes(), chat).unwrap_err().param;
         assert_eq!(

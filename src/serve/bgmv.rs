@@ -154,8 +154,18 @@ fn axpy(y: &mut [f32], s: f32, b: &[f32]) {
 
 /// [`deltas`] for the whole rows in `x` and `y`.
 #[inline(always)]
-fn rows_portable(x: &[f32], y: &mut [f32], factors: &[Option<&Factors>], d_in: usize, d_out: usize) {
-    for ((x, y), f) in x.chunks_exact(d_in).zip(y.chunks_exact_mut(d_out)).zip(factors) {
+fn rows_portable(
+    x: &[f32],
+    y: &mut [f32],
+    factors: &[Option<&Factors>],
+    d_in: usize,
+    d_out: usize,
+) {
+    for ((x, y), f) in x
+        .chunks_exact(d_in)
+        .zip(y.chunks_exact_mut(d_out))
+        .zip(factors)
+    {
         if let Some(f) = f {
             f.add_row(x, y);
         }
@@ -180,12 +190,7 @@ fn rows(x: &[f32], y: &mut [f32], factors: &[Option<&Factors>], d_in: usize, d_o
 const ROWS_PER_TASK: usize = 4;
 
 /// The deltas (n, out) of `x` (n, in): row r from `factors[r]`'s adapter, zero where None.
-pub fn deltas(
-    x: &[f32],
-    factors: &[Option<&Factors>],
-    d_in: usize,
-    d_out: usize,
-) -> Vec<f32> {
+pub fn deltas(x: &[f32], factors: &[Option<&Factors>], d_in: usize, d_out: usize) -> Vec<f32> {
     let mut y = vec![0f32; factors.len() * d_out];
     y.par_chunks_mut(ROWS_PER_TASK * d_out)
         .zip(x.par_chunks(ROWS_PER_TASK * d_in))
@@ -204,7 +209,10 @@ pub fn deltas_of(x: &Tensor, factors: &[Option<&Factors>]) -> candle_core::Resul
         candle_core::bail!("{} rows routed, the linear has {n}", factors.len());
     }
     if let Some(f) = factors.iter().flatten().find(|f| f.in_features != d_in) {
-        candle_core::bail!("an adapter for {} inputs on a linear with {d_in}", f.in_features);
+        candle_core::bail!(
+            "an adapter for {} inputs on a linear with {d_in}",
+            f.in_features
+        );
     }
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
     let y = {
@@ -212,7 +220,12 @@ pub fn deltas_of(x: &Tensor, factors: &[Option<&Factors>]) -> candle_core::Resul
         let Storage::Cpu(cpu) = &*storage else {
             candle_core::bail!("the per-row adapter kernel runs on the CPU");
         };
-        deltas(crate::kernels::ops::slice(cpu, layout)?, factors, d_in, d_out)
+        deltas(
+            crate::kernels::ops::slice(cpu, layout)?,
+            factors,
+            d_in,
+            d_out,
+        )
     };
     Tensor::from_vec(y, (n, d_out), &Device::Cpu)?.to_dtype(x.dtype())
 }

@@ -227,7 +227,10 @@ pub fn respond(
     keep_alive: bool,
 ) -> std::io::Result<()> {
     let connection = match keep_alive {
-        true => format!("keep-alive\r\nKeep-Alive: timeout={}", IDLE_TIMEOUT.as_secs()),
+        true => format!(
+            "keep-alive\r\nKeep-Alive: timeout={}",
+            IDLE_TIMEOUT.as_secs()
+        ),
         false => "close".to_string(),
     };
     let mut head = format!(
@@ -308,7 +311,10 @@ mod tests {
         let mut requests = Requests::default();
         let mut next = || requests.next(&mut stream, 10);
         let a = next().unwrap();
-        assert_eq!((a.path.as_str(), &a.body[..], a.keep_alive), ("/a", &b"abc"[..], true));
+        assert_eq!(
+            (a.path.as_str(), &a.body[..], a.keep_alive),
+            ("/a", &b"abc"[..], true)
+        );
         let b = next().unwrap();
         assert_eq!((b.path.as_str(), b.keep_alive), ("/b", false));
         let c = next().unwrap();
