@@ -218,7 +218,7 @@ fn every_row_gets_the_logits_and_tokens_of_its_request_alone() {
         }
         // The engine's LoRA and PRoLoRA rows take the per-row kernel, the single-adapter path
         // candle's products (PRoLoRA materialized); the other methods the same ops on a subset
-        // of rows. (Measured ≤ 3.6e-7 before the kernel.)
+        // of rows. Measured: 3.1e-7 plain, 3.3e-7 NF4.
         assert!(worst < 1e-5, "{quant:?}: max |Δlogit| {worst}");
         // The adapters change the logits: a row's adapter matters.
         let base = alone_model(DType::F32, quant, None);
