@@ -87,10 +87,6 @@ impl Factors {
         4 * (shared + self.a.len() + self.bt.len())
     }
 
-    pub fn out_features(&self) -> usize {
-        self.out_features
-    }
-
     /// `y += Δ(x)` for one row.
     #[inline(always)]
     fn add_row(&self, x: &[f32], y: &mut [f32]) {
