@@ -191,6 +191,7 @@ fn every_row_gets_the_logits_and_tokens_of_its_request_alone() {
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,
+            ignore_eos: false,
         };
         let served = serve(model(DType::F32, quant), &adapters, &requests, &greedy);
         let mut worst = 0f32;
@@ -215,8 +216,9 @@ fn every_row_gets_the_logits_and_tokens_of_its_request_alone() {
                 }
             }
         }
-        // Measured: ≤ 3.6e-7 (the engine's PRoLoRA runs the chunk-wise product, the single-adapter
-        // path the materialized one; the other methods the same ops on a subset of rows).
+        // The engine's LoRA and PRoLoRA rows take the per-row kernel, the single-adapter path
+        // candle's products (PRoLoRA materialized); the other methods the same ops on a subset
+        // of rows. Measured: 3.1e-7 plain, 3.3e-7 NF4.
         assert!(worst < 1e-5, "{quant:?}: max |Δlogit| {worst}");
         // The adapters change the logits: a row's adapter matters.
         let base = alone_model(DType::F32, quant, None);
@@ -247,6 +249,7 @@ fn a_seed_samples_the_same_tokens_whatever_else_is_in_the_batch() {
         temperature: 1.3,
         top_p: 0.9,
         seed: 0,
+        ignore_eos: false,
     };
     let served = serve(
         model(DType::F64, Quantization::None),
@@ -326,14 +329,104 @@ fn prolora_is_served_from_its_compact_tensors_for_every_layout() {
                 .map(|p| p.var.elem_count())
                 .sum::<usize>();
         }
-        // Resident: its own tensors (f32) and, for the chunk-wise forward, the two 0/1 roll
-        // matrices (m·r_s² + n·r_s² per linear); no index tensors (r_s·(h + o) per linear).
-        let rolls_per_linear = [2 * 9 + 2 * 9, 3 * 16 + 2 * 16, 0, 0, 0][i];
-        let linears = set.linears().count();
-        assert_eq!(
-            served.bytes,
-            4 * (params + rolls_per_linear * linears),
-            "layout {i}"
-        );
+        // Resident: its own tensors (f32) alone; no index tensors (r_s·(h + o) per linear),
+        // no roll matrices (the per-row kernel rolls by index).
+        assert_eq!(served.bytes, 4 * params, "layout {i}");
     }
+}
+
+#[test]
+fn the_per_row_kernel_gives_each_row_its_own_adapters_delta() {
+    use prolora::serve::adapters::{ServedAdapter, ServedLinear};
+    let cfg = LlamaConfig::from_json(MODEL).unwrap();
+    let prolora_with = |options: toml::Table| {
+        let mut method = common::serve::method_config("prolora");
+        method.method = (registry::by_kind("prolora").unwrap().from_toml)(options).unwrap();
+        method
+    };
+    // LoRA; PRoLoRA with shared and unshared ranks, without rotation, and with no shared rank.
+    let methods = [
+        common::serve::method_config("lora"),
+        common::serve::method_config("prolora"),
+        prolora_with(
+            toml::toml! { unshared_rank = 0 sharing_rate_a = 3 sharing_rate_b = 2 rotation = false },
+        ),
+        prolora_with(toml::toml! { unshared_rank = 4 sharing_rate_a = 2 }),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sets = Vec::new();
+    let mut served = Vec::new();
+    for (i, method) in methods.iter().enumerate() {
+        let dir = tmp.path().join(i.to_string());
+        common::serve::write_adapter(&dir, method, &cfg, 70 + i as u64, 0.5);
+        let set = peft::load(&dir, &cfg, DType::F32, &Device::Cpu).unwrap();
+        served.push(ServedAdapter::from_set("a", &set, 2).unwrap());
+        sets.push(set);
+    }
+    // Rows 1 and 6 use no adapter; the others mix all four.
+    let assignment = [
+        Some(0),
+        None,
+        Some(1),
+        Some(2),
+        Some(0),
+        Some(3),
+        None,
+        Some(1),
+    ];
+    let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(5);
+    let mut worst = 0f32;
+    for (t, _) in sets[0].linears() {
+        let m = prolora::model::config::BLOCK_LINEARS
+            .iter()
+            .position(|m| *m == t.module)
+            .unwrap();
+        let n = assignment.len();
+        let x = prolora::adapters::uniform(n * t.in_features, 1.0, &mut rng);
+        let x = Tensor::from_vec(x, (n, t.in_features), &Device::Cpu).unwrap();
+        let factors: Vec<_> = assignment
+            .iter()
+            .map(|a| {
+                a.map(|a| match served[a].linear(t.layer, m).unwrap() {
+                    ServedLinear::Rows(f) => f,
+                    ServedLinear::Composed(_) => panic!("adapter {a} is not in the kernel's form"),
+                })
+            })
+            .collect();
+        let got = prolora::serve::bgmv::deltas_of(&x, &factors).unwrap();
+        for (r, a) in assignment.iter().enumerate() {
+            let got: Vec<f32> = got.get(r).unwrap().to_vec1().unwrap();
+            let Some(a) = a else {
+                assert!(got.iter().all(|v| *v == 0.0), "row {r} has no adapter");
+                continue;
+            };
+            // The adapter as trained computes it (PRoLoRA: its materialized A and B).
+            let (_, adapter) = sets[*a]
+                .linears()
+                .find(|(u, _)| u.layer == t.layer && u.module == t.module)
+                .unwrap();
+            let want: Vec<f32> = adapter
+                .delta(&x.narrow(0, r, 1).unwrap(), &Ctx::eval())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                worst = worst.max((g - w).abs() / w.abs().max(1.0));
+            }
+        }
+    }
+    assert!(worst < 1e-5, "max relative |Δ| {worst}");
+    // Layouts the kernel does not read (rank sharing) keep their own delta.
+    let dir = tmp.path().join("rank-shared");
+    let method =
+        prolora_with(toml::toml! { unshared_rank = 1 sharing_rate_a = 2 share_axis = "rank" });
+    common::serve::write_adapter(&dir, &method, &cfg, 80, 0.5);
+    let set = peft::load(&dir, &cfg, DType::F32, &Device::Cpu).unwrap();
+    let rank_shared = ServedAdapter::from_set("r", &set, 2).unwrap();
+    assert!(matches!(
+        rank_shared.linear(0, 0),
+        Some(ServedLinear::Composed(_))
+    ));
 }

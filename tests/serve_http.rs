@@ -64,7 +64,7 @@ fn http(
     let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -470,6 +470,52 @@ fn the_server_answers_as_generate_does_and_keeps_its_limits() {
     assert!(text.contains("prolora_requests_total{endpoint=\"/v1/completions\",status=\"429\"}"));
     assert!(text.contains("prolora_time_to_first_token_seconds_count"));
     assert!(metric("prolora_adapter_bytes ") > 0.0);
+
+    // Keep-alive: two requests sent at once on one connection, both answered on it in order;
+    // the second's `Connection: close` is honoured (the server closes after it).
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body =
+        json!({"model": "lora", "prompt": "a", "max_tokens": 3, "temperature": 0}).to_string();
+    write!(
+        s,
+        "GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n\r\nPOST /v1/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(reader.read_line(&mut head).unwrap() > 0, "{head}");
+    }
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("connection: keep-alive"),
+        "{head}"
+    );
+    let length: usize = head
+        .split("content-length: ")
+        .nth(1)
+        .and_then(|v| v.split("\r\n").next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut models = vec![0u8; length];
+    reader.read_exact(&mut models).unwrap();
+    let models: Value = serde_json::from_slice(&models).unwrap();
+    assert!(models["data"].as_array().unwrap().len() > 4, "{models}");
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    let (head, answer) = rest.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("connection: close"),
+        "{head}"
+    );
+    let answer: Value = serde_json::from_str(answer).unwrap();
+    assert!(
+        answer["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{answer}"
+    );
 
     // SIGTERM: the stream in flight finishes, new connections are refused, exit 0.
     let mut server = server;

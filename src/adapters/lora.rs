@@ -164,4 +164,12 @@ impl Adapter for Lora {
             self.scaling,
         ))
     }
+
+    fn row_factors(&self) -> Option<super::RowFactors> {
+        Some(super::RowFactors {
+            shared: None,
+            unshared: Some((self.a.as_tensor().clone(), self.b.as_tensor().clone())),
+            scaling: self.scaling,
+        })
+    }
 }

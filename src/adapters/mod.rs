@@ -47,6 +47,35 @@ pub trait Adapter: Delta {
     fn served(&self) -> candle_core::Result<Option<Served>> {
         Ok(None)
     }
+
+    /// Δ(x) as [`RowFactors`] where the method has that form (LoRA; PRoLoRA's chunk-wise
+    /// layouts), for kernels that apply a different adapter to each row: None otherwise.
+    fn row_factors(&self) -> Option<RowFactors> {
+        None
+    }
+}
+
+/// `Δ(x) = scaling · (shared(x) + B (A x))` from tensors an adapter already holds (nothing
+/// expanded): LoRA is the `unshared` part alone; PRoLoRA adds its shared chunks.
+pub struct RowFactors {
+    pub shared: Option<SharedChunks>,
+    /// A (u, in) and B (out, u).
+    pub unshared: Option<(Tensor, Tensor)>,
+    pub scaling: f64,
+}
+
+/// PRoLoRA's shared ranks, chunk-wise: the input is cut into chunks of `chunk_a` features,
+/// chunk j times `a0` rolled by −j·`roll_a` along the rank, summed; output chunk i (of
+/// `chunk_b` features) is `b0` times that sum rolled by +i·`roll_b`.
+pub struct SharedChunks {
+    /// (r_s, chunk_a).
+    pub a0: Tensor,
+    /// (chunk_b, r_s).
+    pub b0: Tensor,
+    pub chunk_a: usize,
+    pub chunk_b: usize,
+    pub roll_a: usize,
+    pub roll_b: usize,
 }
 
 /// An adapted linear as a server keeps it: the delta, and the bytes it holds beyond the

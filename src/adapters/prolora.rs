@@ -263,6 +263,12 @@ impl Shape {
         self.rank - self.unshared
     }
 
+    /// Whether the chunk-wise forward computes this layout (hidden-axis sharing, rotation
+    /// along the rank or none).
+    fn chunk_wise(&self) -> bool {
+        self.share_axis == Axis::Hidden && (self.rotate_axis == Axis::Rank || !self.rotation)
+    }
+
     /// The gather of A (`features` = h) or of Bᵀ (`features` = o).
     fn layout(&self, features: usize, rate: usize) -> Layout {
         Layout {
@@ -368,8 +374,7 @@ impl Chunked {
         device: &Device,
     ) -> candle_core::Result<Option<Self>> {
         let r_s = s.shared_rank();
-        let applies = s.share_axis == Axis::Hidden && (s.rotate_axis == Axis::Rank || !s.rotation);
-        if !applies || r_s == 0 {
+        if !s.chunk_wise() || r_s == 0 {
             return Ok(None);
         }
         let (sa, sb) = (la.stride(), lb.stride());
@@ -696,5 +701,35 @@ impl Adapter for Prolora {
             extra_bytes: compact.extra_bytes(),
             delta: Rc::new(compact),
         }))
+    }
+
+    /// The chunk-wise layouts (and no shared rank at all); None for rank sharing or rotation
+    /// along the hidden axis.
+    fn row_factors(&self) -> Option<super::RowFactors> {
+        let (la, lb) = (
+            self.shape.layout(self.in_features, self.shape.rate_a),
+            self.shape.layout(self.out_features, self.shape.rate_b),
+        );
+        let shared = match (&self.a0, &self.b0) {
+            (Some(a0), Some(b0)) if self.shape.chunk_wise() => Some(super::SharedChunks {
+                a0: a0.as_tensor().clone(),
+                b0: b0.as_tensor().clone(),
+                chunk_a: la.base().1,
+                chunk_b: lb.base().1,
+                roll_a: la.stride(),
+                roll_b: lb.stride(),
+            }),
+            (Some(_), Some(_)) => return None,
+            _ => None,
+        };
+        let unshared = match (&self.au, &self.bu) {
+            (Some(au), Some(bu)) => Some((au.as_tensor().clone(), bu.t().ok()?)),
+            _ => None,
+        };
+        Some(super::RowFactors {
+            shared,
+            unshared,
+            scaling: self.scaling,
+        })
     }
 }

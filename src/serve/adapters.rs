@@ -2,11 +2,14 @@
 //! VeRA and Tied-LoRA from their compact tensors), its resident bytes, and the least recently
 //! used order that `--max-loaded` evicts in.
 
+use super::bgmv::{self, Factors};
 use crate::adapters::{adapter_dtype, peft, AdapterSet};
+use crate::ctx::Ctx;
 use crate::model::config::BLOCK_LINEARS;
 use crate::model::llama::Delta;
 use crate::model::Llama;
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -17,10 +20,29 @@ pub struct ServedAdapter {
     /// `lora`, `prolora`, `vera` or `tied-lora`.
     pub kind: &'static str,
     /// Per block linear (layer · 7 + module, BLOCK_LINEARS order), its delta if adapted.
-    linears: Vec<Option<Rc<dyn Delta>>>,
+    linears: Vec<Option<ServedLinear>>,
     /// What it keeps in memory: its tensors (each shared one once) and the buffers its served
     /// deltas hold beyond them.
     pub bytes: usize,
+}
+
+/// One adapted linear as served.
+pub enum ServedLinear {
+    /// Read by the per-row kernel (LoRA, PRoLoRA's chunk-wise layouts, in f32 on the CPU):
+    /// rows of a batch with different adapters in one pass.
+    Rows(Factors),
+    /// Its own delta (the other methods and layouts), applied to its rows as a group.
+    Composed(Rc<dyn Delta>),
+}
+
+impl ServedLinear {
+    /// Δ(x) for rows `x` (n, in) that all use this adapter.
+    pub fn delta(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        match self {
+            ServedLinear::Rows(f) => bgmv::deltas_of(x, &vec![Some(f); x.dim(0)?]),
+            ServedLinear::Composed(d) => d.delta(x, ctx),
+        }
+    }
 }
 
 impl ServedAdapter {
@@ -36,27 +58,46 @@ impl ServedAdapter {
         Self::from_set(name, &set, model.num_layers())
     }
 
-    /// The served form of `set` (which may then be dropped).
+    /// The served form of `set` (which may then be dropped): every linear in the per-row
+    /// kernel's form where each has one, otherwise each its own delta.
     pub fn from_set(name: &str, set: &AdapterSet, layers: usize) -> Result<Self> {
-        let mut linears: Vec<Option<Rc<dyn Delta>>> = vec![None; layers * BLOCK_LINEARS.len()];
-        let tensors = set.tensors();
-        let mut bytes: usize = tensors
-            .iter()
-            .map(|p| p.var.elem_count() * p.var.dtype().size_in_bytes())
-            .sum();
-        for (target, adapter) in set.linears() {
+        let mut slots = Vec::new();
+        for (target, _) in set.linears() {
             let Some(m) = BLOCK_LINEARS.iter().position(|m| *m == target.module) else {
                 bail!("adapter {name:?}: {} is not a block linear", target.module);
             };
-            let delta: Rc<dyn Delta> = match adapter.served()? {
-                Some(served) => {
-                    bytes += served.extra_bytes;
-                    served.delta
-                }
-                None => set.delta_of(target.layer, target.module).expect("listed"),
-            };
-            linears[target.layer * BLOCK_LINEARS.len() + m] = Some(delta);
+            slots.push(target.layer * BLOCK_LINEARS.len() + m);
         }
+        let mut linears: Vec<Option<ServedLinear>> = Vec::new();
+        linears.resize_with(layers * BLOCK_LINEARS.len(), || None);
+        let rows = Self::rows_of(set)?;
+        let bytes = match rows {
+            Some(rows) => {
+                let bytes = rows.iter().map(Factors::bytes).sum();
+                for (slot, f) in slots.iter().zip(rows) {
+                    linears[*slot] = Some(ServedLinear::Rows(f));
+                }
+                bytes
+            }
+            None => {
+                let mut bytes: usize = set
+                    .tensors()
+                    .iter()
+                    .map(|p| p.var.elem_count() * p.var.dtype().size_in_bytes())
+                    .sum();
+                for (slot, (target, adapter)) in slots.iter().zip(set.linears()) {
+                    let delta: Rc<dyn Delta> = match adapter.served()? {
+                        Some(served) => {
+                            bytes += served.extra_bytes;
+                            served.delta
+                        }
+                        None => set.delta_of(target.layer, target.module).expect("listed"),
+                    };
+                    linears[*slot] = Some(ServedLinear::Composed(delta));
+                }
+                bytes
+            }
+        };
         Ok(ServedAdapter {
             name: name.to_string(),
             kind: set.cfg.kind(),
@@ -65,8 +106,23 @@ impl ServedAdapter {
         })
     }
 
+    /// Every linear of `set` in the per-row kernel's form, or None where one has none.
+    fn rows_of(set: &AdapterSet) -> Result<Option<Vec<Factors>>> {
+        let mut rows = Vec::new();
+        for (target, adapter) in set.linears() {
+            let Some(f) = adapter.row_factors() else {
+                return Ok(None);
+            };
+            match Factors::new(&f, target.in_features, target.out_features)? {
+                Some(f) => rows.push(f),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(rows))
+    }
+
     /// The delta of block `layer`'s linear number `module` (BLOCK_LINEARS order), if adapted.
-    pub fn linear(&self, layer: usize, module: usize) -> Option<&Rc<dyn Delta>> {
+    pub fn linear(&self, layer: usize, module: usize) -> Option<&ServedLinear> {
         self.linears
             .get(layer * BLOCK_LINEARS.len() + module)
             .and_then(Option::as_ref)

@@ -71,6 +71,8 @@ pub struct Params {
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub stream: bool,
+    /// vLLM's extra parameter: generate past the end-of-sequence ids, to `max_tokens`.
+    pub ignore_eos: bool,
 }
 
 /// Parses the body of `/v1/completions` (`chat` false) or `/v1/chat/completions`.
@@ -145,6 +147,16 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Params, ApiError> {
             ))
         }
     };
+    let ignore_eos = match o.get("ignore_eos") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "ignore_eos",
+                "\"ignore_eos\" must be true or false",
+            ))
+        }
+    };
     Ok(Params {
         model,
         prompt,
@@ -154,6 +166,7 @@ pub fn parse(body: &[u8], chat: bool) -> Result<Params, ApiError> {
         seed,
         stop,
         stream,
+        ignore_eos,
     })
 }
 
@@ -409,7 +422,18 @@ mod tests {
         );
         assert_eq!(p.stop, ["a", "b"]);
         assert!((p.temperature - 1.0).abs() < 1e-12);
+        assert!(!p.ignore_eos);
+        let p = parse(
+            br#"{"model": "m", "prompt": "x", "ignore_eos": true}"#,
+            false,
+        )
+        .unwrap();
+        assert!(p.ignore_eos);
         let param = |body: &str, chat| parse(body.as_bytes(), chat).unwrap_err().param;
+        assert_eq!(
+            param(r#"{"model": "m", "prompt": "x", "ignore_eos": 1}"#, false),
+            Some("ignore_eos")
+        );
         assert_eq!(
             param(r#"{"model": "m", "prompt": "x", "n": 2}"#, false),
             Some("n")

@@ -32,6 +32,8 @@ pub struct Sampling {
     pub temperature: f64,
     pub top_p: f64,
     pub seed: u64,
+    /// Go on past the end-of-sequence ids (vLLM's `ignore_eos`; benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// A request for the engine.
@@ -102,7 +104,7 @@ impl Row {
         if self.job.record_logits && events.send(Event::Logits(logits)).is_err() {
             return false;
         }
-        if ends.contains(&token) {
+        if !self.job.sampling.ignore_eos && ends.contains(&token) {
             let _ = events.send(Event::Done(Finish::Eos));
             return false;
         }
@@ -226,15 +228,24 @@ impl Engine {
 
     /// Admits waiting jobs while there is room, then advances every running row one token.
     pub fn step(&mut self) -> Result<()> {
-        while self.rows.len() < self.max_batch {
+        let mut joining = Vec::new();
+        while self.rows.len() + joining.len() < self.max_batch {
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
             self.metrics
                 .queued
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            self.prefill(job)?;
+            match self.prefill(job) {
+                Ok(joined) => joining.extend(joined),
+                Err(e) => {
+                    // The rows prefilled so far join, so that failing the batch tells them.
+                    let _ = self.join(joining);
+                    return Err(e);
+                }
+            }
         }
+        self.join(joining)?;
         if !self.rows.is_empty() {
             self.decode()?;
         }
@@ -258,19 +269,38 @@ impl Engine {
         self.cache = None;
     }
 
-    /// The prompt alone through the model, its first token chosen, and the row in the batch.
-    fn prefill(&mut self, job: Job) -> Result<()> {
+    /// Puts prefilled rows into the running batch: every cache stacked in one copy (a burst
+    /// of requests costs one stack, not one copy of the whole running cache per request).
+    fn join(&mut self, joining: Vec<(Row, KvCache)>) -> Result<()> {
+        if joining.is_empty() {
+            return Ok(());
+        }
+        let mut caches: Vec<KvCache> = self.cache.take().into_iter().collect();
+        for (row, cache) in joining {
+            self.rows.push(row);
+            caches.push(cache);
+        }
+        self.cache = Some(match caches.len() {
+            1 => caches.pop().expect("one"),
+            _ => KvCache::stack(caches)?,
+        });
+        Ok(())
+    }
+
+    /// The prompt alone through the model and its first token chosen; the row and its cache
+    /// when it goes on.
+    fn prefill(&mut self, job: Job) -> Result<Option<(Row, KvCache)>> {
         let adapter = match &job.adapter {
             None => None,
             Some(name) if !self.adapters.knows(name) => {
                 let _ = job.events.send(Event::UnknownAdapter(name.clone()));
-                return Ok(());
+                return Ok(None);
             }
             Some(name) => match self.adapters.get(name, &self.model) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     let _ = job.events.send(Event::Failed(format!("{e:#}")));
-                    return Ok(());
+                    return Ok(None);
                 }
             },
         };
@@ -278,7 +308,7 @@ impl Engine {
         if n == 0 || n >= self.max_len {
             let why = format!("the prompt has {n} tokens; 1 to {} fit", self.max_len - 1);
             let _ = job.events.send(Event::Failed(why));
-            return Ok(());
+            return Ok(None);
         }
         self.metrics.prompt(n);
         self.routing
@@ -298,14 +328,9 @@ impl Engine {
         let logits = logits.into_iter().next().expect("one row");
         let s = &row.job.sampling;
         let token = choose(&logits, s.temperature, s.top_p, &mut row.rng);
-        if row.accept(token, logits, &self.ends, &self.metrics) {
-            self.cache = Some(match self.cache.take() {
-                Some(running) => KvCache::stack(vec![running, cache])?,
-                None => cache,
-            });
-            self.rows.push(row);
-        }
-        Ok(())
+        Ok(row
+            .accept(token, logits, &self.ends, &self.metrics)
+            .then_some((row, cache)))
     }
 
     /// One token for every running row.

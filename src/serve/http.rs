@@ -1,6 +1,8 @@
-//! The HTTP/1.1 a local API server needs, over `std::net`: one request per connection
-//! (`Connection: close`), bodies by `Content-Length` only, bounded head and body, and responses
-//! either whole or as a server-sent event stream flushed event by event. (tiny_http, the lean
+//! The HTTP/1.1 a local API server needs, over `std::net`: persistent connections (HTTP/1.1's
+//! default; `Connection: close` honoured, HTTP/1.0 only with `Connection: keep-alive`; a
+//! pipelined next request kept for its turn), bodies by `Content-Length` only, bounded head and
+//! body, and responses either whole or as a server-sent event stream flushed event by event
+//! (which ends the connection: the close is its end). (tiny_http, the lean
 //! crate for this, buffers a streamed body in 8 KiB chunks, which holds back every event; a
 //! tokio stack costs more to build than this whole server.)
 
@@ -19,6 +21,8 @@ pub struct Request {
     /// Names in lower case.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Whether the connection stays open after the response (the server may still close it).
+    pub keep_alive: bool,
 }
 
 impl Request {
@@ -44,8 +48,8 @@ fn bad(status: u16, message: impl Into<String>) -> ReadError {
     }
 }
 
-/// A request's method, path and headers.
-pub type Head = (String, String, Vec<(String, String)>);
+/// A request's method, path, headers and whether the client keeps the connection open.
+pub type Head = (String, String, Vec<(String, String)>, bool);
 
 /// The request line and headers of `head` (without the blank line).
 pub fn parse_head(head: &[u8]) -> Result<Head, ReadError> {
@@ -84,69 +88,97 @@ pub fn parse_head(head: &[u8]) -> Result<Head, ReadError> {
         }
         headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
     }
-    Ok((method.to_string(), path.to_string(), headers))
+    let asks = |token: &str| {
+        headers
+            .iter()
+            .filter(|(n, _)| n == "connection")
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    let keep_alive = match version {
+        "HTTP/1.0" => asks("keep-alive"),
+        _ => !asks("close"),
+    };
+    Ok((method.to_string(), path.to_string(), headers, keep_alive))
 }
 
-/// Reads one request from `stream`: a head of at most [`MAX_HEAD`] bytes, then a body of its
-/// `Content-Length`, at most `max_body` bytes.
-pub fn read_request(stream: &mut impl Read, max_body: usize) -> Result<Request, ReadError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(at) = find(&buf, b"\r\n\r\n") {
-            break at;
-        }
-        if buf.len() > MAX_HEAD {
+/// The requests of one connection in turn: bytes a client sent past a request (its next one,
+/// pipelined) wait here for their turn.
+#[derive(Default)]
+pub struct Requests {
+    buffered: Vec<u8>,
+}
+
+impl Requests {
+    /// The next request on `stream`: a head of at most [`MAX_HEAD`] bytes, then a body of its
+    /// `Content-Length`, at most `max_body` bytes. Status 0: the client closed the connection,
+    /// or sent nothing before the read timeout (an idle kept-alive connection).
+    pub fn next(&mut self, stream: &mut impl Read, max_body: usize) -> Result<Request, ReadError> {
+        let buf = &mut self.buffered;
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(at) = find(buf, b"\r\n\r\n") {
+                break at;
+            }
+            if buf.len() > MAX_HEAD {
+                return Err(bad(
+                    431,
+                    format!("the request head exceeds {MAX_HEAD} bytes"),
+                ));
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) if buf.is_empty() => return Err(bad(0, "closed before a request")),
+                Ok(0) => return Err(bad(400, "the connection closed inside the request head")),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if buf.is_empty() => return Err(bad(0, format!("no request: {e}"))),
+                Err(e) => return Err(timeout_or_gone(e)),
+            }
+        };
+        let (method, path, headers, keep_alive) = parse_head(&buf[..head_end])?;
+        let find_header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        if find_header("transfer-encoding").is_some() {
             return Err(bad(
-                431,
-                format!("the request head exceeds {MAX_HEAD} bytes"),
+                411,
+                "chunked request bodies are not accepted; send Content-Length",
             ));
         }
-        match stream.read(&mut chunk) {
-            Ok(0) if buf.is_empty() => return Err(bad(0, "closed before a request")),
-            Ok(0) => return Err(bad(400, "the connection closed inside the request head")),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(timeout_or_gone(e)),
+        let length = match find_header("content-length") {
+            None => 0,
+            Some(v) => v
+                .parse::<usize>()
+                .map_err(|_| bad(400, format!("Content-Length {v:?} is not a number")))?,
+        };
+        if length > max_body {
+            return Err(bad(
+                413,
+                format!("the body has {length} bytes; at most {max_body} are accepted"),
+            ));
         }
-    };
-    let (method, path, headers) = parse_head(&buf[..head_end])?;
-    let find_header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
-    if find_header("transfer-encoding").is_some() {
-        return Err(bad(
-            411,
-            "chunked request bodies are not accepted; send Content-Length",
-        ));
-    }
-    let length = match find_header("content-length") {
-        None => 0,
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| bad(400, format!("Content-Length {v:?} is not a number")))?,
-    };
-    if length > max_body {
-        return Err(bad(
-            413,
-            format!("the body has {length} bytes; at most {max_body} are accepted"),
-        ));
-    }
-    let mut body = buf[head_end + 4..].to_vec();
-    body.truncate(length);
-    while body.len() < length {
-        let want = (length - body.len()).min(chunk.len());
-        match stream.read(&mut chunk[..want]) {
-            Ok(0) => return Err(bad(400, "the connection closed inside the body")),
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(timeout_or_gone(e)),
+        buf.drain(..head_end + 4);
+        while buf.len() < length {
+            let want = (length - buf.len()).min(chunk.len());
+            match stream.read(&mut chunk[..want]) {
+                Ok(0) => return Err(bad(400, "the connection closed inside the body")),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(timeout_or_gone(e)),
+            }
         }
+        let body = buf.drain(..length).collect();
+        Ok(Request {
+            method,
+            path,
+            headers,
+            body,
+            keep_alive,
+        })
     }
-    Ok(Request {
-        method,
-        path,
-        headers,
-        body,
-    })
+}
+
+/// One request from `stream` (a connection's first): [`Requests::next`].
+pub fn read_request(stream: &mut impl Read, max_body: usize) -> Result<Request, ReadError> {
+    Requests::default().next(stream, max_body)
 }
 
 fn timeout_or_gone(e: std::io::Error) -> ReadError {
@@ -182,16 +214,27 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Writes a whole response and flushes it.
+/// How long a kept-alive connection waits for its next request.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes a whole response and flushes it; `keep_alive`: the connection stays open after it.
 pub fn respond(
     w: &mut impl Write,
     status: u16,
     content_type: &str,
     extra_headers: &[(&str, String)],
     body: &[u8],
+    keep_alive: bool,
 ) -> std::io::Result<()> {
+    let connection = match keep_alive {
+        true => format!(
+            "keep-alive\r\nKeep-Alive: timeout={}",
+            IDLE_TIMEOUT.as_secs()
+        ),
+        false => "close".to_string(),
+    };
     let mut head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n",
         reason(status),
         body.len()
     );
@@ -239,6 +282,7 @@ mod tests {
         );
         assert_eq!(r.header("x-a"), Some("b"));
         assert_eq!(r.body, b"body");
+        assert!(r.keep_alive);
         let status = |raw: &[u8]| read(raw, 10).unwrap_err().status;
         assert_eq!(
             status(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n"),
@@ -258,5 +302,25 @@ mod tests {
         assert_eq!(status(b"GET / HTTP/1.1\r\nno colon\r\n\r\n"), 400);
         assert_eq!(status(b""), 0);
         assert_eq!(status(&vec![b'a'; MAX_HEAD + 10]), 431);
+    }
+
+    #[test]
+    fn a_connection_carries_pipelined_requests_and_says_when_it_closes() {
+        let raw = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\nConnection: Close\r\n\r\nGET /c HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /d HTTP/1.0\r\n\r\n";
+        let mut stream = std::io::Cursor::new(raw.to_vec());
+        let mut requests = Requests::default();
+        let mut next = || requests.next(&mut stream, 10);
+        let a = next().unwrap();
+        assert_eq!(
+            (a.path.as_str(), &a.body[..], a.keep_alive),
+            ("/a", &b"abc"[..], true)
+        );
+        let b = next().unwrap();
+        assert_eq!((b.path.as_str(), b.keep_alive), ("/b", false));
+        let c = next().unwrap();
+        assert_eq!((c.path.as_str(), c.keep_alive), ("/c", true));
+        let d = next().unwrap();
+        assert_eq!((d.path.as_str(), d.keep_alive), ("/d", false));
+        assert_eq!(next().unwrap_err().status, 0);
     }
 }

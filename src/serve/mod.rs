@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod api;
+pub mod bgmv;
 pub mod engine;
 pub mod http;
 pub mod metrics;

@@ -1,9 +1,12 @@
 //! Rows of one batch using different adapters: the frozen base runs once for the whole batch,
 //! and every block linear carries a [`Router`] that adds each adapter's delta to its own rows
-//! only (rows grouped by adapter, as Punica's SGMV groups them). A row without an adapter gets
-//! exactly the base's output.
+//! only: the adapters in the per-row kernel's form all in one pass over the rows
+//! ([`super::bgmv`]), the others each on its own rows as a group (as Punica's SGMV groups them).
+//! A row without an adapter gets exactly the base's output. Every decoding step takes the same
+//! path whatever else is in the batch, so a row's delta does not depend on its neighbours.
 
-use super::adapters::ServedAdapter;
+use super::adapters::{ServedAdapter, ServedLinear};
+use super::bgmv;
 use crate::ctx::Ctx;
 use crate::model::config::BLOCK_LINEARS;
 use crate::model::llama::Delta;
@@ -22,9 +25,11 @@ pub struct Routing {
 
 struct Group {
     adapter: Rc<ServedAdapter>,
-    /// Its rows, ascending, as a u32 tensor for gathering and scattering.
+    /// Its rows, ascending.
+    rows: Vec<u32>,
+    /// The same as a u32 tensor for gathering and scattering.
     index: Tensor,
-    /// Whether it is every row in order (no gather or scatter needed).
+    /// Whether it is every row of a prompt prefilled alone (no gather or scatter needed).
     whole: bool,
 }
 
@@ -36,6 +41,7 @@ impl Routing {
         if let Some(adapter) = adapter {
             self.groups.push(Group {
                 adapter: adapter.clone(),
+                rows: Vec::new(),
                 index: Tensor::zeros(0, candle_core::DType::U32, device).expect("empty"),
                 whole: true,
             });
@@ -59,12 +65,11 @@ impl Routing {
             }
         }
         for (adapter, rows) in seen {
-            let whole = rows.len() == per_row.len();
-            let n = rows.len();
             self.groups.push(Group {
                 adapter,
-                index: Tensor::from_vec(rows, n, device)?,
-                whole,
+                index: Tensor::from_slice(&rows, rows.len(), device)?,
+                rows,
+                whole: false,
             });
         }
         Ok(())
@@ -93,26 +98,44 @@ impl Delta for Router {
 
     fn delta_if_any(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
         let routing = self.routing.borrow();
-        let mut sum: Option<Tensor> = None;
-        for group in &routing.groups {
-            let Some(delta) = group.adapter.linear(self.layer, self.module) else {
-                continue;
-            };
+        if routing.groups.is_empty() {
+            return Ok(None);
+        }
+        if let [group] = &routing.groups[..] {
             if group.whole {
-                // Every row: exactly the single-adapter path.
-                return Ok(Some(delta.delta(x, ctx)?));
+                return group
+                    .adapter
+                    .linear(self.layer, self.module)
+                    .map(|delta| delta.delta(x, ctx))
+                    .transpose();
             }
-            if x.dim(0)? != routing.rows {
-                candle_core::bail!(
-                    "routing for {} rows, the forward has {}",
-                    routing.rows,
-                    x.dim(0)?
-                );
+        }
+        let n = x.dim(0)?;
+        if n != routing.rows {
+            candle_core::bail!("routing for {} rows, the forward has {n}", routing.rows);
+        }
+        let mut per_row = vec![None; n];
+        let mut composed = Vec::new();
+        for group in &routing.groups {
+            match group.adapter.linear(self.layer, self.module) {
+                Some(ServedLinear::Rows(f)) => {
+                    for &r in &group.rows {
+                        per_row[r as usize] = Some(f);
+                    }
+                }
+                Some(ServedLinear::Composed(delta)) => composed.push((group, delta)),
+                None => {}
             }
+        }
+        let mut sum = match per_row.iter().any(Option::is_some) {
+            true => Some(bgmv::deltas_of(x, &per_row)?),
+            false => None,
+        };
+        for (group, delta) in composed {
             let rows = delta.delta(&x.index_select(&group.index, 0)?, ctx)?;
             let base = match sum.take() {
                 Some(s) => s,
-                None => Tensor::zeros((x.dim(0)?, rows.dim(1)?), rows.dtype(), x.device())?,
+                None => Tensor::zeros((n, rows.dim(1)?), rows.dtype(), x.device())?,
             };
             sum = Some(base.index_add(&group.index, &rows, 0)?);
         }

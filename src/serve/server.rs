@@ -216,30 +216,49 @@ fn endpoint(path: &str) -> &'static str {
     }
 }
 
+/// Answers the requests of one connection until the client closes it or asks to, a response
+/// is an event stream, it idles past [`http::IDLE_TIMEOUT`], or the server is stopping.
 fn connection(stream: TcpStream, state: &State) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
-    let request = match http::read_request(&mut &stream, state.options.max_body) {
-        Ok(r) => r,
-        Err(e) if e.status == 0 => return,
-        Err(e) => {
-            let status = send_error(&stream, &ApiError::new(e.status, e.message));
-            state.metrics.answered("other", status);
+    let mut requests = http::Requests::default();
+    loop {
+        let mut request = match requests.next(&mut &stream, state.options.max_body) {
+            Ok(r) => r,
+            Err(e) if e.status == 0 => return,
+            Err(e) => {
+                let status = send_error(&stream, &ApiError::new(e.status, e.message), false);
+                state.metrics.answered("other", status);
+                return;
+            }
+        };
+        // An event stream's end is the connection's close.
+        request.keep_alive &= !asks_for_stream(&request) && crate::signals::requested().is_none();
+        let label = endpoint(&request.path);
+        let status = match route(&stream, state, &request) {
+            Ok(status) => status,
+            Err(e) => send_error(&stream, &e, request.keep_alive),
+        };
+        if status != 0 {
+            state.metrics.answered(label, status);
+        }
+        if status == 0 || !request.keep_alive {
             return;
         }
-    };
-    let label = endpoint(&request.path);
-    let status = match route(&stream, state, &request) {
-        Ok(status) => status,
-        Err(e) => send_error(&stream, &e),
-    };
-    if status != 0 {
-        state.metrics.answered(label, status);
+        let _ = stream.set_read_timeout(Some(http::IDLE_TIMEOUT));
     }
 }
 
-fn send_error(mut stream: &TcpStream, e: &ApiError) -> u16 {
+/// Whether the body asks for an event stream (`"stream": true`).
+fn asks_for_stream(request: &Request) -> bool {
+    serde_json::from_slice::<Value>(&request.body)
+        .ok()
+        .and_then(|body| body.get("stream")?.as_bool())
+        == Some(true)
+}
+
+fn send_error(mut stream: &TcpStream, e: &ApiError, keep_alive: bool) -> u16 {
     let mut headers = Vec::new();
     if e.status == 429 {
         headers.push(("Retry-After", "1".to_string()));
@@ -253,17 +272,19 @@ fn send_error(mut stream: &TcpStream, e: &ApiError) -> u16 {
         "application/json",
         &headers,
         e.body().as_bytes(),
+        keep_alive,
     );
     e.status
 }
 
-fn send_json(mut stream: &TcpStream, value: &Value) -> u16 {
+fn send_json(mut stream: &TcpStream, value: &Value, keep_alive: bool) -> u16 {
     let _ = http::respond(
         &mut stream,
         200,
         "application/json",
         &[],
         value.to_string().as_bytes(),
+        keep_alive,
     );
     200
 }
@@ -278,6 +299,7 @@ fn route(stream: &TcpStream, state: &State, request: &Request) -> Result<u16, Ap
         )
         .code("invalid_api_key"));
     }
+    let keep = request.keep_alive;
     let post = |f: &dyn Fn() -> Result<u16, ApiError>| match request.method.as_str() {
         "POST" => f(),
         m => Err(ApiError::new(405, format!("{m} {path}: use POST"))),
@@ -287,7 +309,7 @@ fn route(stream: &TcpStream, state: &State, request: &Request) -> Result<u16, Ap
         m => Err(ApiError::new(405, format!("{m} {path}: use GET"))),
     };
     match path {
-        "/health" => get(&|| Ok(send_json(stream, &json!({"status": "ok"})))),
+        "/health" => get(&|| Ok(send_json(stream, &json!({"status": "ok"}), keep))),
         "/metrics" => get(&|| {
             let text = state.metrics.render();
             let _ = http::respond(
@@ -296,10 +318,11 @@ fn route(stream: &TcpStream, state: &State, request: &Request) -> Result<u16, Ap
                 "text/plain; version=0.0.4",
                 &[],
                 text.as_bytes(),
+                keep,
             );
             Ok(200)
         }),
-        "/v1/models" => get(&|| Ok(send_json(stream, &models(state)))),
+        "/v1/models" => get(&|| Ok(send_json(stream, &models(state), keep))),
         "/v1/completions" => post(&|| completion(stream, state, request, false)),
         "/v1/chat/completions" => post(&|| completion(stream, state, request, true)),
         "/v1/load_lora_adapter" => post(&|| load_adapter(stream, state, request)),
@@ -475,6 +498,7 @@ fn completion(
         adapter,
         sampling: Sampling {
             max_tokens,
+            ignore_eos: params.ignore_eos,
             temperature: params.temperature,
             top_p: params.top_p,
             seed: params.seed.unwrap_or_else(|| {
@@ -557,6 +581,7 @@ fn completion(
         return Ok(send_json(
             stream,
             &answer.complete(text.text(), finish, usage),
+            request.keep_alive,
         ));
     }
     let first = !streaming;
@@ -651,7 +676,14 @@ fn load_adapter(stream: &TcpStream, state: &State, request: &Request) -> Result<
             let text = format!(
                 "Success: LoRA adapter '{name}' added successfully ({bytes} bytes resident)."
             );
-            let _ = http::respond(&mut &*stream, 200, "text/plain", &[], text.as_bytes());
+            let _ = http::respond(
+                &mut &*stream,
+                200,
+                "text/plain",
+                &[],
+                text.as_bytes(),
+                request.keep_alive,
+            );
             Ok(200)
         }
         Ok(Err(why)) => Err(ApiError::invalid("lora_path", why)),
@@ -671,7 +703,14 @@ fn unload_adapter(stream: &TcpStream, state: &State, request: &Request) -> Resul
     match answer.recv() {
         Ok(true) => {
             let text = format!("Success: LoRA adapter '{name}' removed successfully.");
-            let _ = http::respond(&mut &*stream, 200, "text/plain", &[], text.as_bytes());
+            let _ = http::respond(
+                &mut &*stream,
+                200,
+                "text/plain",
+                &[],
+                text.as_bytes(),
+                request.keep_alive,
+            );
             Ok(200)
         }
         Ok(false) => Err(

@@ -1,0 +1,227 @@
+//! The per-row adapter kernel (Punica's BGMV): one pass over a batch's rows, each row's delta
+//! from its own adapter's factors, so a batch of many distinct adapters costs what one adapter
+//! costs, not one chain of small products per adapter. PRoLoRA's shared chunks are read
+//! compact: each input chunk meets `A0` at its rolled ranks, and each output chunk is `B0`
+//! times the rank vector rolled back, so nothing is ever expanded.
+
+use crate::adapters::RowFactors;
+use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+/// One adapter's factors on one linear, as f32 rows in the order the kernel reads them.
+pub struct Factors {
+    shared: Option<Shared>,
+    /// A's unshared rows (u, in), and B's columns for them as rows (u, out).
+    a: Vec<f32>,
+    bt: Vec<f32>,
+    in_features: usize,
+    out_features: usize,
+    scaling: f32,
+}
+
+/// PRoLoRA's shared ranks: `a0` (r_s, chunk_a) and `b0` transposed (r_s, chunk_b).
+struct Shared {
+    a0: Vec<f32>,
+    b0t: Vec<f32>,
+    ranks: usize,
+    chunk_a: usize,
+    chunk_b: usize,
+    roll_a: usize,
+    roll_b: usize,
+}
+
+/// Row-major f32 values of `t` (a CPU f32 tensor), or None for other dtypes and devices.
+fn values(t: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
+    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+        return Ok(None);
+    }
+    Ok(Some(t.flatten_all()?.to_vec1()?))
+}
+
+impl Factors {
+    /// The kernel's copy of `f` for a linear `in_features` → `out_features`; None when its
+    /// tensors are not f32 on the CPU (such adapters keep their own delta).
+    pub fn new(
+        f: &RowFactors,
+        in_features: usize,
+        out_features: usize,
+    ) -> candle_core::Result<Option<Self>> {
+        let shared = match &f.shared {
+            None => None,
+            Some(s) => {
+                let (ranks, chunk_a) = s.a0.dims2()?;
+                let (Some(a0), Some(b0t)) = (values(&s.a0)?, values(&s.b0.t()?)?) else {
+                    return Ok(None);
+                };
+                Some(Shared {
+                    a0,
+                    b0t,
+                    ranks,
+                    chunk_a,
+                    chunk_b: s.b0.dim(0)?,
+                    roll_a: s.roll_a,
+                    roll_b: s.roll_b,
+                })
+            }
+        };
+        let (a, bt) = match &f.unshared {
+            None => (Vec::new(), Vec::new()),
+            Some((a, b)) => match (values(a)?, values(&b.t()?)?) {
+                (Some(a), Some(bt)) => (a, bt),
+                _ => return Ok(None),
+            },
+        };
+        Ok(Some(Factors {
+            shared,
+            a,
+            bt,
+            in_features,
+            out_features,
+            scaling: f.scaling as f32,
+        }))
+    }
+
+    /// The bytes it holds.
+    pub fn bytes(&self) -> usize {
+        let shared = self.shared.as_ref().map_or(0, |s| s.a0.len() + s.b0t.len());
+        4 * (shared + self.a.len() + self.bt.len())
+    }
+
+    /// `y += Δ(x)` for one row.
+    #[inline(always)]
+    fn add_row(&self, x: &[f32], y: &mut [f32]) {
+        if let Some(s) = &self.shared {
+            let r = s.ranks;
+            // w = Σ_j roll(x_j A0ᵀ, −j·roll_a), scaled.
+            let mut w = vec![0f32; r];
+            for (j, xj) in x.chunks(s.chunk_a).enumerate() {
+                let shift = (j * s.roll_a) % r;
+                for (k, a0k) in s.a0.chunks_exact(s.chunk_a).enumerate() {
+                    w[(k + r - shift) % r] += dot(xj, &a0k[..xj.len()]);
+                }
+            }
+            w.iter_mut().for_each(|v| *v *= self.scaling);
+            // y_i = B0 roll(w, +i·roll_b).
+            for (i, yi) in y.chunks_mut(s.chunk_b).enumerate() {
+                let shift = (i * s.roll_b) % r;
+                for (c, b0c) in s.b0t.chunks_exact(s.chunk_b).enumerate() {
+                    axpy(yi, w[(c + r - shift) % r], &b0c[..yi.len()]);
+                }
+            }
+        }
+        for (ak, bk) in self
+            .a
+            .chunks_exact(self.in_features)
+            .zip(self.bt.chunks_exact(self.out_features))
+        {
+            axpy(y, dot(x, ak) * self.scaling, bk);
+        }
+    }
+}
+
+/// Independent accumulators of a dot product: two AVX registers of f32.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// y += s · b.
+#[inline(always)]
+fn axpy(y: &mut [f32], s: f32, b: &[f32]) {
+    for (y, b) in y.iter_mut().zip(b) {
+        *y += s * b;
+    }
+}
+
+/// [`deltas`] for the whole rows in `x` and `y`.
+#[inline(always)]
+fn rows_portable(
+    x: &[f32],
+    y: &mut [f32],
+    factors: &[Option<&Factors>],
+    d_in: usize,
+    d_out: usize,
+) {
+    for ((x, y), f) in x
+        .chunks_exact(d_in)
+        .zip(y.chunks_exact_mut(d_out))
+        .zip(factors)
+    {
+        if let Some(f) = f {
+            f.add_row(x, y);
+        }
+    }
+}
+
+/// [`rows_portable`] compiled for AVX2's 8-wide registers when the CPU has them.
+fn rows(x: &[f32], y: &mut [f32], factors: &[Option<&Factors>], d_in: usize, d_out: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(x: &[f32], y: &mut [f32], f: &[Option<&Factors>], i: usize, o: usize) {
+            rows_portable(x, y, f, i, o)
+        }
+        // SAFETY: the CPU has AVX2.
+        return unsafe { avx2(x, y, factors, d_in, d_out) };
+    }
+    rows_portable(x, y, factors, d_in, d_out)
+}
+
+/// Rows a rayon task takes at least: a row is a few microseconds of work.
+const ROWS_PER_TASK: usize = 4;
+
+/// The deltas (n, out) of `x` (n, in): row r from `factors[r]`'s adapter, zero where None.
+pub fn deltas(x: &[f32], factors: &[Option<&Factors>], d_in: usize, d_out: usize) -> Vec<f32> {
+    let mut y = vec![0f32; factors.len() * d_out];
+    y.par_chunks_mut(ROWS_PER_TASK * d_out)
+        .zip(x.par_chunks(ROWS_PER_TASK * d_in))
+        .zip(factors.par_chunks(ROWS_PER_TASK))
+        .for_each(|((y, x), f)| rows(x, y, f, d_in, d_out));
+    y
+}
+
+/// [`deltas`] on tensors: `x` (n, in) in any float dtype on the CPU, the result in x's dtype.
+pub fn deltas_of(x: &Tensor, factors: &[Option<&Factors>]) -> candle_core::Result<Tensor> {
+    let (n, d_in) = x.dims2()?;
+    let Some(d_out) = factors.iter().flatten().map(|f| f.out_features).next() else {
+        candle_core::bail!("no row of the batch has an adapter on this linear");
+    };
+    if factors.len() != n {
+        candle_core::bail!("{} rows routed, the linear has {n}", factors.len());
+    }
+    if let Some(f) = factors.iter().flatten().find(|f| f.in_features != d_in) {
+        candle_core::bail!(
+            "an adapter for {} inputs on a linear with {d_in}",
+            f.in_features
+        );
+    }
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let y = {
+        let (storage, layout) = x32.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("the per-row adapter kernel runs on the CPU");
+        };
+        deltas(
+            crate::kernels::ops::slice(cpu, layout)?,
+            factors,
+            d_in,
+            d_out,
+        )
+    };
+    Tensor::from_vec(y, (n, d_out), &Device::Cpu)?.to_dtype(x.dtype())
+}
