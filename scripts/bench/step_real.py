@@ -186,9 +186,9 @@ log_every = 1
             "peak_rss_mib": max(s["peak_rss_mib"] for s in steps)}
 
 
-def run_peer(args, base, model, adapter, encoded):
+def run_peer(args, base, model, adapter, encoded, steps):
     cmd = [sys.executable, os.path.abspath(__file__), "--peer", "--base", base, "--model", model,
-           "--adapter", adapter, "--encoded", encoded, "--steps", str(args.steps),
+           "--adapter", adapter, "--encoded", encoded, "--steps", str(steps),
            "--batch", str(args.batch), "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -205,7 +205,7 @@ def bitsandbytes_runs():
 
 
 def summary(times, warmup):
-    timed = times[warmup:]
+    timed = times[min(warmup, len(times) - 1):]
     return min(timed), statistics.median(timed)
 
 
@@ -215,6 +215,8 @@ def main():
     ap.add_argument("--data", default=os.path.join(ROOT, "data/sample_chat.jsonl"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of best/median")
+    ap.add_argument("--nf4-peer-steps", type=int, default=4,
+                    help="steps of the bitsandbytes peer (its CPU path is slow), the first a warm-up")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -255,11 +257,11 @@ def main():
     f32_peer = None
     for base in args.bases.split(","):
         if base == "nf4" and bnb:
-            p, err = run_peer(args, "nf4", model, adapter, encoded)
+            p, err = run_peer(args, "nf4", model, adapter, encoded, args.nf4_peer_steps)
             peer_name = "PyTorch + PEFT + bitsandbytes NF4"
         else:
             if f32_peer is None:
-                f32_peer, err = run_peer(args, "f32", model, adapter, encoded)
+                f32_peer, err = run_peer(args, "f32", model, adapter, encoded, args.steps)
             p = f32_peer
             peer_name = "PyTorch + PEFT, f32" + (" (no bitsandbytes)" if base == "nf4" else "")
         if p is None:
@@ -267,7 +269,7 @@ def main():
         source = gguf if base == "q4_1" else model
         o = ours(args, base, source, adapter, work)
         ob, om = summary(o["times"], args.warmup)
-        pb, pm = summary(p["times"], args.warmup)
+        pb, pm = summary(p["times"], args.warmup if len(p["times"]) == args.steps else 1)
         diff = max(abs(a - b) for a, b in zip(o["losses"], p["losses"]))
         print(f"| {base} | {peer_name} | {ob:.3f} / {om:.3f} | {pb:.3f} / {pm:.3f} | "
               f"{ob / pb:.2f} / {om / pm:.2f} | {o['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} | "

@@ -276,7 +276,11 @@ impl Llama {
 
         let h = rms_norm(x, &block.input_norm, cfg.rms_norm_eps)?;
         let heads = |m: &str, n: usize, rope: Option<&Rope>| {
-            split_heads(&unpack(packing, block.linear(m).forward(&h, ctx)?)?, n, rope)
+            split_heads(
+                &unpack(packing, block.linear(m).forward(&h, ctx)?)?,
+                n,
+                rope,
+            )
         };
         let q = heads("q_proj", nh, Some(rope))?;
         let k = heads("k_proj", nkv, Some(rope))?;

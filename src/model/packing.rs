@@ -104,7 +104,10 @@ mod tests {
             .iter()
             .flat_map(|&r| [2.0 * r as f32, 2.0 * r as f32 + 1.0])
             .collect();
-        assert_eq!(packed.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        assert_eq!(
+            packed.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want
+        );
         let back = p.unpack(&packed).unwrap();
         let rows: Vec<Vec<f32>> = back.reshape((9, 2)).unwrap().to_vec2().unwrap();
         let padded_from = [0, 1, 1, 3, 4, 5, 6, 6, 6];
