@@ -243,7 +243,7 @@ def main():
         initial_adapter(model, adapter)
     encoded = os.path.join(work, "encoded.jsonl")
     subprocess.run([BIN, "data", "encode", "--tokenizer", model, "--chat-format", "model",
-                    "--data", args.data, "--max-seq-len", str(args.seq), "--out", encoded],
+                    "--data", args.data, "--max-seq-len", str(args.seq), "--out", encoded, "--overwrite"],
                    check=True, capture_output=True)
     bnb = bitsandbytes_runs()
     print(f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152); batch {args.batch} chat "
