@@ -9,6 +9,7 @@
 use crate::ctx::Ctx;
 use crate::data::batch::Batch;
 use crate::kernels::cross_entropy::{cross_entropy, precomputed_loss};
+use crate::model::packing::Packing;
 use crate::model::Llama;
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -30,18 +31,33 @@ pub fn summed_loss(
     ctx: &Ctx,
     with_grad: bool,
 ) -> Result<(Tensor, usize)> {
-    let hidden = model.hidden(&batch.input_ids(model.device())?, ctx)?;
-    summed_loss_of_hidden(model, &hidden, batch, with_grad)
+    let ids = batch.input_ids(model.device())?;
+    let packing = packing_of(batch, model.device())?;
+    let hidden = model.hidden_with(&ids, packing.as_ref(), ctx, |_, x, _| Ok(x))?;
+    summed_loss_of_hidden(model, &hidden, batch, packing.as_ref(), with_grad)
 }
 
-/// The same from the normalised last hidden states (b, t, d).
+/// The packing of `batch`'s padding (None where it has none): the model then computes the
+/// real tokens alone.
+pub fn packing_of(batch: &Batch, device: &Device) -> Result<Option<Packing>> {
+    let len = batch.lengths().iter().copied().max().unwrap_or(0);
+    Packing::new(batch.lengths(), len, device)
+}
+
+/// The same from the normalised last hidden states (b, t, d), or the real rows (n, d) of
+/// `packing`.
 pub fn summed_loss_of_hidden(
     model: &Llama,
     hidden: &Tensor,
     batch: &Batch,
+    packing: Option<&Packing>,
     with_grad: bool,
 ) -> Result<(Tensor, usize)> {
     let (rows, targets) = batch.prediction_rows();
+    let rows = match packing {
+        Some(p) => p.packed_rows(&rows),
+        None => rows,
+    };
     let device = model.device();
     let d = hidden.dim(D::Minus1)?;
     let n = rows.len();

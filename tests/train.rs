@@ -166,6 +166,41 @@ fn activation_checkpointing_gives_the_full_graph_gradients_even_with_dropout() {
         .any(|(a, b)| (a - b).abs() > 1e-6));
 }
 
+/// The training forward computes the real tokens alone (padding packed away); the padded
+/// forward (every position through every layer) gives the same loss and gradients.
+#[test]
+fn packing_the_padding_away_gives_the_padded_loss_and_gradients() {
+    use prolora::loss::{summed_loss, summed_loss_of_hidden};
+    let (model, set) = common::tiny_lora_model(0.0);
+    let vars: Vec<Var> = set.trainable().into_iter().map(|(_, v, _)| v).collect();
+    let ex = examples();
+    let batch = Batch::new(&ex.iter().collect::<Vec<_>>());
+    let ctx = Ctx::train(7);
+    let ids = batch.input_ids(&Device::Cpu).unwrap();
+    let (padded, n) = summed_loss_of_hidden(
+        &model,
+        &model.hidden(&ids, &ctx).unwrap(),
+        &batch,
+        None,
+        true,
+    )
+    .unwrap();
+    let (packed, m) = summed_loss(&model, &batch, &ctx, true).unwrap();
+    assert_eq!(n, m);
+    let scalar = |t: &Tensor| t.to_scalar::<f64>().unwrap();
+    assert!((scalar(&packed) - scalar(&padded)).abs() <= 1e-12 * scalar(&padded).abs());
+    let grads = |t: &Tensor| -> Vec<Vec<f64>> {
+        let store = t.backward().unwrap();
+        vars.iter()
+            .map(|v| {
+                let g = store.get(v.as_tensor()).expect("a gradient");
+                g.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect()
+    };
+    assert_close(&grads(&packed), &grads(&padded), "packed vs padded");
+}
+
 #[test]
 fn accumulated_micro_batches_give_the_whole_batch_gradient() {
     let ex = examples();

@@ -12,6 +12,8 @@ pub struct Batch {
     labels: Vec<i64>,
     rows: usize,
     len: usize,
+    /// Each example's own length (≤ `len`; the rest of its row is padding).
+    lengths: Vec<usize>,
 }
 
 impl Batch {
@@ -33,7 +35,13 @@ impl Batch {
             labels,
             rows,
             len,
+            lengths: examples.iter().map(|e| e.input_ids.len()).collect(),
         }
+    }
+
+    /// Each example's length before padding.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
     }
 
     /// (rows, len) token ids.

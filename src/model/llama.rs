@@ -8,6 +8,7 @@ use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
 use super::kv_cache::KvCache;
 use super::nf4::Quantization;
+use super::packing::{pack, unpack, Packing};
 use super::weights::WeightSource;
 use crate::ctx::Ctx;
 use crate::kernels::heads::{merge_heads, split_heads, Rope};
@@ -248,20 +249,23 @@ impl Llama {
         self.blocks.len()
     }
 
-    /// One decoder block: (b, t, d) → (b, t, d); `ctx` is the layer's own (`Ctx::for_layer`).
+    /// One decoder block: (b, t, d) → (b, t, d), or with a `packing` its real rows (n, d) →
+    /// (n, d); `ctx` is the layer's own (`Ctx::for_layer`).
     pub fn block(
         &self,
         l: usize,
         x: &Tensor,
         rope: &Rope,
         ctx: &Ctx,
+        packing: Option<&Packing>,
     ) -> candle_core::Result<Tensor> {
-        self.block_cached(l, x, rope, ctx, None)
+        self.block_cached(l, x, rope, ctx, None, packing)
     }
 
     /// [`Self::block`] for positions that follow those in `cache` (whose keys and values this
     /// layer attends to as well, and to which it appends its own), under the cache's additive
-    /// `mask` when it has one (padding, or several new positions after cached ones).
+    /// `mask` when it has one (padding, or several new positions after cached ones). With a
+    /// `packing` (training only) `x` holds the real rows alone and attention alone unpacks them.
     fn block_cached(
         &self,
         l: usize,
@@ -269,6 +273,7 @@ impl Llama {
         rope: &Rope,
         ctx: &Ctx,
         cache: Option<(&mut KvCache, Option<&Tensor>)>,
+        packing: Option<&Packing>,
     ) -> candle_core::Result<Tensor> {
         let block = &self.blocks[l];
         let cfg = &self.cfg;
@@ -280,7 +285,11 @@ impl Llama {
 
         let h = rms_norm(x, &block.input_norm, cfg.rms_norm_eps)?;
         let heads = |m: &str, n: usize, rope: Option<&Rope>| {
-            split_heads(&block.linear(m).forward(&h, ctx)?, n, rope)
+            split_heads(
+                &unpack(packing, block.linear(m).forward(&h, ctx)?)?,
+                n,
+                rope,
+            )
         };
         let q = heads("q_proj", nh, Some(rope))?;
         let k = heads("k_proj", nkv, Some(rope))?;
@@ -311,7 +320,7 @@ impl Llama {
             }
             None => candle_core::bail!("attention after {past} positions needs a cache"),
         };
-        let attn = merge_heads(&probs.matmul(&v)?)?;
+        let attn = pack(packing, merge_heads(&probs.matmul(&v)?)?)?;
         let x = (x + block.linear("o_proj").forward(&attn, ctx)?)?;
 
         let h = rms_norm(&x, &block.post_attention_norm, cfg.rms_norm_eps)?;
@@ -330,23 +339,25 @@ impl Llama {
 
     /// Normalised hidden states of the last layer, (b, t) ids → (b, t, d).
     pub fn hidden(&self, ids: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        self.hidden_with(ids, ctx, |_, x, _| Ok(x))
+        self.hidden_with(ids, None, ctx, |_, x, _| Ok(x))
     }
 
     /// The forward: embeddings, the decoder layers, the final norm. After each layer `l`,
     /// `after_layer(l, output, input)` decides what the next layer gets (activation
-    /// checkpointing detaches it and keeps the input).
+    /// checkpointing detaches it and keeps the input). With a `packing` of `ids`' padding the
+    /// layers and the result hold the real rows alone, (n, d).
     pub fn hidden_with(
         &self,
         ids: &Tensor,
+        packing: Option<&Packing>,
         ctx: &Ctx,
         mut after_layer: impl FnMut(usize, Tensor, Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let rope = self.rope(t)?;
-        let mut x = self.embed(ids)?;
+        let mut x = pack(packing, self.embed(ids)?)?;
         for l in 0..self.blocks.len() {
-            let out = self.block(l, &x, &rope, &ctx.for_layer(l))?;
+            let out = self.block(l, &x, &rope, &ctx.for_layer(l), packing)?;
             x = after_layer(l, out, x)?;
         }
         self.final_norm(&x)
@@ -377,7 +388,7 @@ impl Llama {
         let mut x = self.embed(ids)?;
         for l in 0..self.blocks.len() {
             let layer = Some((&mut *cache, mask.as_ref()));
-            x = self.block_cached(l, &x, &rope, &ctx.for_layer(l), layer)?;
+            x = self.block_cached(l, &x, &rope, &ctx.for_layer(l), layer, None)?;
         }
         self.final_norm(&x)
     }

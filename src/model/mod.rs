@@ -6,6 +6,7 @@ pub mod frozen;
 pub mod kv_cache;
 pub mod llama;
 pub mod nf4;
+pub mod packing;
 pub mod preset;
 pub mod weights;
 

@@ -4,7 +4,7 @@
 
 use crate::ctx::Ctx;
 use crate::data::batch::Batch;
-use crate::loss::{summed_loss, summed_loss_of_hidden};
+use crate::loss::{packing_of, summed_loss, summed_loss_of_hidden};
 use crate::model::Llama;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
@@ -56,12 +56,13 @@ fn checkpointed(
     acc: &mut Grads,
 ) -> Result<(Tensor, usize)> {
     let ids = batch.input_ids(model.device())?;
+    let packing = packing_of(batch, model.device())?;
     let layers = model.num_layers();
     // Forward keeping only each layer's input; the last output becomes a leaf, so the head's
     // backward stops there with the gradient the layers need.
     let mut inputs = Vec::with_capacity(layers);
     let mut last = None;
-    let hidden = model.hidden_with(&ids, ctx, |l, out, input| {
+    let hidden = model.hidden_with(&ids, packing.as_ref(), ctx, |l, out, input| {
         inputs.push(input);
         if l + 1 < layers {
             return Ok(out.detach());
@@ -72,7 +73,7 @@ fn checkpointed(
         Ok(x)
     })?;
     let last = last.context("the model has no layers")?;
-    let (sum, n) = summed_loss_of_hidden(model, &hidden, batch, true)?;
+    let (sum, n) = summed_loss_of_hidden(model, &hidden, batch, packing.as_ref(), true)?;
     let store = (&sum / divisor)?.backward()?;
     let mut upstream = store
         .get(last.as_tensor())
@@ -89,7 +90,7 @@ fn checkpointed(
             None
         };
         let x = input.as_ref().map_or(&inputs[l], |v| v.as_tensor());
-        let out = model.block(l, x, &rope, &ctx.for_layer(l))?;
+        let out = model.block(l, x, &rope, &ctx.for_layer(l), packing.as_ref())?;
         let store = (out * &upstream)?.sum_all()?.backward()?;
         accumulate(acc, &store, vars)?;
         if let Some(v) = &input {
