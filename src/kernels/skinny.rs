@@ -123,9 +123,9 @@ mod avx2 {
         let rows = w_rows.len() / k;
         let (x, w) = (x.as_ptr(), w_rows.as_ptr());
         if m == 1 {
-            // One row of x: a single sequential stream through w (which the prefetcher keeps
-            // ahead of), four accumulators deep.
-            return rows_of::<1, 1, 4, W>(x, w, k, rows, out, stride);
+            // One row of x: a single sequential stream through w, which the prefetcher keeps
+            // ahead of (several rows at once, several streams, read memory slower).
+            return rows_of::<1, 1, W>(x, w, k, rows, out, stride);
         }
         for j in (0..rows).step_by(W_BLOCK) {
             let (w, out, rows) = (w.add(j * k), out.add(j), W_BLOCK.min(rows - j));
@@ -134,10 +134,10 @@ mod avx2 {
                 // Four rows of x share each loaded row of w; what is left, a narrower tile.
                 let (x, out) = (x.add(r * k), out.add(r * stride));
                 match m - r {
-                    1 => rows_of::<1, 1, 4, W>(x, w, k, rows, out, stride),
-                    2 => rows_of::<2, 4, 1, W>(x, w, k, rows, out, stride),
-                    3 => rows_of::<3, 3, 1, W>(x, w, k, rows, out, stride),
-                    _ => rows_of::<4, 3, 1, W>(x, w, k, rows, out, stride),
+                    1 => rows_of::<1, 1, W>(x, w, k, rows, out, stride),
+                    2 => rows_of::<2, 4, W>(x, w, k, rows, out, stride),
+                    3 => rows_of::<3, 3, W>(x, w, k, rows, out, stride),
+                    _ => rows_of::<4, 3, W>(x, w, k, rows, out, stride),
                 }
                 r += 4;
             }
@@ -146,7 +146,7 @@ mod avx2 {
 
     /// `M` rows of x times every one of `rows` rows of w, `R` rows of w at a time.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_of<const M: usize, const R: usize, const U: usize, W: WeightElem>(
+    unsafe fn rows_of<const M: usize, const R: usize, W: WeightElem>(
         x: *const f32,
         w: *const W,
         k: usize,
@@ -156,7 +156,7 @@ mod avx2 {
     ) {
         let mut j = 0;
         while j + R <= rows {
-            let sums = tile::<M, R, U, W>(x, w.add(j * k), k);
+            let sums = tile::<M, R, W>(x, w.add(j * k), k);
             for (p, col) in sums.iter().enumerate() {
                 for (q, s) in col.iter().enumerate() {
                     *out.add(q * stride + j + p) = *s;
@@ -165,7 +165,7 @@ mod avx2 {
             j += R;
         }
         while j < rows {
-            let sums = tile::<M, 1, U, W>(x, w.add(j * k), k);
+            let sums = tile::<M, 1, W>(x, w.add(j * k), k);
             for (q, s) in sums[0].iter().enumerate() {
                 *out.add(q * stride + j) = *s;
             }
@@ -174,42 +174,36 @@ mod avx2 {
     }
 
     /// `[w row][x row]` dot products of `M` rows of x (stride k) and `R` rows of w (stride k):
-    /// M·R·U accumulators in registers over whole steps of 8·U, then the tail in scalars.
+    /// M·R accumulators in registers over the whole eights, then the tail in scalars. Each
+    /// product is summed in the same order whatever M and R are, so a row of x gets the same
+    /// bits alone or beside others (a sequence decodes the same tokens in any batch).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const M: usize, const R: usize, const U: usize, W: WeightElem>(
+    unsafe fn tile<const M: usize, const R: usize, W: WeightElem>(
         x: *const f32,
         w: *const W,
         k: usize,
     ) -> [[f32; M]; R] {
-        let step = 8 * U;
-        let whole = k / step * step;
-        let mut acc = [[[_mm256_setzero_ps(); U]; M]; R];
+        let whole = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
         let mut i = 0;
         while i < whole {
-            for u in 0..U {
-                let at = i + 8 * u;
-                let mut wv = [_mm256_setzero_ps(); R];
-                for (p, v) in wv.iter_mut().enumerate() {
-                    *v = W::load8(w.add(p * k + at));
-                }
-                for q in 0..M {
-                    let xv = _mm256_loadu_ps(x.add(q * k + at));
-                    for p in 0..R {
-                        acc[p][q][u] = _mm256_fmadd_ps(xv, wv[p], acc[p][q][u]);
-                    }
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (p, v) in wv.iter_mut().enumerate() {
+                *v = W::load8(w.add(p * k + i));
+            }
+            for q in 0..M {
+                let xv = _mm256_loadu_ps(x.add(q * k + i));
+                for p in 0..R {
+                    acc[p][q] = _mm256_fmadd_ps(xv, wv[p], acc[p][q]);
                 }
             }
-            i += step;
+            i += 8;
         }
         let mut sums = [[0f32; M]; R];
         for p in 0..R {
             for q in 0..M {
-                let mut v = acc[p][q][0];
-                for a in &acc[p][q][1..] {
-                    v = _mm256_add_ps(v, *a);
-                }
-                let mut s = hsum(v);
+                let mut s = hsum(acc[p][q]);
                 for t in whole..k {
                     s += *x.add(q * k + t) * (*w.add(p * k + t)).to_f32();
                 }
@@ -282,6 +276,23 @@ mod tests {
             let (m, k, n) = shape;
             let (x, w) = inputs(shape);
             check(&xwt(&x, &w, m, k, n), &x, &w, shape);
+        }
+    }
+
+    /// A row's products do not depend on the rows beside it: bit for bit what it gets alone.
+    #[test]
+    fn a_row_gets_the_same_bits_in_any_batch() {
+        if !available() {
+            return;
+        }
+        for &shape in SHAPES {
+            let (m, k, n) = shape;
+            let (x, w) = inputs(shape);
+            let together = xwt(&x, &w, m, k, n);
+            for r in 0..m {
+                let alone = xwt(&x[r * k..(r + 1) * k], &w, 1, k, n);
+                assert_eq!(alone, &together[r * n..(r + 1) * n], "{shape:?} row {r}");
+            }
         }
     }
 
