@@ -1,16 +1,24 @@
-//! `x · wᵀ` for an `x` of a few rows, as a decoding step has (one per sequence): each pair of
-//! rows of `w` is read once and multiplied with four rows of `x` at a time in registers. A GEMM
+//! `x · wᵀ` for an `x` of a few rows, as a decoding step has (one per sequence): each row of `w`
+//! is read once from memory, and multiplied with up to four rows of `x` in registers. A GEMM
 //! packs all of `w` first, which at a handful of rows costs about as much as the product (the
-//! 32000 × d vocabulary head, every step).
+//! 49,152 × d vocabulary head, every step), and candle's one-row product ran on one core.
+//!
+//! The weight may be f32 or bf16: bf16 rows are widened to f32 in registers (a shift of the
+//! 16 bits into the high half, exact), so a bf16 weight reads half the bytes and computes in
+//! f32, as PyTorch's CPU kernels do.
 
+use half::bf16;
 use rayon::prelude::*;
 
-/// Rows of `x` for which the skinny product is used (one row is a GEMV, which candle's GEMM
-/// does well).
-pub const ROWS: std::ops::RangeInclusive<usize> = 2..=16;
+/// Rows of `x` for which the skinny product is used (beyond, a GEMM reuses each weight tile
+/// enough to be faster).
+pub const ROWS: std::ops::RangeInclusive<usize> = 1..=16;
 
-/// Rows of `w` per task.
-const TASK_ROWS: usize = 64;
+/// Smallest number of `w` rows per task: enough work to outweigh a task's hand-off.
+const MIN_TASK_ROWS: usize = 64;
+
+/// Tasks per thread for a large weight, so that an unlucky thread's last task is short.
+const TASKS_PER_THREAD: usize = 2;
 
 /// Whether this CPU runs the kernel (AVX2 and FMA); elsewhere the GEMM is used.
 pub fn available() -> bool {
@@ -24,122 +32,193 @@ pub fn available() -> bool {
     }
 }
 
+/// A weight element type the kernel reads: f32 as is, bf16 widened exactly.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Eight elements from `p` as f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let halves = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+    }
+}
+
+/// The output pointer, shared by tasks that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes only its own columns (its own rows of w), never read by another.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
 /// `x (m, k) · wᵀ` for `w (n, k)`, both row-major; returns `(m, n)` row-major. Call only when
 /// [`available`].
-pub fn xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+pub fn xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert!(available(), "skinny: needs AVX2 and FMA");
     assert_eq!(x.len(), m * k, "skinny: x is (m, k)");
     assert_eq!(w.len(), n * k, "skinny: w is (n, k)");
-    // Each task fills an (m, its rows) block, copied into y's rows afterwards.
-    let blocks: Vec<Vec<f32>> = w
-        .par_chunks(TASK_ROWS * k)
-        .map(|rows| {
-            let mut block = vec![0f32; m * (rows.len() / k)];
-            // SAFETY: available() was checked above.
-            unsafe { avx2::block(x, rows, m, k, &mut block) };
-            block
-        })
-        .collect();
     let mut y = vec![0f32; m * n];
-    for (b, block) in blocks.iter().enumerate() {
-        let (j0, width) = (b * TASK_ROWS, block.len() / m.max(1));
-        for (r, row) in y.chunks_exact_mut(n).enumerate() {
-            row[j0..j0 + width].copy_from_slice(&block[r * width..(r + 1) * width]);
-        }
+    if n == 0 || k == 0 {
+        return y;
     }
+    let tasks = rayon::current_num_threads() * TASKS_PER_THREAD;
+    let task_rows = n.div_ceil(tasks).max(MIN_TASK_ROWS);
+    let out = Out(y.as_mut_ptr());
+    w.par_chunks(task_rows * k)
+        .enumerate()
+        .for_each(|(t, rows)| {
+            let out = out;
+            // SAFETY: available() was checked above; this task writes columns
+            // t·task_rows.. of each row of y, which no other task writes.
+            unsafe { avx2::block(x, rows, m, k, out.0.add(t * task_rows), n) };
+        });
     y
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::WeightElem;
     use std::arch::x86_64::*;
 
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(a, b)| a * b).sum()
-    }
+    /// Rows of w multiplied by every row of x before the next ones are read: they stay in
+    /// the L2 cache while each group of x rows passes over them.
+    const W_BLOCK: usize = 16;
 
-    /// A whole-row dot product, four accumulators deep.
+    /// `out[r·stride + j]` = x row r · `w_rows` row j, for every row of x and of `w_rows`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot8(a: &[f32], b: &[f32]) -> f32 {
-        let k = a.len();
-        let z = _mm256_setzero_ps();
-        let mut acc = [z, z, z, z];
-        let mut i = 0;
-        while i + 32 <= k {
-            for (u, s) in acc.iter_mut().enumerate() {
-                let (x, y) = (
-                    _mm256_loadu_ps(a.as_ptr().add(i + 8 * u)),
-                    _mm256_loadu_ps(b.as_ptr().add(i + 8 * u)),
-                );
-                *s = _mm256_fmadd_ps(x, y, *s);
-            }
-            i += 32;
-        }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-        lanes.iter().sum::<f32>() + dot(&a[i..], &b[i..])
-    }
-
-    /// `out (m, rows)` = `x (m, k)` · `w_rows`ᵀ.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block(x: &[f32], w_rows: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    pub unsafe fn block<W: WeightElem>(
+        x: &[f32],
+        w_rows: &[W],
+        m: usize,
+        k: usize,
+        out: *mut f32,
+        stride: usize,
+    ) {
         let rows = w_rows.len() / k;
-        let whole = k / 8 * 8;
-        let (quads, pairs) = (m / 4 * 4, rows / 2 * 2);
-        for j in (0..pairs).step_by(2) {
-            for r in (0..quads).step_by(4) {
-                let sums = four_by_two(x.as_ptr().add(r * k), w_rows.as_ptr().add(j * k), k, whole);
-                for (p, col) in sums.iter().enumerate() {
-                    let wr = &w_rows[(j + p) * k..(j + p + 1) * k];
-                    for (q, s) in col.iter().enumerate() {
-                        let xr = &x[(r + q) * k..(r + q + 1) * k];
-                        out[(r + q) * rows + j + p] = s + dot(&xr[whole..], &wr[whole..]);
-                    }
-                }
-            }
+        let (x, w) = (x.as_ptr(), w_rows.as_ptr());
+        if m == 1 {
+            // One row of x: a single sequential stream through w, which the prefetcher keeps
+            // ahead of (several rows at once, several streams, read memory slower).
+            return rows_of::<1, 1, W>(x, w, k, rows, out, stride);
         }
-        // The rows of x past the last four, and the last row of w when their number is odd.
-        for r in 0..m {
-            for j in 0..rows {
-                if r >= quads || j >= pairs {
-                    out[r * rows + j] = dot8(&x[r * k..(r + 1) * k], &w_rows[j * k..(j + 1) * k]);
+        for j in (0..rows).step_by(W_BLOCK) {
+            let (w, out, rows) = (w.add(j * k), out.add(j), W_BLOCK.min(rows - j));
+            let mut r = 0;
+            while r < m {
+                // Four rows of x share each loaded row of w; what is left, a narrower tile.
+                let (x, out) = (x.add(r * k), out.add(r * stride));
+                match m - r {
+                    1 => rows_of::<1, 1, W>(x, w, k, rows, out, stride),
+                    2 => rows_of::<2, 4, W>(x, w, k, rows, out, stride),
+                    3 => rows_of::<3, 3, W>(x, w, k, rows, out, stride),
+                    _ => rows_of::<4, 3, W>(x, w, k, rows, out, stride),
                 }
+                r += 4;
             }
         }
     }
 
-    /// Four rows of x (stride k) times two rows of w (stride k) over the first `whole`
-    /// elements: `[w row][x row]` sums, eight accumulators held in registers.
+    /// `M` rows of x times every one of `rows` rows of w, `R` rows of w at a time.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn four_by_two(x: *const f32, w: *const f32, k: usize, whole: usize) -> [[f32; 4]; 2] {
-        let z = _mm256_setzero_ps();
-        let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
-        let (mut b0, mut b1, mut b2, mut b3) = (z, z, z, z);
+    unsafe fn rows_of<const M: usize, const R: usize, W: WeightElem>(
+        x: *const f32,
+        w: *const W,
+        k: usize,
+        rows: usize,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        let mut j = 0;
+        while j + R <= rows {
+            let sums = tile::<M, R, W>(x, w.add(j * k), k);
+            for (p, col) in sums.iter().enumerate() {
+                for (q, s) in col.iter().enumerate() {
+                    *out.add(q * stride + j + p) = *s;
+                }
+            }
+            j += R;
+        }
+        while j < rows {
+            let sums = tile::<M, 1, W>(x, w.add(j * k), k);
+            for (q, s) in sums[0].iter().enumerate() {
+                *out.add(q * stride + j) = *s;
+            }
+            j += 1;
+        }
+    }
+
+    /// `[w row][x row]` dot products of `M` rows of x (stride k) and `R` rows of w (stride k):
+    /// M·R accumulators in registers over the whole eights, then the tail in scalars. Each
+    /// product is summed in the same order whatever M and R are, so a row of x gets the same
+    /// bits alone or beside others (a sequence decodes the same tokens in any batch).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const M: usize, const R: usize, W: WeightElem>(
+        x: *const f32,
+        w: *const W,
+        k: usize,
+    ) -> [[f32; M]; R] {
+        let whole = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
         let mut i = 0;
         while i < whole {
-            let w0 = _mm256_loadu_ps(w.add(i));
-            let w1 = _mm256_loadu_ps(w.add(k + i));
-            let x0 = _mm256_loadu_ps(x.add(i));
-            a0 = _mm256_fmadd_ps(x0, w0, a0);
-            b0 = _mm256_fmadd_ps(x0, w1, b0);
-            let x1 = _mm256_loadu_ps(x.add(k + i));
-            a1 = _mm256_fmadd_ps(x1, w0, a1);
-            b1 = _mm256_fmadd_ps(x1, w1, b1);
-            let x2 = _mm256_loadu_ps(x.add(2 * k + i));
-            a2 = _mm256_fmadd_ps(x2, w0, a2);
-            b2 = _mm256_fmadd_ps(x2, w1, b2);
-            let x3 = _mm256_loadu_ps(x.add(3 * k + i));
-            a3 = _mm256_fmadd_ps(x3, w0, a3);
-            b3 = _mm256_fmadd_ps(x3, w1, b3);
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (p, v) in wv.iter_mut().enumerate() {
+                *v = W::load8(w.add(p * k + i));
+            }
+            for q in 0..M {
+                let xv = _mm256_loadu_ps(x.add(q * k + i));
+                for p in 0..R {
+                    acc[p][q] = _mm256_fmadd_ps(xv, wv[p], acc[p][q]);
+                }
+            }
             i += 8;
         }
-        let h = |v: __m256| {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-            lanes.iter().sum::<f32>()
-        };
-        [[h(a0), h(a1), h(a2), h(a3)], [h(b0), h(b1), h(b2), h(b3)]]
+        let mut sums = [[0f32; M]; R];
+        for p in 0..R {
+            for q in 0..M {
+                let mut s = hsum(acc[p][q]);
+                for t in whole..k {
+                    s += *x.add(q * k + t) * (*w.add(p * k + t)).to_f32();
+                }
+                sums[p][q] = s;
+            }
+        }
+        sums
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
     }
 }
 
@@ -147,40 +226,88 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    /// Equal to the f64 product within f32 rounding, for row counts around the blocks of four,
-    /// odd numbers of w rows and widths with a tail.
+    /// `y` equals the f64 product of `x` and `w` (given as f32 values) within f32 rounding.
+    fn check(y: &[f32], x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize)) {
+        for r in 0..m {
+            for j in 0..n {
+                let terms = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64);
+                let want: f64 = terms.clone().sum();
+                let scale: f64 = terms.map(f64::abs).sum();
+                let got = y[r * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-6 * scale.max(1.0),
+                    "({m},{k},{n}) [{r},{j}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// Row counts around the tiles of four (and one), odd numbers of w rows, widths with a
+    /// tail, and weights large enough to be split between tasks.
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 16, 3),
+        (1, 37, 301),
+        (2, 24, 9),
+        (3, 13, 70),
+        (4, 64, 129),
+        (6, 19, 67),
+        (11, 37, 65),
+        (16, 256, 200),
+        (5, 8, 1),
+        (1, 40, 1000),
+    ];
+
+    fn inputs((m, k, n): (usize, usize, usize)) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..m * k)
+            .map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0)
+            .collect();
+        let w = (0..n * k)
+            .map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0)
+            .collect();
+        (x, w)
+    }
+
     #[test]
     fn skinny_product_equals_the_f64_product() {
         if !available() {
             return;
         }
-        for &(m, k, n) in &[
-            (1, 16, 3),
-            (3, 13, 70),
-            (4, 64, 129),
-            (11, 37, 65),
-            (16, 256, 200),
-            (5, 8, 1),
-        ] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 104729) % 89) as f32 / 44.0 - 1.0)
-                .collect();
-            let y = xwt(&x, &w, m, k, n);
+        for &shape in SHAPES {
+            let (m, k, n) = shape;
+            let (x, w) = inputs(shape);
+            check(&xwt(&x, &w, m, k, n), &x, &w, shape);
+        }
+    }
+
+    /// A row's products do not depend on the rows beside it: bit for bit what it gets alone.
+    #[test]
+    fn a_row_gets_the_same_bits_in_any_batch() {
+        if !available() {
+            return;
+        }
+        for &shape in SHAPES {
+            let (m, k, n) = shape;
+            let (x, w) = inputs(shape);
+            let together = xwt(&x, &w, m, k, n);
             for r in 0..m {
-                for j in 0..n {
-                    let terms = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64);
-                    let want: f64 = terms.clone().sum();
-                    let scale: f64 = terms.map(f64::abs).sum();
-                    let got = y[r * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-6 * scale.max(1.0),
-                        "({m},{k},{n}) [{r},{j}]: {got} vs {want}"
-                    );
-                }
+                let alone = xwt(&x[r * k..(r + 1) * k], &w, 1, k, n);
+                assert_eq!(alone, &together[r * n..(r + 1) * n], "{shape:?} row {r}");
             }
+        }
+    }
+
+    /// A bf16 weight is widened exactly: the product equals the f64 product of its values.
+    #[test]
+    fn bf16_weights_give_the_product_of_their_values() {
+        if !available() {
+            return;
+        }
+        for &shape in SHAPES {
+            let (m, k, n) = shape;
+            let (x, w) = inputs(shape);
+            let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v * 1.37)).collect();
+            let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            check(&xwt(&x, &w16, m, k, n), &x, &widened, shape);
         }
     }
 }

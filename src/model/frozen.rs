@@ -74,17 +74,27 @@ impl CustomOp2 for FrozenMatmul {
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use crate::kernels::skinny;
-        // A decoding step's few rows: the skinny product, which does not pack the weight.
+        // A decoding step's few rows: the skinny product, which does not pack the weight and
+        // reads a bf16 one as bf16 (computing in f32).
         let ((n, h), (o, wh)) = (x_layout.shape().dims2()?, w_layout.shape().dims2()?);
-        if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((x0, x1)), Some((w0, w1))) = (
-            x,
-            w,
-            x_layout.contiguous_offsets(),
-            w_layout.contiguous_offsets(),
-        ) {
+        if let (Some((x0, x1)), Some((w0, w1))) =
+            (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
+        {
             if skinny::ROWS.contains(&n) && h == wh && skinny::available() {
-                let y = skinny::xwt(&xs[x0..x1], &ws[w0..w1], n, h, o);
-                return Ok((CpuStorage::F32(y), Shape::from((n, o))));
+                let shape = Shape::from((n, o));
+                match (x, w) {
+                    (CpuStorage::F32(xs), CpuStorage::F32(ws)) => {
+                        let y = skinny::xwt(&xs[x0..x1], &ws[w0..w1], n, h, o);
+                        return Ok((CpuStorage::F32(y), shape));
+                    }
+                    (CpuStorage::BF16(xs), CpuStorage::BF16(ws)) => {
+                        let x32: Vec<f32> = xs[x0..x1].iter().map(|v| v.to_f32()).collect();
+                        let y = skinny::xwt(&x32, &ws[w0..w1], n, h, o);
+                        let y = y.into_iter().map(bf16::from_f32).collect();
+                        return Ok((CpuStorage::BF16(y), shape));
+                    }
+                    _ => {}
+                }
             }
         }
         Product::XWt.apply(x, x_layout, w, w_layout)
