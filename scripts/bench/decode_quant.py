@@ -134,6 +134,8 @@ def decode_rate(run, new, repeats):
     best = lambda n: min((run(n) for _ in range(repeats)), key=lambda r: r[0])
     t1, n1, _ = best(1)
     tn, nn, text = best(new)
+    if tn <= t1:
+        sys.exit(f"{new} tokens took no longer than 1 (run-to-run noise): raise --new")
     return (nn - n1) / (tn - t1), text
 
 

@@ -154,6 +154,8 @@ def main():
             on, tn, o_out = best(lambda: ours(model_dir, prompts, batch, args.new, dtype, work))
             p1, u1, _ = best(lambda: peer(model, tokenizer, prompts, batch, 1, eos))
             pn, un, p_out = best(lambda: peer(model, tokenizer, prompts, batch, args.new, eos))
+            if on <= o1 or pn <= p1:
+                sys.exit(f"{args.new} tokens took no longer than 1 (run-to-run noise): raise --new")
             ours_tps = (tn - t1) / (on - o1)
             peer_tps = (un - u1) / (pn - p1)
             same = "yes" if o_out == p_out else \
