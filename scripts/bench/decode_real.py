@@ -21,20 +21,16 @@ negligible) over the copy bandwidth measured in the same run. The binary is $PRO
 target/release/prolora.
 """
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import ROOT, copy_bandwidth, ours as generate  # noqa: E402
 from smollm2 import f32_directory  # noqa: E402
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BIN = os.environ.get("PROLORA_BIN") or os.path.join(
-    os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release", "prolora")
 SUBJECTS = ("a river and a stone", "a lighthouse keeper", "the first snow", "a lost letter",
             "a market at dawn", "an old bridge", "a paper boat", "a quiet library",
             "a silver key", "the last train", "a garden in winter", "a candle in a window",
@@ -52,22 +48,9 @@ def prompts_of(n):
 
 
 def ours(model_dir, prompts, batch, new, dtype, work):
-    """Wall seconds, tokens generated and token ids of one `prolora generate --prompts` run."""
-    src = os.path.join(work, "prompts.jsonl")
-    with open(src, "w") as f:
-        for i, p in enumerate(prompts):
-            f.write(json.dumps({"id": i, "prompt": p}) + "\n")
-    out = os.path.join(work, "out.jsonl")
-    cmd = [BIN, "generate", "--model", model_dir, "--chat-format", "model", "--dtype", dtype,
-           "--prompts", src, "--batch-size", str(batch), "--max-new-tokens", str(new),
-           "--out", out, "--overwrite"]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"prolora generate failed:\n{done.stderr}")
-    lines = [json.loads(l) for l in open(out)]
-    return wall, sum(l["tokens"] for l in lines), [l["output"] for l in lines]
+    """Wall seconds, tokens generated and outputs of one `prolora generate --prompts` run in
+    the model's own chat format and `dtype`."""
+    return generate(model_dir, prompts, batch, new, work, ["--chat-format", "model", "--dtype", dtype])
 
 
 def peer(model, tokenizer, prompts, batch, new, eos):
@@ -90,19 +73,6 @@ def peer(model, tokenizer, prompts, batch, new, eos):
             tokens += len(row)
             outputs.append(tokenizer.decode(row, skip_special_tokens=True))
     return total, tokens, outputs
-
-
-def copy_bandwidth():
-    """Bytes per second read + written by one large numpy copy (the best of three)."""
-    import numpy as np
-    src = np.ones(1 << 28, dtype=np.float32)  # 1 GiB
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best
 
 
 def weight_bytes(config, elem):
