@@ -1,7 +1,8 @@
 //! The keys and values of the positions a decoder has already seen, per layer, so that
 //! generation computes each new position once instead of re-running the whole sequence.
 //! Sequences of different lengths decode together left-padded: row r's first `pads[r]` cached
-//! positions are zeros that attention masks out.
+//! positions are padding that attention masks out (zeros, or a left-padded prompt batch's
+//! padding tokens, which see only themselves so that they stay finite).
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -25,6 +26,15 @@ impl KvCache {
         }
     }
 
+    /// An empty cache for prompts prefilled together, left-padded: row r's first `pads[r]`
+    /// positions are padding.
+    pub fn with_padding(layers: usize, pads: Vec<usize>) -> Self {
+        KvCache {
+            pads,
+            ..KvCache::new(layers)
+        }
+    }
+
     /// Cached positions (columns, padding included).
     pub fn len(&self) -> usize {
         self.filled.first().copied().unwrap_or(0)
@@ -44,7 +54,14 @@ impl KvCache {
 
     /// The position of row `r`'s next token: its real tokens so far.
     pub fn next_position(&self, r: usize) -> usize {
-        self.len() - self.pads.get(r).copied().unwrap_or(0)
+        self.len()
+            .saturating_sub(self.pads.get(r).copied().unwrap_or(0))
+    }
+
+    /// The positions of row `r`'s next `t` columns (padding columns at 0: they are masked).
+    pub fn positions(&self, r: usize, t: usize) -> impl Iterator<Item = usize> {
+        let pad = self.pads.get(r).copied().unwrap_or(0);
+        (self.len()..self.len() + t).map(move |c| c.saturating_sub(pad))
     }
 
     /// Whether some row starts with padding.
@@ -53,7 +70,8 @@ impl KvCache {
     }
 
     /// The additive attention mask (b, 1, t, len + t) for `t` new positions: −∞ where a key is
-    /// padding or lies after the query.
+    /// padding or lies after the query; a padding query sees itself alone (a row of −∞ only
+    /// would make its softmax, and the keys and values made from it, NaN).
     pub fn mask(&self, b: usize, t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         let (past, keys) = (self.len(), self.len() + t);
         let mask: Vec<f32> = (0..b)
@@ -61,7 +79,7 @@ impl KvCache {
                 let pad = self.pads.get(r).copied().unwrap_or(0);
                 (0..t).flat_map(move |i| {
                     (0..keys).map(move |j| {
-                        if j < pad || j > past + i {
+                        if j > past + i || (j < pad && j != past + i) {
                             f32::NEG_INFINITY
                         } else {
                             0.0

@@ -226,12 +226,12 @@ impl Llama {
 
     /// Rotary tables for positions start..start + t.
     fn rope_from(&self, start: usize, t: usize) -> candle_core::Result<Rope> {
-        Rope::new(&self.angles(start, t), t, self.dtype, &self.device)
+        Rope::new(&self.angles(start..start + t), t, self.dtype, &self.device)
     }
 
-    /// The rotary angles (t, hd/2) of positions start..start + t.
-    fn angles(&self, start: usize, t: usize) -> Vec<f64> {
-        (start..start + t)
+    /// The rotary angles (t, hd/2) of `t` positions.
+    fn angles(&self, positions: impl Iterator<Item = usize>) -> Vec<f64> {
+        positions
             .flat_map(|pos| self.inv_freq.iter().map(move |f| pos as f64 * f))
             .collect()
     }
@@ -374,9 +374,7 @@ impl Llama {
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (rope, mask) = if cache.is_ragged() {
-            let angles: Vec<f64> = (0..b)
-                .flat_map(|r| self.angles(cache.next_position(r), t))
-                .collect();
+            let angles = self.angles((0..b).flat_map(|r| cache.positions(r, t)));
             let rope = Rope::per_row(&angles, b, t, self.dtype, &self.device)?;
             (rope, Some(cache.mask(b, t, self.dtype, &self.device)?))
         } else if cache.is_empty() || t == 1 {
@@ -391,6 +389,25 @@ impl Llama {
             x = self.block_cached(l, &x, &rope, &ctx.for_layer(l), layer, None)?;
         }
         self.final_norm(&x)
+    }
+
+    /// Prompts prefilled together, left-padded to the longest: each one's last hidden state
+    /// (b, 1, d) and the cache they go on from. The padding tokens see only themselves and no
+    /// prompt sees them, so each row is the prompt prefilled alone up to summation order.
+    pub fn prefill(&self, prompts: &[&[u32]], ctx: &Ctx) -> candle_core::Result<(Tensor, KvCache)> {
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        if longest == 0 || prompts.iter().any(|p| p.is_empty()) {
+            candle_core::bail!("prefill needs at least one token in every prompt");
+        }
+        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let ids: Vec<u32> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(0, longest - p.len()).chain(p.iter().copied()))
+            .collect();
+        let ids = Tensor::from_vec(ids, (prompts.len(), longest), &self.device)?;
+        let mut cache = KvCache::with_padding(self.blocks.len(), pads);
+        let hidden = self.hidden_cached(&ids, ctx, &mut cache)?;
+        Ok((hidden.narrow(1, longest - 1, 1)?, cache))
     }
 
     /// An empty cache for this model.
