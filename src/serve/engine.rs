@@ -1,5 +1,6 @@
-//! The serving engine: continuous batching on one KV cache. A request is prefilled alone and
-//! joins the running batch at the next decoding step; a row leaves the batch the moment it ends
+//! The serving engine: continuous batching on one KV cache. Waiting requests are prefilled
+//! together (left-padded, one pass of the base for all of them) and join the running batch at
+//! the next decoding step; a row leaves the batch the moment it ends
 //! (or its client is gone); rows of one batch may use different adapters ([`super::routing`]).
 //! Each row chooses its tokens with its own seeded stream, as `prolora generate` does, so a
 //! request's tokens do not depend on what else is in the batch.
@@ -23,6 +24,10 @@ use std::rc::Rc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+/// Prompt positions (padding included) prefilled in one pass at most: bounds the attention
+/// scores held at once and how long the running rows wait for a burst of new ones.
+const PREFILL_TOKENS: usize = 4096;
 
 /// How a request's tokens are chosen and how many.
 #[derive(Clone, Debug)]
@@ -228,24 +233,13 @@ impl Engine {
 
     /// Admits waiting jobs while there is room, then advances every running row one token.
     pub fn step(&mut self) -> Result<()> {
-        let mut joining = Vec::new();
-        while self.rows.len() + joining.len() < self.max_batch {
-            let Some(job) = self.waiting.pop_front() else {
+        loop {
+            let admitted = self.admit();
+            if admitted.is_empty() {
                 break;
-            };
-            self.metrics
-                .queued
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            match self.prefill(job) {
-                Ok(joined) => joining.extend(joined),
-                Err(e) => {
-                    // The rows prefilled so far join, so that failing the batch tells them.
-                    let _ = self.join(joining);
-                    return Err(e);
-                }
             }
+            self.prefill(admitted)?;
         }
-        self.join(joining)?;
         if !self.rows.is_empty() {
             self.decode()?;
         }
@@ -269,68 +263,123 @@ impl Engine {
         self.cache = None;
     }
 
-    /// Puts prefilled rows into the running batch: every cache stacked in one copy (a burst
-    /// of requests costs one stack, not one copy of the whole running cache per request).
-    fn join(&mut self, joining: Vec<(Row, KvCache)>) -> Result<()> {
-        if joining.is_empty() {
-            return Ok(());
+    /// The next waiting jobs to prefill together, with their adapters: as many as the batch has
+    /// room for and [`PREFILL_TOKENS`] allows (at least one). A job whose adapter is unknown or
+    /// whose prompt does not fit is answered here and leaves the queue.
+    fn admit(&mut self) -> Vec<(Job, Option<Rc<ServedAdapter>>)> {
+        let mut admitted: Vec<(Job, Option<Rc<ServedAdapter>>)> = Vec::new();
+        let mut longest = 0;
+        while self.rows.len() + admitted.len() < self.max_batch {
+            let Some(job) = self.waiting.front() else {
+                break;
+            };
+            let n = job.prompt.len();
+            let padded = (admitted.len() + 1) * longest.max(n);
+            if !admitted.is_empty() && padded > PREFILL_TOKENS {
+                break;
+            }
+            let job = self.waiting.pop_front().expect("a front job");
+            self.metrics
+                .queued
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if n == 0 || n >= self.max_len {
+                let why = format!("the prompt has {n} tokens; 1 to {} fit", self.max_len - 1);
+                let _ = job.events.send(Event::Failed(why));
+                continue;
+            }
+            let adapter = match &job.adapter {
+                None => None,
+                Some(name) if !self.adapters.knows(name) => {
+                    let _ = job.events.send(Event::UnknownAdapter(name.clone()));
+                    continue;
+                }
+                Some(name) => match self.adapters.get(name, &self.model) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        let _ = job.events.send(Event::Failed(format!("{e:#}")));
+                        continue;
+                    }
+                },
+            };
+            self.metrics.prompt(n);
+            longest = longest.max(n);
+            admitted.push((job, adapter));
         }
-        let mut caches: Vec<KvCache> = self.cache.take().into_iter().collect();
-        for (row, cache) in joining {
-            self.rows.push(row);
-            caches.push(cache);
-        }
-        self.cache = Some(match caches.len() {
-            1 => caches.pop().expect("one"),
-            _ => KvCache::stack(caches)?,
-        });
-        Ok(())
+        admitted
     }
 
-    /// The prompt alone through the model and its first token chosen; the row and its cache
-    /// when it goes on.
-    fn prefill(&mut self, job: Job) -> Result<Option<(Row, KvCache)>> {
-        let adapter = match &job.adapter {
-            None => None,
-            Some(name) if !self.adapters.knows(name) => {
-                let _ = job.events.send(Event::UnknownAdapter(name.clone()));
-                return Ok(None);
+    /// The prompts through the model together (left-padded, one pass), each row's first token
+    /// chosen, and the rows that go on joined to the running batch: their caches stacked onto
+    /// the running one in one copy.
+    fn prefill(&mut self, jobs: Vec<(Job, Option<Rc<ServedAdapter>>)>) -> Result<()> {
+        let (n, longest) = (
+            jobs.len(),
+            jobs.iter().map(|(j, _)| j.prompt.len()).max().unwrap_or(0),
+        );
+        let one_adapter = jobs.windows(2).all(|w| match (&w[0].1, &w[1].1) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Rc::ptr_eq(a, b),
+            _ => false,
+        });
+        let prompts: Vec<&[u32]> = jobs.iter().map(|(j, _)| j.prompt.as_slice()).collect();
+        let passed = {
+            let mut routing = self.routing.borrow_mut();
+            let device = self.model.device();
+            if one_adapter {
+                routing.set_all(jobs[0].1.as_ref(), device);
+                Ok(())
+            } else {
+                // Every position of a prompt (padding included) uses its row's adapter.
+                let per_row: Vec<_> = jobs
+                    .iter()
+                    .flat_map(|(_, a)| std::iter::repeat_n(a.clone(), longest))
+                    .collect();
+                routing.set_rows(&per_row, device)
             }
-            Some(name) => match self.adapters.get(name, &self.model) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    let _ = job.events.send(Event::Failed(format!("{e:#}")));
-                    return Ok(None);
-                }
-            },
-        };
-        let n = job.prompt.len();
-        if n == 0 || n >= self.max_len {
-            let why = format!("the prompt has {n} tokens; 1 to {} fit", self.max_len - 1);
-            let _ = job.events.send(Event::Failed(why));
-            return Ok(None);
         }
-        self.metrics.prompt(n);
-        self.routing
-            .borrow_mut()
-            .set_all(adapter.as_ref(), self.model.device());
-        let mut cache = self.model.new_cache();
-        let ids = Tensor::from_slice(&job.prompt, (1, n), self.model.device())?;
-        let hidden = self.model.hidden_cached(&ids, &Ctx::eval(), &mut cache)?;
-        let logits = self.logits(&hidden.narrow(1, n - 1, 1)?)?;
-        let mut row = Row {
-            rng: StdRng::seed_from_u64(job.sampling.seed),
-            job,
-            adapter,
-            generated: 0,
-            next: 0,
+        .and_then(|()| self.model.prefill(&prompts, &Ctx::eval()))
+        .map_err(anyhow::Error::from)
+        .and_then(|(last, cache)| Ok((self.logits(&last)?, cache)));
+        let (logits, mut cache) = match passed {
+            Ok(done) => done,
+            Err(e) => {
+                for (job, _) in jobs {
+                    let _ = job
+                        .events
+                        .send(Event::Failed(format!("the prefill failed: {e:#}")));
+                }
+                return Err(e);
+            }
         };
-        let logits = logits.into_iter().next().expect("one row");
-        let s = &row.job.sampling;
-        let token = choose(&logits, s.temperature, s.top_p, &mut row.rng);
-        Ok(row
-            .accept(token, logits, &self.ends, &self.metrics)
-            .then_some((row, cache)))
+        let mut kept = Vec::new();
+        let mut rows = Vec::new();
+        for (i, ((job, adapter), logits)) in jobs.into_iter().zip(logits).enumerate() {
+            let mut row = Row {
+                rng: StdRng::seed_from_u64(job.sampling.seed),
+                job,
+                adapter,
+                generated: 0,
+                next: 0,
+            };
+            let s = &row.job.sampling;
+            let token = choose(&logits, s.temperature, s.top_p, &mut row.rng);
+            if row.accept(token, logits, &self.ends, &self.metrics) {
+                kept.push(i);
+                rows.push(row);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if kept.len() < n {
+            cache.retain(&kept)?;
+        }
+        self.cache = Some(match self.cache.take() {
+            None => cache,
+            Some(running) => KvCache::stack(vec![running, cache])?,
+        });
+        self.rows.extend(rows);
+        Ok(())
     }
 
     /// One token for every running row.

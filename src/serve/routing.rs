@@ -29,12 +29,13 @@ struct Group {
     rows: Vec<u32>,
     /// The same as a u32 tensor for gathering and scattering.
     index: Tensor,
-    /// Whether it is every row of a prompt prefilled alone (no gather or scatter needed).
+    /// Whether it is every row of the forward (prompts on one adapter: no gather or scatter).
     whole: bool,
 }
 
 impl Routing {
-    /// Every one of the forward's rows uses `adapter` (a prompt prefilled alone), or none does.
+    /// Every one of the forward's rows uses `adapter` (prompts prefilled on one adapter), or none
+    /// does.
     pub fn set_all(&mut self, adapter: Option<&Rc<ServedAdapter>>, device: &Device) {
         self.groups.clear();
         self.rows = 0;
