@@ -111,7 +111,7 @@ class Server:
     def __init__(self, args, root):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [binary(), "serve", "--model", args.gguf, "--adapter-root", root,
+        cmd = [binary(), "serve", "--model", args.served, "--adapter-root", root,
                "--port", self.port, "--max-batch", args.requests,
                "--max-queue", 4 * args.requests]
         print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
@@ -273,6 +273,8 @@ def main():
     ap.add_argument("--scale", type=float, default=0.02)
     ap.add_argument("--repeat", type=int, default=2, help="best of N per point")
     ap.add_argument("--methods", nargs="+", default=["prolora", "lora"], choices=["prolora", "lora"])
+    ap.add_argument("--serve-base", choices=["gguf", "f32"], default="gguf",
+                    help="what prolora serves: the GGUF's Q4_1 blocks, or the f32 directory PEFT runs")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-serve", action="store_true", help="PEFT only")
     ap.add_argument("--prepare", action="store_true",
@@ -289,7 +291,8 @@ def main():
     if args.prepare:
         return
     roots = {m: roots[m] for m in args.methods}
-    ours = {} if args.skip_serve else serve_side(args, roots, exported, base_name=str(args.gguf))
+    args.served = args.gguf if args.serve_base == "gguf" else model_dir.resolve()
+    ours = {} if args.skip_serve else serve_side(args, roots, exported, base_name=str(args.served))
     peft = {} if args.skip_peft else peft_side(args, model_dir, roots, exported)
     gib = per_gib()
     result = {"ours": ours, "peft": peft, "per_gib_7b": gib, "requests": args.requests,

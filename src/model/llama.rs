@@ -372,6 +372,18 @@ impl Llama {
         ctx: &Ctx,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
+        self.hidden_cached_packed(ids, ctx, cache, None)
+    }
+
+    /// [`Self::hidden_cached`]; with a `packing` of `ids`' padding the layers and the result
+    /// hold the real rows alone, (n, d).
+    fn hidden_cached_packed(
+        &self,
+        ids: &Tensor,
+        ctx: &Ctx,
+        cache: &mut KvCache,
+        packing: Option<&Packing>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (rope, mask) = if cache.is_ragged() {
             let angles = self.angles((0..b).flat_map(|r| cache.positions(r, t)));
@@ -383,17 +395,18 @@ impl Llama {
             let mask = cache.mask(b, t, self.dtype, &self.device)?;
             (self.rope_from(cache.len(), t)?, Some(mask))
         };
-        let mut x = self.embed(ids)?;
+        let mut x = pack(packing, self.embed(ids)?)?;
         for l in 0..self.blocks.len() {
             let layer = Some((&mut *cache, mask.as_ref()));
-            x = self.block_cached(l, &x, &rope, &ctx.for_layer(l), layer, None)?;
+            x = self.block_cached(l, &x, &rope, &ctx.for_layer(l), layer, packing)?;
         }
         self.final_norm(&x)
     }
 
     /// Prompts prefilled together, left-padded to the longest: each one's last hidden state
-    /// (b, 1, d) and the cache they go on from. The padding tokens see only themselves and no
-    /// prompt sees them, so each row is the prompt prefilled alone up to summation order.
+    /// (b, 1, d) and the cache they go on from. Only attention sees the padding (the rest
+    /// computes the real tokens alone); the padding positions see only themselves and no prompt
+    /// sees them, so each row is the prompt prefilled alone up to summation order.
     pub fn prefill(&self, prompts: &[&[u32]], ctx: &Ctx) -> candle_core::Result<(Tensor, KvCache)> {
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         if longest == 0 || prompts.iter().any(|p| p.is_empty()) {
@@ -405,9 +418,24 @@ impl Llama {
             .flat_map(|p| std::iter::repeat_n(0, longest - p.len()).chain(p.iter().copied()))
             .collect();
         let ids = Tensor::from_vec(ids, (prompts.len(), longest), &self.device)?;
+        let packing = Packing::left(&pads, longest, &self.device)?;
         let mut cache = KvCache::with_padding(self.blocks.len(), pads);
-        let hidden = self.hidden_cached(&ids, ctx, &mut cache)?;
-        Ok((hidden.narrow(1, longest - 1, 1)?, cache))
+        let hidden = self.hidden_cached_packed(&ids, ctx, &mut cache, packing.as_ref())?;
+        let last = match packing {
+            None => hidden.narrow(1, longest - 1, 1)?,
+            Some(_) => {
+                let ends: Vec<u32> = prompts
+                    .iter()
+                    .scan(0, |end, p| {
+                        *end += p.len() as u32;
+                        Some(*end - 1)
+                    })
+                    .collect();
+                let ends = Tensor::from_vec(ends, prompts.len(), &self.device)?;
+                hidden.index_select(&ends, 0)?.unsqueeze(1)?
+            }
+        };
+        Ok((last, cache))
     }
 
     /// An empty cache for this model.

@@ -1,12 +1,13 @@
-//! Training on right-padded batches without computing the padding. Every op of a block but
+//! Training on right-padded batches, and prefilling left-padded prompts, without computing the
+//! padding. Every op of a block but
 //! attention works row by row, so the residual stream is kept as the real tokens alone, packed
 //! (n, d); only attention sees the padded (b, t, ·) layout, rebuilt by one gather. Chat batches
 //! are a fifth to a third padding, which the linears would otherwise multiply.
 //!
 //! The gathered padding positions copy a real row of their own sequence: with right padding and
-//! the causal mask no real query sees them, and the packing back drops their outputs, so their
-//! gradient is exactly zero and the real rows' values and gradients are those of the padded
-//! computation.
+//! the causal mask (or left padding and the cache's mask) no real query sees them, and the
+//! packing back drops their outputs, so their gradient is exactly zero and the real rows'
+//! values and gradients are those of the padded computation.
 
 use candle_core::{Device, Result, Tensor};
 
@@ -21,24 +22,40 @@ pub struct Packing {
 }
 
 impl Packing {
-    /// For `lengths` of sequences padded to `len`; None when nothing is padding.
+    /// For `lengths` of sequences right-padded to `len`; None when nothing is padding.
     pub fn new(lengths: &[usize], len: usize, device: &Device) -> Result<Option<Self>> {
-        let rows = lengths.len();
-        let n: usize = lengths.iter().map(|&l| l.min(len)).sum();
+        let spans: Vec<_> = lengths.iter().map(|&l| (0, l.min(len))).collect();
+        Self::of_spans(&spans, len, device)
+    }
+
+    /// For prompts left-padded to `len`, row r's first `pads[r]` positions padding (a batch
+    /// prefilled together); None when nothing is padding.
+    pub fn left(pads: &[usize], len: usize, device: &Device) -> Result<Option<Self>> {
+        let spans: Vec<_> = pads.iter().map(|&p| (p.min(len), len)).collect();
+        Self::of_spans(&spans, len, device)
+    }
+
+    /// Row r's real tokens are positions `spans[r].0 .. spans[r].1` of `len`.
+    fn of_spans(spans: &[(usize, usize)], len: usize, device: &Device) -> Result<Option<Self>> {
+        let rows = spans.len();
+        let n: usize = spans.iter().map(|&(a, b)| b - a).sum();
         if n == rows * len || n == 0 {
             return Ok(None);
         }
         let mut real = Vec::with_capacity(n);
         let mut source = Vec::with_capacity(rows * len);
         let mut packed = 0u32;
-        for (r, &l) in lengths.iter().enumerate() {
-            let l = l.min(len);
-            real.extend((0..l).map(|t| (r * len + t) as u32));
+        for (r, &(start, end)) in spans.iter().enumerate() {
+            real.extend((start..end).map(|t| (r * len + t) as u32));
             let first = packed;
-            packed += l as u32;
-            // Padding copies the sequence's last real row (an empty one, any row).
-            let last = if l > 0 { packed - 1 } else { 0 };
-            source.extend((0..len).map(|t| if t < l { first + t as u32 } else { last }));
+            packed += (end - start) as u32;
+            // Padding copies the sequence's nearest real row (an empty one, any row).
+            let last = if end > start { packed - 1 } else { 0 };
+            source.extend((0..len).map(|t| match t {
+                t if t < start => first.min(last),
+                t if t < end => first + (t - start) as u32,
+                _ => last,
+            }));
         }
         Ok(Some(Self {
             real: Tensor::from_vec(real, n, device)?,
@@ -116,5 +133,28 @@ mod tests {
         }
         assert_eq!(p.packed_rows(&[0, 1, 3, 5, 6]), vec![0, 1, 2, 4, 5]);
         assert!(Packing::new(&[3, 3], 3, &dev).unwrap().is_none());
+    }
+
+    /// Left padding: the real rows are each sequence's last positions, padding copies its first
+    /// real row.
+    #[test]
+    fn left_padding_packs_the_last_positions() {
+        let dev = Device::Cpu;
+        let p = Packing::left(&[1, 0, 2], 3, &dev).unwrap().unwrap();
+        let x = Tensor::arange(0f32, 9.0, &dev)
+            .unwrap()
+            .reshape((3, 3, 1))
+            .unwrap();
+        let packed = p.pack(&x).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            packed.to_vec1::<f32>().unwrap(),
+            [1.0, 2.0, 3.0, 4.0, 5.0, 8.0]
+        );
+        let back = p.unpack(&p.pack(&x).unwrap()).unwrap();
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 8.0, 8.0, 8.0]
+        );
+        assert!(Packing::left(&[0, 0], 3, &dev).unwrap().is_none());
     }
 }

@@ -312,10 +312,7 @@ impl Engine {
     /// chosen, and the rows that go on joined to the running batch: their caches stacked onto
     /// the running one in one copy.
     fn prefill(&mut self, jobs: Vec<(Job, Option<Rc<ServedAdapter>>)>) -> Result<()> {
-        let (n, longest) = (
-            jobs.len(),
-            jobs.iter().map(|(j, _)| j.prompt.len()).max().unwrap_or(0),
-        );
+        let n = jobs.len();
         let one_adapter = jobs.windows(2).all(|w| match (&w[0].1, &w[1].1) {
             (None, None) => true,
             (Some(a), Some(b)) => Rc::ptr_eq(a, b),
@@ -329,10 +326,10 @@ impl Engine {
                 routing.set_all(jobs[0].1.as_ref(), device);
                 Ok(())
             } else {
-                // Every position of a prompt (padding included) uses its row's adapter.
+                // The linears see each prompt's tokens alone, in order (no padding).
                 let per_row: Vec<_> = jobs
                     .iter()
-                    .flat_map(|(_, a)| std::iter::repeat_n(a.clone(), longest))
+                    .flat_map(|(j, a)| std::iter::repeat_n(a.clone(), j.prompt.len()))
                     .collect();
                 routing.set_rows(&per_row, device)
             }
