@@ -10,7 +10,8 @@ and a release build (`cargo build --release`; or $PROLORA_BIN). What it does:
    layouts, on the GGUF), then `--adapters` copies of each with every tensor redrawn
    U(±`--scale`) (as serve_adapters.py does), and each PRoLoRA copy exported to plain LoRA with
    `prolora export` for PEFT (PEFT has no PRoLoRA; the export is the same ΔW).
-2. `prolora serve` on the GGUF (its Q4_1 linears kept in their blocks), one server per method:
+2. `prolora serve` on the f32 directory of step 3 (the weights PEFT runs) and on the GGUF (its
+   Q4_1 linears kept in their blocks; `--serve-base`), one server per base and method:
    `--requests` completions sent at once (`--max-batch` the same), round-robin over 1, 8 and 64
    distinct adapters, temperature 0, exactly `--max-tokens` each (vLLM's `ignore_eos`, as PEFT's
    `min_new_tokens` below); output tokens/s = the completion tokens of all answers / the wall
@@ -273,8 +274,9 @@ def main():
     ap.add_argument("--scale", type=float, default=0.02)
     ap.add_argument("--repeat", type=int, default=2, help="best of N per point")
     ap.add_argument("--methods", nargs="+", default=["prolora", "lora"], choices=["prolora", "lora"])
-    ap.add_argument("--serve-base", choices=["gguf", "f32"], default="gguf",
-                    help="what prolora serves: the GGUF's Q4_1 blocks, or the f32 directory PEFT runs")
+    ap.add_argument("--serve-base", nargs="+", choices=["f32", "gguf"], default=["f32", "gguf"],
+                    help="what prolora serves, one server each: the f32 directory PEFT runs (the "
+                         "same weights), and the GGUF's Q4_1 blocks")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-serve", action="store_true", help="PEFT only")
     ap.add_argument("--prepare", action="store_true",
@@ -291,36 +293,44 @@ def main():
     if args.prepare:
         return
     roots = {m: roots[m] for m in args.methods}
-    args.served = args.gguf if args.serve_base == "gguf" else model_dir.resolve()
-    ours = {} if args.skip_serve else serve_side(args, roots, exported, base_name=str(args.served))
+    ours = {}
+    for base in [] if args.skip_serve else args.serve_base:
+        args.served = args.gguf if base == "gguf" else model_dir.resolve()
+        ours[base] = serve_side(args, roots, exported, base_name=str(args.served))
     peft = {} if args.skip_peft else peft_side(args, model_dir, roots, exported)
     gib = per_gib()
     result = {"ours": ours, "peft": peft, "per_gib_7b": gib, "requests": args.requests,
               "max_tokens": args.max_tokens, "omp_num_threads": torch_threads}
     (work / "serve.json").write_text(json.dumps(result, indent=2))
 
-    print(f"\n{args.requests} requests of {args.max_tokens} tokens at once; output tokens/s "
-          "(prolora serve: the Q4_1 GGUF; PEFT: its f32 dequantization; PRoLoRA on PEFT = its "
+    print(f"\n{args.requests} requests of {args.max_tokens} tokens at once; output tokens/s and "
+          "tokens per CPU-second (PEFT: the f32 dequantization of the GGUF; PRoLoRA on PEFT = its "
           "`prolora export` to LoRA)\n")
-    print("| adapters in the load | prolora serve: tokens/s | per CPU-s | vs one adapter "
-          "| transformers + PEFT: tokens/s | per CPU-s | ours / PEFT (per CPU-s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| prolora serves | adapters in the load | prolora serve: tokens/s | per CPU-s "
+          "| vs one adapter | transformers + PEFT (f32): tokens/s | per CPU-s "
+          "| ours / PEFT: tokens/s | per CPU-s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v: f"{v:.1f}" if v else "–"
-    print(f"| none (base) | {fmt(ours.get('base'))} | {fmt(ours.get('base-cpu'))} | | | | |")
-    for method in args.methods:
-        one = ours.get(f"{method}-{args.distinct[0]}-cpu")
-        for k in args.distinct:
-            key = f"{method}-{k}"
-            o, p = ours.get(key + "-cpu"), peft.get(key + "-cpu")
-            share = f"{100 * o / one:.0f} %" if o and one else "–"
-            ratio = f"{o / p:.1f}×" if o and p else "–"
-            print(f"| {k} distinct {method} | {fmt(ours.get(key))} | {fmt(o)} | {share} "
-                  f"| {fmt(peft.get(key))} | {fmt(p)} | {ratio} |")
-    if "bytes-prolora" in ours:
+    ratio = lambda a, b: f"{a / b:.2f}×" if a and b else "–"
+    for base, res in ours.items():
+        what = "f32 (same weights as PEFT)" if base == "f32" else "Q4_1 GGUF blocks"
+        print(f"| {what} | none (base) | {fmt(res.get('base'))} | {fmt(res.get('base-cpu'))} "
+              "| | | | | |")
+        for method in args.methods:
+            one = res.get(f"{method}-{args.distinct[0]}-cpu")
+            for k in args.distinct:
+                key = f"{method}-{k}"
+                o, p = res.get(key + "-cpu"), peft.get(key + "-cpu")
+                share = f"{100 * o / one:.0f} %" if o and one else "–"
+                print(f"| {what} | {k} distinct {method} | {fmt(res.get(key))} | {fmt(o)} | {share} "
+                      f"| {fmt(peft.get(key))} | {fmt(p)} | {ratio(res.get(key), peft.get(key))} "
+                      f"| {ratio(o, p)} |")
+    bytes_of = next((res for res in ours.values() if "bytes-prolora" in res), None)
+    if bytes_of:
         print(f"\nResident bytes per adapter on SmolLM2-135M (f32, /metrics): PRoLoRA r 8, u 1, m = n = 7 "
-              f"{ours['bytes-prolora']:.0f}; the same adapter exported to LoRA "
-              f"{ours['bytes-prolora-as-lora']:.0f} "
-              f"({ours['bytes-prolora-as-lora'] / ours['bytes-prolora']:.2f}×)")
+              f"{bytes_of['bytes-prolora']:.0f}; the same adapter exported to LoRA "
+              f"{bytes_of['bytes-prolora-as-lora']:.0f} "
+              f"({bytes_of['bytes-prolora-as-lora'] / bytes_of['bytes-prolora']:.2f}×)")
     (lp, lb, ln), (pp, pb, pn) = gib["lora"], gib["prolora"]
     print(f"At LLaMA-2-7B shapes (f32, all seven linears): PRoLoRA r 8/u 1/m 7 {pp:,} parameters, "
           f"{pb / 1e6:.1f} MB, {pn} per GiB; LoRA r 8 {lp:,}, {lb / 1e6:.1f} MB, {ln} per GiB")
