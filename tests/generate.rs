@@ -91,8 +91,10 @@ fn ragged_vs_full(
         .iter()
         .map(|s| model.logits(&row(s), &ctx).unwrap())
         .collect();
+    // In f64: a bf16 model's cached forward computes (and returns) f32 on the CPU.
+    let f64_of = |t: Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
     let max_diff = |a: Tensor, b: Tensor| -> f64 {
-        let d = (a - b)
+        let d = (f64_of(a) - f64_of(b))
             .unwrap()
             .abs()
             .unwrap()

@@ -3,6 +3,7 @@
 //! here knows about models or adapters.
 
 pub mod cross_entropy;
+pub mod decode_ops;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dropout;
