@@ -232,19 +232,23 @@ mod tests {
         probs.matmul(&repeat(v)).unwrap()
     }
 
+    /// Rows, query heads, kv heads, new positions, cached positions, head dim, pads.
+    type Case = (usize, usize, usize, usize, usize, usize, &'static [usize]);
+
     /// Ragged rows (padding keys and a padding query), several queries after cached ones, and
     /// keys that are views of a larger buffer, as the cache hands them out: equal to the
     /// composed form within 1e-5 (f32 summation order and the vectorised exp, 2ε).
     #[test]
     fn cached_attention_equals_the_composed_form() {
         let dev = Device::Cpu;
-        for &(b, nh, nkv, t, past, hd, ref pads) in &[
-            (1usize, 9usize, 3usize, 1usize, 7usize, 64usize, vec![0usize]),
-            (3, 4, 2, 1, 12, 20, vec![0, 5, 11]),
-            (2, 6, 3, 4, 6, 16, vec![0, 8]),
-            (2, 2, 2, 3, 0, 8, vec![1, 0]),
-        ] {
-            let mut cache = KvCache::with_padding(1, pads.clone());
+        let cases: &[Case] = &[
+            (1, 9, 3, 1, 7, 64, &[0]),
+            (3, 4, 2, 1, 12, 20, &[0, 5, 11]),
+            (2, 6, 3, 4, 6, 16, &[0, 8]),
+            (2, 2, 2, 3, 0, 8, &[1, 0]),
+        ];
+        for &(b, nh, nkv, t, past, hd, pads) in cases {
+            let mut cache = KvCache::with_padding(1, pads.to_vec());
             let cached = || Tensor::randn(0f32, 1.0, (b, nkv, past, hd), &dev).unwrap();
             if past > 0 {
                 cache.append(0, cached(), cached()).unwrap();
@@ -269,7 +273,10 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(diff < 1e-5, "b {b} heads {nh}/{nkv} t {t} past {past}: {diff}");
+            assert!(
+                diff < 1e-5,
+                "b {b} heads {nh}/{nkv} t {t} past {past}: {diff}"
+            );
         }
     }
 

@@ -3,9 +3,9 @@
 //! here knows about models or adapters.
 
 pub mod cross_entropy;
-pub mod decode_ops;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod decode_ops;
 pub mod dropout;
 pub mod heads;
 pub mod nf4_codes;

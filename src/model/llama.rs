@@ -340,9 +340,9 @@ impl Llama {
                     // flows here): one new position that sees every cached key, or the
                     // cache's mask.
                     Some(None) => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
-                    Some(Some(mask)) => candle_nn::ops::softmax_last_dim(
-                        &(scores * scale)?.broadcast_add(mask)?,
-                    )?,
+                    Some(Some(mask)) => {
+                        candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
+                    }
                     None => candle_core::bail!("attention after {past} positions needs a cache"),
                 };
                 probs.matmul(&v)?
@@ -413,7 +413,8 @@ impl Llama {
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let act = self.activations();
-        let rope_from = |start: usize| Rope::new(&self.angles(start..start + t), t, act, &self.device);
+        let rope_from =
+            |start: usize| Rope::new(&self.angles(start..start + t), t, act, &self.device);
         let (rope, mask) = if cache.is_ragged() {
             let angles = self.angles((0..b).flat_map(|r| cache.positions(r, t)));
             let rope = Rope::per_row(&angles, b, t, act, &self.device)?;
