@@ -5,6 +5,7 @@
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod decode_ops;
 pub mod dropout;
 pub mod heads;
 pub mod nf4_codes;

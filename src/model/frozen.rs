@@ -93,9 +93,21 @@ impl CustomOp2 for FrozenMatmul {
                         let y = y.into_iter().map(bf16::from_f32).collect();
                         return Ok((CpuStorage::BF16(y), shape));
                     }
+                    // f32 activations of a bf16 model (decoding on the CPU computes in f32).
+                    (CpuStorage::F32(xs), CpuStorage::BF16(ws)) => {
+                        let y = skinny::xwt(&xs[x0..x1], &ws[w0..w1], n, h, o);
+                        return Ok((CpuStorage::F32(y), shape));
+                    }
                     _ => {}
                 }
             }
+        }
+        if let (CpuStorage::F32(_), CpuStorage::BF16(_)) = (x, w) {
+            // More rows (a prompt's prefill): the weight widened for one f32 GEMM.
+            let ws = crate::kernels::ops::slice::<bf16>(w, w_layout)?;
+            let wide = CpuStorage::F32(ws.iter().map(|v| v.to_f32()).collect());
+            let (o, h) = w_layout.shape().dims2()?;
+            return Product::XWt.apply(x, x_layout, &wide, &Layout::contiguous((o, h)));
         }
         Product::XWt.apply(x, x_layout, w, w_layout)
     }
@@ -620,6 +632,33 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f64::max);
             assert!(worst < 1e-12, "{worst}");
+        }
+    }
+
+    /// f32 inputs of a bf16 weight (a bf16 model decoding on the CPU): a few rows (the skinny
+    /// product) and many (the widened GEMM) equal the f32 product with the weight's values.
+    #[test]
+    fn f32_inputs_of_a_bf16_weight_equal_the_widened_product() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (70, 40), &dev).unwrap();
+        let w16 = w.to_dtype(DType::BF16).unwrap();
+        let widened = w16.to_dtype(DType::F32).unwrap();
+        for rows in [1, 3, 16, 17, 40] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 40), &dev).unwrap();
+            let got = FrozenLinear::new(w16.clone()).forward(&x).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            let want = x.matmul(&widened.t().unwrap()).unwrap();
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "{rows} rows: {diff}");
         }
     }
 

@@ -64,6 +64,12 @@ impl KvCache {
         (self.len()..self.len() + t).map(move |c| c.saturating_sub(pad))
     }
 
+    /// Per batch row, how many leading cached positions are padding (empty before the first
+    /// append of an unpadded cache).
+    pub fn pads(&self) -> &[usize] {
+        &self.pads
+    }
+
     /// Whether some row starts with padding.
     pub fn is_ragged(&self) -> bool {
         self.pads.iter().any(|&p| p > 0)

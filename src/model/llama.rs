@@ -11,6 +11,7 @@ use super::nf4::Quantization;
 use super::packing::{pack, unpack, Packing};
 use super::weights::WeightSource;
 use crate::ctx::Ctx;
+use crate::kernels::decode_ops::cached_attention;
 use crate::kernels::heads::{merge_heads, split_heads, Rope};
 use crate::kernels::ops::{causal_attention_probs, rms_norm, silu_mul_op};
 use anyhow::Result;
@@ -33,6 +34,9 @@ pub trait Delta {
 pub struct Linear {
     base: FrozenLinear,
     adapter: Option<Rc<dyn Delta>>,
+    /// The model's dtype, the adapter's: inputs in another one (a bf16 model decoding in
+    /// f32) reach the adapter converted, and its delta comes back in the input's.
+    dtype: DType,
 }
 
 impl Linear {
@@ -42,7 +46,14 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let x = x.flatten_to(dims.len().saturating_sub(2))?;
         let y = self.base.forward(&x)?;
-        let y = match self.adapter.as_ref().map(|a| a.delta_if_any(&x, ctx)) {
+        let delta = |a: &Rc<dyn Delta>| match x.dtype() == self.dtype {
+            true => a.delta_if_any(&x, ctx),
+            false => a
+                .delta_if_any(&x.to_dtype(self.dtype)?, ctx)?
+                .map(|d| d.to_dtype(x.dtype()))
+                .transpose(),
+        };
+        let y = match self.adapter.as_ref().map(delta) {
             Some(Ok(Some(delta))) => (y + delta)?,
             Some(Err(e)) => return Err(e),
             Some(Ok(None)) | None => y,
@@ -170,6 +181,7 @@ impl Llama {
                 linears.push(Linear {
                     base,
                     adapter: None,
+                    dtype,
                 });
             }
             blocks.push(Block {
@@ -283,7 +295,9 @@ impl Llama {
             cfg.head_dim,
         );
 
-        let h = rms_norm(x, &block.input_norm, cfg.rms_norm_eps)?;
+        // A bf16 model decoding on the CPU has f32 activations (`Self::activations`).
+        let norm = |w: &Tensor| w.to_dtype(x.dtype());
+        let h = rms_norm(x, &norm(&block.input_norm)?, cfg.rms_norm_eps)?;
         let heads = |m: &str, n: usize, rope: Option<&Rope>| {
             split_heads(
                 &unpack(packing, block.linear(m).forward(&h, ctx)?)?,
@@ -295,35 +309,49 @@ impl Llama {
         let k = heads("k_proj", nkv, Some(rope))?;
         let v = heads("v_proj", nkv, None)?;
         // `cached`: None in training and full forwards; Some(mask) when decoding from a cache.
-        let (k, v, cached) = match cache {
+        let (k, v, cached, pads) = match cache {
             Some((cache, mask)) => {
                 let (k, v) = cache.append(l, k, v)?;
-                (k, v, Some(mask))
+                let cache: &KvCache = cache;
+                (k, v, Some(mask), cache.pads())
             }
-            None => (k, v, None),
+            None => (k, v, None, &[][..]),
         };
-        let past = k.dim(2)? - q.dim(2)?;
-        let k = repeat_kv(k, nh / nkv)?;
-        let v = repeat_kv(v, nh / nkv)?;
-
-        scores_fit(q.dims(), k.dim(2)?, q.dtype(), q.device())?;
-        let scores = q.matmul(&k.t()?)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let probs = match cached {
-            // Every query from position 0: the causal op (with its backward, for training).
-            None | Some(None) if past == 0 => causal_attention_probs(&scores, scale)?,
-            // Decoding only (candle's fused softmax has no backward, and no gradient flows
-            // here): one new position that sees every cached key, or the cache's mask.
-            Some(None) => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
-            Some(Some(mask)) => {
-                candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
-            }
-            None => candle_core::bail!("attention after {past} positions needs a cache"),
+        // A decoding step's few positions on the CPU: one fused pass over the cache in place.
+        let fused = match cached {
+            Some(_) => cached_attention(&q, &k, &v, pads, scale)?,
+            None => None,
         };
-        let attn = pack(packing, merge_heads(&probs.matmul(&v)?)?)?;
+        let heads_out = match fused {
+            Some(out) => out,
+            None => {
+                let past = k.dim(2)? - q.dim(2)?;
+                let k = repeat_kv(k, nh / nkv)?;
+                let v = repeat_kv(v, nh / nkv)?;
+
+                scores_fit(q.dims(), k.dim(2)?, q.dtype(), q.device())?;
+                let scores = q.matmul(&k.t()?)?;
+                let probs = match cached {
+                    // Every query from position 0: the causal op (with its backward, for
+                    // training).
+                    None | Some(None) if past == 0 => causal_attention_probs(&scores, scale)?,
+                    // Decoding only (candle's fused softmax has no backward, and no gradient
+                    // flows here): one new position that sees every cached key, or the
+                    // cache's mask.
+                    Some(None) => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
+                    Some(Some(mask)) => {
+                        candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
+                    }
+                    None => candle_core::bail!("attention after {past} positions needs a cache"),
+                };
+                probs.matmul(&v)?
+            }
+        };
+        let attn = pack(packing, merge_heads(&heads_out)?)?;
         let x = (x + block.linear("o_proj").forward(&attn, ctx)?)?;
 
-        let h = rms_norm(&x, &block.post_attention_norm, cfg.rms_norm_eps)?;
+        let h = rms_norm(&x, &norm(&block.post_attention_norm)?, cfg.rms_norm_eps)?;
         let gate = block.linear("gate_proj").forward(&h, ctx)?;
         let up = block.linear("up_proj").forward(&h, ctx)?;
         let mlp = block
@@ -334,7 +362,17 @@ impl Llama {
 
     /// The final norm: hidden states ready for the head.
     pub fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+        rms_norm(x, &self.norm.to_dtype(x.dtype())?, self.cfg.rms_norm_eps)
+    }
+
+    /// The dtype a cached (decoding) forward computes in: f32 for a bf16 model on the CPU,
+    /// which has no bf16 arithmetic (each bf16 op would widen and narrow every element), with
+    /// the linears' bf16 weights widened in registers; the model's dtype elsewhere.
+    fn activations(&self) -> DType {
+        match self.dtype {
+            DType::BF16 if self.device.is_cpu() => DType::F32,
+            dtype => dtype,
+        }
     }
 
     /// Normalised hidden states of the last layer, (b, t) ids → (b, t, d).
@@ -365,7 +403,8 @@ impl Llama {
 
     /// [`Self::hidden`] of `ids` (b, t), the positions after those in `cache`, which it
     /// extends: prefill with the prompt, then one position per step. In a ragged cache each row
-    /// goes on from its own position and never sees the padding.
+    /// goes on from its own position and never sees the padding. A bf16 model on the CPU
+    /// computes (and returns) f32 here, its cache included (see [`Self::activations`]).
     pub fn hidden_cached(
         &self,
         ids: &Tensor,
@@ -385,17 +424,20 @@ impl Llama {
         packing: Option<&Packing>,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        let act = self.activations();
+        let rope_from =
+            |start: usize| Rope::new(&self.angles(start..start + t), t, act, &self.device);
         let (rope, mask) = if cache.is_ragged() {
             let angles = self.angles((0..b).flat_map(|r| cache.positions(r, t)));
-            let rope = Rope::per_row(&angles, b, t, self.dtype, &self.device)?;
-            (rope, Some(cache.mask(b, t, self.dtype, &self.device)?))
+            let rope = Rope::per_row(&angles, b, t, act, &self.device)?;
+            (rope, Some(cache.mask(b, t, act, &self.device)?))
         } else if cache.is_empty() || t == 1 {
-            (self.rope_from(cache.len(), t)?, None)
+            (rope_from(cache.len())?, None)
         } else {
-            let mask = cache.mask(b, t, self.dtype, &self.device)?;
-            (self.rope_from(cache.len(), t)?, Some(mask))
+            let mask = cache.mask(b, t, act, &self.device)?;
+            (rope_from(cache.len())?, Some(mask))
         };
-        let mut x = pack(packing, self.embed(ids)?)?;
+        let mut x = pack(packing, self.embed(ids)?.to_dtype(act)?)?;
         for l in 0..self.blocks.len() {
             let layer = Some((&mut *cache, mask.as_ref()));
             x = self.block_cached(l, &x, &rope, &ctx.for_layer(l), layer, packing)?;
