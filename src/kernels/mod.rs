@@ -7,6 +7,7 @@ pub mod cross_entropy;
 pub mod cuda;
 pub mod dropout;
 pub mod heads;
+pub mod low_rank;
 pub mod nf4_codes;
 pub mod ops;
 pub mod quant_gemv;

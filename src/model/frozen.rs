@@ -567,6 +567,40 @@ impl FrozenLinear {
         fused && x.dtype() == DType::F32 && x.device().is_cpu() && quant_gemv::ROWS.contains(&rows)
     }
 
+    /// On the CPU, the layer's product of the rows `x (n, in)` — or with `input_grad` the
+    /// input gradient `x (n, out) · W` — computed as the layer's own ops compute it, for ops
+    /// that fuse more work around the frozen product (see `model::lora_linear`).
+    pub(crate) fn cpu_product(
+        &self,
+        x: &CpuStorage,
+        layout: &Layout,
+        input_grad: bool,
+    ) -> Result<(CpuStorage, Shape)> {
+        let product = if input_grad { Product::GW } else { Product::XWt };
+        match &self.weight {
+            Weight::Dense(w) => {
+                let (storage, w_layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(ws) = &*storage else {
+                    candle_core::bail!("frozen linear: the weight is not in host memory");
+                };
+                match product {
+                    Product::XWt => FrozenMatmul.cpu_fwd(x, layout, ws, w_layout),
+                    Product::GW => product.apply(x, layout, ws, w_layout),
+                }
+            }
+            Weight::Nf4(w) => Nf4Matmul {
+                w: w.clone(),
+                product,
+            }
+            .cpu_fwd(x, layout),
+            Weight::Blocks(w) => BlockMatmul {
+                w: w.clone(),
+                product,
+            }
+            .cpu_fwd(x, layout),
+        }
+    }
+
     /// Applies the layer to the last axis of `x` (any leading dims).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
