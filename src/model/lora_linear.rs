@@ -47,6 +47,7 @@ struct BasePlusLowRank {
 }
 
 impl BasePlusLowRank {
+    /// Adds the rank-r update of the first argument `x` to its frozen product `y`.
     fn add<T: Real>(
         &self,
         mut y: Vec<T>,
@@ -54,9 +55,8 @@ impl BasePlusLowRank {
         (a_s, al): (&CpuStorage, &Layout),
         (bs, bl): (&CpuStorage, &Layout),
     ) -> Result<Vec<T>> {
-        let (x, a, b) = (slice::<T>(xs, xl)?, slice::<T>(a_s, al)?, slice::<T>(bs, bl)?);
         let ((rank, in_features), (out, b_rank)) = (al.shape().dims2()?, bl.shape().dims2()?);
-        let k = xl.shape().dims2()?.1;
+        let (n, k) = xl.shape().dims2()?;
         let want = if self.input_grad { out } else { in_features };
         if b_rank != rank || k != want {
             candle_core::bail!(
@@ -65,19 +65,26 @@ impl BasePlusLowRank {
                 bl.shape()
             );
         }
-        // Bᵀ (r, out), so that both factors are read row by row.
-        let mut bt = vec![T::zero(); rank * out];
-        for (o, row) in b.chunks_exact(rank).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                bt[j * out + o] = v;
-            }
-        }
-        let (l, r) = if self.input_grad {
-            (&bt[..], a)
-        } else {
-            (a, &bt[..])
+        // down = x Aᵀ (forward) or g B (input gradient): a thin GEMM.
+        let down = match self.input_grad {
+            false => xs.matmul(a_s, (1, n, rank, k), xl, &al.transpose(0, 1)?)?,
+            true => xs.matmul(bs, (1, n, rank, k), xl, bl)?,
         };
-        add_low_rank(&mut y, x, l, r, rank, T::from_f64(self.scaling));
+        let down = down.as_slice::<T>()?;
+        let (a, b) = (slice::<T>(a_s, al)?, slice::<T>(bs, bl)?);
+        let s = T::from_f64(self.scaling);
+        if self.input_grad {
+            add_low_rank(&mut y, down, a, rank, s);
+        } else {
+            // Bᵀ (r, out), read row by row.
+            let mut bt = vec![T::zero(); rank * out];
+            for (o, row) in b.chunks_exact(rank).enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    bt[j * out + o] = v;
+                }
+            }
+            add_low_rank(&mut y, down, &bt, rank, s);
+        }
         Ok(y)
     }
 }
