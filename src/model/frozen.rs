@@ -416,7 +416,6 @@ fn tiled<T: TileBuffer, W: Tiles>(
     }
     .clamp(1, along.max(1));
     let prepared = (step < along).then(|| q.prepare());
-    let mut w = T::to_cpu_storage_owned(Vec::new());
     let mut y = Vec::new();
     for first in (0..along).step_by(step) {
         let len = step.min(along - first);
@@ -425,13 +424,19 @@ fn tiled<T: TileBuffer, W: Tiles>(
             Product::GW => (0..o, first..first + len),
         };
         let shape = (rows.len(), cols.len());
-        let tile = T::buffer(&mut w);
-        tile.resize(shape.0 * shape.1, T::default());
-        match &prepared {
-            None => q.whole_into(tile),
-            Some(p) => q.tile_into(p, rows, cols, tile),
-        }
-        let (part, part_shape) = product.apply(xs, x_layout, &w, &Layout::contiguous(shape))?;
+        let (part, part_shape) = T::with_scratch(|w| {
+            // The buffer only grows: a tile is its prefix, so no call zero-fills it again.
+            let tile = T::buffer(w);
+            if tile.len() < shape.0 * shape.1 {
+                tile.resize(shape.0 * shape.1, T::default());
+            }
+            let tile = &mut tile[..shape.0 * shape.1];
+            match &prepared {
+                None => q.whole_into(tile),
+                Some(p) => q.tile_into(p, rows, cols, tile),
+            }
+            product.apply(xs, x_layout, w, &Layout::contiguous(shape))
+        })?;
         if step == along {
             return Ok((part, part_shape));
         }
@@ -471,9 +476,13 @@ impl CustomOp1 for BlockMatmul {
 }
 
 /// The element types a tile is dequantized to, and their buffer inside a `CpuStorage` (so
-/// one buffer serves every tile of a call).
+/// one buffer serves every tile of every call on a thread).
 trait TileBuffer: Nf4Out + candle_core::WithDType + Default {
     fn buffer(s: &mut CpuStorage) -> &mut Vec<Self>;
+
+    /// Runs `f` with this thread's tile buffer of this type, kept between calls: a training
+    /// step dequantizes every weight twice, and a fresh buffer each time was zero-filled first.
+    fn with_scratch<R>(f: impl FnOnce(&mut CpuStorage) -> R) -> R;
 }
 
 macro_rules! tile_buffer {
@@ -484,6 +493,14 @@ macro_rules! tile_buffer {
                     CpuStorage::$variant(v) => v,
                     _ => unreachable!("the buffer was made from this type"),
                 }
+            }
+
+            fn with_scratch<R>(f: impl FnOnce(&mut CpuStorage) -> R) -> R {
+                thread_local! {
+                    static SCRATCH: std::cell::RefCell<CpuStorage> =
+                        std::cell::RefCell::new(CpuStorage::$variant(Vec::new()));
+                }
+                SCRATCH.with(|s| f(&mut s.borrow_mut()))
             }
         }
     };
