@@ -80,7 +80,9 @@ mod tests {
             let mut want = y0.clone();
             for i in 0..n {
                 for o in 0..m {
-                    let delta: f64 = (0..rank).map(|j| down[i * rank + j] * s * r[j * m + o]).sum();
+                    let delta: f64 = (0..rank)
+                        .map(|j| down[i * rank + j] * s * r[j * m + o])
+                        .sum();
                     want[i * m + o] += delta;
                 }
             }

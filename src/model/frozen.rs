@@ -593,7 +593,11 @@ impl FrozenLinear {
         layout: &Layout,
         input_grad: bool,
     ) -> Result<(CpuStorage, Shape)> {
-        let product = if input_grad { Product::GW } else { Product::XWt };
+        let product = if input_grad {
+            Product::GW
+        } else {
+            Product::XWt
+        };
         match &self.weight {
             Weight::Dense(w) => {
                 let (storage, w_layout) = w.storage_and_layout();

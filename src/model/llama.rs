@@ -63,11 +63,13 @@ impl Linear {
     /// The base product plus the adapter's delta, as separate ops.
     fn delta_added(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let y = self.base.forward(x)?;
-        Ok(match self.adapter.as_ref().map(|a| a.delta_if_any(x, ctx)) {
-            Some(Ok(Some(delta))) => (y + delta)?,
-            Some(Err(e)) => return Err(e),
-            Some(Ok(None)) | None => y,
-        })
+        Ok(
+            match self.adapter.as_ref().map(|a| a.delta_if_any(x, ctx)) {
+                Some(Ok(Some(delta))) => (y + delta)?,
+                Some(Err(e)) => return Err(e),
+                Some(Ok(None)) | None => y,
+            },
+        )
     }
 }
 

@@ -163,8 +163,13 @@ mod tests {
         let (n, rank, s) = (9, 4, 2.0);
         let dev = Device::Cpu;
         let var = |v: Vec<f64>, shape: (usize, usize)| {
-            Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(dtype).unwrap())
-                .unwrap()
+            Var::from_tensor(
+                &Tensor::from_vec(v, shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap()
         };
         let x = var(values(n * inp, 1, 1.0), (n, inp));
         let a = var(values(rank * inp, 2, 0.2), (rank, inp));
@@ -229,7 +234,10 @@ mod tests {
     #[test]
     fn equals_the_composed_lora_linear_nf4() {
         let (out, inp) = (16, 128);
-        let w: Vec<f32> = values(out * inp, 6, 0.3).iter().map(|&v| v as f32).collect();
+        let w: Vec<f32> = values(out * inp, 6, 0.3)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
         let q = Nf4Tensor::quantize("w", &w, &[out, inp], true).unwrap();
         // The 4-bit weight is dequantized to the input's dtype.
         check(|_| FrozenLinear::nf4(q.clone(), &Device::Cpu).unwrap());
