@@ -51,6 +51,11 @@ impl Ctx {
         }
     }
 
+    /// Whether this is training (gradients wanted, dropout on).
+    pub fn is_training(&self) -> bool {
+        self.seed.is_some()
+    }
+
     /// Inverted dropout with probability `p`, as `torch.nn.Dropout` in training mode.
     pub fn dropout(&self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
         let Some(rng) = &self.dropout_rng else {

@@ -147,6 +147,16 @@ impl Delta for Lora {
         let down = (x.matmul(&self.a.t()?)? * self.scaling)?;
         down.matmul(&self.b.t()?)?.to_dtype(out_dtype)
     }
+
+    fn plain_lora(&self, ctx: &Ctx) -> Option<(Tensor, Tensor, f64)> {
+        (ctx.is_training() && self.dropout == 0.0).then(|| {
+            (
+                self.a.as_tensor().clone(),
+                self.b.as_tensor().clone(),
+                self.scaling,
+            )
+        })
+    }
 }
 
 impl Adapter for Lora {

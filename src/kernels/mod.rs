@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod decode_ops;
 pub mod dropout;
 pub mod heads;
+pub mod low_rank;
 pub mod nf4_codes;
 pub mod ops;
 pub mod quant_gemv;

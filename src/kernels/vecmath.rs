@@ -6,7 +6,7 @@
 use candle_core::WithDType;
 
 /// Independent accumulators of a reduction: one AVX register of f32.
-const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
 
 /// The float types the CPU kernels compute in, with their exponential.
 pub(crate) trait Real: WithDType {

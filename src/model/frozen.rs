@@ -428,7 +428,6 @@ fn tiled<T: TileBuffer, W: Tiles>(
     }
     .clamp(1, along.max(1));
     let prepared = (step < along).then(|| q.prepare());
-    let mut w = T::to_cpu_storage_owned(Vec::new());
     let mut y = Vec::new();
     for first in (0..along).step_by(step) {
         let len = step.min(along - first);
@@ -437,13 +436,19 @@ fn tiled<T: TileBuffer, W: Tiles>(
             Product::GW => (0..o, first..first + len),
         };
         let shape = (rows.len(), cols.len());
-        let tile = T::buffer(&mut w);
-        tile.resize(shape.0 * shape.1, T::default());
-        match &prepared {
-            None => q.whole_into(tile),
-            Some(p) => q.tile_into(p, rows, cols, tile),
-        }
-        let (part, part_shape) = product.apply(xs, x_layout, &w, &Layout::contiguous(shape))?;
+        let (part, part_shape) = T::with_scratch(|w| {
+            // The buffer only grows: a tile is its prefix, so no call zero-fills it again.
+            let tile = T::buffer(w);
+            if tile.len() < shape.0 * shape.1 {
+                tile.resize(shape.0 * shape.1, T::default());
+            }
+            let tile = &mut tile[..shape.0 * shape.1];
+            match &prepared {
+                None => q.whole_into(tile),
+                Some(p) => q.tile_into(p, rows, cols, tile),
+            }
+            product.apply(xs, x_layout, w, &Layout::contiguous(shape))
+        })?;
         if step == along {
             return Ok((part, part_shape));
         }
@@ -483,9 +488,13 @@ impl CustomOp1 for BlockMatmul {
 }
 
 /// The element types a tile is dequantized to, and their buffer inside a `CpuStorage` (so
-/// one buffer serves every tile of a call).
+/// one buffer serves every tile of every call on a thread).
 trait TileBuffer: Nf4Out + candle_core::WithDType + Default {
     fn buffer(s: &mut CpuStorage) -> &mut Vec<Self>;
+
+    /// Runs `f` with this thread's tile buffer of this type, kept between calls: a training
+    /// step dequantizes every weight twice, and a fresh buffer each time was zero-filled first.
+    fn with_scratch<R>(f: impl FnOnce(&mut CpuStorage) -> R) -> R;
 }
 
 macro_rules! tile_buffer {
@@ -496,6 +505,14 @@ macro_rules! tile_buffer {
                     CpuStorage::$variant(v) => v,
                     _ => unreachable!("the buffer was made from this type"),
                 }
+            }
+
+            fn with_scratch<R>(f: impl FnOnce(&mut CpuStorage) -> R) -> R {
+                thread_local! {
+                    static SCRATCH: std::cell::RefCell<CpuStorage> =
+                        std::cell::RefCell::new(CpuStorage::$variant(Vec::new()));
+                }
+                SCRATCH.with(|s| f(&mut s.borrow_mut()))
             }
         }
     };
@@ -577,6 +594,44 @@ impl FrozenLinear {
         };
         let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         fused && x.dtype() == DType::F32 && x.device().is_cpu() && quant_gemv::ROWS.contains(&rows)
+    }
+
+    /// On the CPU, the layer's product of the rows `x (n, in)` — or with `input_grad` the
+    /// input gradient `x (n, out) · W` — computed as the layer's own ops compute it, for ops
+    /// that fuse more work around the frozen product (see `model::lora_linear`).
+    pub(crate) fn cpu_product(
+        &self,
+        x: &CpuStorage,
+        layout: &Layout,
+        input_grad: bool,
+    ) -> Result<(CpuStorage, Shape)> {
+        let product = if input_grad {
+            Product::GW
+        } else {
+            Product::XWt
+        };
+        match &self.weight {
+            Weight::Dense(w) => {
+                let (storage, w_layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(ws) = &*storage else {
+                    candle_core::bail!("frozen linear: the weight is not in host memory");
+                };
+                match product {
+                    Product::XWt => FrozenMatmul.cpu_fwd(x, layout, ws, w_layout),
+                    Product::GW => product.apply(x, layout, ws, w_layout),
+                }
+            }
+            Weight::Nf4(w) => Nf4Matmul {
+                w: w.clone(),
+                product,
+            }
+            .cpu_fwd(x, layout),
+            Weight::Blocks(w) => BlockMatmul {
+                w: w.clone(),
+                product,
+            }
+            .cpu_fwd(x, layout),
+        }
     }
 
     /// Applies the layer to the last axis of `x` (any leading dims).

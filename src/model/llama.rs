@@ -7,6 +7,7 @@
 use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
 use super::kv_cache::KvCache;
+use super::lora_linear;
 use super::nf4::Quantization;
 use super::packing::{pack, unpack, Packing};
 use super::weights::WeightSource;
@@ -28,6 +29,13 @@ pub trait Delta {
     fn delta_if_any(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
         self.delta(x, ctx).map(Some)
     }
+
+    /// `(A (r, in), B (out, r), scaling)` where, under `ctx`, [`Self::delta`] is exactly
+    /// `scaling · (x Aᵀ) Bᵀ` and gradients flow (training with no dropout drawn): the linear
+    /// then computes base and delta as one op with its own backward (`model::lora_linear`).
+    fn plain_lora(&self, _ctx: &Ctx) -> Option<(Tensor, Tensor, f64)> {
+        None
+    }
 }
 
 /// A frozen linear, optionally with an adapter whose output is added to it.
@@ -45,21 +53,33 @@ impl Linear {
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let x = x.flatten_to(dims.len().saturating_sub(2))?;
-        let y = self.base.forward(&x)?;
+        let plain = self.adapter.as_ref().and_then(|a| a.plain_lora(ctx));
+        let y = match plain {
+            Some((a, b, scaling)) if lora_linear::supported(&x, &a) => {
+                lora_linear::forward(&self.base, &x, &a, &b, scaling)?
+            }
+            _ => self.delta_added(&x, ctx)?,
+        };
+        *dims.last_mut().expect("x has at least one dim") = y.dim(1)?;
+        y.reshape(dims)
+    }
+
+    /// The base product plus the adapter's delta, as separate ops (the adapter in the model's
+    /// dtype where the activations are not: a bf16 model decoding in f32 on the CPU).
+    fn delta_added(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
         let delta = |a: &Rc<dyn Delta>| match x.dtype() == self.dtype {
-            true => a.delta_if_any(&x, ctx),
+            true => a.delta_if_any(x, ctx),
             false => a
                 .delta_if_any(&x.to_dtype(self.dtype)?, ctx)?
                 .map(|d| d.to_dtype(x.dtype()))
                 .transpose(),
         };
-        let y = match self.adapter.as_ref().map(delta) {
+        Ok(match self.adapter.as_ref().map(delta) {
             Some(Ok(Some(delta))) => (y + delta)?,
             Some(Err(e)) => return Err(e),
             Some(Ok(None)) | None => y,
-        };
-        *dims.last_mut().expect("x has at least one dim") = y.dim(1)?;
-        y.reshape(dims)
+        })
     }
 }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod frozen;
 pub mod kv_cache;
 pub mod llama;
+pub mod lora_linear;
 pub mod nf4;
 pub mod packing;
 pub mod preset;
