@@ -9,6 +9,7 @@ pub mod dropout;
 pub mod heads;
 pub mod nf4_codes;
 pub mod ops;
+pub mod quant_dot8;
 pub mod quant_gemv;
 pub mod skinny;
 pub(crate) mod vecmath;
