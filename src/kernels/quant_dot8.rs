@@ -6,9 +6,9 @@
 //!
 //! - Q8_0 `d_w·q_w`: `d_w·d_x · Σ q_w·q_x`;
 //! - Q4_1 `d_w·q_w + m_w`: `d_w·d_x · Σ q_w·q_x + m_w · (d_x·Σ q_x)`;
-//! - Q4_0 `d_w·(q_w − 8)`: `d_w·d_x · Σ q_w·q_x + d_w · (−8·d_x·Σ q_x)`,
+//! - Q4_0 `d_w·(q_w − 8)`: `d_w·d_x · (Σ q_w·q_x − 8·Σ q_x)`,
 //!
-//! with the block terms `d_x·Σ q_x` computed once per product. So the result is the product of
+//! with the block terms `Σ q_x` (times `d_x` for Q4_1) computed once per product. So the result is the product of
 //! the dequantized weights and the *dequantized activations* `x̂ = d_x·q_x` up to the order and
 //! rounding of the f32 sums ([`super::quant_gemv::TOLERANCE`]), and differs from the f32
 //! product by at most `Σ_b (amax_b(x) / 254) · Σ_{i∈b} |w_i|` more (see [`activation_bound`];
@@ -25,7 +25,8 @@ pub struct Q8Rows {
     codes: Vec<i8>,
     /// `d_x` per block.
     scales: Vec<f32>,
-    /// Per block: Q4_1 `d_x·Σ q_x`, Q4_0 `−8·d_x·Σ q_x` (empty for Q8_0).
+    /// Per block: Q4_1 `d_x·Σ q_x` (times `m_w`), Q4_0 `−8·Σ q_x` (times `d_w·d_x`); empty
+    /// for Q8_0.
     offsets: Vec<f32>,
 }
 
@@ -52,7 +53,7 @@ impl Q8Rows {
                 sum += i32::from(*q);
             }
             match kind {
-                GgmlBlocks::Q4_0 => offsets.push(-8.0 * *d * sum as f32),
+                GgmlBlocks::Q4_0 => offsets.push(-8.0 * sum as f32),
                 GgmlBlocks::Q4_1 => offsets.push(*d * sum as f32),
                 GgmlBlocks::Q8_0 => {}
             }
@@ -193,7 +194,7 @@ fn portable_row(kind: GgmlBlocks, blocks: &[u8], xs: &Q8Rows, r: usize) -> f32 {
         };
         total += d * xs.scales[first + b] * isum as f32;
         match kind {
-            GgmlBlocks::Q4_0 => total += d * xs.offsets[first + b],
+            GgmlBlocks::Q4_0 => total += d * xs.scales[first + b] * xs.offsets[first + b],
             GgmlBlocks::Q4_1 => total += f16_at(blk, 2) * xs.offsets[first + b],
             GgmlBlocks::Q8_0 => {}
         }
@@ -244,9 +245,12 @@ mod simd {
         y[..R].copy_from_slice(&out);
     }
 
-    /// `Σ_b d_w·d_x · Σ q_w·q_x` (+ the offset terms) over the row's blocks, two blocks per
-    /// step into two sets of totals (one chain of FMAs would wait on its latency each block).
-    /// No target features of its own: it inlines into the two callers and takes theirs.
+    /// `Σ_b d_w·d_x · Σ q_w·q_x` (+ the offset terms) over the row's blocks. Eight blocks per
+    /// step: their scales (and Q4_1's mins) gathered into one register and multiplied by the
+    /// eight `d_x` at once, the offset terms summed in lanes too; each block then costs its
+    /// integer dot and one FMA, alternating between two sets of totals (one chain of FMAs would
+    /// wait on its latency). The last `n mod 8` blocks go one at a time. No target features of
+    /// its own: it inlines into the two callers and takes theirs.
     #[inline(always)]
     unsafe fn sweep<const R: usize, const KIND: u8, const VNNI: bool>(
         blocks: &[u8],
@@ -263,48 +267,81 @@ mod simd {
         let x: [*const i8; R] = std::array::from_fn(|r| xs.codes(r0 + r));
         let first: [usize; R] = std::array::from_fn(|r| (r0 + r) * n);
         let z = _mm256_setzero_ps();
-        let (mut even, mut odd) = ([z; R], [z; R]);
-        let (mut off_even, mut off_odd) = ([0f32; R], [0f32; R]);
+        let (mut even, mut odd, mut off) = ([z; R], [z; R], [z; R]);
+        let s = size as i32;
+        let at = _mm256_setr_epi32(0, s, 2 * s, 3 * s, 4 * s, 5 * s, 6 * s, 7 * s);
+        let mut scales = [[0f32; 8]; R];
         let mut b = 0;
-        while b + 1 < n {
-            block::<R, KIND, VNNI>(base.add(b * size), b, xs, &x, &first, &mut even, &mut off_even);
-            let next = base.add((b + 1) * size);
-            block::<R, KIND, VNNI>(next, b + 1, xs, &x, &first, &mut odd, &mut off_odd);
-            b += 2;
+        while b + 8 <= n {
+            let blk = base.add(b * size);
+            // Each block's first four bytes: d (low half), and Q4_1's m (high half).
+            let heads = _mm256_i32gather_epi32::<1>(blk as *const i32, at);
+            let d = halves::<0>(heads);
+            for r in 0..R {
+                let sr = _mm256_mul_ps(d, _mm256_loadu_ps(xs.scales.as_ptr().add(first[r] + b)));
+                _mm256_storeu_ps(scales[r].as_mut_ptr(), sr);
+                if KIND != Q8_0 {
+                    let o = _mm256_loadu_ps(xs.offsets.as_ptr().add(first[r] + b));
+                    let c = if KIND == Q4_0 { sr } else { halves::<2>(heads) };
+                    off[r] = _mm256_fmadd_ps(c, o, off[r]);
+                }
+            }
+            for k in (0..8).step_by(2) {
+                dots::<R, KIND, VNNI>(blk.add(k * size), b + k, &x, &scales, k, &mut even);
+                dots::<R, KIND, VNNI>(blk.add((k + 1) * size), b + k + 1, &x, &scales, k + 1, &mut odd);
+            }
+            b += 8;
         }
-        if b < n {
-            block::<R, KIND, VNNI>(base.add(b * size), b, xs, &x, &first, &mut even, &mut off_even);
+        let mut off_tail = [0f32; R];
+        while b < n {
+            let blk = base.add(b * size);
+            let d = f16(blk);
+            for r in 0..R {
+                scales[r][0] = d * *xs.scales.get_unchecked(first[r] + b);
+                if KIND != Q8_0 {
+                    let c = if KIND == Q4_0 { scales[r][0] } else { f16(blk.add(2)) };
+                    off_tail[r] += c * *xs.offsets.get_unchecked(first[r] + b);
+                }
+            }
+            dots::<R, KIND, VNNI>(blk, b, &x, &scales, 0, &mut even);
+            b += 1;
         }
-        std::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])) + (off_even[r] + off_odd[r]))
+        std::array::from_fn(|r| {
+            hsum(_mm256_add_ps(_mm256_add_ps(even[r], odd[r]), off[r])) + off_tail[r]
+        })
     }
 
-    /// Block `b` (at `blk`) into the totals of each row: `d_w·d_x · Σ q_w·q_x` in eight lanes,
-    /// the offset term in `off`.
+    /// Block `b` (at `blk`) into each row's totals: `Σ q_w·q_x` in eight lanes, times the
+    /// row's `scales[r][k]` (`d_w·d_x`).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize, const KIND: u8, const VNNI: bool>(
+    unsafe fn dots<const R: usize, const KIND: u8, const VNNI: bool>(
         blk: *const u8,
         b: usize,
-        xs: &Q8Rows,
         x: &[*const i8; R],
-        first: &[usize; R],
+        scales: &[[f32; 8]; R],
+        k: usize,
         acc: &mut [__m256; R],
-        off: &mut [f32; R],
     ) {
-        let d = f16(blk);
         let (w, signed) = weights::<KIND>(blk);
         for r in 0..R {
             let xq = _mm256_loadu_si256(x[r].add(b * BLOCK) as *const __m256i);
             let isum = dot::<VNNI>(w, signed, xq);
-            let scale = _mm256_set1_ps(d * *xs.scales.get_unchecked(first[r] + b));
+            let scale = _mm256_broadcast_ss(&scales[r][k]);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[r]);
         }
-        if KIND != Q8_0 {
-            let c = if KIND == Q4_0 { d } else { f16(blk.add(2)) };
-            for r in 0..R {
-                off[r] += c * *xs.offsets.get_unchecked(first[r] + b);
-            }
-        }
+    }
+
+    /// The f16 at byte `AT` (0 or 2) of each of eight gathered i32 lanes, as f32.
+    #[inline(always)]
+    unsafe fn halves<const AT: i8>(v: __m256i) -> __m256 {
+        let (a, c) = (AT, AT + 1);
+        let pick = _mm256_setr_epi8(
+            a, c, a + 4, c + 4, a + 8, c + 8, a + 12, c + 12, -1, -1, -1, -1, -1, -1, -1, -1,
+            a, c, a + 4, c + 4, a + 8, c + 8, a + 12, c + 12, -1, -1, -1, -1, -1, -1, -1, -1,
+        );
+        // Four f16 in the low eight bytes of each 128-bit lane: join the two quadwords.
+        let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(v, pick));
+        _mm256_cvtph_ps(_mm256_castsi256_si128(packed))
     }
 
     /// The block's 32 weight codes in byte lanes: Q4 nibbles (0..16, low nibbles first), or
