@@ -288,7 +288,14 @@ mod simd {
             }
             for k in (0..8).step_by(2) {
                 dots::<R, KIND, VNNI>(blk.add(k * size), b + k, &x, &scales, k, &mut even);
-                dots::<R, KIND, VNNI>(blk.add((k + 1) * size), b + k + 1, &x, &scales, k + 1, &mut odd);
+                dots::<R, KIND, VNNI>(
+                    blk.add((k + 1) * size),
+                    b + k + 1,
+                    &x,
+                    &scales,
+                    k + 1,
+                    &mut odd,
+                );
             }
             b += 8;
         }
@@ -299,7 +306,11 @@ mod simd {
             for r in 0..R {
                 scales[r][0] = d * *xs.scales.get_unchecked(first[r] + b);
                 if KIND != Q8_0 {
-                    let c = if KIND == Q4_0 { scales[r][0] } else { f16(blk.add(2)) };
+                    let c = if KIND == Q4_0 {
+                        scales[r][0]
+                    } else {
+                        f16(blk.add(2))
+                    };
                     off_tail[r] += c * *xs.offsets.get_unchecked(first[r] + b);
                 }
             }
@@ -336,8 +347,38 @@ mod simd {
     unsafe fn halves<const AT: i8>(v: __m256i) -> __m256 {
         let (a, c) = (AT, AT + 1);
         let pick = _mm256_setr_epi8(
-            a, c, a + 4, c + 4, a + 8, c + 8, a + 12, c + 12, -1, -1, -1, -1, -1, -1, -1, -1,
-            a, c, a + 4, c + 4, a + 8, c + 8, a + 12, c + 12, -1, -1, -1, -1, -1, -1, -1, -1,
+            a,
+            c,
+            a + 4,
+            c + 4,
+            a + 8,
+            c + 8,
+            a + 12,
+            c + 12,
+            -1,
+            -1,
+            -1,
+            -1,
+            -1,
+            -1,
+            -1,
+            -1,
+            a,
+            c,
+            a + 4,
+            c + 4,
+            a + 8,
+            c + 8,
+            a + 12,
+            c + 12,
+            -1,
+            -1,
+            -1,
+            -1,
+            -1,
+            -1,
+            -1,
+            -1,
         );
         // Four f16 in the low eight bytes of each 128-bit lane: join the two quadwords.
         let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(v, pick));
@@ -351,7 +392,8 @@ mod simd {
         match KIND {
             Q8_0 => (_mm256_loadu_si256(blk.add(2) as *const __m256i), true),
             _ => {
-                let raw = _mm_loadu_si128(blk.add(if KIND == Q4_0 { 2 } else { 4 }) as *const __m128i);
+                let raw =
+                    _mm_loadu_si128(blk.add(if KIND == Q4_0 { 2 } else { 4 }) as *const __m128i);
                 let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
                 (_mm256_and_si256(both, _mm256_set1_epi8(15)), false)
             }

@@ -893,7 +893,8 @@ mod tests {
                         for j in 0..rows {
                             let wj = &dense[j * cols..(j + 1) * cols];
                             let dot = |v: &[f32]| -> (f64, f64) {
-                                let t = wj.iter().zip(v).map(|(&a, &b)| f64::from(a) * f64::from(b));
+                                let t =
+                                    wj.iter().zip(v).map(|(&a, &b)| f64::from(a) * f64::from(b));
                                 (t.clone().sum(), t.map(f64::abs).sum())
                             };
                             let ((want_q, scale_q), (want, scale)) = (dot(&xq), dot(xr));
