@@ -48,8 +48,11 @@ impl Q8Rows {
             let inverse = if *d != 0.0 { 1.0 / *d } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in qb.iter_mut().zip(xb) {
-                // |v · inverse| ≤ 127 (up to a rounding): the cast does not saturate.
-                *q = (v * inverse).round_ties_even() as i8;
+                // |v · inverse| ≤ 127 (up to a rounding): the cast does not saturate. Adding and
+                // taking away 1.5·2²³ rounds to the nearest integer, ties to even, as
+                // `round_ties_even` does (for |y| < 2²²), without its libm call per value.
+                const SHIFT: f32 = 12_582_912.0;
+                *q = ((v * inverse + SHIFT) - SHIFT) as i8;
                 sum += i32::from(*q);
             }
             match kind {
@@ -437,14 +440,22 @@ mod tests {
 
     #[test]
     fn activations_round_to_the_nearest_code_of_their_block() {
-        let x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.37).collect();
+        // Ties included: 0.5 and 2.5 steps of the second block (amax 127).
+        let mut x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.37).collect();
+        x[32..64]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32 * 0.5);
+        x[63] = 127.0;
         let q = Q8Rows::new(&x, 64, GgmlBlocks::Q4_1);
         for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
             assert_eq!(q.scales[b], amax / 127.0);
             let codes = &q.codes[b * BLOCK..(b + 1) * BLOCK];
             assert_eq!(codes.iter().map(|c| c.unsigned_abs()).max(), Some(127));
+            let inverse = 1.0 / q.scales[b];
             for (&c, &v) in codes.iter().zip(xb) {
+                assert_eq!(f32::from(c), (v * inverse).round_ties_even());
                 assert!((f32::from(c) * q.scales[b] - v).abs() <= q.scales[b] * 0.5 * 1.0001);
             }
             let sum: i32 = codes.iter().map(|&c| i32::from(c)).sum();
