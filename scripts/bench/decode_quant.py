@@ -15,18 +15,23 @@ after making them (so a timed run under a lock does no preparation).
 Decode tokens/s = tokens generated after the first / (time with --new N − time with 1 new
 token), the best of --repeats runs each, so loading, tokenization and the prefill cancel out.
 Both tools decode greedily from the same prompt text (the model's chat format, written out);
-llama.cpp quantizes the activations to 8 bits for its integer dot products and prolora does not
-(docs/methods.md, "Fused quantized products"), so their texts may part after a while: the table
-says how many leading characters agree.
+both quantize the activations to 8 bits for integer dot products on the GGUF rows, but round
+other things differently (prolora keeps each block's activation scale in f32 where ggml rounds
+it to f16, its KV cache in f32 where llama.cpp's is f16; docs/methods.md, "Fused quantized
+products"), so their texts may part at a near tie: the table says how many leading characters
+agree.
 
 The limit: bytes of weights read per token (the linears as stored, the head as each tool reads
 it: the tied embedding's Q8_0 blocks from a GGUF, f32 from the NF4 model's directory) over the
 copy bandwidth measured in the same run. `--7b` adds the 7B-shaped NF4 preset (llama2-7b, random
-weights, ~4 GiB RSS) against its limit. The binary is $PROLORA_BIN, else target/release/prolora.
+weights, ~4 GiB RSS) against its limit, its steps timed inside one process by
+`cargo bench --bench quant_gemv -- decode7b` (so it needs cargo). The binary is $PROLORA_BIN,
+else target/release/prolora.
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -147,15 +152,22 @@ def agreeing_prefix(a, b):
 
 
 def seven_b_row(args, work, bw):
-    # Loading the preset (random weights, quantized as they are drawn) takes far longer than a
-    # few tokens and varies from run to run: best of --repeats, and enough tokens to stand out.
-    tps, _ = decode_rate(lambda n: ours("llama2-7b", n, work, ["--quantize", "nf4"]), args.new_7b,
-                         args.repeats)
+    # Timed inside one process (benches/quant_gemv.rs `decode7b`): the preset's load (random
+    # weights drawn and quantized) varies by seconds from run to run, more than a few decoding
+    # steps take, so a rate from whole runs of N and 1 tokens was mostly that noise.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(["cargo", "bench", "--quiet", "--bench", "quant_gemv", "--", "decode7b"],
+                          cwd=root, capture_output=True, text=True)
+    found = re.search(r"step best (\d+) ms .* median (\d+) ms", done.stdout)
+    if done.returncode != 0 or not found:
+        sys.exit(f"cargo bench --bench quant_gemv -- decode7b failed:\n{done.stderr[-2000:]}")
+    best, median = (1e3 / float(v) for v in found.groups())
     linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     read = linear * NF4_BYTES + 32000 * 4096 * 4
     limit = bw / read
-    print(f"| 7B-shaped NF4 preset (llama2-7b, random weights) | {read / 2**20:.0f} MiB | "
-          f"{tps:.2f} | {tps / limit:.0%} | – | – | – | – |", flush=True)
+    print(f"| 7B-shaped NF4 preset (llama2-7b, random weights; best / median of 32 steps) | "
+          f"{read / 2**20:.0f} MiB | {best:.2} / {median:.2} | {best / limit:.0%} / "
+          f"{median / limit:.0%} | – | – | – | – |", flush=True)
 
 
 def main():
@@ -166,7 +178,6 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--7b", dest="seven_b", action="store_true")
-    ap.add_argument("--new-7b", type=int, default=16)
     ap.add_argument("--7b-only", dest="seven_b_only", action="store_true")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="prolora-decode-quant-")

@@ -11,6 +11,7 @@ pub mod heads;
 pub mod low_rank;
 pub mod nf4_codes;
 pub mod ops;
+pub mod quant_dot8;
 pub mod quant_gemv;
 pub mod skinny;
 pub(crate) mod vecmath;

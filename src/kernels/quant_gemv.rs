@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use super::quant_dot8::{self, Q8Rows};
+
 /// Rows of `x` the fused product serves (decoding: one per sequence); more rows go to the
 /// tiled GEMM, which reuses each dequantized tile across them.
 pub const ROWS: std::ops::RangeInclusive<usize> = 1..=16;
@@ -167,21 +169,48 @@ fn kernels() -> Vec<Kernel> {
     k
 }
 
+/// Whether a ggml format's product quantizes the activations to 8 bits for integer dot
+/// products (`quant_dot8`, llama.cpp's route) rather than keeping them in f32: chosen per
+/// format by measurement (docs/methods.md, "Fused quantized products"), the same on every CPU.
+pub fn int8_activations(kind: GgmlBlocks) -> bool {
+    match kind {
+        GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1 | GgmlBlocks::Q8_0 => true,
+    }
+}
+
 /// `x (m, cols) · Wᵀ → (m, rows)`, row-major, in parallel over the rows of `W`. `None` when
 /// the weight's layout is not whole blocks per row (the caller keeps the tiled product).
 pub fn xwt(w: &QuantMatrix, x: &[f32], m: usize) -> Option<Vec<f32>> {
-    static FASTEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-    let kernel = *FASTEST.get_or_init(|| *kernels().last().expect("the portable kernel"));
-    xwt_with(w, x, m, kernel)
+    let int8 = match *w {
+        QuantMatrix::Ggml { kind, .. } => int8_activations(kind),
+        QuantMatrix::Nf4 { .. } => false,
+    };
+    xwt_routed(w, x, m, int8)
 }
 
-/// [`xwt`] with the kernels chosen by the caller (the tests compare them all).
-fn xwt_with(w: &QuantMatrix, x: &[f32], m: usize, kernel: Kernel) -> Option<Vec<f32>> {
+/// [`xwt`] with the route of a ggml weight's activations chosen by the caller (`int8`: 8-bit
+/// activations, integer dot products), for the benchmark that chose [`int8_activations`].
+pub fn xwt_routed(w: &QuantMatrix, x: &[f32], m: usize, int8: bool) -> Option<Vec<f32>> {
+    static FASTEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    let kernel = *FASTEST.get_or_init(|| *kernels().last().expect("the portable kernel"));
+    xwt_with(w, x, m, kernel, int8.then(quant_dot8::fastest))
+}
+
+/// [`xwt`] with the kernels chosen by the caller (the tests compare them all): `int8`, for
+/// ggml weights, the integer route's kernel.
+fn xwt_with(
+    w: &QuantMatrix,
+    x: &[f32],
+    m: usize,
+    kernel: Kernel,
+    int8: Option<quant_dot8::Kernel>,
+) -> Option<Vec<f32>> {
     let (rows, cols) = w.shape();
     if !w.well_formed() || x.len() != m * cols || m == 0 {
         return None;
     }
-    let xs = Prepared::new(w, x, m, if kernel == Kernel::Avx512 { 32 } else { 16 });
+    let group = if kernel == Kernel::Avx512 { 32 } else { 16 };
+    let xs = Prepared::new(w, x, m, group, int8);
     let task_rows = (TASK_WEIGHTS / cols.max(1)).max(1);
     // Each output row of W gives m values, stored (rows, m) and transposed at the end.
     let mut yt = vec![0f32; rows * m];
@@ -208,18 +237,35 @@ fn xwt_with(w: &QuantMatrix, x: &[f32], m: usize, kernel: Kernel) -> Option<Vec<
 /// The rows of `x` as the kernels read them, computed once per call: NF4 pairs its codes
 /// (high nibble, low nibble) with values (even, odd), so each `group` values of `x` (the codes
 /// a kernel widens at once, twice) are stored evens then odds; Q4_1 needs each block's sum of
-/// `x`.
+/// `x`. On the integer route, `x` quantized to 8 bits instead, with the kernel that reads it.
 struct Prepared {
     m: usize,
     cols: usize,
     group: usize,
     values: Vec<f32>,
     block_sums: Vec<f32>,
+    int8: Option<(Q8Rows, quant_dot8::Kernel)>,
 }
 
 impl Prepared {
-    fn new(w: &QuantMatrix, x: &[f32], m: usize, group: usize) -> Self {
+    fn new(
+        w: &QuantMatrix,
+        x: &[f32],
+        m: usize,
+        group: usize,
+        int8: Option<quant_dot8::Kernel>,
+    ) -> Self {
         let cols = x.len() / m;
+        if let (QuantMatrix::Ggml { kind, .. }, Some(kernel)) = (w, int8) {
+            return Self {
+                m,
+                cols,
+                group,
+                values: Vec::new(),
+                block_sums: Vec::new(),
+                int8: Some((Q8Rows::new(x, cols, *kind), kernel)),
+            };
+        }
         let values = match w {
             QuantMatrix::Nf4 { .. } => {
                 let mut v = vec![0f32; x.len()];
@@ -247,6 +293,7 @@ impl Prepared {
             group,
             values,
             block_sums,
+            int8: None,
         }
     }
 
@@ -262,6 +309,11 @@ impl Prepared {
 
 /// `y[r] = Σ_i x_r[i] · W[row, i]` for every prepared row `r` of `x`.
 fn row_dots(w: &QuantMatrix, row: usize, xs: &Prepared, y: &mut [f32], kernel: Kernel) {
+    if let (QuantMatrix::Ggml { kind, bytes, .. }, Some((q8, int8))) = (*w, &xs.int8) {
+        let size = xs.cols / GGML_BLOCK * kind.block_bytes();
+        quant_dot8::row_dots(kind, &bytes[row * size..(row + 1) * size], q8, y, *int8);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if kernel != Kernel::Portable {
         let nf4_512 = kernel == Kernel::Avx512 && matches!(w, QuantMatrix::Nf4 { .. });
@@ -711,7 +763,7 @@ mod tests {
         for m in [1, 2, 3, 5, 16] {
             let x: Vec<f32> = (0..m * cols).map(|i| value(i, 7)).collect();
             for kernel in kernels() {
-                let y = xwt_with(w, &x, m, kernel).unwrap();
+                let y = xwt_with(w, &x, m, kernel, None).unwrap();
                 assert_eq!(y.len(), m * rows);
                 for r in 0..m {
                     for j in 0..rows {
@@ -801,6 +853,66 @@ mod tests {
                 cols,
             };
             check(&w, &dense);
+        }
+    }
+
+    /// The integer route: every kernel equals the f64 product of the dequantized weights and
+    /// the dequantized 8-bit activations within the f32 tolerance, and the f32 product of `x`
+    /// within that plus the activations' rounding bound.
+    #[test]
+    fn ggml_int8_route_equals_the_product_of_the_quantized_activations() {
+        use crate::gguf::quants::dequantize;
+        use crate::gguf::GgmlType;
+        // 19 blocks a row: two groups of eight (the SIMD kernels' step) and three alone.
+        let (rows, cols) = (23, 19 * GGML_BLOCK);
+        for (kind, ty) in [
+            (GgmlBlocks::Q4_0, GgmlType::Q4_0),
+            (GgmlBlocks::Q4_1, GgmlType::Q4_1),
+            (GgmlBlocks::Q8_0, GgmlType::Q8_0),
+        ] {
+            let bytes = ggml_bytes(kind, rows * cols / GGML_BLOCK);
+            let mut dense = vec![0f32; rows * cols];
+            dequantize(ty, &bytes, &mut dense).unwrap();
+            let w = QuantMatrix::Ggml {
+                kind,
+                bytes: &bytes,
+                rows,
+                cols,
+            };
+            for m in [1, 2, 3, 5, 16] {
+                // Values over three orders of magnitude, so the blocks' scales differ.
+                let x: Vec<f32> = (0..m * cols)
+                    .map(|i| value(i, 11) * [1.0, 0.01, 3.0][i / GGML_BLOCK % 3])
+                    .collect();
+                let q8 = Q8Rows::new(&x, cols, kind);
+                for int8 in quant_dot8::kernels() {
+                    let y = xwt_with(&w, &x, m, Kernel::Portable, Some(int8)).unwrap();
+                    for r in 0..m {
+                        let xr = &x[r * cols..(r + 1) * cols];
+                        let xq = q8.dequantized(r);
+                        for j in 0..rows {
+                            let wj = &dense[j * cols..(j + 1) * cols];
+                            let dot = |v: &[f32]| -> (f64, f64) {
+                                let t =
+                                    wj.iter().zip(v).map(|(&a, &b)| f64::from(a) * f64::from(b));
+                                (t.clone().sum(), t.map(f64::abs).sum())
+                            };
+                            let ((want_q, scale_q), (want, scale)) = (dot(&xq), dot(xr));
+                            let got = f64::from(y[r * rows + j]);
+                            let tol = f64::from(TOLERANCE);
+                            assert!(
+                                (got - want_q).abs() <= tol * scale_q,
+                                "{kind:?} m {m} {int8:?} [{r},{j}]: {got} vs {want_q}"
+                            );
+                            let bound = quant_dot8::activation_bound(wj, xr) + tol * scale;
+                            assert!(
+                                (got - want).abs() <= bound,
+                                "{kind:?} m {m} {int8:?} [{r},{j}]: {got} vs f32 {want} ± {bound}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -133,7 +133,7 @@ impl Nf4Tensor {
         }
         let t = nf4_thresholds();
         let mut absmax = vec![0f32; n.div_ceil(BLOCK)];
-        let mut packed = vec![0u8; n.div_ceil(2)];
+        let mut packed = code_buffer(n.div_ceil(2));
         // A block is 32 bytes, so byte chunks and value chunks stay aligned per task.
         packed
             .par_chunks_mut(BLOCK / 2 * BLOCKS_PER_TASK)
@@ -358,4 +358,38 @@ impl Quantization {
             Storage::Nf4 => Self::Nf4 { double_quant },
         }
     }
+}
+
+/// `bytes` zeroed bytes for NF4 codes, backed by 2 MiB pages where Linux grants them
+/// (see [`advise_huge_pages`]); the caller writes the codes.
+pub(crate) fn code_buffer(bytes: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; bytes];
+    advise_huge_pages(&mut buf);
+    buf
+}
+
+/// Asks Linux to back a large buffer with 2 MiB pages, before its first write (the page
+/// faults then map huge pages; a fresh zeroed allocation this large is untouched mmap
+/// memory): where transparent huge pages are left to `madvise` (the
+/// default of many distributions), a 7B decoding step streams 3.6 GiB of codes through 4 KiB
+/// pages, missing the TLB every 4 KiB, and the hardware prefetchers stop at every page edge.
+/// Advice only: without THP nothing changes.
+fn advise_huge_pages(buf: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_mut_ptr() as usize;
+        let (first, end) = (
+            start.next_multiple_of(HUGE),
+            (start + buf.len()) / HUGE * HUGE,
+        );
+        if end > first {
+            // SAFETY: the range lies inside `buf`, and the advice changes no contents.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
 }

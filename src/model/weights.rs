@@ -376,7 +376,7 @@ impl WeightSource for RandomWeights {
             bail!("tensor {name}: random NF4 weights need an even element count, got {n}");
         }
         let mut rng = self.rng.borrow_mut();
-        let mut packed = vec![0u8; n / 2];
+        let mut packed = crate::model::nf4::code_buffer(n / 2);
         rng.fill_bytes(&mut packed);
         let std = self.std as f32;
         let absmax: Vec<f32> = (0..n.div_ceil(BLOCK))

@@ -1,0 +1,141 @@
+//! The fused few-row products of ggml blocks (src/kernels/quant_gemv.rs) at SmolLM2's and the
+//! 7B shape's sizes, with the activations in f32 and quantized to 8 bits (integer dots): the
+//! measurement behind `quant_gemv::int8_activations`.
+//!
+//!   cargo bench --bench quant_gemv [-- ROWS]   # ROWS of x per product (default 1)
+//!   cargo bench --bench quant_gemv -- decode7b  # the 7B NF4 preset's decoding steps
+//!
+//! Prints one markdown row per format and shape: GB/s of weight bytes read, each route.
+//! `decode7b` times each batch-1 decoding step of the `llama2-7b` preset (random NF4 + double
+//! quant weights, ~4 GiB) inside one process, so the load, which varies by seconds from run to
+//! run, stays out of the rate.
+
+use candle_core::{DType, Device, Tensor};
+use prolora::ctx::Ctx;
+use prolora::kernels::quant_gemv::{xwt_routed, GgmlBlocks, QuantMatrix};
+use prolora::model::nf4::Quantization;
+use prolora::source::ModelSource;
+use std::time::Instant;
+
+fn main() {
+    if std::env::args().any(|a| a == "decode7b") {
+        return decode7b();
+    }
+    let m: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1);
+    let threads = rayon::current_num_threads();
+    println!("{m} row(s) of x, {threads} threads; best of 20 calls (of 5 for the 7B shape)\n");
+    println!("| format | weight (rows × cols) | f32 activations GB/s | 8-bit activations GB/s | int / f32 |");
+    println!("|---|---|---|---|---|");
+    let shapes = [
+        (576, 1536, "SmolLM2 down"),
+        (1536, 576, "SmolLM2 gate/up"),
+        (49152, 576, "SmolLM2 head"),
+        (11008, 4096, "7B gate/up"),
+    ];
+    for kind in [GgmlBlocks::Q4_0, GgmlBlocks::Q4_1, GgmlBlocks::Q8_0] {
+        for (rows, cols, what) in shapes {
+            let bytes = blocks(kind, rows * cols / 32);
+            let w = QuantMatrix::Ggml {
+                kind,
+                bytes: &bytes,
+                rows,
+                cols,
+            };
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+                .collect();
+            let reps = if rows * cols > 1 << 24 { 5 } else { 20 };
+            let rate = |int8| {
+                let s = best(reps, || {
+                    std::hint::black_box(xwt_routed(&w, &x, m, int8).unwrap());
+                });
+                bytes.len() as f64 / s / 1e9
+            };
+            let (f, i) = (rate(false), rate(true));
+            println!(
+                "| {kind:?} | {what} ({rows} × {cols}) | {f:.1} | {i:.1} | {:.2}× |",
+                i / f
+            );
+        }
+    }
+}
+
+/// Blocks of `kind` with varied codes and small finite f16 scales (and mins).
+fn blocks(kind: GgmlBlocks, n: usize) -> Vec<u8> {
+    let size = kind.block_bytes();
+    let mut bytes: Vec<u8> = (0..n * size).map(|i| (i * 131 % 251) as u8).collect();
+    for (b, blk) in bytes.chunks_exact_mut(size).enumerate() {
+        let d = half::f16::from_f32(0.01 + 0.003 * (b % 5) as f32).to_le_bytes();
+        blk[0..2].copy_from_slice(&d);
+        if kind == GgmlBlocks::Q4_1 {
+            blk[2..4].copy_from_slice(&half::f16::from_f32(-0.04).to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// The best of `reps` timings of `f`, in seconds (after one untimed call).
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Batch-1 greedy decoding steps of the 7B NF4 preset after an 8-token prefill: each step's
+/// milliseconds (best and median of 32) and the GB/s of weights that implies.
+fn decode7b() {
+    let source = ModelSource::resolve("llama2-7b", "main").unwrap();
+    let t = Instant::now();
+    let model = source
+        .load_quantized(
+            DType::F32,
+            Quantization::Nf4 { double_quant: true },
+            &Device::Cpu,
+        )
+        .unwrap();
+    let load_s = t.elapsed().as_secs_f64();
+    let ctx = Ctx::eval();
+    let mut cache = model.new_cache();
+    let mut input = Tensor::new(
+        &[1u32, 450, 4996, 17354, 1701, 432, 17204, 975],
+        &Device::Cpu,
+    )
+    .unwrap()
+    .unsqueeze(0)
+    .unwrap();
+    let mut steps = Vec::new();
+    for _ in 0..33 {
+        let t = Instant::now();
+        let h = model.hidden_cached(&input, &ctx, &mut cache).unwrap();
+        let last = h.dim(1).unwrap() - 1;
+        let logits = model.head(&h.narrow(1, last, 1).unwrap()).unwrap();
+        let next: u32 = logits
+            .flatten_all()
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        steps.push(t.elapsed().as_secs_f64());
+        input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+    }
+    let mut decode = steps[1..].to_vec(); // the first is the prefill
+    decode.sort_by(f64::total_cmp);
+    // NF4 linears (codes, one-byte scales per 64, an f32 per 256 scales) and the f32 head.
+    let linear = 32.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0);
+    let read = linear * (0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0)) + 32000.0 * 4096.0 * 4.0;
+    let (best, median) = (decode[0], decode[decode.len() / 2]);
+    println!("| 7B NF4 preset | load {load_s:.1} s | step best {:.0} ms ({:.2} tok/s, {:.1} GB/s) | median {:.0} ms ({:.2} tok/s, {:.1} GB/s) |",
+        best * 1e3, 1.0 / best, read / best / 1e9, median * 1e3, 1.0 / median, read / median / 1e9);
+}
