@@ -349,39 +349,10 @@ mod simd {
     #[inline(always)]
     unsafe fn halves<const AT: i8>(v: __m256i) -> __m256 {
         let (a, c) = (AT, AT + 1);
+        #[rustfmt::skip]
         let pick = _mm256_setr_epi8(
-            a,
-            c,
-            a + 4,
-            c + 4,
-            a + 8,
-            c + 8,
-            a + 12,
-            c + 12,
-            -1,
-            -1,
-            -1,
-            -1,
-            -1,
-            -1,
-            -1,
-            -1,
-            a,
-            c,
-            a + 4,
-            c + 4,
-            a + 8,
-            c + 8,
-            a + 12,
-            c + 12,
-            -1,
-            -1,
-            -1,
-            -1,
-            -1,
-            -1,
-            -1,
-            -1,
+            a, c, a + 4, c + 4, a + 8, c + 8, a + 12, c + 12, -1, -1, -1, -1, -1, -1, -1, -1,
+            a, c, a + 4, c + 4, a + 8, c + 8, a + 12, c + 12, -1, -1, -1, -1, -1, -1, -1, -1,
         );
         // Four f16 in the low eight bytes of each 128-bit lane: join the two quadwords.
         let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(v, pick));

@@ -833,19 +833,30 @@ mod tests {
     }
 
     /// The dense weight by llama.cpp's reference dequantization (src/gguf/quants.rs).
-    #[test]
-    fn ggml_blocks_equal_the_dequantized_product() {
+    /// Each ggml format's blocks for a `rows` × `cols` weight, with the dense weight by
+    /// llama.cpp's reference dequantization (src/gguf/quants.rs).
+    fn ggml_cases(rows: usize, cols: usize) -> Vec<(GgmlBlocks, Vec<u8>, Vec<f32>)> {
         use crate::gguf::quants::dequantize;
         use crate::gguf::GgmlType;
-        let (rows, cols) = (41, 160);
-        for (kind, ty) in [
+        [
             (GgmlBlocks::Q4_0, GgmlType::Q4_0),
             (GgmlBlocks::Q4_1, GgmlType::Q4_1),
             (GgmlBlocks::Q8_0, GgmlType::Q8_0),
-        ] {
+        ]
+        .into_iter()
+        .map(|(kind, ty)| {
             let bytes = ggml_bytes(kind, rows * cols / GGML_BLOCK);
             let mut dense = vec![0f32; rows * cols];
             dequantize(ty, &bytes, &mut dense).unwrap();
+            (kind, bytes, dense)
+        })
+        .collect()
+    }
+
+    #[test]
+    fn ggml_blocks_equal_the_dequantized_product() {
+        let (rows, cols) = (41, 160);
+        for (kind, bytes, dense) in ggml_cases(rows, cols) {
             let w = QuantMatrix::Ggml {
                 kind,
                 bytes: &bytes,
@@ -861,18 +872,9 @@ mod tests {
     /// within that plus the activations' rounding bound.
     #[test]
     fn ggml_int8_route_equals_the_product_of_the_quantized_activations() {
-        use crate::gguf::quants::dequantize;
-        use crate::gguf::GgmlType;
         // 19 blocks a row: two groups of eight (the SIMD kernels' step) and three alone.
         let (rows, cols) = (23, 19 * GGML_BLOCK);
-        for (kind, ty) in [
-            (GgmlBlocks::Q4_0, GgmlType::Q4_0),
-            (GgmlBlocks::Q4_1, GgmlType::Q4_1),
-            (GgmlBlocks::Q8_0, GgmlType::Q8_0),
-        ] {
-            let bytes = ggml_bytes(kind, rows * cols / GGML_BLOCK);
-            let mut dense = vec![0f32; rows * cols];
-            dequantize(ty, &bytes, &mut dense).unwrap();
+        for (kind, bytes, dense) in ggml_cases(rows, cols) {
             let w = QuantMatrix::Ggml {
                 kind,
                 bytes: &bytes,
