@@ -170,11 +170,15 @@ fn kernels() -> Vec<Kernel> {
 }
 
 /// Whether a ggml format's product quantizes the activations to 8 bits for integer dot
-/// products (`quant_dot8`, llama.cpp's route) rather than keeping them in f32: chosen per
-/// format by measurement (docs/methods.md, "Fused quantized products"), the same on every CPU.
+/// products (`quant_dot8`, llama.cpp's route) rather than keeping them in f32, the same on
+/// every CPU (docs/methods.md §13). The 4-bit formats gain most from it; Q8_0 keeps f32
+/// activations: a GGUF's tied head is often Q8_0, and its input's outliers rounded to 8 bits
+/// per block of 32 moved SmolLM2's logits by up to 0.7 and changed its greedy chat answers
+/// (tests/chat_template.rs holds them to transformers').
 pub fn int8_activations(kind: GgmlBlocks) -> bool {
     match kind {
-        GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1 | GgmlBlocks::Q8_0 => true,
+        GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1 => true,
+        GgmlBlocks::Q8_0 => false,
     }
 }
 
