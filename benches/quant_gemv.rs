@@ -1,6 +1,6 @@
 //! The fused few-row products of ggml blocks (src/kernels/quant_gemv.rs) at SmolLM2's and the
 //! 7B shape's sizes, with the activations in f32 and quantized to 8 bits (integer dots): the
-//! measurement behind `quant_gemv::int8_activations`.
+//! measurement behind `--int8-activations` (`quant_gemv::use_int8_activations`).
 //!
 //!   cargo bench --bench quant_gemv [-- ROWS]   # ROWS of x per product (default 1)
 //!   cargo bench --bench quant_gemv -- decode7b  # the 7B NF4 preset's decoding steps

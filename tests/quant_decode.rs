@@ -1,6 +1,6 @@
-//! Decoding SmolLM2-135M-Instruct from its Q4_1 GGUF, and in NF4, with the fused few-row
-//! products (each step's one row reads the codes in place; the GGUF's tied head its Q8_0
-//! embedding) gives the greedy tokens of the composed form: the argmax at every position of
+//! Decoding SmolLM2-135M-Instruct from its Q4_1 GGUF (f32 activations, and 8-bit ones), and in
+//! NF4, with the fused few-row products (each step's one row reads the codes in place; the
+//! GGUF's tied head its Q8_0 embedding) gives the greedy tokens of the composed form: the argmax at every position of
 //! one full-sequence forward over prompt and completion, whose 20+ rows take the tiled
 //! dequantize-then-GEMM path and the dense head.
 
@@ -91,6 +91,12 @@ fn check(quant: Quantization) {
 #[test]
 fn gguf_blocks_decode_the_composed_greedy_tokens() {
     check(Quantization::None);
+    // llama.cpp's route (`--int8-activations`: Q4_1's activations rounded to 8 bits) keeps
+    // this prompt's greedy tokens too. (Process-wide; the other test here is NF4, which never
+    // takes it.)
+    prolora::kernels::quant_gemv::use_int8_activations(true);
+    check(Quantization::None);
+    prolora::kernels::quant_gemv::use_int8_activations(false);
 }
 
 #[test]

@@ -15,11 +15,12 @@ after making them (so a timed run under a lock does no preparation).
 Decode tokens/s = tokens generated after the first / (time with --new N − time with 1 new
 token), the best of --repeats runs each, so loading, tokenization and the prefill cancel out.
 Both tools decode greedily from the same prompt text (the model's chat format, written out);
-both quantize the activations to 8 bits for integer dot products on the GGUF rows, but round
-other things differently (prolora keeps each block's activation scale in f32 where ggml rounds
-it to f16, its KV cache in f32 where llama.cpp's is f16; docs/methods.md, "Fused quantized
-products"), so their texts may part at a near tie: the table says how many leading characters
-agree.
+llama.cpp quantizes the activations to 8 bits for integer dot products; prolora keeps them in
+f32 by default (transformers' numerics) and takes llama.cpp's route for Q4_0/Q4_1 with
+`--int8-activations` (a row each), still rounding other things differently (each block's
+activation scale in f32 where ggml rounds it to f16, the KV cache in f32 where llama.cpp's is
+f16; docs/methods.md §13), so the texts may part at a near tie: the table says how many
+leading characters agree.
 
 The limit: bytes of weights read per token (the linears as stored, the head as each tool reads
 it: the tied embedding's Q8_0 blocks from a GGUF, f32 from the NF4 model's directory) over the
@@ -202,12 +203,17 @@ def main():
         return seven_b_row(args, work, bw)
     for name, path in files.items():
         read = gguf_bytes_per_token(path)
-        tps, text = decode_rate(lambda n: ours(path, n, work), args.new, args.repeats)
         peer_tps, peer_text = decode_rate(llama_cpp_runner(path), args.new, args.repeats)
-        same = agreeing_prefix(text, peer_text)
-        print(f"| {name} (GGUF) | {read / 2**20:.1f} MiB | {tps:.1f} | {tps * read / bw:.0%} | "
-              f"{peer_tps:.1f} | {peer_tps * read / bw:.0%} | {tps / peer_tps:.2f}× | "
-              f"{'all' if text == peer_text else f'{same} of {len(text)}'} |", flush=True)
+        # The default (f32 activations) and, for the 4-bit formats, llama.cpp's own route.
+        routes = [("", [])] + ([(", --int8-activations", ["--int8-activations"])]
+                               if name != "Q8_0" else [])
+        for label, extra in routes:
+            tps, text = decode_rate(lambda n: ours(path, n, work, extra), args.new, args.repeats)
+            same = agreeing_prefix(text, peer_text)
+            print(f"| {name} (GGUF){label} | {read / 2**20:.1f} MiB | {tps:.1f} | "
+                  f"{tps * read / bw:.0%} | {peer_tps:.1f} | {peer_tps * read / bw:.0%} | "
+                  f"{tps / peer_tps:.2f}× | "
+                  f"{'all' if text == peer_text else f'{same} of {len(text)}'} |", flush=True)
     read = nf4_bytes_per_token(f32_dir)
     tps, _ = decode_rate(lambda n: ours(f32_dir, n, work, ["--quantize", "nf4"]), args.new,
                          args.repeats)

@@ -50,6 +50,18 @@ pub struct BaseArgs {
     /// Compute device: auto (CUDA when built with it and a GPU is present), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
+    /// Decode a GGUF's Q4_0/Q4_1 linears as llama.cpp does, the activations rounded to 8 bits
+    /// for integer dot products: faster on the CPU, but the logits move (no longer those of
+    /// transformers' f32 computation) and near ties go either way.
+    #[arg(long)]
+    pub int8_activations: bool,
+}
+
+impl BaseArgs {
+    /// Settings of the whole process that these arguments make.
+    pub fn apply(&self) {
+        crate::kernels::quant_gemv::use_int8_activations(self.int8_activations);
+    }
 }
 
 /// The base model a command runs, and the adapter on it.
@@ -82,6 +94,7 @@ pub(super) fn load_model_from(
         args.base.chat_format,
     )?;
     encoder.check_fits(source.config.vocab_size)?;
+    args.base.apply();
     let quant = Quantization::new(args.base.quantize, args.base.double_quant);
     let mut model = source.load_quantized(args.base.dtype.on(device), quant, device)?;
     if let Some(dir) = &args.adapter {

@@ -91,6 +91,7 @@ fn adapters_below(root: &Path) -> Result<Vec<(String, PathBuf)>> {
 }
 
 pub(super) fn run(args: ServeArgs) -> Result<()> {
+    args.base.apply();
     let source = ModelSource::resolve(&args.base.spec.model, &args.base.spec.revision)?;
     let base_name = args.base.spec.model.clone();
     let mut adapters = args.adapters.clone();

@@ -169,17 +169,22 @@ fn kernels() -> Vec<Kernel> {
     k
 }
 
-/// Whether a ggml format's product quantizes the activations to 8 bits for integer dot
-/// products (`quant_dot8`, llama.cpp's route) rather than keeping them in f32, the same on
-/// every CPU (docs/methods.md §13). The 4-bit formats gain most from it; Q8_0 keeps f32
-/// activations: a GGUF's tied head is often Q8_0, and its input's outliers rounded to 8 bits
-/// per block of 32 moved SmolLM2's logits by up to 0.7 and changed its greedy chat answers
-/// (tests/chat_template.rs holds them to transformers').
+/// Whether the 4-bit ggml products round the activations to 8 bits (process-wide; off unless
+/// asked for with `--int8-activations`).
+static INT8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Opts Q4_0 and Q4_1 products into llama.cpp's route (`quant_dot8`: activations rounded to 8
+/// bits, integer dot products), for the whole process. Off by default: it moves logits far
+/// past the tolerances that hold a GGUF model to transformers' (SmolLM2: up to 1.4), and a
+/// tied Q8_0 head on it changed SmolLM2's greedy chat answers, so Q8_0 never takes it.
+pub fn use_int8_activations(on: bool) {
+    INT8_ACTIVATIONS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether a ggml format's product takes the 8-bit route now ([`use_int8_activations`]).
 pub fn int8_activations(kind: GgmlBlocks) -> bool {
-    match kind {
-        GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1 => true,
-        GgmlBlocks::Q8_0 => false,
-    }
+    INT8_ACTIVATIONS.load(std::sync::atomic::Ordering::Relaxed)
+        && matches!(kind, GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1)
 }
 
 /// `x (m, cols) · Wᵀ → (m, rows)`, row-major, in parallel over the rows of `W`. `None` when
