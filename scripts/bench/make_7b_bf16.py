@@ -56,7 +56,10 @@ def main():
                    "rope_theta": 10000.0, "max_position_embeddings": 4096, "torch_dtype": "bfloat16",
                    "tie_word_embeddings": False, "hidden_act": "silu"}, f)
     here = os.path.dirname(os.path.abspath(__file__))
-    shutil.copy(os.path.join(here, "..", "..", "assets", "llama2-tokenizer.json"), os.path.join(out, "tokenizer.json"))
+    assets = os.path.join(here, "..", "..", "assets")
+    shutil.copy(os.path.join(assets, "llama2-tokenizer.json"), os.path.join(out, "tokenizer.json"))
+    # Its special tokens (eos for the chat format), as a Hub LLaMA-2 repository has them.
+    shutil.copy(os.path.join(assets, "tokenizer_config.json"), os.path.join(out, "tokenizer_config.json"))
 
 
 if __name__ == "__main__":
