@@ -340,7 +340,7 @@ impl Tiles for BlockMatrix {
         self.tile_into(&(), 0..o, 0..h, out)
     }
 
-    /// Row by row in parallel, each through an f32 row buffer of the worker's.
+    /// Runs of rows in parallel, written in place in f32, else through an f32 row buffer.
     fn tile_into<T: TileBuffer>(
         &self,
         _: &(),
@@ -348,18 +348,31 @@ impl Tiles for BlockMatrix {
         cols: Range<usize>,
         out: &mut [T],
     ) {
-        let width = cols.len();
-        out.par_chunks_mut(width.max(1)).zip(rows).for_each_init(
-            || vec![0f32; width],
-            |row_f32, (o, r)| {
-                self.row_part_into(r, cols.clone(), row_f32);
-                for (o, &v) in o.iter_mut().zip(row_f32.iter()) {
-                    *o = T::from_f32(v);
+        let width = cols.len().max(1);
+        let run = (ELEMS_PER_TASK / width).max(1);
+        out.par_chunks_mut(width * run)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                let first = rows.start + t * run;
+                if let Some(chunk) = T::as_f32(chunk) {
+                    for (i, o) in chunk.chunks_exact_mut(width).enumerate() {
+                        self.row_part_into(first + i, cols.clone(), o);
+                    }
+                    return;
                 }
-            },
-        );
+                let mut row = vec![0f32; width];
+                for (i, o) in chunk.chunks_exact_mut(width).enumerate() {
+                    self.row_part_into(first + i, cols.clone(), &mut row);
+                    for (o, &v) in o.iter_mut().zip(&row) {
+                        *o = T::from_f32(v);
+                    }
+                }
+            });
     }
 }
+
+/// Weight elements a parallel task dequantizes (whole rows of ggml blocks).
+const ELEMS_PER_TASK: usize = 1 << 15;
 
 /// A decoding step's forward (a few f32 rows times a weight the fused kernels read): the
 /// codes and scales are read once, dequantized in registers. `None`: use the tiled GEMM.
@@ -634,14 +647,21 @@ impl CustomOp1 for BlockMatmul {
 trait TileBuffer: Nf4Out + candle_core::WithDType + Default {
     fn buffer(s: &mut CpuStorage) -> &mut Vec<Self>;
 
+    /// The tile as f32 where it is f32 (dequantizers write it directly).
+    fn as_f32(_tile: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
+
     /// Runs `f` with this thread's tile buffer of this type, kept between calls: a training
     /// step dequantizes every weight twice, and a fresh buffer each time was zero-filled first.
     fn with_scratch<R>(f: impl FnOnce(&mut CpuStorage) -> R) -> R;
 }
 
 macro_rules! tile_buffer {
-    ($t:ty, $variant:ident) => {
+    ($t:ty, $variant:ident $(, $own:item)?) => {
         impl TileBuffer for $t {
+            $($own)?
+
             fn buffer(s: &mut CpuStorage) -> &mut Vec<$t> {
                 match s {
                     CpuStorage::$variant(v) => v,
@@ -659,7 +679,13 @@ macro_rules! tile_buffer {
         }
     };
 }
-tile_buffer!(f32, F32);
+tile_buffer!(
+    f32,
+    F32,
+    fn as_f32(tile: &mut [f32]) -> Option<&mut [f32]> {
+        Some(tile)
+    }
+);
 tile_buffer!(f64, F64);
 tile_buffer!(bf16, BF16);
 tile_buffer!(f16, F16);
