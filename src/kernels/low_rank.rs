@@ -142,8 +142,18 @@ mod tests {
         let y0: Vec<f64> = (0..n * width).map(|i| val(i, 8)).collect();
         let mut got = y0.clone();
         let updates = [
-            Update { cols: 0..40, ranks: 0..rank, scale: 0.5, r: &r1[..] },
-            Update { cols: 65..100, ranks: rank..2 * rank, scale: 2.0, r: &r2[..] },
+            Update {
+                cols: 0..40,
+                ranks: 0..rank,
+                scale: 0.5,
+                r: &r1[..],
+            },
+            Update {
+                cols: 65..100,
+                ranks: rank..2 * rank,
+                scale: 2.0,
+                r: &r2[..],
+            },
         ];
         add_low_rank(&mut got, width, &down, 2 * rank, &updates);
         for i in 0..n {

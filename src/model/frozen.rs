@@ -577,9 +577,15 @@ impl Tiles for StackedTiles<'_> {
     /// A column tile must be whole blocks of every part (the least common multiple).
     fn block_cols(&self) -> usize {
         fn gcd(a: usize, b: usize) -> usize {
-            if b == 0 { a } else { gcd(b, a % b) }
+            if b == 0 {
+                a
+            } else {
+                gcd(b, a % b)
+            }
         }
-        self.0.iter().fold(1, |l, p| l / gcd(l, p.block_cols()) * p.block_cols())
+        self.0
+            .iter()
+            .fold(1, |l, p| l / gcd(l, p.block_cols()) * p.block_cols())
     }
 
     fn prepare(&self) -> Self::Prepared {
@@ -864,7 +870,10 @@ impl FrozenLinear {
             })?,
             // On a GPU the parts' own ops, side by side.
             Weight::Stacked(parts) => {
-                let ys: Vec<Tensor> = parts.iter().map(|p| p.forward(&x2)).collect::<Result<_>>()?;
+                let ys: Vec<Tensor> = parts
+                    .iter()
+                    .map(|p| p.forward(&x2))
+                    .collect::<Result<_>>()?;
                 Tensor::cat(&ys, 1)?
             }
         };
@@ -933,7 +942,9 @@ fn stacked_product(
             true => {
                 let mut y = parts[0].to_vec();
                 for p in &parts[1..] {
-                    y.par_iter_mut().zip(p.par_iter()).for_each(|(a, &b)| *a += b);
+                    y.par_iter_mut()
+                        .zip(p.par_iter())
+                        .for_each(|(a, &b)| *a += b);
                 }
                 y
             }
@@ -1064,8 +1075,14 @@ mod tests {
             QuantPart::Nf4(&b),
             QuantPart::Nf4(&c),
         ]));
-        let (d, e) = (blocks_of(GgmlType::Q4_1, 20, 256), blocks_of(GgmlType::Q8_0, 12, 256));
-        check_tiles(&StackedTiles(vec![QuantPart::Blocks(&d), QuantPart::Blocks(&e)]));
+        let (d, e) = (
+            blocks_of(GgmlType::Q4_1, 20, 256),
+            blocks_of(GgmlType::Q8_0, 12, 256),
+        );
+        check_tiles(&StackedTiles(vec![
+            QuantPart::Blocks(&d),
+            QuantPart::Blocks(&e),
+        ]));
     }
 
     /// A stack of quantized layers computes what its parts compute side by side: the output
@@ -1078,13 +1095,19 @@ mod tests {
             let v: Vec<f32> = (0..o * 128)
                 .map(|i| ((i * 37 + salt) % 101) as f32 / 70.0 - 0.7)
                 .collect();
-            FrozenLinear::nf4(Nf4Tensor::quantize("w", &v, &[o, 128], false).unwrap(), &dev)
-                .unwrap()
+            FrozenLinear::nf4(
+                Nf4Tensor::quantize("w", &v, &[o, 128], false).unwrap(),
+                &dev,
+            )
+            .unwrap()
         };
         let blocks = |o: usize| {
             FrozenLinear::blocks(blocks_of(GgmlType::Q4_1, o, 128), DType::F32, &dev).unwrap()
         };
-        for parts in [vec![nf4(24, 1), nf4(8, 2), nf4(8, 3)], vec![blocks(16), blocks(32)]] {
+        for parts in [
+            vec![nf4(24, 1), nf4(8, 2), nf4(8, 3)],
+            vec![blocks(16), blocks(32)],
+        ] {
             let stack = FrozenLinear::stack(parts.clone()).unwrap();
             let out: usize = parts.iter().map(|p| p.dims().0).sum();
             assert_eq!(stack.dims(), (out, 128));
@@ -1098,12 +1121,20 @@ mod tests {
                     .reshape((rows, out))
                     .unwrap();
                 let run = |y: Tensor| {
-                    let grads = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grads = (&y * &weights)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
                     let dx = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
                     let y = y.flatten_all().unwrap();
                     (y.to_vec1::<f32>().unwrap(), dx.to_vec1::<f32>().unwrap())
                 };
-                let ys: Vec<Tensor> = parts.iter().map(|p| p.forward(x.as_tensor()).unwrap()).collect();
+                let ys: Vec<Tensor> = parts
+                    .iter()
+                    .map(|p| p.forward(x.as_tensor()).unwrap())
+                    .collect();
                 let (y0, dx0) = run(Tensor::cat(&ys, 1).unwrap());
                 let (y1, dx1) = run(stack.forward(x.as_tensor()).unwrap());
                 for (want, got) in [(y0, y1), (dx0, dx1)] {

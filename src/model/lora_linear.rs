@@ -335,7 +335,9 @@ impl LoraGroup {
             let x = slice::<T>(xs, xl)?;
             let mut down = vec![T::zero(); n * rank];
             for (_, l) in self.loras() {
-                let a_p = al.narrow(0, l.ranks.start, l.ranks.len())?.transpose(0, 1)?;
+                let a_p = al
+                    .narrow(0, l.ranks.start, l.ranks.len())?
+                    .transpose(0, 1)?;
                 let r_p = l.ranks.len();
                 let part = match l.mask {
                     Some(m) => {
@@ -344,7 +346,10 @@ impl LoraGroup {
                     }
                     None => xs.matmul(a_s, (1, n, r_p, k), xl, &a_p)?,
                 };
-                for (row, p) in down.chunks_exact_mut(rank).zip(part.as_slice::<T>()?.chunks_exact(r_p)) {
+                for (row, p) in down
+                    .chunks_exact_mut(rank)
+                    .zip(part.as_slice::<T>()?.chunks_exact(r_p))
+                {
                     row[l.ranks.clone()].copy_from_slice(p);
                 }
             }
@@ -357,7 +362,10 @@ impl LoraGroup {
             .map(|(s, l)| {
                 let out = s.cols.len();
                 let mut bt = vec![T::zero(); r * out];
-                for (o, row) in b[l.b_rows.start * r..l.b_rows.end * r].chunks_exact(r).enumerate() {
+                for (o, row) in b[l.b_rows.start * r..l.b_rows.end * r]
+                    .chunks_exact(r)
+                    .enumerate()
+                {
                     for (j, &v) in row.iter().enumerate() {
                         bt[j * out + o] = v;
                     }
@@ -442,8 +450,12 @@ impl CustomOp3 for LoraGroup {
             (CpuStorage::F64(y), false) => {
                 CpuStorage::F64(self.forward_add(y, (s1, l1), (s2, l2), (s3, l3))?)
             }
-            (CpuStorage::F32(y), true) => CpuStorage::F32(self.input_grad_add(y, (s2, l2), (s3, l3))?),
-            (CpuStorage::F64(y), true) => CpuStorage::F64(self.input_grad_add(y, (s2, l2), (s3, l3))?),
+            (CpuStorage::F32(y), true) => {
+                CpuStorage::F32(self.input_grad_add(y, (s2, l2), (s3, l3))?)
+            }
+            (CpuStorage::F64(y), true) => {
+                CpuStorage::F64(self.input_grad_add(y, (s2, l2), (s3, l3))?)
+            }
             (other, _) => candle_core::bail!("LoRA linear: unsupported dtype {:?}", other.dtype()),
         };
         Ok((y, shape))
@@ -526,7 +538,8 @@ mod tests {
                         None => y,
                         Some((a, b)) => {
                             let xd = ctx.dropout(xt, dropout).unwrap();
-                            let down = (xd.matmul(&a.as_tensor().t().unwrap()).unwrap() * s).unwrap();
+                            let down =
+                                (xd.matmul(&a.as_tensor().t().unwrap()).unwrap() * s).unwrap();
                             (y + down.matmul(&b.as_tensor().t().unwrap()).unwrap()).unwrap()
                         }
                     }
@@ -534,7 +547,12 @@ mod tests {
                 .collect();
             Tensor::cat(&ys, 1).unwrap()
         };
-        let grads = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (&y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let flat = |t: &Tensor| {
             t.flatten_all()
                 .unwrap()
@@ -581,7 +599,10 @@ mod tests {
     }
 
     fn nf4(out: usize, inp: usize, salt: usize) -> FrozenLinear {
-        let w: Vec<f32> = values(out * inp, salt, 0.3).iter().map(|&v| v as f32).collect();
+        let w: Vec<f32> = values(out * inp, salt, 0.3)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
         let q = Nf4Tensor::quantize("w", &w, &[out, inp], true).unwrap();
         FrozenLinear::nf4(q, &Device::Cpu).unwrap()
     }
@@ -601,7 +622,13 @@ mod tests {
     /// (one concatenated weight) and stacked 4-bit ones (kept apart).
     #[test]
     fn stacked_projections_equal_the_composed_linears() {
-        let dense3 = |dtype| vec![dense(24, 40, 5, dtype), dense(8, 40, 6, dtype), dense(8, 40, 7, dtype)];
+        let dense3 = |dtype| {
+            vec![
+                dense(24, 40, 5, dtype),
+                dense(8, 40, 6, dtype),
+                dense(8, 40, 7, dtype),
+            ]
+        };
         check(dense3, &[true, true, true]);
         check(dense3, &[true, false, true]);
         let nf4s = |_| vec![nf4(32, 128, 6), nf4(16, 128, 7), nf4(16, 128, 8)];
