@@ -151,10 +151,19 @@ impl Block {
                 })
                 .collect()
         };
-        let ys = if all_plain && lora_linear::supported(&x, &loras) {
+        let cpu_training = ctx.is_training() && lora_linear::supported(&x, &loras);
+        let ys = if cpu_training && all_plain {
             lora_linear::forward(base, &outs, &loras, &x, ctx)?
         } else {
-            let ys = split(base.forward(&x)?)?;
+            let ys = match cpu_training && outs.len() > 1 {
+                // Other methods: the frozen products as the group's parts (narrowed views
+                // would get gradients candle pads with zeros), their deltas added after.
+                true => {
+                    let none: Vec<Option<PlainLora>> = outs.iter().map(|_| None).collect();
+                    lora_linear::forward(base, &outs, &none, &x, ctx)?
+                }
+                false => split(base.forward(&x)?)?,
+            };
             members
                 .iter()
                 .zip(ys)

@@ -30,20 +30,16 @@ pub struct PlainLora {
     pub dropout: f64,
 }
 
-/// Whether [`forward`] computes `x` with these adapters: f32 or f64 on the CPU, one dtype, one
-/// rank.
+/// Whether [`forward`] computes `x` with these adapters (or none): f32 or f64 on the CPU, one
+/// dtype, one rank.
 pub fn supported(x: &Tensor, loras: &[Option<PlainLora>]) -> bool {
-    let mut adapted = loras.iter().flatten();
-    let Some(first) = adapted.next() else {
-        return false;
-    };
-    let rank = first.a.dim(0).ok();
+    let rank = loras.iter().flatten().next().map(|l| l.a.dim(0).ok());
     x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && loras
             .iter()
             .flatten()
-            .all(|l| l.a.dtype() == x.dtype() && l.a.dim(0).ok() == rank)
+            .all(|l| l.a.dtype() == x.dtype() && Some(l.a.dim(0).ok()) == rank)
 }
 
 /// Each part's output `x (n, in) → (n, out_p)`: the stacked frozen `base` (its parts `outs`
@@ -91,8 +87,12 @@ pub fn forward(
         [one] => Ok(one.detach()),
         _ => Tensor::cat(ts, 0).map(|t| t.detach()),
     };
-    let (a_all, b_all) = (cat(&a)?, cat(&b)?);
     let x = x.contiguous()?;
+    // With no adapter (the frozen products alone) the factors' places are never read.
+    let (a_all, b_all) = match a.is_empty() {
+        true => (x.detach(), x.detach()),
+        false => (cat(&a)?, cat(&b)?),
+    };
     let op = LoraGroup {
         base: base.clone(),
         segments: segments.into(),
@@ -200,13 +200,18 @@ impl Part {
             1 => Ok(ts.pop().expect("one")),
             _ => Tensor::cat(&ts, 1),
         };
+        let g = join(grads)?;
+        // No adapter: the factors' places are never read.
+        let down_g = match downs.is_empty() {
+            true => g.clone(),
+            false => join(downs)?,
+        };
         let op = LoraGroup {
             base: self.group.op.base.clone(),
             segments: self.group.op.segments.clone(),
             input_grad: true,
         };
-        join(grads)?
-            .apply_op3_no_bwd(&join(downs)?, &self.group.a_all, &op)
+        g.apply_op3_no_bwd(&down_g, &self.group.a_all, &op)
             .map(Some)
     }
 }
@@ -314,6 +319,9 @@ impl LoraGroup {
         (a_s, al): (&CpuStorage, &Layout),
         (bs, bl): (&CpuStorage, &Layout),
     ) -> Result<Vec<T>> {
+        if self.loras().next().is_none() {
+            return Ok(y);
+        }
         let ((rank, in_features), (b_out, b_rank)) = (al.shape().dims2()?, bl.shape().dims2()?);
         let (n, k) = xl.shape().dims2()?;
         let width = self.segments.last().map_or(0, |s| s.cols.end);
@@ -394,6 +402,9 @@ impl LoraGroup {
         (ds, dl): (&CpuStorage, &Layout),
         (a_s, al): (&CpuStorage, &Layout),
     ) -> Result<Vec<T>> {
+        if self.loras().next().is_none() {
+            return Ok(dx);
+        }
         let (rank, in_features) = al.shape().dims2()?;
         let (down_g, a) = (slice::<T>(ds, dl)?, slice::<T>(a_s, al)?);
         if !self.masked() {
@@ -634,5 +645,6 @@ mod tests {
         let nf4s = |_| vec![nf4(32, 128, 6), nf4(16, 128, 7), nf4(16, 128, 8)];
         check(nf4s, &[true, true, true]);
         check(nf4s, &[false, true, true]);
+        check(dense3, &[false, false, false]);
     }
 }
