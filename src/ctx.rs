@@ -58,13 +58,17 @@ impl Ctx {
 
     /// Inverted dropout with probability `p`, as `torch.nn.Dropout` in training mode.
     pub fn dropout(&self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
-        let Some(rng) = &self.dropout_rng else {
-            return Ok(x.clone());
-        };
-        if p <= 0.0 {
-            return Ok(x.clone());
+        match self.dropout_seed(p) {
+            Some(seed) => dropout::dropout(x, seed, p),
+            None => Ok(x.clone()),
         }
-        // One draw from the context's stream per call; the mask is a hash of it.
-        dropout::dropout(x, rng.borrow_mut().next_u64(), p)
+    }
+
+    /// The seed [`Self::dropout`] would draw for probability `p` (None where it is the
+    /// identity), for ops that apply the mask themselves: one draw from the context's stream
+    /// per call; the mask is a hash of it.
+    pub fn dropout_seed(&self, p: f64) -> Option<u64> {
+        let rng = self.dropout_rng.as_ref()?;
+        (p > 0.0).then(|| rng.borrow_mut().next_u64())
     }
 }

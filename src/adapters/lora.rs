@@ -5,6 +5,7 @@ use super::{adapter_input, uniform_var, Adapter, AdapterConfig, Param, Parts, Ro
 use crate::ctx::Ctx;
 use crate::model::config::BLOCK_LINEARS;
 use crate::model::llama::Delta;
+use crate::model::lora_linear::PlainLora;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
@@ -148,13 +149,12 @@ impl Delta for Lora {
         down.matmul(&self.b.t()?)?.to_dtype(out_dtype)
     }
 
-    fn plain_lora(&self, ctx: &Ctx) -> Option<(Tensor, Tensor, f64)> {
-        (ctx.is_training() && self.dropout == 0.0).then(|| {
-            (
-                self.a.as_tensor().clone(),
-                self.b.as_tensor().clone(),
-                self.scaling,
-            )
+    fn plain_lora(&self, ctx: &Ctx) -> Option<PlainLora> {
+        ctx.is_training().then(|| PlainLora {
+            a: self.a.as_tensor().clone(),
+            b: self.b.as_tensor().clone(),
+            scaling: self.scaling,
+            dropout: self.dropout,
         })
     }
 }

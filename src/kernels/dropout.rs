@@ -9,8 +9,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-#[derive(Clone, Copy)]
-struct Dropout {
+/// One call's mask: public to the crate for ops that drop inside themselves (the fused LoRA
+/// linear drops its adapters' inputs as [`dropout`] would).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dropout {
     seed: u64,
     threshold: u32,
     scale: f32,
@@ -50,9 +52,18 @@ fn apply_chunk_portable<T: WithDType>(ys: &mut [T], xs: &[T], first: u64, op: Dr
 }
 
 impl Dropout {
+    /// The mask [`dropout`] draws for `seed` and probability `p`.
+    pub(crate) fn new(seed: u64, p: f64) -> Self {
+        Dropout {
+            seed,
+            threshold: (p * 2f64.powi(32)).min(u32::MAX as f64) as u32,
+            scale: (1.0 / (1.0 - p)) as f32,
+        }
+    }
+
     /// `x · mask` with the mask in `x`'s dtype: a dropped NaN or ∞ still poisons the output, as
     /// PyTorch's (the non-finite guard must see it).
-    fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+    pub(crate) fn apply<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let mut y = vec![T::zero(); x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
@@ -89,12 +100,7 @@ impl CustomOp1 for Dropout {
 
 /// Dropout with probability `p` (0 ≤ p < 1) whose mask is derived from `seed`.
 pub fn dropout(x: &Tensor, seed: u64, p: f64) -> Result<Tensor> {
-    let op = Dropout {
-        seed,
-        threshold: (p * 2f64.powi(32)).min(u32::MAX as f64) as u32,
-        scale: (1.0 / (1.0 - p)) as f32,
-    };
-    x.contiguous()?.apply_op1(op)
+    x.contiguous()?.apply_op1(Dropout::new(seed, p))
 }
 
 #[cfg(test)]

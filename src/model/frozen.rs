@@ -340,7 +340,7 @@ impl Tiles for BlockMatrix {
         self.tile_into(&(), 0..o, 0..h, out)
     }
 
-    /// Row by row in parallel, each through an f32 row buffer of the worker's.
+    /// Runs of rows in parallel, written in place in f32, else through an f32 row buffer.
     fn tile_into<T: TileBuffer>(
         &self,
         _: &(),
@@ -348,18 +348,31 @@ impl Tiles for BlockMatrix {
         cols: Range<usize>,
         out: &mut [T],
     ) {
-        let width = cols.len();
-        out.par_chunks_mut(width.max(1)).zip(rows).for_each_init(
-            || vec![0f32; width],
-            |row_f32, (o, r)| {
-                self.row_part_into(r, cols.clone(), row_f32);
-                for (o, &v) in o.iter_mut().zip(row_f32.iter()) {
-                    *o = T::from_f32(v);
+        let width = cols.len().max(1);
+        let run = (ELEMS_PER_TASK / width).max(1);
+        out.par_chunks_mut(width * run)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                let first = rows.start + t * run;
+                if let Some(chunk) = T::as_f32(chunk) {
+                    for (i, o) in chunk.chunks_exact_mut(width).enumerate() {
+                        self.row_part_into(first + i, cols.clone(), o);
+                    }
+                    return;
                 }
-            },
-        );
+                let mut row = vec![0f32; width];
+                for (i, o) in chunk.chunks_exact_mut(width).enumerate() {
+                    self.row_part_into(first + i, cols.clone(), &mut row);
+                    for (o, &v) in o.iter_mut().zip(&row) {
+                        *o = T::from_f32(v);
+                    }
+                }
+            });
     }
 }
+
+/// Weight elements a parallel task dequantizes (whole rows of ggml blocks).
+const ELEMS_PER_TASK: usize = 1 << 15;
 
 /// A decoding step's forward (a few f32 rows times a weight the fused kernels read): the
 /// codes and scales are read once, dequantized in registers. `None`: use the tiled GEMM.
@@ -460,6 +473,154 @@ fn tiled<T: TileBuffer, W: Tiles>(
     Ok((T::to_cpu_storage_owned(y), Shape::from((n, out_width))))
 }
 
+/// One quantized weight in host memory, as a part of a stack.
+#[derive(Clone, Copy)]
+enum QuantPart<'a> {
+    Nf4(&'a Nf4Tensor),
+    Blocks(&'a BlockMatrix),
+}
+
+impl<'a> QuantPart<'a> {
+    fn of(layer: &'a FrozenLinear) -> Option<Self> {
+        match &layer.weight {
+            Weight::Nf4(w) => match &**w {
+                Nf4Codes::Host(q) => Some(Self::Nf4(q)),
+                Nf4Codes::Device { .. } => None,
+            },
+            Weight::Blocks(w) => Some(Self::Blocks(w)),
+            Weight::Dense(_) | Weight::Stacked(_) => None,
+        }
+    }
+}
+
+/// Quantized weights stacked along the output, dequantized into one tile: one GEMM of the
+/// stacked width (the forward), or of the stacked depth (the input gradient, whose sum over
+/// the parts is then the GEMM's own).
+struct StackedTiles<'a>(Vec<QuantPart<'a>>);
+
+impl StackedTiles<'_> {
+    /// Each part with its first row in the stack.
+    fn parts(&self) -> impl Iterator<Item = (usize, QuantPart<'_>)> {
+        self.0.iter().scan(0, |first, &p| {
+            let at = *first;
+            *first += p.shape().0;
+            Some((at, p))
+        })
+    }
+}
+
+impl Tiles for QuantPart<'_> {
+    type Prepared = Option<Vec<f32>>;
+
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Self::Nf4(q) => Tiles::shape(*q),
+            Self::Blocks(q) => Tiles::shape(*q),
+        }
+    }
+
+    fn tileable(&self) -> bool {
+        match self {
+            Self::Nf4(q) => q.tileable(),
+            Self::Blocks(q) => q.tileable(),
+        }
+    }
+
+    fn block_cols(&self) -> usize {
+        match self {
+            Self::Nf4(q) => q.block_cols(),
+            Self::Blocks(q) => q.block_cols(),
+        }
+    }
+
+    fn prepare(&self) -> Option<Vec<f32>> {
+        match self {
+            Self::Nf4(q) => Some(q.prepare()),
+            Self::Blocks(_) => None,
+        }
+    }
+
+    fn whole_into<T: TileBuffer>(&self, out: &mut [T]) {
+        match self {
+            Self::Nf4(q) => q.whole_into(out),
+            Self::Blocks(q) => q.whole_into(out),
+        }
+    }
+
+    fn tile_into<T: TileBuffer>(
+        &self,
+        prepared: &Option<Vec<f32>>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: &mut [T],
+    ) {
+        match (self, prepared) {
+            (Self::Nf4(q), Some(absmax)) => q.tile_into(absmax, rows, cols, out),
+            (Self::Nf4(q), None) => q.tile_into(&q.prepare(), rows, cols, out),
+            (Self::Blocks(q), _) => q.tile_into(&(), rows, cols, out),
+        }
+    }
+}
+
+impl Tiles for StackedTiles<'_> {
+    type Prepared = Vec<Option<Vec<f32>>>;
+
+    fn shape(&self) -> (usize, usize) {
+        let h = self.0.first().map_or(0, |p| p.shape().1);
+        (self.0.iter().map(|p| p.shape().0).sum(), h)
+    }
+
+    fn tileable(&self) -> bool {
+        self.0.iter().all(|p| p.tileable())
+    }
+
+    /// A column tile must be whole blocks of every part (the least common multiple).
+    fn block_cols(&self) -> usize {
+        fn gcd(a: usize, b: usize) -> usize {
+            if b == 0 {
+                a
+            } else {
+                gcd(b, a % b)
+            }
+        }
+        self.0
+            .iter()
+            .fold(1, |l, p| l / gcd(l, p.block_cols()) * p.block_cols())
+    }
+
+    fn prepare(&self) -> Self::Prepared {
+        self.0.iter().map(|p| p.prepare()).collect()
+    }
+
+    fn whole_into<T: TileBuffer>(&self, out: &mut [T]) {
+        let h = self.shape().1;
+        for (first, p) in self.parts() {
+            let o = p.shape().0;
+            p.whole_into(&mut out[first * h..(first + o) * h]);
+        }
+    }
+
+    /// Each part dequantizes the rows of the tile that are its own (a tile is row-major, so
+    /// they are one run of it).
+    fn tile_into<T: TileBuffer>(
+        &self,
+        prepared: &Self::Prepared,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: &mut [T],
+    ) {
+        let width = cols.len();
+        for ((first, p), prep) in self.parts().zip(prepared) {
+            let (start, end) = (rows.start.max(first), rows.end.min(first + p.shape().0));
+            if start >= end {
+                continue;
+            }
+            let out = &mut out[(start - rows.start) * width..(end - rows.start) * width];
+            p.tile_into(prep, start - first..end - first, cols.clone(), out);
+        }
+    }
+}
+
 /// A matmul with a weight in ggml blocks held by the op (never a variable, never a gradient).
 struct BlockMatmul {
     w: Arc<BlockMatrix>,
@@ -492,14 +653,21 @@ impl CustomOp1 for BlockMatmul {
 trait TileBuffer: Nf4Out + candle_core::WithDType + Default {
     fn buffer(s: &mut CpuStorage) -> &mut Vec<Self>;
 
+    /// The tile as f32 where it is f32 (dequantizers write it directly).
+    fn as_f32(_tile: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
+
     /// Runs `f` with this thread's tile buffer of this type, kept between calls: a training
     /// step dequantizes every weight twice, and a fresh buffer each time was zero-filled first.
     fn with_scratch<R>(f: impl FnOnce(&mut CpuStorage) -> R) -> R;
 }
 
 macro_rules! tile_buffer {
-    ($t:ty, $variant:ident) => {
+    ($t:ty, $variant:ident $(, $own:item)?) => {
         impl TileBuffer for $t {
+            $($own)?
+
             fn buffer(s: &mut CpuStorage) -> &mut Vec<$t> {
                 match s {
                     CpuStorage::$variant(v) => v,
@@ -517,7 +685,13 @@ macro_rules! tile_buffer {
         }
     };
 }
-tile_buffer!(f32, F32);
+tile_buffer!(
+    f32,
+    F32,
+    fn as_f32(tile: &mut [f32]) -> Option<&mut [f32]> {
+        Some(tile)
+    }
+);
 tile_buffer!(f64, F64);
 tile_buffer!(bf16, BF16);
 tile_buffer!(f16, F16);
@@ -529,6 +703,9 @@ enum Weight {
     Nf4(Arc<Nf4Codes>),
     /// ggml blocks from a GGUF file, in host memory.
     Blocks(Arc<BlockMatrix>),
+    /// Quantized weights stacked along the output (a block's q, k and v): each keeps its own
+    /// codes and scales (double quantization's scales are per tensor, so they cannot merge).
+    Stacked(Arc<[FrozenLinear]>),
 }
 
 /// A weight that never trains.
@@ -564,11 +741,31 @@ impl FrozenLinear {
         Ok(Self::new(dense))
     }
 
+    /// The layers `parts` (same input) as one whose output is theirs side by side: dense
+    /// weights concatenated into one (one wider product), quantized ones kept as they are and
+    /// computed one after another. The parts' weights are not kept beside it.
+    pub fn stack(mut parts: Vec<FrozenLinear>) -> Result<Self> {
+        let inputs: Vec<usize> = parts.iter().map(|p| p.dims().1).collect();
+        if inputs.windows(2).any(|w| w[0] != w[1]) {
+            candle_core::bail!("frozen linear: cannot stack layers of {inputs:?} input features");
+        }
+        if parts.len() == 1 {
+            return Ok(parts.pop().expect("one part"));
+        }
+        let dense: Option<Vec<&Tensor>> = parts.iter().map(|p| p.dense_weight()).collect();
+        Ok(match dense {
+            Some(ws) => Self::new(Tensor::cat(&ws, 0)?),
+            None => Self {
+                weight: Weight::Stacked(parts.into()),
+            },
+        })
+    }
+
     /// The full-precision weight, when the layer is not quantized.
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
             Weight::Dense(w) => Some(w),
-            Weight::Nf4(_) | Weight::Blocks(_) => None,
+            Weight::Nf4(_) | Weight::Blocks(_) | Weight::Stacked(_) => None,
         }
     }
 
@@ -581,19 +778,26 @@ impl FrozenLinear {
             }
             Weight::Nf4(w) => w.shape(),
             Weight::Blocks(w) => w.shape(),
+            Weight::Stacked(parts) => (parts.iter().map(|p| p.dims().0).sum(), parts[0].dims().1),
         }
     }
 
     /// Whether [`Self::forward`] of `x` reads the weight in place with the fused few-row
     /// product (a quantized weight, a few f32 rows on the CPU).
     pub fn fused_for(&self, x: &Tensor) -> bool {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        x.device().is_cpu() && self.fused_for_rows(x.dtype(), rows)
+    }
+
+    /// Whether `rows` rows of `dtype` on the CPU take the fused few-row product.
+    fn fused_for_rows(&self, dtype: DType, rows: usize) -> bool {
         let fused = match &self.weight {
             Weight::Dense(_) => false,
             Weight::Nf4(w) => matches!(&**w, Nf4Codes::Host(q) if q.fused().is_some()),
             Weight::Blocks(w) => w.fused().is_some(),
+            Weight::Stacked(parts) => parts.iter().all(|p| p.fused_for_rows(dtype, rows)),
         };
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        fused && x.dtype() == DType::F32 && x.device().is_cpu() && quant_gemv::ROWS.contains(&rows)
+        fused && dtype == DType::F32 && quant_gemv::ROWS.contains(&rows)
     }
 
     /// On the CPU, the layer's product of the rows `x (n, in)` — or with `input_grad` the
@@ -631,6 +835,16 @@ impl FrozenLinear {
                 product,
             }
             .cpu_fwd(x, layout),
+            Weight::Stacked(parts) => {
+                let quant: Option<Vec<QuantPart>> = parts.iter().map(QuantPart::of).collect();
+                let n = layout.shape().dims2()?.0;
+                // A decoding step's few rows: each part's fused product reads it in place.
+                let few = !input_grad && parts.iter().all(|p| p.fused_for_rows(x.dtype(), n));
+                match quant {
+                    Some(quant) if !few => tiled_any(&StackedTiles(quant), product, x, layout),
+                    _ => stacked_product(parts, x, layout, input_grad),
+                }
+            }
         }
     }
 
@@ -650,11 +864,114 @@ impl FrozenLinear {
                 w: w.clone(),
                 product: Product::XWt,
             })?,
+            Weight::Stacked(_) if x2.device().is_cpu() => x2.apply_op1(StackedMatmul {
+                layer: self.clone(),
+                input_grad: false,
+            })?,
+            // On a GPU the parts' own ops, side by side.
+            Weight::Stacked(parts) => {
+                let ys: Vec<Tensor> = parts
+                    .iter()
+                    .map(|p| p.forward(&x2))
+                    .collect::<Result<_>>()?;
+                Tensor::cat(&ys, 1)?
+            }
         };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("x has at least one dim") = self.dims().0;
         y.reshape(out_dims)
     }
+}
+
+/// The product of a layer of stacked quantized weights on the CPU (never a gradient).
+struct StackedMatmul {
+    layer: FrozenLinear,
+    input_grad: bool,
+}
+
+impl CustomOp1 for StackedMatmul {
+    fn name(&self) -> &'static str {
+        "stacked-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.layer.cpu_product(x, layout, self.input_grad)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        let op = StackedMatmul {
+            layer: self.layer.clone(),
+            input_grad: !self.input_grad,
+        };
+        Ok(Some(grad_y.contiguous()?.apply_op1(op)?))
+    }
+}
+
+/// [`FrozenLinear::cpu_product`] of stacked `parts`: the forward writes each part's product into
+/// its columns; the input gradient sums each part's product of its columns of `x`.
+fn stacked_product(
+    parts: &[FrozenLinear],
+    x: &CpuStorage,
+    layout: &Layout,
+    input_grad: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let n = layout.shape().dims2()?.0;
+    let (outs, h) = (parts.iter().map(|p| p.dims().0), parts[0].dims().1);
+    let width: usize = outs.clone().sum();
+    let mut first = 0;
+    let mut products = Vec::with_capacity(parts.len());
+    for (part, o) in parts.iter().zip(outs) {
+        let part_layout = match input_grad {
+            true => layout.narrow(1, first, o)?,
+            false => layout.clone(),
+        };
+        products.push(part.cpu_product(x, &part_layout, input_grad)?.0);
+        first += o;
+    }
+    fn combine<T: candle_core::WithDType>(
+        products: &[CpuStorage],
+        n: usize,
+        width: usize,
+        input_grad: bool,
+    ) -> Result<CpuStorage> {
+        let parts: Vec<&[T]> = products
+            .iter()
+            .map(|p| T::cpu_storage_as_slice(p))
+            .collect::<Result<_>>()?;
+        let y = match input_grad {
+            true => {
+                let mut y = parts[0].to_vec();
+                for p in &parts[1..] {
+                    y.par_iter_mut()
+                        .zip(p.par_iter())
+                        .for_each(|(a, &b)| *a += b);
+                }
+                y
+            }
+            false => {
+                let mut y = vec![T::zero(); n * width];
+                y.par_chunks_mut(width).enumerate().for_each(|(i, row)| {
+                    let mut at = 0;
+                    for p in &parts {
+                        let o = p.len() / n.max(1);
+                        row[at..at + o].copy_from_slice(&p[i * o..(i + 1) * o]);
+                        at += o;
+                    }
+                });
+                y
+            }
+        };
+        Ok(T::to_cpu_storage_owned(y))
+    }
+    let y = match products[0] {
+        CpuStorage::F32(_) => combine::<f32>(&products, n, width, input_grad)?,
+        CpuStorage::F64(_) => combine::<f64>(&products, n, width, input_grad)?,
+        CpuStorage::BF16(_) => combine::<bf16>(&products, n, width, input_grad)?,
+        CpuStorage::F16(_) => combine::<f16>(&products, n, width, input_grad)?,
+        ref other => candle_core::bail!("stacked linear: unsupported dtype {:?}", other.dtype()),
+    };
+    let out = if input_grad { h } else { width };
+    Ok((y, Shape::from((n, out))))
 }
 
 #[cfg(test)]
@@ -736,11 +1053,98 @@ mod tests {
             let scale = f16::from_f32(0.01 + 0.002 * (b % 7) as f32).to_le_bytes();
             let at = if ty == GgmlType::Q6_K { 208 } else { 0 };
             block[at..at + 2].copy_from_slice(&scale);
-            if ty == GgmlType::Q4_K {
+            // Q4_K's second scale, Q4_1's minimum.
+            if matches!(ty, GgmlType::Q4_K | GgmlType::Q4_1) {
                 block[2..4].copy_from_slice(&scale);
             }
         }
         BlockMatrix::new(ty, rows, cols, bytes).unwrap()
+    }
+
+    #[test]
+    fn stacked_tiles_equal_the_whole_weight() {
+        let w = |o: usize, h: usize, salt: usize| -> Nf4Tensor {
+            let v: Vec<f32> = (0..o * h)
+                .map(|i| ((i * 37 + salt) % 101) as f32 / 70.0 - 0.7)
+                .collect();
+            Nf4Tensor::quantize("w", &v, &[o, h], true).unwrap()
+        };
+        let (a, b, c) = (w(24, 128, 1), w(8, 128, 2), w(8, 128, 3));
+        check_tiles(&StackedTiles(vec![
+            QuantPart::Nf4(&a),
+            QuantPart::Nf4(&b),
+            QuantPart::Nf4(&c),
+        ]));
+        let (d, e) = (
+            blocks_of(GgmlType::Q4_1, 20, 256),
+            blocks_of(GgmlType::Q8_0, 12, 256),
+        );
+        check_tiles(&StackedTiles(vec![
+            QuantPart::Blocks(&d),
+            QuantPart::Blocks(&e),
+        ]));
+    }
+
+    /// A stack of quantized layers computes what its parts compute side by side: the output
+    /// (a decoding step's few rows through each part's fused product, more rows through one
+    /// stacked tile) and the input gradient (the parts' summed), within f32 rounding.
+    #[test]
+    fn stacked_layers_equal_their_parts_side_by_side() {
+        let dev = Device::Cpu;
+        let nf4 = |o: usize, salt: usize| {
+            let v: Vec<f32> = (0..o * 128)
+                .map(|i| ((i * 37 + salt) % 101) as f32 / 70.0 - 0.7)
+                .collect();
+            FrozenLinear::nf4(
+                Nf4Tensor::quantize("w", &v, &[o, 128], false).unwrap(),
+                &dev,
+            )
+            .unwrap()
+        };
+        let blocks = |o: usize| {
+            FrozenLinear::blocks(blocks_of(GgmlType::Q4_1, o, 128), DType::F32, &dev).unwrap()
+        };
+        for parts in [
+            vec![nf4(24, 1), nf4(8, 2), nf4(8, 3)],
+            vec![blocks(16), blocks(32)],
+        ] {
+            let stack = FrozenLinear::stack(parts.clone()).unwrap();
+            let out: usize = parts.iter().map(|p| p.dims().0).sum();
+            assert_eq!(stack.dims(), (out, 128));
+            for rows in [2, 40] {
+                let x: Vec<f32> = (0..rows * 128)
+                    .map(|i| ((i * 29 % 61) as f32 - 30.0) / 40.0)
+                    .collect();
+                let x = candle_core::Var::from_vec(x, (rows, 128), &dev).unwrap();
+                let weights = Tensor::arange(0f32, (rows * out) as f32, &dev)
+                    .unwrap()
+                    .reshape((rows, out))
+                    .unwrap();
+                let run = |y: Tensor| {
+                    let grads = (&y * &weights)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let dx = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+                    let y = y.flatten_all().unwrap();
+                    (y.to_vec1::<f32>().unwrap(), dx.to_vec1::<f32>().unwrap())
+                };
+                let ys: Vec<Tensor> = parts
+                    .iter()
+                    .map(|p| p.forward(x.as_tensor()).unwrap())
+                    .collect();
+                let (y0, dx0) = run(Tensor::cat(&ys, 1).unwrap());
+                let (y1, dx1) = run(stack.forward(x.as_tensor()).unwrap());
+                for (want, got) in [(y0, y1), (dx0, dx1)] {
+                    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (a, b) in want.iter().zip(&got) {
+                        assert!((a - b).abs() <= 1e-5 * scale, "{rows} rows: {a} vs {b}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use super::config::{linear_path, LlamaConfig, BLOCK_LINEARS};
 use super::frozen::FrozenLinear;
 use super::kv_cache::KvCache;
-use super::lora_linear;
+use super::lora_linear::{self, PlainLora};
 use super::nf4::Quantization;
 use super::packing::{pack, unpack, Packing};
 use super::weights::WeightSource;
@@ -17,6 +17,7 @@ use crate::kernels::heads::{merge_heads, split_heads, Rope};
 use crate::kernels::ops::{causal_attention_probs, rms_norm, silu_mul_op};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use std::ops::Range;
 use std::rc::Rc;
 
 /// What an adapter adds to a frozen linear's output.
@@ -30,44 +31,29 @@ pub trait Delta {
         self.delta(x, ctx).map(Some)
     }
 
-    /// `(A (r, in), B (out, r), scaling)` where, under `ctx`, [`Self::delta`] is exactly
-    /// `scaling · (x Aᵀ) Bᵀ` and gradients flow (training with no dropout drawn): the linear
-    /// then computes base and delta as one op with its own backward (`model::lora_linear`).
-    fn plain_lora(&self, _ctx: &Ctx) -> Option<(Tensor, Tensor, f64)> {
+    /// The factors where, under `ctx`, [`Self::delta`] is exactly `scaling · (dropout(x) Aᵀ)
+    /// Bᵀ` with dropout drawn from `ctx` as `Ctx::dropout` draws it, and gradients flow
+    /// (training): the linears of one input then compute bases and deltas as one op with its
+    /// own backward (`model::lora_linear`).
+    fn plain_lora(&self, _ctx: &Ctx) -> Option<PlainLora> {
         None
     }
 }
 
-/// A frozen linear, optionally with an adapter whose output is added to it.
+/// The adapter slot of a block linear (its frozen weight is in its [`GROUPS`] stack).
 pub struct Linear {
-    base: FrozenLinear,
     adapter: Option<Rc<dyn Delta>>,
+    /// Output features.
+    out: usize,
     /// The model's dtype, the adapter's: inputs in another one (a bf16 model decoding in
     /// f32) reach the adapter converted, and its delta comes back in the input's.
     dtype: DType,
 }
 
 impl Linear {
-    /// `x` (…, in) → (…, out). Rows are flattened first so that the adapter's products are
-    /// single 2-D GEMMs (and their gradients single GEMMs, not per-batch ones summed).
-    fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        let x = x.flatten_to(dims.len().saturating_sub(2))?;
-        let plain = self.adapter.as_ref().and_then(|a| a.plain_lora(ctx));
-        let y = match plain {
-            Some((a, b, scaling)) if lora_linear::supported(&x, &a) => {
-                lora_linear::forward(&self.base, &x, &a, &b, scaling)?
-            }
-            _ => self.delta_added(&x, ctx)?,
-        };
-        *dims.last_mut().expect("x has at least one dim") = y.dim(1)?;
-        y.reshape(dims)
-    }
-
-    /// The base product plus the adapter's delta, as separate ops (the adapter in the model's
-    /// dtype where the activations are not: a bf16 model decoding in f32 on the CPU).
-    fn delta_added(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let y = self.base.forward(x)?;
+    /// The base product `y` of `x` plus the adapter's delta, as separate ops (the adapter in the
+    /// model's dtype where the activations are not: a bf16 model decoding in f32 on the CPU).
+    fn delta_added(&self, x: &Tensor, y: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let delta = |a: &Rc<dyn Delta>| match x.dtype() == self.dtype {
             true => a.delta_if_any(x, ctx),
             false => a
@@ -82,6 +68,10 @@ impl Linear {
         })
     }
 }
+
+/// The block linears that read the same input, as ranges of BLOCK_LINEARS: q, k, v; o; gate,
+/// up; down. Each group's frozen weights are stacked into one product.
+const GROUPS: [Range<usize>; 4] = [0..3, 3..4, 4..6, 6..7];
 
 /// Refuses attention whose scores cannot fit in the memory left: the CPU allocator aborts the
 /// process on a request it cannot meet (a 40,000-word prompt asks for hundreds of GiB), where
@@ -125,17 +115,74 @@ fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
 pub struct Block {
     input_norm: Tensor,
     post_attention_norm: Tensor,
-    /// The seven linears in BLOCK_LINEARS order.
+    /// The seven linears' adapters in BLOCK_LINEARS order.
     linears: Vec<Linear>,
+    /// The frozen weights of each of [`GROUPS`], stacked.
+    bases: Vec<FrozenLinear>,
 }
 
 impl Block {
-    fn linear(&self, module: &str) -> &Linear {
-        let i = BLOCK_LINEARS
+    /// The outputs of the linears of group `g` (…, out) for their input `x` (…, in). Rows are
+    /// flattened first so that the adapters' products are single 2-D GEMMs (and their
+    /// gradients single GEMMs, not per-batch ones summed).
+    fn project(&self, g: usize, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Vec<Tensor>> {
+        let members = &self.linears[GROUPS[g].clone()];
+        let base = &self.bases[g];
+        let dims = x.dims().to_vec();
+        let x = x.flatten_to(dims.len().saturating_sub(2))?;
+        let outs: Vec<usize> = members.iter().map(|m| m.out).collect();
+        let loras: Vec<Option<PlainLora>> = members
             .iter()
-            .position(|m| *m == module)
-            .expect("a block linear");
-        &self.linears[i]
+            .map(|m| m.adapter.as_ref().and_then(|a| a.plain_lora(ctx)))
+            .collect();
+        let all_plain = members
+            .iter()
+            .zip(&loras)
+            .all(|(m, l)| m.adapter.is_none() || l.is_some());
+        let split = |y: Tensor| -> candle_core::Result<Vec<Tensor>> {
+            if outs.len() == 1 {
+                return Ok(vec![y]);
+            }
+            let mut first = 0;
+            outs.iter()
+                .map(|&o| {
+                    first += o;
+                    y.narrow(1, first - o, o)
+                })
+                .collect()
+        };
+        let cpu_training = ctx.is_training() && lora_linear::supported(&x, &loras);
+        let ys = if cpu_training && all_plain {
+            lora_linear::forward(base, &outs, &loras, &x, ctx)?
+        } else {
+            let ys = match cpu_training && outs.len() > 1 {
+                // Other methods: the frozen products as the group's parts (narrowed views
+                // would get gradients candle pads with zeros), their deltas added after.
+                true => {
+                    let none: Vec<Option<PlainLora>> = outs.iter().map(|_| None).collect();
+                    lora_linear::forward(base, &outs, &none, &x, ctx)?
+                }
+                false => split(base.forward(&x)?)?,
+            };
+            members
+                .iter()
+                .zip(ys)
+                .map(|(m, y)| m.delta_added(&x, y, ctx))
+                .collect::<candle_core::Result<_>>()?
+        };
+        ys.into_iter()
+            .zip(outs)
+            .map(|(y, o)| {
+                let mut dims = dims.clone();
+                *dims.last_mut().expect("x has at least one dim") = o;
+                y.reshape(dims)
+            })
+            .collect()
+    }
+
+    /// [`Self::project`] of a group of one linear.
+    fn project_one(&self, g: usize, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        Ok(self.project(g, x, ctx)?.remove(0))
     }
 }
 
@@ -189,25 +236,32 @@ impl Llama {
                 device,
             )?;
             let mut linears = Vec::with_capacity(BLOCK_LINEARS.len());
-            for m in BLOCK_LINEARS {
-                let (o, i) = cfg.linear_shape(m).expect("a block linear");
-                let name = format!("{p}.{}.weight", linear_path(m));
-                let base = match quant {
-                    Quantization::None => weights.get_linear(&name, &[o, i], dtype, device)?,
-                    Quantization::Nf4 { double_quant } => {
-                        FrozenLinear::nf4(weights.get_nf4(&name, &[o, i], double_quant)?, device)?
-                    }
-                };
-                linears.push(Linear {
-                    base,
-                    adapter: None,
-                    dtype,
-                });
+            let mut bases = Vec::with_capacity(GROUPS.len());
+            for group in GROUPS {
+                let mut parts = Vec::with_capacity(group.len());
+                for m in &BLOCK_LINEARS[group] {
+                    let (o, i) = cfg.linear_shape(m).expect("a block linear");
+                    let name = format!("{p}.{}.weight", linear_path(m));
+                    parts.push(match quant {
+                        Quantization::None => weights.get_linear(&name, &[o, i], dtype, device)?,
+                        Quantization::Nf4 { double_quant } => FrozenLinear::nf4(
+                            weights.get_nf4(&name, &[o, i], double_quant)?,
+                            device,
+                        )?,
+                    });
+                    linears.push(Linear {
+                        adapter: None,
+                        out: o,
+                        dtype,
+                    });
+                }
+                bases.push(FrozenLinear::stack(parts)?);
             }
             blocks.push(Block {
                 input_norm,
                 post_attention_norm,
                 linears,
+                bases,
             });
         }
         let norm = weights.get("model.norm.weight", &[d], dtype, device)?;
@@ -318,16 +372,13 @@ impl Llama {
         // A bf16 model decoding on the CPU has f32 activations (`Self::activations`).
         let norm = |w: &Tensor| w.to_dtype(x.dtype());
         let h = rms_norm(x, &norm(&block.input_norm)?, cfg.rms_norm_eps)?;
-        let heads = |m: &str, n: usize, rope: Option<&Rope>| {
-            split_heads(
-                &unpack(packing, block.linear(m).forward(&h, ctx)?)?,
-                n,
-                rope,
-            )
+        let heads = |y: &Tensor, n: usize, rope: Option<&Rope>| {
+            split_heads(&unpack(packing, y.clone())?, n, rope)
         };
-        let q = heads("q_proj", nh, Some(rope))?;
-        let k = heads("k_proj", nkv, Some(rope))?;
-        let v = heads("v_proj", nkv, None)?;
+        let qkv = block.project(0, &h, ctx)?;
+        let q = heads(&qkv[0], nh, Some(rope))?;
+        let k = heads(&qkv[1], nkv, Some(rope))?;
+        let v = heads(&qkv[2], nkv, None)?;
         // `cached`: None in training and full forwards; Some(mask) when decoding from a cache.
         let (k, v, cached, pads) = match cache {
             Some((cache, mask)) => {
@@ -369,14 +420,11 @@ impl Llama {
             }
         };
         let attn = pack(packing, merge_heads(&heads_out)?)?;
-        let x = (x + block.linear("o_proj").forward(&attn, ctx)?)?;
+        let x = (x + block.project_one(1, &attn, ctx)?)?;
 
         let h = rms_norm(&x, &norm(&block.post_attention_norm)?, cfg.rms_norm_eps)?;
-        let gate = block.linear("gate_proj").forward(&h, ctx)?;
-        let up = block.linear("up_proj").forward(&h, ctx)?;
-        let mlp = block
-            .linear("down_proj")
-            .forward(&silu_mul_op(&gate, &up)?, ctx)?;
+        let gate_up = block.project(2, &h, ctx)?;
+        let mlp = block.project_one(3, &silu_mul_op(&gate_up[0], &gate_up[1])?, ctx)?;
         x + mlp
     }
 
