@@ -4,7 +4,8 @@
 //! index's low four bits, so the low nibbles need no mask and the high ones one shift — three
 //! operations for 32 codes where AVX2 needs ten. Each block's f16 scale (and Q4_1's min) is
 //! converted sixteen blocks at a time. With one row of `x` four weight rows go together, so
-//! each value of `x` loaded serves four rows and four chains of sums are in flight.
+//! each value of `x` loaded serves four rows and four chains of sums are in flight
+//! ([`super::rows_together`]).
 //!
 //! The sums are those of the AVX2 loop in another order (`s_b · Σ_i q_i·x_i` per block, Q4_1's
 //! `m_b · Σ_i x_i` apart), within the module's [`TOLERANCE`].
@@ -18,16 +19,6 @@ const CHUNK: usize = 16;
 /// How far ahead of the chunk at hand each weight row's bytes are prefetched, in chunks: the
 /// hardware's stream prefetcher alone fell behind four interleaved rows.
 const AHEAD: usize = 2;
-
-/// Weight rows computed together for `m` rows of `x` (at most four chains of sums a row of
-/// `x`, and the register file holds 2 · rows · m accumulators).
-pub fn weight_rows(m: usize) -> usize {
-    match m {
-        1 => 4,
-        2 => 2,
-        _ => 1,
-    }
-}
 
 /// The rows `first..first + W` of `W (rows, cols)` in `kind`'s blocks against the rows
 /// `r0..r0 + R` of `xs`: `y[k · m + r0 + r]` for weight row `first + k` and row `r0 + r`.
