@@ -2,7 +2,7 @@
 //! pass. Sixteen bytes of nibbles widened to 32-bit lanes feed two lookups of a 16-entry f32
 //! table (`q − 8` for Q4_0, `q` for Q4_1) held in one register: `vpermps` reads only an
 //! index's low four bits, so the low nibbles need no mask and the high ones one shift — three
-//! operations for 32 codes where AVX2 needs ten. Each block's f16 scale (and Q4_1's min) is
+//! operations for 32 codes where AVX2 needs ten (Q4_1) or fourteen (Q4_0). Each block's f16 scale (and Q4_1's min) is
 //! converted sixteen blocks at a time. With one row of `x` four weight rows go together, so
 //! each value of `x` loaded serves four rows and four chains of sums are in flight
 //! ([`super::rows_together`]).
@@ -42,6 +42,7 @@ pub unsafe fn rows<const W: usize, const R: usize>(
 }
 
 /// [`rows`] for one block layout (`KIND`: 0 Q4_0, 1 Q4_1, 2 Q8_0).
+#[allow(clippy::needless_range_loop)] // one index walks several arrays (rows, scales, sums)
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn sweep<const W: usize, const R: usize, const KIND: u8>(
     bytes: &[u8],
