@@ -2,13 +2,13 @@
 //! pass. Sixteen bytes of nibbles widened to 32-bit lanes feed two lookups of a 16-entry f32
 //! table (`q − 8` for Q4_0, `q` for Q4_1) held in one register: `vpermps` reads only an
 //! index's low four bits, so the low nibbles need no mask and the high ones one shift — three
-//! operations for 32 codes where AVX2 needs ten (Q4_1) or fourteen (Q4_0). Each block's f16 scale (and Q4_1's min) is
-//! converted sixteen blocks at a time. With one row of `x` four weight rows go together, so
-//! each value of `x` loaded serves four rows and four chains of sums are in flight
-//! ([`super::rows_together`]).
+//! operations for 32 codes where AVX2 needs ten (Q4_1) or fourteen (Q4_0). Each block's f16
+//! scale (and Q4_1's min) is converted sixteen blocks at a time. With one row of `x` and short
+//! rows, four weight rows go together, so each value of `x` loaded serves four rows and four
+//! chains of sums are in flight ([`super::rows_together`]).
 //!
 //! The sums are those of the AVX2 loop in another order (`s_b · Σ_i q_i·x_i` per block, Q4_1's
-//! `m_b · Σ_i x_i` apart), within the module's [`TOLERANCE`].
+//! `m_b · Σ_i x_i` apart), within [`super::TOLERANCE`].
 
 use super::{GgmlBlocks, Prepared, GGML_BLOCK};
 use std::arch::x86_64::*;
