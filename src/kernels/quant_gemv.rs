@@ -755,6 +755,11 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// How far ahead of the block at hand NF4 codes are prefetched, in bytes (two rows of the
+    /// 7B shape): `decode7b` on a busy machine, best steps of 4–6 runs, 229 ms without, 201 ms
+    /// with 4096 (1024: 201–279 ms, 2048: 263–368 ms).
+    const NF4_AHEAD: usize = 4096;
+
     /// The NF4 weight rows `row..row + W` against the rows `r0..r0 + R` of `x` (prepared in
     /// groups of 32): `y[k · m + r0 + r]` for weight row `row + k`. Several weight rows share
     /// each load of `x` and keep several chains of sums in flight (as `ggml512`); the table
@@ -788,6 +793,8 @@ mod avx512 {
         let n = cols / NF4_BLOCK;
         for b in 0..n {
             for k in 0..W {
+                // Past the matrix's end a prefetch touches nothing (it never faults).
+                _mm_prefetch::<_MM_HINT_T0>(codes[k].wrapping_add(b * 32 + NF4_AHEAD).cast());
                 let mut sum = [z; R];
                 for g in 0..NF4_BLOCK / 32 {
                     let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(
