@@ -195,19 +195,37 @@ pub fn int8_activations(kind: GgmlBlocks) -> bool {
 /// `x (m, cols) · Wᵀ → (m, rows)`, row-major, in parallel over the rows of `W`. `None` when
 /// the weight's layout is not whole blocks per row (the caller keeps the tiled product).
 pub fn xwt(w: &QuantMatrix, x: &[f32], m: usize) -> Option<Vec<f32>> {
-    let int8 = match *w {
-        QuantMatrix::Ggml { kind, .. } => int8_activations(kind),
-        QuantMatrix::Nf4 { .. } => false,
-    };
-    xwt_routed(w, x, m, int8)
+    xwt_stacked(std::slice::from_ref(w), x, m)
+}
+
+/// [`xwt`] of weights that read the same `x`, as one: `x · [W₀; W₁; …]ᵀ → (m, Σ rows)`, each
+/// weight's outputs beside the one before's, in one parallel pass over all their rows (a
+/// decoding step's q, k and v wake the thread pool once, not three times). Each output has the
+/// bits [`xwt`] of its own weight gives.
+pub fn xwt_stacked(ws: &[QuantMatrix], x: &[f32], m: usize) -> Option<Vec<f32>> {
+    let parts: Vec<_> = ws
+        .iter()
+        .map(|w| {
+            let int8 = match *w {
+                QuantMatrix::Ggml { kind, .. } => int8_activations(kind),
+                QuantMatrix::Nf4 { .. } => false,
+            };
+            (*w, int8.then(quant_dot8::fastest))
+        })
+        .collect();
+    xwt_parts(&parts, x, m, fastest())
 }
 
 /// [`xwt`] with the route of a ggml weight's activations chosen by the caller (`int8`: 8-bit
 /// activations, integer dot products), for the benchmark that chose [`int8_activations`].
 pub fn xwt_routed(w: &QuantMatrix, x: &[f32], m: usize, int8: bool) -> Option<Vec<f32>> {
+    xwt_with(w, x, m, fastest(), int8.then(quant_dot8::fastest))
+}
+
+/// The fastest kernel this CPU runs.
+fn fastest() -> Kernel {
     static FASTEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-    let kernel = *FASTEST.get_or_init(|| *kernels().last().expect("the portable kernel"));
-    xwt_with(w, x, m, kernel, int8.then(quant_dot8::fastest))
+    *FASTEST.get_or_init(|| *kernels().last().expect("the portable kernel"))
 }
 
 /// [`xwt`] with the kernels chosen by the caller (the tests compare them all): `int8`, for
@@ -219,32 +237,59 @@ fn xwt_with(
     kernel: Kernel,
     int8: Option<quant_dot8::Kernel>,
 ) -> Option<Vec<f32>> {
-    let (rows, cols) = w.shape();
-    if !w.well_formed() || x.len() != m * cols || m == 0 {
+    xwt_parts(&[(*w, int8)], x, m, kernel)
+}
+
+/// [`xwt_stacked`] of `parts` (each weight with its integer route, if any) by `kernel`.
+fn xwt_parts(
+    parts: &[(QuantMatrix, Option<quant_dot8::Kernel>)],
+    x: &[f32],
+    m: usize,
+    kernel: Kernel,
+) -> Option<Vec<f32>> {
+    let cols = parts.first()?.0.shape().1;
+    if m == 0
+        || x.len() != m * cols
+        || parts
+            .iter()
+            .any(|(w, _)| !w.well_formed() || w.shape().1 != cols)
+    {
         return None;
     }
     let group = if kernel == Kernel::Avx512 { 32 } else { 16 };
-    let xs = Prepared::new(w, x, m, group, int8);
+    let prepared: Vec<Prepared> = parts
+        .iter()
+        .map(|(w, int8)| Prepared::new(w, x, m, group, *int8))
+        .collect();
     // Whole groups of the weight rows a kernel takes together.
     let task_rows = (TASK_WEIGHTS / cols.max(1)).max(1).next_multiple_of(4);
-    // Each output row of W gives m values, stored (rows, m) and transposed at the end.
-    let mut yt = vec![0f32; rows * m];
-    yt.par_chunks_mut(task_rows * m)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let (first, n) = (task * task_rows, out.len() / m);
-            let mut i = 0;
-            while i < n {
-                i += row_dots(w, first + i, n - i, &xs, &mut out[i * m..], kernel);
-            }
-        });
+    // Each output row of a W gives m values, stored (rows, m), the parts one after another,
+    // and transposed at the end.
+    let total: usize = parts.iter().map(|(w, _)| w.shape().0).sum();
+    let mut yt = vec![0f32; total * m];
+    let mut tasks = Vec::new();
+    let mut rest = yt.as_mut_slice();
+    for (p, (w, _)) in parts.iter().enumerate() {
+        let (mine, after) = rest.split_at_mut(w.shape().0 * m);
+        rest = after;
+        for (t, out) in mine.chunks_mut(task_rows * m).enumerate() {
+            tasks.push((p, t * task_rows, out));
+        }
+    }
+    tasks.into_par_iter().for_each(|(p, first, out)| {
+        let (w, xs, n) = (&parts[p].0, &prepared[p], out.len() / m);
+        let mut i = 0;
+        while i < n {
+            i += row_dots(w, first + i, n - i, xs, &mut out[i * m..], kernel);
+        }
+    });
     if m == 1 {
         return Some(yt);
     }
-    let mut y = vec![0f32; m * rows];
+    let mut y = vec![0f32; m * total];
     for (j, vals) in yt.chunks_exact(m).enumerate() {
         for (r, &v) in vals.iter().enumerate() {
-            y[r * rows + j] = v;
+            y[r * total + j] = v;
         }
     }
     Some(y)
@@ -915,7 +960,6 @@ mod tests {
         bytes
     }
 
-    /// The dense weight by llama.cpp's reference dequantization (src/gguf/quants.rs).
     /// Each ggml format's blocks for a `rows` × `cols` weight, with the dense weight by
     /// llama.cpp's reference dequantization (src/gguf/quants.rs).
     fn ggml_cases(rows: usize, cols: usize) -> Vec<(GgmlBlocks, Vec<u8>, Vec<f32>)> {
@@ -950,6 +994,54 @@ mod tests {
                 check(&w, &dense);
             }
         }
+    }
+
+    /// Weights stacked along the output (NF4 and every ggml format, odd row counts) give each
+    /// output the bits of its own weight's product, in place.
+    #[test]
+    fn stacked_weights_give_each_part_its_own_product() {
+        let cols = 192;
+        let packed: Vec<u8> = (0..37 * cols / 2).map(|i| (i * 29 % 256) as u8).collect();
+        let absmax: Vec<f32> = (0..37 * cols / 64).map(|b| 0.5 + value(b, 5).abs()).collect();
+        let nf4 = QuantMatrix::Nf4 {
+            packed: &packed,
+            scales: Nf4Scales::Plain(&absmax),
+            table: &TABLE,
+            rows: 37,
+            cols,
+        };
+        let cases = [ggml_cases(13, cols), ggml_cases(6, cols)].concat();
+        let mut ws = vec![nf4];
+        ws.extend(cases.iter().map(|(kind, bytes, _)| QuantMatrix::Ggml {
+            kind: *kind,
+            bytes,
+            rows: bytes.len() / kind.block_bytes() * GGML_BLOCK / cols,
+            cols,
+        }));
+        let total: usize = ws.iter().map(|w| w.shape().0).sum();
+        for m in [1, 2, 3, 16] {
+            let x: Vec<f32> = (0..m * cols).map(|i| value(i, 11)).collect();
+            let stacked = xwt_stacked(&ws, &x, m).unwrap();
+            let mut first = 0;
+            for w in &ws {
+                let rows = w.shape().0;
+                let alone = xwt(w, &x, m).unwrap();
+                for r in 0..m {
+                    let got = &stacked[r * total + first..r * total + first + rows];
+                    assert_eq!(got, &alone[r * rows..(r + 1) * rows], "m {m}, row {r}");
+                }
+                first += rows;
+            }
+        }
+        // Weights of other widths do not stack.
+        let (kind, bytes, _) = &ggml_cases(1, 160)[0];
+        let narrow = QuantMatrix::Ggml {
+            kind: *kind,
+            bytes,
+            rows: 1,
+            cols: 160,
+        };
+        assert!(xwt_stacked(&[nf4, narrow], &vec![0.0; cols], 1).is_none());
     }
 
     /// The integer route: every kernel equals the f64 product of the dequantized weights and

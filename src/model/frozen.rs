@@ -382,17 +382,28 @@ fn fused(
     x: &CpuStorage,
     layout: &Layout,
 ) -> Result<Option<(CpuStorage, Shape)>> {
-    let (Some(w), Product::XWt, CpuStorage::F32(xs), Some((start, end))) =
-        (w, product, x, layout.contiguous_offsets())
+    fused_stacked(w.map(|w| vec![w]), product, x, layout)
+}
+
+/// [`fused`] of weights stacked along the output, in one pass of the thread pool.
+fn fused_stacked(
+    ws: Option<Vec<QuantMatrix>>,
+    product: Product,
+    x: &CpuStorage,
+    layout: &Layout,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    let (Some(ws), Product::XWt, CpuStorage::F32(xs), Some((start, end))) =
+        (ws, product, x, layout.contiguous_offsets())
     else {
         return Ok(None);
     };
     let (n, h) = layout.shape().dims2()?;
-    if !quant_gemv::ROWS.contains(&n) || h != w.shape().1 {
+    if !quant_gemv::ROWS.contains(&n) || ws.iter().any(|w| h != w.shape().1) {
         return Ok(None);
     }
-    Ok(quant_gemv::xwt(&w, &xs[start..end], n)
-        .map(|y| (CpuStorage::F32(y), Shape::from((n, w.shape().0)))))
+    let out: usize = ws.iter().map(|w| w.shape().0).sum();
+    Ok(quant_gemv::xwt_stacked(&ws, &xs[start..end], n)
+        .map(|y| (CpuStorage::F32(y), Shape::from((n, out)))))
 }
 
 /// [`tiled`] in the dtype of `x`.
@@ -489,6 +500,14 @@ impl<'a> QuantPart<'a> {
             },
             Weight::Blocks(w) => Some(Self::Blocks(w)),
             Weight::Dense(_) | Weight::Stacked(_) => None,
+        }
+    }
+
+    /// The weight as the fused few-row product reads it.
+    fn fused(&self) -> Option<QuantMatrix<'a>> {
+        match *self {
+            Self::Nf4(q) => q.fused(),
+            Self::Blocks(w) => w.fused(),
         }
     }
 }
@@ -842,7 +861,14 @@ impl FrozenLinear {
                 let few = !input_grad && parts.iter().all(|p| p.fused_for_rows(x.dtype(), n));
                 match quant {
                     Some(quant) if !few => tiled_any(&StackedTiles(quant), product, x, layout),
-                    _ => stacked_product(parts, x, layout, input_grad),
+                    Some(quant) => {
+                        let ws = quant.iter().map(|q| q.fused()).collect();
+                        match fused_stacked(ws, product, x, layout)? {
+                            Some(y) => Ok(y),
+                            None => stacked_product(parts, x, layout, input_grad),
+                        }
+                    }
+                    None => stacked_product(parts, x, layout, input_grad),
                 }
             }
         }
