@@ -689,7 +689,11 @@ fn every_shipped_config_is_valid() {
         let cfg =
             RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         // Made absolute by the loader where the file exists (a checkout that ran the config).
-        let model = if cfg.model.source.ends_with("models/SmolLM2-135M-Instruct.Q4_1.gguf") {
+        let model = if cfg
+            .model
+            .source
+            .ends_with("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        {
             let gguf = common::smollm2::smollm2_gguf();
             prolora::source::ModelSource::resolve(gguf.to_str().unwrap(), "main")
                 .unwrap()

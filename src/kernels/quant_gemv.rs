@@ -1002,7 +1002,9 @@ mod tests {
     fn stacked_weights_give_each_part_its_own_product() {
         let cols = 192;
         let packed: Vec<u8> = (0..37 * cols / 2).map(|i| (i * 29 % 256) as u8).collect();
-        let absmax: Vec<f32> = (0..37 * cols / 64).map(|b| 0.5 + value(b, 5).abs()).collect();
+        let absmax: Vec<f32> = (0..37 * cols / 64)
+            .map(|b| 0.5 + value(b, 5).abs())
+            .collect();
         let nf4 = QuantMatrix::Nf4 {
             packed: &packed,
             scales: Nf4Scales::Plain(&absmax),
