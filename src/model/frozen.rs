@@ -1146,29 +1146,14 @@ mod tests {
                     .unwrap()
                     .reshape((rows, out))
                     .unwrap();
-                let run = |y: Tensor| {
-                    let grads = (&y * &weights)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .backward()
-                        .unwrap();
-                    let dx = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
-                    let y = y.flatten_all().unwrap();
-                    (y.to_vec1::<f32>().unwrap(), dx.to_vec1::<f32>().unwrap())
-                };
                 let ys: Vec<Tensor> = parts
                     .iter()
                     .map(|p| p.forward(x.as_tensor()).unwrap())
                     .collect();
-                let (y0, dx0) = run(Tensor::cat(&ys, 1).unwrap());
-                let (y1, dx1) = run(stack.forward(x.as_tensor()).unwrap());
-                for (want, got) in [(y0, y1), (dx0, dx1)] {
-                    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    for (a, b) in want.iter().zip(&got) {
-                        assert!((a - b).abs() <= 1e-5 * scale, "{rows} rows: {a} vs {b}");
-                    }
-                }
+                let want = output_and_input_grad(&x, &weights, Tensor::cat(&ys, 1).unwrap());
+                let got =
+                    output_and_input_grad(&x, &weights, stack.forward(x.as_tensor()).unwrap());
+                assert_close(want, got, 1e-5);
             }
         }
     }
@@ -1198,25 +1183,34 @@ mod tests {
             .reshape((7, 48))
             .unwrap();
         let run = |layer: &FrozenLinear| {
-            let y = layer.forward(x.as_tensor()).unwrap();
-            let grads = (&y * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let dx = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
-            let y = y.flatten_all().unwrap();
-            (y.to_vec1::<f32>().unwrap(), dx.to_vec1::<f32>().unwrap())
+            output_and_input_grad(&x, &weights, layer.forward(x.as_tensor()).unwrap())
         };
-        let ((y0, dx0), (y1, dx1)) = (run(&dense), run(&blocks));
-        for (want, got) in [(y0, y1), (dx0, dx1)] {
+        assert_close(run(&dense), run(&blocks), 1e-6);
+    }
+
+    /// `y` flattened, and the gradient of Σ y ⊙ `weights` with respect to `x`.
+    fn output_and_input_grad(
+        x: &candle_core::Var,
+        weights: &Tensor,
+        y: Tensor,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let grads = (&y * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+        let y = y.flatten_all().unwrap();
+        (y.to_vec1::<f32>().unwrap(), dx.to_vec1::<f32>().unwrap())
+    }
+
+    /// Outputs and input gradients equal within `tol` of each one's largest value.
+    fn assert_close(want: (Vec<f32>, Vec<f32>), got: (Vec<f32>, Vec<f32>), tol: f32) {
+        for (want, got) in [(want.0, got.0), (want.1, got.1)] {
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (a, b) in want.iter().zip(&got) {
-                assert!(
-                    (a - b).abs() <= 1e-6 * scale,
-                    "{a} vs {b} (largest {scale})"
-                );
+                assert!((a - b).abs() <= tol * scale, "{a} vs {b} (largest {scale})");
             }
         }
     }
