@@ -381,6 +381,13 @@ impl Llama {
         let v = heads(&qkv[2], nkv, None)?;
         // `cached`: None in training and full forwards; Some(mask) when decoding from a cache.
         let (k, v, cached, pads) = match cache {
+            // The cached paths' softmax and fused attention have no backward: a gradient
+            // through them would vanish silently.
+            Some(_) if ctx.is_training() => {
+                candle_core::bail!(
+                    "attention over a KV cache is for decoding; training runs without one"
+                )
+            }
             Some((cache, mask)) => {
                 let (k, v) = cache.append(l, k, v)?;
                 let cache: &KvCache = cache;
