@@ -183,8 +183,9 @@ def main():
     ap.add_argument("--data", default=os.path.join(ROOT, "data/sample_chat.jsonl"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of best/median")
-    ap.add_argument("--nf4-peer-steps", type=int, default=4,
-                    help="steps of the bitsandbytes peer (its CPU path is slow), the first a warm-up")
+    ap.add_argument("--nf4-peer-steps", type=int,
+                    help="fewer steps for the bitsandbytes peer where its CPU path is slow (default "
+                         "--steps); both tools are then timed on those steps' batches only")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -224,7 +225,8 @@ def main():
     f32_peer = None
     for base in args.bases.split(","):
         if base == "nf4" and bnb:
-            p, err = run_peer(args, "nf4", model, adapter, encoded, args.nf4_peer_steps)
+            p, err = run_peer(args, "nf4", model, adapter, encoded,
+                              args.nf4_peer_steps or args.steps)
             peer_name = "PyTorch + PEFT + bitsandbytes NF4"
         else:
             if f32_peer is None:
@@ -235,8 +237,11 @@ def main():
             sys.exit(f"the PyTorch peer failed ({base}): {err}")
         source = gguf if base == "q4_1" else model
         o = ours(args, base, source, adapter, work)
-        ob, om = summary(o["times"], args.warmup)
-        pb, pm = summary(p["times"], args.warmup if len(p["times"]) == args.steps else 1)
+        # The same batches on both sides: step times follow each batch's token count.
+        steps = min(len(o["times"]), len(p["times"]))
+        warmup = args.warmup if steps > args.warmup else 1
+        ob, om = summary(o["times"][:steps], warmup)
+        pb, pm = summary(p["times"][:steps], warmup)
         diff = max(abs(a - b) for a, b in zip(o["losses"], p["losses"]))
         print(f"| {base} | {peer_name} | {ob:.3f} / {om:.3f} | {pb:.3f} / {pm:.3f} | "
               f"{ob / pb:.2f} / {om / pm:.2f} | {o['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} | "

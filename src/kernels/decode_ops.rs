@@ -177,7 +177,11 @@ fn attend_portable(
 ) {
     let hd = query.len();
     scores.clear();
-    scores.extend((first..end).map(|j| scale * dot(query, &keys.data[j * keys.step..][..hd])));
+    // A plain loop, not an iterator adapter: a closure would be compiled apart from the
+    // AVX2 caller, without its registers.
+    for j in first..end {
+        scores.push(scale * dot(query, &keys.data[j * keys.step..][..hd]));
+    }
     let max = super::vecmath::max(scores);
     let total = super::vecmath::exp_into_self(scores, max);
     out.fill(0.0);
