@@ -66,6 +66,13 @@ impl Rope {
             sin64: Arc::new(sin64),
         })
     }
+
+    /// The f64 cos and sin rows of positions `0..len` (`hd` values each) when every batch row
+    /// shares one table that long.
+    pub(crate) fn shared_rows(&self, len: usize, hd: usize) -> Option<(&[f64], &[f64])> {
+        let n = len * hd;
+        (self.rows == 1 && self.cos64.len() >= n).then(|| (&self.cos64[..n], &self.sin64[..n]))
+    }
 }
 
 /// `x · cos + rotate_half(x) · sin`, the composed reference (and the GPU path).

@@ -2,6 +2,7 @@
 //! CUDA forms, in `cuda/`, where one exists), each equal to the composed candle ops it replaces. Nothing
 //! here knows about models or adapters.
 
+pub mod attention;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -12,6 +12,7 @@ use super::nf4::Quantization;
 use super::packing::{pack, unpack, Packing};
 use super::weights::WeightSource;
 use crate::ctx::Ctx;
+use crate::kernels::attention::{causal_attention, Sequences};
 use crate::kernels::decode_ops::cached_attention;
 use crate::kernels::heads::{merge_heads, split_heads, Rope};
 use crate::kernels::ops::{causal_attention_probs, rms_norm, silu_mul_op};
@@ -110,6 +111,32 @@ fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
     }
     let (b, kv, t, hd) = x.dims4()?;
     Tensor::cat(&vec![&x; n], 2)?.reshape((b, kv * n, t, hd))
+}
+
+/// [`causal_attention`] over the batch's sequences (the packing's, or b rows of t), where it
+/// applies: None sends the caller to the composed form.
+fn fused_causal_attention(
+    qkv: &[Tensor],
+    packing: Option<&Packing>,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    rope: &Rope,
+) -> candle_core::Result<Option<Tensor>> {
+    let spans = match (packing, qkv[0].dims()) {
+        (Some(p), _) => p.sequences(),
+        (None, &[b, t, _]) => Some((0..b).map(|i| (i * t, t)).collect()),
+        _ => None,
+    };
+    let Some(spans) = spans else {
+        return Ok(None);
+    };
+    let seqs = Sequences {
+        heads,
+        kv_heads,
+        head_dim,
+        spans,
+    };
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    causal_attention(&qkv[0], &qkv[1], &qkv[2], &seqs, rope, scale)
 }
 
 pub struct Block {
@@ -352,30 +379,26 @@ impl Llama {
     /// layer attends to as well, and to which it appends its own), under the cache's additive
     /// `mask` when it has one (padding, or several new positions after cached ones). With a
     /// `packing` (training only) `x` holds the real rows alone and attention alone unpacks them.
-    fn block_cached(
+    /// Layer `l`'s attention in composed ops (and over the cache when decoding): its q, k, v
+    /// projections `qkv` to the output heads merged, packed as the layer's rows are.
+    fn attention(
         &self,
         l: usize,
-        x: &Tensor,
+        qkv: &[Tensor],
         rope: &Rope,
         ctx: &Ctx,
         cache: Option<(&mut KvCache, Option<&Tensor>)>,
         packing: Option<&Packing>,
     ) -> candle_core::Result<Tensor> {
-        let block = &self.blocks[l];
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-
-        // A bf16 model decoding on the CPU has f32 activations (`Self::activations`).
-        let norm = |w: &Tensor| w.to_dtype(x.dtype());
-        let h = rms_norm(x, &norm(&block.input_norm)?, cfg.rms_norm_eps)?;
         let heads = |y: &Tensor, n: usize, rope: Option<&Rope>| {
             split_heads(&unpack(packing, y.clone())?, n, rope)
         };
-        let qkv = block.project(0, &h, ctx)?;
         let q = heads(&qkv[0], nh, Some(rope))?;
         let k = heads(&qkv[1], nkv, Some(rope))?;
         let v = heads(&qkv[2], nkv, None)?;
@@ -421,12 +444,46 @@ impl Llama {
                     Some(Some(mask)) => {
                         candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
                     }
-                    None => candle_core::bail!("attention after {past} positions needs a cache"),
+                    None => {
+                        candle_core::bail!("attention after {past} positions needs a cache")
+                    }
                 };
                 probs.matmul(&v)?
             }
         };
-        let attn = pack(packing, merge_heads(&heads_out)?)?;
+        pack(packing, merge_heads(&heads_out)?)
+    }
+
+    fn block_cached(
+        &self,
+        l: usize,
+        x: &Tensor,
+        rope: &Rope,
+        ctx: &Ctx,
+        cache: Option<(&mut KvCache, Option<&Tensor>)>,
+        packing: Option<&Packing>,
+    ) -> candle_core::Result<Tensor> {
+        let block = &self.blocks[l];
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+
+        // A bf16 model decoding on the CPU has f32 activations (`Self::activations`).
+        let norm = |w: &Tensor| w.to_dtype(x.dtype());
+        let h = rms_norm(x, &norm(&block.input_norm)?, cfg.rms_norm_eps)?;
+        let qkv = block.project(0, &h, ctx)?;
+        // Without a cache (training, full forwards) on the CPU: the whole attention as one op.
+        let fused = match cache {
+            None => fused_causal_attention(&qkv, packing, (nh, nkv, hd), rope)?,
+            Some(_) => None,
+        };
+        let attn = match fused {
+            Some(attn) => attn,
+            None => self.attention(l, &qkv, rope, ctx, cache, packing)?,
+        };
         let x = (x + block.project_one(1, &attn, ctx)?)?;
 
         let h = rms_norm(&x, &norm(&block.post_attention_norm)?, cfg.rms_norm_eps)?;

@@ -19,6 +19,8 @@ pub struct Packing {
     source_t: Tensor,
     rows: usize,
     len: usize,
+    /// Each sequence's real positions `start..end` of `len`.
+    spans: Vec<(usize, usize)>,
 }
 
 impl Packing {
@@ -63,6 +65,7 @@ impl Packing {
             source,
             rows,
             len,
+            spans: spans.to_vec(),
         }))
     }
 
@@ -78,6 +81,20 @@ impl Packing {
         let f = x.dim(candle_core::D::Minus1)?;
         x.index_select(&self.source_t, 0)?
             .reshape((self.rows, self.len, f))
+    }
+
+    /// Each sequence's packed rows as (first row, count) where every sequence starts at
+    /// position 0 (right padding, as training batches are); None for left padding.
+    pub fn sequences(&self) -> Option<Vec<(usize, usize)>> {
+        let mut first = 0;
+        self.spans
+            .iter()
+            .map(|&(start, end)| {
+                let span = (first, end - start);
+                first += end - start;
+                (start == 0).then_some(span)
+            })
+            .collect()
     }
 
     /// The packed row of each padded (flat) index of a real token.
