@@ -222,7 +222,7 @@ def main():
           "time ratio (best / median) | prolora peak RSS (MiB) | peer peak RSS (MiB) | "
           "largest step-loss difference |")
     print("|---|---|---|---|---|---|---|---|")
-    f32_peer = None
+    f32_peer = nf4_peer = None
     for base in args.bases.split(","):
         if base == "nf4" and bnb:
             p, err = run_peer(args, "nf4", model, adapter, encoded,
@@ -248,6 +248,18 @@ def main():
               f"{diff:.1e} |", flush=True)
         if not math.isfinite(diff):
             sys.exit("non-finite losses")
+        if base == "nf4" and bnb:
+            nf4_peer = p
+        elif base == "q4_1" and nf4_peer is not None:
+            # The Python stack's way to train on a 4-bit base (other 4-bit weights than the
+            # GGUF's, so the losses are not compared): the peer for 4-bit bases.
+            steps = min(len(o["times"]), len(nf4_peer["times"]))
+            warmup = args.warmup if steps > args.warmup else 1
+            ob, om = summary(o["times"][:steps], warmup)
+            pb, pm = summary(nf4_peer["times"][:steps], warmup)
+            print(f"| {base} | PyTorch + PEFT + bitsandbytes NF4 (4-bit stack, other weights) | "
+                  f"{ob:.3f} / {om:.3f} | {pb:.3f} / {pm:.3f} | {ob / pb:.2f} / {om / pm:.2f} | "
+                  f"{o['peak_rss_mib']:.0f} | {nf4_peer['peak_rss_mib']:.0f} | – |", flush=True)
     print(f"\nprolora losses ({args.bases.split(',')[-1]}): "
           + " ".join(f"{x:.5f}" for x in o["losses"]))
     print("peer losses: " + " ".join(f"{x:.5f}" for x in p["losses"]))
