@@ -3,7 +3,8 @@ batches of 4 chat examples (<= 256 tokens, the model's own chat template, only t
 labelled), prolora next to PyTorch + PEFT in one run. Bases: f32, NF4 (+ double quant; the peer
 is bitsandbytes where it is installed and runs on the CPU, else PyTorch on the f32 base, said in
 the table) and the GGUF's own Q4_1 blocks (transformers dequantizes a GGUF to f32 as it loads,
-so the peer there is PyTorch on the same weights in f32). Both tools start from the same PEFT
+so the peer there is PyTorch on the same weights in f32; a second row puts it next to the
+bitsandbytes NF4 step, the Python stack's 4-bit training). Both tools start from the same PEFT
 adapter (lora_B nonzero), see the same batches in file order with dropout 0 and the same AdamW
 schedule, so their step losses are printed side by side and must agree.
 
