@@ -394,6 +394,20 @@ fn the_per_row_kernel_gives_each_row_its_own_adapters_delta() {
             })
             .collect();
         let got = prolora::serve::bgmv::deltas_of(&x, &factors).unwrap();
+        // Added into a linear's output by the kernel: that output plus the deltas.
+        let d_out = got.dim(1).unwrap();
+        let base = prolora::adapters::uniform(n * d_out, 2.0, &mut rng);
+        let base = Tensor::from_vec(base, (n, d_out), &Device::Cpu).unwrap();
+        let fused: Vec<f32> = prolora::serve::bgmv::added_to(&x, &base, &factors)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let apart: Vec<f32> = (&base + &got).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (f, a) in fused.iter().zip(&apart) {
+            worst = worst.max((f - a).abs() / a.abs().max(1.0));
+        }
         for (r, a) in assignment.iter().enumerate() {
             let got: Vec<f32> = got.get(r).unwrap().to_vec1().unwrap();
             let Some(a) = a else {
