@@ -404,7 +404,12 @@ fn the_per_row_kernel_gives_each_row_its_own_adapters_delta() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let apart: Vec<f32> = (&base + &got).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let apart: Vec<f32> = (&base + &got)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (f, a) in fused.iter().zip(&apart) {
             worst = worst.max((f - a).abs() / a.abs().max(1.0));
         }

@@ -5,7 +5,7 @@
 //! times the rank vector rolled back, so nothing is ever expanded.
 
 use crate::adapters::RowFactors;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 /// One adapter's factors on one linear, as f32 rows in the order the kernel reads them.
@@ -206,7 +206,10 @@ fn added(
 }
 
 /// (n, in, out) of a routed linear's input `x`, checked against its rows' factors.
-fn routed_dims(x: &Tensor, factors: &[Option<&Factors>]) -> candle_core::Result<(usize, usize, usize)> {
+fn routed_dims(
+    x: &Tensor,
+    factors: &[Option<&Factors>],
+) -> candle_core::Result<(usize, usize, usize)> {
     let (n, d_in) = x.dims2()?;
     let Some(d_out) = factors.iter().flatten().map(|f| f.out_features).next() else {
         candle_core::bail!("no row of the batch has an adapter on this linear");
@@ -223,14 +226,25 @@ fn routed_dims(x: &Tensor, factors: &[Option<&Factors>]) -> candle_core::Result<
     Ok((n, d_in, d_out))
 }
 
-/// The f32 values of a CPU tensor, made contiguous.
-fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    let t = t.to_dtype(DType::F32)?.contiguous()?;
+/// The rows of an f32 CPU matrix `t` (n, d) as one row-major vector: one copy, also of a view
+/// whose rows are apart (a part of a stacked product's output).
+fn host_rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (n, d) = t.dims2()?;
     let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("the per-row adapter kernel runs on the CPU");
+    let Storage::Cpu(CpuStorage::F32(all)) = &*storage else {
+        candle_core::bail!("the per-row adapter kernel adds into f32 rows on the CPU");
     };
-    Ok(crate::kernels::ops::slice::<f32>(cpu, layout)?.to_vec())
+    let (start, stride) = (layout.start_offset(), layout.stride());
+    if n > 0 && d > 1 && stride[1] != 1 {
+        drop(storage);
+        return t.contiguous()?.flatten_all()?.to_vec1();
+    }
+    let mut rows = Vec::with_capacity(n * d);
+    for r in 0..n {
+        let from = start + r * stride[0];
+        rows.extend_from_slice(&all[from..from + d]);
+    }
+    Ok(rows)
 }
 
 /// [`deltas`] on tensors: `x` (n, in) in any float dtype on the CPU, the result in x's dtype.
@@ -274,7 +288,7 @@ pub fn added_to(
             candle_core::bail!("the per-row adapter kernel runs on the CPU");
         };
         let xs = crate::kernels::ops::slice::<f32>(cpu, layout)?;
-        added(xs, host_values(base)?, factors, d_in, d_out)
+        added(xs, host_rows(base)?, factors, d_in, d_out)
     };
     Tensor::from_vec(y, (n, d_out), &Device::Cpu)
 }

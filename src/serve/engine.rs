@@ -10,10 +10,10 @@ use super::metrics::Metrics;
 use super::routing::{attach_routers, Routing};
 use crate::ctx::Ctx;
 use crate::generate::choose;
+use crate::kernels::skinny;
 use crate::model::kv_cache::KvCache;
 use crate::model::Llama;
 use anyhow::Result;
-use crate::kernels::skinny;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -356,7 +356,8 @@ impl Engine {
         let mut kept = Vec::new();
         let mut rows = Vec::new();
         let logits = std::mem::take(&mut self.logits);
-        for (i, ((job, adapter), logits)) in jobs.into_iter().zip(logits.chunks(vocab)).enumerate() {
+        for (i, ((job, adapter), logits)) in jobs.into_iter().zip(logits.chunks(vocab)).enumerate()
+        {
             let mut row = Row {
                 rng: StdRng::seed_from_u64(job.sampling.seed),
                 job,
