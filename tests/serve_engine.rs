@@ -236,6 +236,70 @@ fn every_row_gets_the_logits_and_tokens_of_its_request_alone() {
     }
 }
 
+/// Past a decoding step's 16 rows the engine computes the vocabulary head itself (the skinny
+/// product into a buffer kept between steps): 24 rows at once still get their logits alone.
+#[test]
+fn a_batch_past_sixteen_rows_gets_each_requests_logits_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters = adapters(tmp.path());
+    let dir_of = |name: &str| adapters.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let requests: Vec<Request> = (0..3).flat_map(|_| requests()).collect();
+    let mut engine = Engine::new(
+        model(DType::F32, Quantization::None),
+        requests.len(),
+        64,
+        None,
+        Arc::new(Metrics::default()),
+    );
+    for (name, dir) in &adapters {
+        engine.add_adapter(name, dir).unwrap();
+    }
+    let receivers: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let (tx, rx) = channel();
+            engine.submit(Job {
+                prompt: r.prompt.clone(),
+                adapter: r.adapter.map(String::from),
+                sampling: Sampling {
+                    max_tokens: 4,
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    seed: r.seed,
+                    ignore_eos: true,
+                },
+                events: tx,
+                record_logits: true,
+                submitted: Instant::now(),
+            });
+            rx
+        })
+        .collect();
+    let mut most = 0;
+    while !engine.is_idle() {
+        engine.step().unwrap();
+        most = most.max(engine.running());
+    }
+    assert_eq!(most, requests.len());
+    let mut worst = 0f32;
+    for (r, rx) in requests.iter().zip(&receivers).take(8) {
+        let served = drain(rx);
+        assert_eq!(served.tokens.len(), 4);
+        let alone = alone_model(
+            DType::F32,
+            Quantization::None,
+            r.adapter.map(dir_of).as_deref(),
+        );
+        let want = logits_alone(&alone, &r.prompt, &served.tokens);
+        for (got, want) in served.logits.iter().zip(&want) {
+            for (g, w) in got.iter().zip(want) {
+                worst = worst.max((g - w).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-5, "max |Δlogit| {worst}");
+}
+
 #[test]
 fn a_seed_samples_the_same_tokens_whatever_else_is_in_the_batch() {
     // f64, where the batch's rounding cannot reorder near-equal probabilities.
@@ -394,6 +458,25 @@ fn the_per_row_kernel_gives_each_row_its_own_adapters_delta() {
             })
             .collect();
         let got = prolora::serve::bgmv::deltas_of(&x, &factors).unwrap();
+        // Added into a linear's output by the kernel: that output plus the deltas.
+        let d_out = got.dim(1).unwrap();
+        let base = prolora::adapters::uniform(n * d_out, 2.0, &mut rng);
+        let base = Tensor::from_vec(base, (n, d_out), &Device::Cpu).unwrap();
+        let fused: Vec<f32> = prolora::serve::bgmv::added_to(&x, &base, &factors)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let apart: Vec<f32> = (&base + &got)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (f, a) in fused.iter().zip(&apart) {
+            worst = worst.max((f - a).abs() / a.abs().max(1.0));
+        }
         for (r, a) in assignment.iter().enumerate() {
             let got: Vec<f32> = got.get(r).unwrap().to_vec1().unwrap();
             let Some(a) = a else {

@@ -80,12 +80,21 @@ unsafe impl Sync for Out {}
 /// `x (m, k) · wᵀ` for `w (n, k)`, both row-major; returns `(m, n)` row-major. Call only when
 /// [`available`].
 pub fn xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    xwt_into(x, w, m, k, n, &mut y);
+    y
+}
+
+/// [`xwt`] written into `y (m, n)`, every element of it: a caller that keeps its buffer (a
+/// server's vocabulary logits, every step) neither zeroes nor allocates it again.
+pub fn xwt_into<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, y: &mut [f32]) {
     assert!(available(), "skinny: needs AVX2 and FMA");
     assert_eq!(x.len(), m * k, "skinny: x is (m, k)");
     assert_eq!(w.len(), n * k, "skinny: w is (n, k)");
-    let mut y = vec![0f32; m * n];
+    assert_eq!(y.len(), m * n, "skinny: y is (m, n)");
     if n == 0 || k == 0 {
-        return y;
+        y.fill(0.0);
+        return;
     }
     let tasks = rayon::current_num_threads() * TASKS_PER_THREAD;
     let task_rows = n.div_ceil(tasks).max(MIN_TASK_ROWS);
@@ -98,7 +107,6 @@ pub fn xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> V
             // t·task_rows.. of each row of y, which no other task writes.
             unsafe { avx2::block(x, rows, m, k, out.0.add(t * task_rows), n) };
         });
-    y
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -293,6 +301,23 @@ mod tests {
                 let alone = xwt(&x[r * k..(r + 1) * k], &w, 1, k, n);
                 assert_eq!(alone, &together[r * n..(r + 1) * n], "{shape:?} row {r}");
             }
+        }
+    }
+
+    /// Into a used buffer, at more rows than a decoding step's: every element is overwritten
+    /// with what [`xwt`] gives, bit for bit.
+    #[test]
+    fn into_a_used_buffer_every_element_is_written() {
+        if !available() {
+            return;
+        }
+        for shape in [(64, 40, 300), (37, 19, 67), (3, 0, 5)] {
+            let (m, k, n) = shape;
+            let (x, w) = inputs(shape);
+            let mut y = vec![f32::NAN; m * n];
+            xwt_into(&x, &w, m, k, n, &mut y);
+            assert_eq!(y, xwt(&x, &w, m, k, n), "{shape:?}");
+            check(&y, &x, &w, shape);
         }
     }
 

@@ -32,6 +32,15 @@ pub trait Delta {
         self.delta(x, ctx).map(Some)
     }
 
+    /// `y`, the linear's frozen output for `x`, plus [`Self::delta_if_any`]: an adapter that
+    /// adds its delta into `y` itself (a server's per-row kernel) saves the separate add.
+    fn added_to(&self, x: &Tensor, y: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        Ok(match self.delta_if_any(x, ctx)? {
+            Some(delta) => (y + delta)?,
+            None => y,
+        })
+    }
+
     /// The factors where, under `ctx`, [`Self::delta`] is exactly `scaling · (dropout(x) Aᵀ)
     /// Bᵀ` with dropout drawn from `ctx` as `Ctx::dropout` draws it, and gradients flow
     /// (training): the linears of one input then compute bases and deltas as one op with its
@@ -55,17 +64,19 @@ impl Linear {
     /// The base product `y` of `x` plus the adapter's delta, as separate ops (the adapter in the
     /// model's dtype where the activations are not: a bf16 model decoding in f32 on the CPU).
     fn delta_added(&self, x: &Tensor, y: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let delta = |a: &Rc<dyn Delta>| match x.dtype() == self.dtype {
-            true => a.delta_if_any(x, ctx),
-            false => a
-                .delta_if_any(&x.to_dtype(self.dtype)?, ctx)?
-                .map(|d| d.to_dtype(x.dtype()))
-                .transpose(),
+        let Some(adapter) = self.adapter.as_ref() else {
+            return Ok(y);
         };
-        Ok(match self.adapter.as_ref().map(delta) {
-            Some(Ok(Some(delta))) => (y + delta)?,
-            Some(Err(e)) => return Err(e),
-            Some(Ok(None)) | None => y,
+        if x.dtype() == self.dtype {
+            return adapter.added_to(x, y, ctx);
+        }
+        let delta = adapter
+            .delta_if_any(&x.to_dtype(self.dtype)?, ctx)?
+            .map(|d| d.to_dtype(x.dtype()))
+            .transpose()?;
+        Ok(match delta {
+            Some(delta) => (y + delta)?,
+            None => y,
         })
     }
 }

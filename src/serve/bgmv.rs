@@ -5,7 +5,7 @@
 //! times the rank vector rolled back, so nothing is ever expanded.
 
 use crate::adapters::RowFactors;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 /// One adapter's factors on one linear, as f32 rows in the order the kernel reads them.
@@ -187,7 +187,17 @@ const ROWS_PER_TASK: usize = 4;
 
 /// The deltas (n, out) of `x` (n, in): row r from `factors[r]`'s adapter, zero where None.
 pub fn deltas(x: &[f32], factors: &[Option<&Factors>], d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut y = vec![0f32; factors.len() * d_out];
+    added(x, vec![0f32; factors.len() * d_out], factors, d_in, d_out)
+}
+
+/// `y` (n, out) plus the deltas of `x` (n, in), each row's in one pass of the thread pool.
+fn added(
+    x: &[f32],
+    mut y: Vec<f32>,
+    factors: &[Option<&Factors>],
+    d_in: usize,
+    d_out: usize,
+) -> Vec<f32> {
     y.par_chunks_mut(ROWS_PER_TASK * d_out)
         .zip(x.par_chunks(ROWS_PER_TASK * d_in))
         .zip(factors.par_chunks(ROWS_PER_TASK))
@@ -195,8 +205,11 @@ pub fn deltas(x: &[f32], factors: &[Option<&Factors>], d_in: usize, d_out: usize
     y
 }
 
-/// [`deltas`] on tensors: `x` (n, in) in any float dtype on the CPU, the result in x's dtype.
-pub fn deltas_of(x: &Tensor, factors: &[Option<&Factors>]) -> candle_core::Result<Tensor> {
+/// (n, in, out) of a routed linear's input `x`, checked against its rows' factors.
+fn routed_dims(
+    x: &Tensor,
+    factors: &[Option<&Factors>],
+) -> candle_core::Result<(usize, usize, usize)> {
     let (n, d_in) = x.dims2()?;
     let Some(d_out) = factors.iter().flatten().map(|f| f.out_features).next() else {
         candle_core::bail!("no row of the batch has an adapter on this linear");
@@ -210,6 +223,33 @@ pub fn deltas_of(x: &Tensor, factors: &[Option<&Factors>]) -> candle_core::Resul
             f.in_features
         );
     }
+    Ok((n, d_in, d_out))
+}
+
+/// The rows of an f32 CPU matrix `t` (n, d) as one row-major vector: one copy, also of a view
+/// whose rows are apart (a part of a stacked product's output).
+fn host_rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (n, d) = t.dims2()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(all)) = &*storage else {
+        candle_core::bail!("the per-row adapter kernel adds into f32 rows on the CPU");
+    };
+    let (start, stride) = (layout.start_offset(), layout.stride());
+    if n > 0 && d > 1 && stride[1] != 1 {
+        drop(storage);
+        return t.contiguous()?.flatten_all()?.to_vec1();
+    }
+    let mut rows = Vec::with_capacity(n * d);
+    for r in 0..n {
+        let from = start + r * stride[0];
+        rows.extend_from_slice(&all[from..from + d]);
+    }
+    Ok(rows)
+}
+
+/// [`deltas`] on tensors: `x` (n, in) in any float dtype on the CPU, the result in x's dtype.
+pub fn deltas_of(x: &Tensor, factors: &[Option<&Factors>]) -> candle_core::Result<Tensor> {
+    let (n, d_in, d_out) = routed_dims(x, factors)?;
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
     let y = {
         let (storage, layout) = x32.storage_and_layout();
@@ -224,4 +264,31 @@ pub fn deltas_of(x: &Tensor, factors: &[Option<&Factors>]) -> candle_core::Resul
         )
     };
     Tensor::from_vec(y, (n, d_out), &Device::Cpu)?.to_dtype(x.dtype())
+}
+
+/// `base` (n, out), the linear's frozen output, plus [`deltas_of`] `x`: for f32 the deltas
+/// are added into a copy of `base` by the kernel itself, not by a separate elementwise op
+/// (one on the engine's thread alone, for every linear of every step).
+pub fn added_to(
+    x: &Tensor,
+    base: &Tensor,
+    factors: &[Option<&Factors>],
+) -> candle_core::Result<Tensor> {
+    let (n, d_in, d_out) = routed_dims(x, factors)?;
+    if base.dims2()? != (n, d_out) {
+        candle_core::bail!("a base output {:?} for {n} rows of {d_out}", base.dims());
+    }
+    if base.dtype() != DType::F32 || x.dtype() != DType::F32 || !base.device().is_cpu() {
+        return base + deltas_of(x, factors)?;
+    }
+    let x32 = x.contiguous()?;
+    let y = {
+        let (storage, layout) = x32.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("the per-row adapter kernel runs on the CPU");
+        };
+        let xs = crate::kernels::ops::slice::<f32>(cpu, layout)?;
+        added(xs, host_rows(base)?, factors, d_in, d_out)
+    };
+    Tensor::from_vec(y, (n, d_out), &Device::Cpu)
 }

@@ -98,17 +98,41 @@ impl Delta for Router {
     }
 
     fn delta_if_any(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
+        self.routed(x, None, ctx)
+    }
+
+    fn added_to(&self, x: &Tensor, y: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        match self.routed(x, Some(y), ctx)? {
+            Some(sum) => Ok(sum),
+            None => candle_core::bail!("the router lost the linear's output"),
+        }
+    }
+}
+
+impl Router {
+    /// Every row's delta under the current routing, added to `base` (the linear's frozen
+    /// output) where given; None only where no base is given and no row has a delta here.
+    fn routed(
+        &self,
+        x: &Tensor,
+        base: Option<Tensor>,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Option<Tensor>> {
         let routing = self.routing.borrow();
         if routing.groups.is_empty() {
-            return Ok(None);
+            return Ok(base);
         }
         if let [group] = &routing.groups[..] {
             if group.whole {
-                return group
+                let delta = group
                     .adapter
                     .linear(self.layer, self.module)
                     .map(|delta| delta.delta(x, ctx))
-                    .transpose();
+                    .transpose()?;
+                return Ok(match (base, delta) {
+                    (Some(base), Some(delta)) => Some((base + delta)?),
+                    (base, delta) => base.or(delta),
+                });
             }
         }
         let n = x.dim(0)?;
@@ -128,9 +152,10 @@ impl Delta for Router {
                 None => {}
             }
         }
-        let mut sum = match per_row.iter().any(Option::is_some) {
-            true => Some(bgmv::deltas_of(x, &per_row)?),
-            false => None,
+        let mut sum = match (per_row.iter().any(Option::is_some), base) {
+            (true, Some(base)) => Some(bgmv::added_to(x, &base, &per_row)?),
+            (true, None) => Some(bgmv::deltas_of(x, &per_row)?),
+            (false, base) => base,
         };
         for (group, delta) in composed {
             let rows = delta.delta(&x.index_select(&group.index, 0)?, ctx)?;

@@ -91,6 +91,7 @@ pub fn serve(options: Options, load: Loader) -> Result<()> {
     let (max_batch, max_loaded, max_model_len) =
         (options.max_batch, options.max_loaded, options.max_model_len);
     let adapters = options.adapters.clone();
+    quiet_elementwise_pool();
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
@@ -189,6 +190,17 @@ pub fn serve(options: Options, load: Loader) -> Result<()> {
         crate::to_stderr!("the drain deadline passed with {left} connections open; exiting");
     }
     Ok(())
+}
+
+/// Runs candle's elementwise ops on the calling thread (unless the user set
+/// `CANDLE_NUM_THREADS`). Its own pool splits every op of 64 Ki elements or more with a
+/// worker that parks between ops: the engine's thread then spun in candle's barrier while the
+/// worker woke, about a tenth of a load's wall time in profiles (8 distinct adapters), for ops
+/// of tens of microseconds. Called before the first op creates that pool.
+fn quiet_elementwise_pool() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
 }
 
 /// Sleeps until the listener has a connection or 200 ms passed (a signal cuts it short).
