@@ -106,6 +106,9 @@ impl Nf4Out for f16 {
 /// Blocks handed to one rayon task: big enough to amortise scheduling, small enough to balance.
 const BLOCKS_PER_TASK: usize = 1024;
 
+/// Values a task of a tile's dequantization writes (whole rows of the tile).
+const ELEMS_PER_TASK: usize = 1 << 15;
+
 impl Nf4Tensor {
     /// Quantizes `x` (row-major, `shape`); `name` is for errors. Non-finite values are an error:
     /// they would silently poison a whole block.
@@ -229,12 +232,18 @@ impl Nf4Tensor {
             rows.len() * width,
             "dequantize_tile_into: output of the tile's size"
         );
-        out.par_chunks_mut(width).zip(rows).for_each(|(row, r)| {
-            let first = r * h + cols.start;
-            let bytes = &self.packed[first / 2..(first + width) / 2];
-            let amax = &absmax[first / BLOCK..(first + width) / BLOCK];
-            T::blocks_into(bytes, amax, row);
-        });
+        // Runs of rows per task: one row of a narrow column tile is too little work for one.
+        let run = (ELEMS_PER_TASK / width.max(1)).max(1);
+        out.par_chunks_mut(width * run)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (i, row) in chunk.chunks_exact_mut(width).enumerate() {
+                    let first = (rows.start + t * run + i) * h + cols.start;
+                    let bytes = &self.packed[first / 2..(first + width) / 2];
+                    let amax = &absmax[first / BLOCK..(first + width) / BLOCK];
+                    T::blocks_into(bytes, amax, row);
+                }
+            });
     }
 
     /// The tensor as the fused few-row product reads it, when it is a matrix of whole
