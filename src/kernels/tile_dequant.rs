@@ -235,7 +235,8 @@ mod avx512 {
         let t = _mm512_loadu_ps(NF4.as_ptr());
         // Lanes of (high, low) pairs: values 0..8 of both lookups, then 8..16.
         let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let second =
+            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
         for ((b, o), &a) in bytes
             .chunks_exact(NF4_BLOCK / 2)
             .zip(out.chunks_exact_mut(NF4_BLOCK))
@@ -391,7 +392,11 @@ mod tests {
                 for kernel in kernels() {
                     let mut got = vec![f32::NAN; blocks * GGML_BLOCK];
                     ggml_with(kernel, kind, &bytes, &mut got);
-                    assert_eq!(bits(&got), bits(&want), "{kind:?} {kernel:?} {blocks} blocks");
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{kind:?} {kernel:?} {blocks} blocks"
+                    );
                 }
             }
         }
