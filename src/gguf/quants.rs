@@ -1,9 +1,11 @@
 //! Dequantization of ggml blocks to f32, bit for bit as llama.cpp's Python package
 //! (`gguf.quants.dequantize`) computes it: the same f32 products and sums in the same order
-//! (no fused multiply-adds).
+//! (no fused multiply-adds); Q4_0, Q4_1 and Q8_0 by the vectorised kernels of
+//! `kernels::tile_dequant`, which keep those bits.
 
 use super::ggml_type::GgmlType;
 use crate::kernels::quant_gemv::{GgmlBlocks, QuantMatrix};
+use crate::kernels::tile_dequant;
 use anyhow::{bail, Result};
 use half::f16;
 use rayon::prelude::*;
@@ -39,39 +41,56 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             out.len()
         );
     }
-    let one = block_dequantizer(ty)?;
+    let one = dequantizer(ty)?;
     bytes
         .par_chunks(size * BLOCKS_PER_TASK)
         .zip(out.par_chunks_mut(block * BLOCKS_PER_TASK))
-        .for_each(|(b, o)| blocks_into(one, size, block, b, o));
+        .for_each(|(b, o)| one.blocks_into(size, block, b, o));
     Ok(())
 }
 
 /// Dequantizes one block of a type into its `block_size` values.
 type BlockFn = fn(&[u8], &mut [f32]);
 
-fn block_dequantizer(ty: GgmlType) -> Result<BlockFn> {
+/// How a type's blocks are dequantized: the vectorised kernels where there are some (the
+/// types a 4-bit GGUF's linears hold), else block by block.
+#[derive(Clone, Copy, Debug)]
+enum Dequantizer {
+    Vector(GgmlBlocks),
+    Blockwise(BlockFn),
+}
+
+impl Dequantizer {
+    /// Whole blocks of `size` bytes, `block` values each.
+    fn blocks_into(self, size: usize, block: usize, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            Self::Vector(kind) => tile_dequant::ggml_into(kind, bytes, out),
+            Self::Blockwise(one) => {
+                for (b, o) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(block)) {
+                    one(b, o);
+                }
+            }
+        }
+    }
+}
+
+fn dequantizer(ty: GgmlType) -> Result<Dequantizer> {
+    use Dequantizer::{Blockwise, Vector};
     Ok(match ty {
-        GgmlType::F32 => f32_block,
-        GgmlType::F16 => f16_block,
-        GgmlType::BF16 => bf16_block,
-        GgmlType::Q8_0 => q8_0,
-        GgmlType::Q4_0 => q4_0,
-        GgmlType::Q4_1 => q4_1,
-        GgmlType::Q4_K => q4_k,
-        GgmlType::Q5_K => q5_k,
-        GgmlType::Q6_K => q6_k,
+        GgmlType::F32 => Blockwise(f32_block),
+        GgmlType::F16 => Blockwise(f16_block),
+        GgmlType::BF16 => Blockwise(bf16_block),
+        GgmlType::Q8_0 => Vector(GgmlBlocks::Q8_0),
+        GgmlType::Q4_0 => Vector(GgmlBlocks::Q4_0),
+        GgmlType::Q4_1 => Vector(GgmlBlocks::Q4_1),
+        GgmlType::Q4_K => Blockwise(q4_k),
+        GgmlType::Q5_K => Blockwise(q5_k),
+        GgmlType::Q6_K => Blockwise(q6_k),
         other => bail!(
             "tensors of type {other} cannot be read (supported: {})",
             SUPPORTED.map(|t| t.name()).join(", ")
         ),
     })
-}
-
-fn blocks_into(one: BlockFn, size: usize, block: usize, bytes: &[u8], out: &mut [f32]) {
-    for (b, o) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(block)) {
-        one(b, o);
-    }
 }
 
 /// A matrix (rows, cols) kept in ggml blocks, each row whole blocks, that dequantizes any
@@ -82,13 +101,13 @@ pub struct BlockMatrix {
     rows: usize,
     cols: usize,
     bytes: Vec<u8>,
-    block_fn: BlockFn,
+    dequantizer: Dequantizer,
 }
 
 impl BlockMatrix {
     /// `bytes` of `rows` rows of `cols` values of `ty`.
     pub fn new(ggml_type: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
-        let block_fn = block_dequantizer(ggml_type)?;
+        let dequantizer = dequantizer(ggml_type)?;
         let row_bytes = ggml_type.bytes_for(cols as u64);
         if row_bytes.is_none_or(|b| b as usize * rows != bytes.len()) {
             bail!(
@@ -101,7 +120,7 @@ impl BlockMatrix {
             rows,
             cols,
             bytes,
-            block_fn,
+            dequantizer,
         })
     }
 
@@ -135,7 +154,7 @@ impl BlockMatrix {
         let row_start = row * (self.cols / block) * size;
         let bytes =
             &self.bytes[row_start + cols.start / block * size..][..cols.len() / block * size];
-        blocks_into(self.block_fn, size, block, bytes, out);
+        self.dequantizer.blocks_into(size, block, bytes, out);
     }
 
     /// The matrix as the fused few-row product reads it, for the types it reads.
@@ -178,32 +197,6 @@ fn f16_block(b: &[u8], out: &mut [f32]) {
 
 fn bf16_block(b: &[u8], out: &mut [f32]) {
     out[0] = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-}
-
-/// d (f16), 32 × i8: `q · d`.
-fn q8_0(b: &[u8], out: &mut [f32]) {
-    let d = half_at(b, 0);
-    for (o, &q) in out.iter_mut().zip(&b[2..34]) {
-        *o = f32::from(q as i8) * d;
-    }
-}
-
-/// d (f16), 16 bytes of nibbles (low nibbles are elements 0..16, high 16..32): `d · (q − 8)`.
-fn q4_0(b: &[u8], out: &mut [f32]) {
-    let d = half_at(b, 0);
-    for (i, &q) in b[2..18].iter().enumerate() {
-        out[i] = d * f32::from((q & 0x0F) as i8 - 8);
-        out[i + 16] = d * f32::from((q >> 4) as i8 - 8);
-    }
-}
-
-/// d, m (f16), nibbles as Q4_0: `d · q + m`.
-fn q4_1(b: &[u8], out: &mut [f32]) {
-    let (d, m) = (half_at(b, 0), half_at(b, 2));
-    for (i, &q) in b[4..20].iter().enumerate() {
-        out[i] = d * f32::from(q & 0x0F) + m;
-        out[i + 16] = d * f32::from(q >> 4) + m;
-    }
 }
 
 /// The eight 6-bit scales and mins of a Q4_K/Q5_K super-block, packed in 12 bytes.

@@ -611,16 +611,22 @@ impl Tiles for StackedTiles<'_> {
         self.0.iter().map(|p| p.prepare()).collect()
     }
 
+    /// The parts in one parallel pass (each part's own loop nested in it), so the pool does
+    /// not drain between parts.
     fn whole_into<T: TileBuffer>(&self, out: &mut [T]) {
         let h = self.shape().1;
-        for (first, p) in self.parts() {
-            let o = p.shape().0;
-            p.whole_into(&mut out[first * h..(first + o) * h]);
+        let mut rest = out;
+        let mut jobs = Vec::with_capacity(self.0.len());
+        for p in &self.0 {
+            let (mine, tail) = rest.split_at_mut(p.shape().0 * h);
+            jobs.push((p, mine));
+            rest = tail;
         }
+        jobs.into_par_iter().for_each(|(p, o)| p.whole_into(o));
     }
 
     /// Each part dequantizes the rows of the tile that are its own (a tile is row-major, so
-    /// they are one run of it).
+    /// they are one run of it), all parts in one parallel pass.
     fn tile_into<T: TileBuffer>(
         &self,
         prepared: &Self::Prepared,
@@ -629,14 +635,19 @@ impl Tiles for StackedTiles<'_> {
         out: &mut [T],
     ) {
         let width = cols.len();
+        let mut rest = out;
+        let mut jobs = Vec::with_capacity(self.0.len());
         for ((first, p), prep) in self.parts().zip(prepared) {
             let (start, end) = (rows.start.max(first), rows.end.min(first + p.shape().0));
             if start >= end {
                 continue;
             }
-            let out = &mut out[(start - rows.start) * width..(end - rows.start) * width];
-            p.tile_into(prep, start - first..end - first, cols.clone(), out);
+            let (mine, tail) = rest.split_at_mut((end - start) * width);
+            jobs.push((p, prep, start - first..end - first, mine));
+            rest = tail;
         }
+        jobs.into_par_iter()
+            .for_each(|(p, prep, part_rows, o)| p.tile_into(prep, part_rows, cols.clone(), o));
     }
 }
 

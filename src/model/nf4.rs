@@ -8,6 +8,7 @@
 
 use crate::choice::named_enum;
 use crate::kernels::quant_gemv::{Nf4Scales, QuantMatrix};
+use crate::kernels::tile_dequant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -58,11 +59,26 @@ pub struct Nf4Tensor {
 /// A dtype the dequantization writes: `NF4[code] · absmax` is computed in f32, then cast.
 pub trait Nf4Out: Copy + Send + Sync {
     fn from_f32(v: f32) -> Self;
+
+    /// Whole blocks: `out[i] = NF4[code i] · amax[i / BLOCK]`, codes two to a byte, high first
+    /// (the last block may be partial when `out` ends in it).
+    fn blocks_into(bytes: &[u8], amax: &[f32], out: &mut [Self]) {
+        tile_dequant::nf4_portable(bytes, amax, out, Self::from_f32)
+    }
 }
 impl Nf4Out for f32 {
     #[inline]
     fn from_f32(v: f32) -> Self {
         v
+    }
+
+    /// The vectorised kernels, which give the portable form's bits.
+    fn blocks_into(bytes: &[u8], amax: &[f32], out: &mut [f32]) {
+        if out.len().is_multiple_of(BLOCK) {
+            tile_dequant::nf4_into(bytes, amax, out)
+        } else {
+            tile_dequant::nf4_portable(bytes, amax, out, Self::from_f32)
+        }
     }
 }
 impl Nf4Out for f64 {
@@ -90,28 +106,8 @@ impl Nf4Out for f16 {
 /// Blocks handed to one rayon task: big enough to amortise scheduling, small enough to balance.
 const BLOCKS_PER_TASK: usize = 1024;
 
-/// Whole blocks: `out[i] = NF4[code i] · absmax[i / BLOCK]`, codes two to a byte, high first.
-/// One table lookup gives both values of a byte; no per-element branch.
-fn dequantize_blocks<T: Nf4Out>(bytes: &[u8], amax: &[f32], out: &mut [T]) {
-    for ((o, b), &a) in out.chunks_mut(BLOCK).zip(bytes.chunks(BLOCK / 2)).zip(amax) {
-        for (o2, &byte) in o.chunks_exact_mut(2).zip(b) {
-            let [hi, lo] = NF4_PAIRS[byte as usize];
-            o2[0] = T::from_f32(hi * a);
-            o2[1] = T::from_f32(lo * a);
-        }
-    }
-}
-
-/// Both NF4 values of each byte.
-static NF4_PAIRS: [[f32; 2]; 256] = {
-    let mut t = [[0f32; 2]; 256];
-    let mut b = 0;
-    while b < 256 {
-        t[b] = [NF4[b >> 4], NF4[b & 15]];
-        b += 1;
-    }
-    t
-};
+/// Values a task of a tile's dequantization writes (whole rows of the tile).
+const ELEMS_PER_TASK: usize = 1 << 15;
 
 impl Nf4Tensor {
     /// Quantizes `x` (row-major, `shape`); `name` is for errors. Non-finite values are an error:
@@ -204,7 +200,7 @@ impl Nf4Tensor {
         head.par_chunks_mut(BLOCK * BLOCKS_PER_TASK)
             .zip(self.packed[..full * BLOCK / 2].par_chunks(BLOCK / 2 * BLOCKS_PER_TASK))
             .zip(absmax[..full].par_chunks(BLOCKS_PER_TASK))
-            .for_each(|((out, bytes), amax)| dequantize_blocks(bytes, amax, out));
+            .for_each(|((out, bytes), amax)| T::blocks_into(bytes, amax, out));
         // The partial last block, if any.
         for (i, o) in tail.iter_mut().enumerate() {
             let k = full * BLOCK + i;
@@ -236,12 +232,18 @@ impl Nf4Tensor {
             rows.len() * width,
             "dequantize_tile_into: output of the tile's size"
         );
-        out.par_chunks_mut(width).zip(rows).for_each(|(row, r)| {
-            let first = r * h + cols.start;
-            let bytes = &self.packed[first / 2..(first + width) / 2];
-            let amax = &absmax[first / BLOCK..(first + width) / BLOCK];
-            dequantize_blocks(bytes, amax, row);
-        });
+        // Runs of rows per task: one row of a narrow column tile is too little work for one.
+        let run = (ELEMS_PER_TASK / width.max(1)).max(1);
+        out.par_chunks_mut(width * run)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (i, row) in chunk.chunks_exact_mut(width).enumerate() {
+                    let first = (rows.start + t * run + i) * h + cols.start;
+                    let bytes = &self.packed[first / 2..(first + width) / 2];
+                    let amax = &absmax[first / BLOCK..(first + width) / BLOCK];
+                    T::blocks_into(bytes, amax, row);
+                }
+            });
     }
 
     /// The tensor as the fused few-row product reads it, when it is a matrix of whole
