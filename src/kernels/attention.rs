@@ -84,21 +84,41 @@ impl CausalAttention {
             .collect()
     }
 
+    /// Task (i, g)'s rotated queries (len, group·hd), rotated keys (len, hd) and values.
+    fn inputs<R: Real>(
+        &self,
+        (i, g): (usize, usize),
+        [q, k, v]: [&[R]; 3],
+        tables: &Tables,
+    ) -> [Vec<R>; 3] {
+        let s = &self.seqs;
+        let (hd, group) = (s.head_dim, s.heads / s.kv_heads);
+        let (span, rope) = (s.spans[i], Some((tables, 1.0)));
+        [
+            rows(
+                q,
+                s.heads * hd,
+                span,
+                (g * group * hd, group * hd),
+                hd,
+                rope,
+            ),
+            rows(k, s.kv_heads * hd, span, (g * hd, hd), hd, rope),
+            rows(v, s.kv_heads * hd, span, (g * hd, hd), hd, None),
+        ]
+    }
+
     fn forward<R: Real>(&self, q: &[R], k: &[R], v: &[R]) -> Vec<R> {
         let s = &self.seqs;
         let (hd, group) = (s.head_dim, s.heads / s.kv_heads);
-        let (qw, kw) = (s.heads * hd, s.kv_heads * hd);
+        let qw = s.heads * hd;
         let tables = self.tables();
         let scale = R::from_f64(self.scale);
         let parts: Vec<_> = self
             .tasks()
             .into_par_iter()
-            .map(|(i, g)| {
-                let span = s.spans[i];
-                let rope = Some((&tables, 1.0));
-                let queries = rows(q, qw, span, (g * group * hd, group * hd), hd, rope);
-                let keys = rows(k, kw, span, (g * hd, hd), hd, rope);
-                let values = rows(v, kw, span, (g * hd, hd), hd, None);
+            .map(|task| {
+                let [queries, keys, values] = self.inputs(task, [q, k, v], &tables);
                 group_forward((&queries, &keys, &values), hd, scale)
             })
             .collect();
@@ -120,12 +140,8 @@ impl CausalAttention {
             .into_par_iter()
             .map(|(i, g)| {
                 let span = s.spans[i];
-                let rope = Some((&tables, 1.0));
-                let cols = (g * group * hd, group * hd);
-                let queries = rows(q, qw, span, cols, hd, rope);
-                let keys = rows(k, kw, span, (g * hd, hd), hd, rope);
-                let values = rows(v, kw, span, (g * hd, hd), hd, None);
-                let grads = rows(dy, qw, span, cols, hd, None);
+                let [queries, keys, values] = self.inputs((i, g), [q, k, v], &tables);
+                let grads = rows(dy, qw, span, (g * group * hd, group * hd), hd, None);
                 let [dq, dk, dv] = group_backward((&queries, &keys, &values, &grads), hd, scale);
                 // Back through the rotation: orthogonal, so the opposite angles.
                 let back = |x: Vec<R>, width: usize| {
