@@ -165,6 +165,14 @@ def run_peer(args, base, model, adapter, encoded, steps):
     return json.loads(done.stdout.strip().splitlines()[-1]), None
 
 
+def fastest(runs):
+    """Runs of one tool on the same batches, folded into one: each step's fastest time (the
+    VM's speed moves between runs), the first run's losses, the highest peak RSS."""
+    return {"times": [min(t) for t in zip(*(r["times"] for r in runs))],
+            "losses": runs[0]["losses"],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+
+
 def bitsandbytes_runs():
     try:
         import bitsandbytes  # noqa: F401
@@ -184,6 +192,8 @@ def main():
     ap.add_argument("--data", default=os.path.join(ROOT, "data/sample_chat.jsonl"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of best/median")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each tool, alternated; each step's fastest time counts")
     ap.add_argument("--nf4-peer-steps", type=int,
                     help="fewer steps for the bitsandbytes peer where its CPU path is slow (default "
                          "--steps); both tools are then timed on those steps' batches only")
@@ -218,26 +228,37 @@ def main():
     print(f"SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152); batch {args.batch} chat "
           f"examples <= {args.seq} tokens of {os.path.basename(args.data)}; LoRA r 8 on 7 linears, "
           f"dropout 0, same initial adapter; {args.threads} threads each; {args.steps} steps, "
-          f"best / median of the last {args.steps - args.warmup}")
+          f"best / median of the last {args.steps - args.warmup}"
+          + (f", each step the fastest of {args.repeat} alternated runs" if args.repeat > 1 else ""))
     print("| base | peer | prolora step (s) best / median | peer step (s) best / median | "
           "time ratio (best / median) | prolora peak RSS (MiB) | peer peak RSS (MiB) | "
           "largest step-loss difference |")
     print("|---|---|---|---|---|---|---|---|")
     f32_peer = nf4_peer = None
+    f32_runs = []
     for base in args.bases.split(","):
-        if base == "nf4" and bnb:
-            p, err = run_peer(args, "nf4", model, adapter, encoded,
-                              args.nf4_peer_steps or args.steps)
-            peer_name = "PyTorch + PEFT + bitsandbytes NF4"
-        else:
-            if f32_peer is None:
-                f32_peer, err = run_peer(args, "f32", model, adapter, encoded, args.steps)
-            p = f32_peer
-            peer_name = "PyTorch + PEFT, f32" + (" (no bitsandbytes)" if base == "nf4" else "")
-        if p is None:
-            sys.exit(f"the PyTorch peer failed ({base}): {err}")
         source = gguf if base == "q4_1" else model
-        o = ours(args, base, source, adapter, work)
+        runs, peer_runs = [], []
+        for _ in range(args.repeat):
+            if base == "nf4" and bnb:
+                p, err = run_peer(args, "nf4", model, adapter, encoded,
+                                  args.nf4_peer_steps or args.steps)
+                peer_name = "PyTorch + PEFT + bitsandbytes NF4"
+            else:
+                if f32_peer is None or len(f32_runs) < args.repeat:
+                    p, err = run_peer(args, "f32", model, adapter, encoded, args.steps)
+                    if p is not None:
+                        f32_runs.append(p)
+                else:
+                    p, err = f32_runs[len(peer_runs)], None
+                peer_name = "PyTorch + PEFT, f32" + (" (no bitsandbytes)" if base == "nf4" else "")
+            if p is None:
+                sys.exit(f"the PyTorch peer failed ({base}): {err}")
+            peer_runs.append(p)
+            runs.append(ours(args, base, source, adapter, work))
+        p, o = fastest(peer_runs), fastest(runs)
+        if peer_name.startswith("PyTorch + PEFT, f32"):
+            f32_peer = p
         # The same batches on both sides: step times follow each batch's token count.
         steps = min(len(o["times"]), len(p["times"]))
         warmup = args.warmup if steps > args.warmup else 1
