@@ -108,6 +108,24 @@ impl CausalAttention {
         ]
     }
 
+    /// [`Self::backward`] on the storages of q, k, v and the output's gradient, as tensors
+    /// shaped like q, k and v.
+    fn gradients<R: Real>(
+        &self,
+        inputs: [(&CpuStorage, &Layout); 4],
+        like: [&Tensor; 3],
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [q, k, v, dy] = inputs.map(|(s, l)| slice::<R>(s, l));
+        let grads = self.backward(q?, k?, v?, dy?);
+        let tensor = |(g, t): (Vec<R>, &Tensor)| Tensor::from_vec(g, t.shape(), t.device());
+        let [dq, dk, dv] = grads;
+        Ok((
+            Some(tensor((dq, like[0]))?),
+            Some(tensor((dk, like[1]))?),
+            Some(tensor((dv, like[2]))?),
+        ))
+    }
+
     fn forward<R: Real>(&self, q: &[R], k: &[R], v: &[R]) -> Vec<R> {
         let s = &self.seqs;
         let (hd, group) = (s.head_dim, s.heads / s.kv_heads);
@@ -216,38 +234,10 @@ impl CustomOp3 for CausalAttention {
         else {
             candle_core::bail!("causal-attention: the fused op runs on the CPU only")
         };
-        fn tensors<R: Real>(
-            grads: [Vec<R>; 3],
-            like: [&Tensor; 3],
-        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let [dq, dk, dv] = grads;
-            let tensor = |g: Vec<R>, t: &Tensor| Tensor::from_vec(g, t.shape(), t.device());
-            Ok((
-                Some(tensor(dq, like[0])?),
-                Some(tensor(dk, like[1])?),
-                Some(tensor(dv, like[2])?),
-            ))
-        }
-        let like = [q, k, v];
+        let inputs = [(qs, ql), (ks, kl), (vs, vl), (gs, gl)];
         match qs.dtype() {
-            DType::F32 => tensors(
-                self.backward::<f32>(
-                    slice(qs, ql)?,
-                    slice(ks, kl)?,
-                    slice(vs, vl)?,
-                    slice(gs, gl)?,
-                ),
-                like,
-            ),
-            DType::F64 => tensors(
-                self.backward::<f64>(
-                    slice(qs, ql)?,
-                    slice(ks, kl)?,
-                    slice(vs, vl)?,
-                    slice(gs, gl)?,
-                ),
-                like,
-            ),
+            DType::F32 => self.gradients::<f32>(inputs, [q, k, v]),
+            DType::F64 => self.gradients::<f64>(inputs, [q, k, v]),
             other => candle_core::bail!("causal-attention: unsupported dtype {other:?}"),
         }
     }
