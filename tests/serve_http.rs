@@ -520,8 +520,10 @@ fn the_server_answers_as_generate_does_and_keeps_its_limits() {
     // SIGTERM: the stream in flight finishes, new connections are refused, exit 0.
     let mut server = server;
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let body =
-        json!({"model": "tied", "prompt": "a", "max_tokens": 80, "stream": true}).to_string();
+    // `ignore_eos`: a sampled end of sequence would end the stream early with "stop".
+    let body = json!({"model": "tied", "prompt": "a", "max_tokens": 80, "stream": true,
+                      "ignore_eos": true})
+    .to_string();
     write!(s, "POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut first = [0u8; 16];
     s.read_exact(&mut first).unwrap();
