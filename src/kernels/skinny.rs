@@ -10,9 +10,10 @@
 use half::bf16;
 use rayon::prelude::*;
 
-/// Rows of `x` for which the skinny product is used (beyond, a GEMM reuses each weight tile
-/// enough to be faster).
-pub const ROWS: std::ops::RangeInclusive<usize> = 1..=16;
+/// Rows of `x` for which the skinny product is used: a decoding step's, up to a server's batch
+/// of 64 (`cargo bench --bench skinny`: at 64 rows it still beats the GEMM, which packs the
+/// whole weight at every call; beyond, the GEMM reuses each packed tile enough to be faster).
+pub const ROWS: std::ops::RangeInclusive<usize> = 1..=64;
 
 /// Smallest number of `w` rows per task: enough work to outweigh a task's hand-off.
 const MIN_TASK_ROWS: usize = 64;
@@ -22,13 +23,37 @@ const TASKS_PER_THREAD: usize = 2;
 
 /// Whether this CPU runs the kernel (AVX2 and FMA); elsewhere the GEMM is used.
 pub fn available() -> bool {
+    kernel().is_some()
+}
+
+/// The register width the products run at: every row count uses the same one, so a row's
+/// sums are added in one order whatever else is in the batch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernel {
+    /// 16 lanes, 32 registers: tiles of 6 rows of x by 4 rows of w.
+    Avx512,
+    /// 8 lanes, 16 registers: tiles of 4 rows of x by 3 rows of w.
+    Avx2,
+}
+
+fn kernel() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        use std::arch::is_x86_feature_detected as has;
+        static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            if has!("avx512f") && has!("fma") {
+                Some(Kernel::Avx512)
+            } else if has!("avx2") && has!("fma") {
+                Some(Kernel::Avx2)
+            } else {
+                None
+            }
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        None
     }
 }
 
@@ -38,6 +63,9 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     /// Eight elements from `p` as f32 lanes.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen elements from `p` as f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl WeightElem for f32 {
@@ -51,6 +79,13 @@ impl WeightElem for f32 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -67,6 +102,15 @@ impl WeightElem for bf16 {
         use std::arch::x86_64::*;
         let halves = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let halves = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
     }
 }
 
@@ -88,7 +132,20 @@ pub fn xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> V
 /// [`xwt`] written into `y (m, n)`, every element of it: a caller that keeps its buffer (a
 /// server's vocabulary logits, every step) neither zeroes nor allocates it again.
 pub fn xwt_into<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize, y: &mut [f32]) {
-    assert!(available(), "skinny: needs AVX2 and FMA");
+    let kernel = kernel().expect("skinny: needs AVX2 and FMA");
+    xwt_with(kernel, x, w, m, k, n, y)
+}
+
+/// [`xwt_into`] with the given kernel, which the CPU must run.
+fn xwt_with<W: WeightElem>(
+    kernel: Kernel,
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    y: &mut [f32],
+) {
     assert_eq!(x.len(), m * k, "skinny: x is (m, k)");
     assert_eq!(w.len(), n * k, "skinny: w is (n, k)");
     assert_eq!(y.len(), m * n, "skinny: y is (m, n)");
@@ -103,9 +160,13 @@ pub fn xwt_into<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize,
         .enumerate()
         .for_each(|(t, rows)| {
             let out = out;
-            // SAFETY: available() was checked above; this task writes columns
+            let out = unsafe { out.0.add(t * task_rows) };
+            // SAFETY: the CPU has the kernel's features; this task writes columns
             // t·task_rows.. of each row of y, which no other task writes.
-            unsafe { avx2::block(x, rows, m, k, out.0.add(t * task_rows), n) };
+            match kernel {
+                Kernel::Avx512 => unsafe { avx512::block(x, rows, m, k, out, n) },
+                Kernel::Avx2 => unsafe { avx2::block(x, rows, m, k, out, n) },
+            }
         });
 }
 
@@ -230,6 +291,117 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::WeightElem;
+    use std::arch::x86_64::*;
+
+    /// Rows of w per panel: a panel (4 × k) stays in the L1 cache while every row of x passes
+    /// over it, and x (tens of rows) stays in the L2 cache; w is read from memory once.
+    const PANEL: usize = 4;
+
+    /// Rows of x per tile: 6 × 4 accumulators, 4 rows of w and one of x fill the 32 registers.
+    const TILE: usize = 6;
+
+    /// `out[r·stride + j]` = x row r · `w_rows` row j, for every row of x and of `w_rows`.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn block<W: WeightElem>(
+        x: &[f32],
+        w_rows: &[W],
+        m: usize,
+        k: usize,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        let rows = w_rows.len() / k;
+        let (x, w) = (x.as_ptr(), w_rows.as_ptr());
+        let mut j = 0;
+        while j < rows {
+            // One row of x: a single sequential stream through w (several streams at once
+            // read memory slower); more rows: panels that each pass meets in the L1 cache.
+            let panel = if m == 1 { 1 } else { PANEL.min(rows - j) };
+            let (w, out) = (w.add(j * k), out.add(j));
+            let mut r = 0;
+            while r < m {
+                let (x, out) = (x.add(r * k), out.add(r * stride));
+                match (m - r, panel) {
+                    (1, PANEL) => tile::<1, PANEL, W>(x, w, k, out, stride),
+                    (2, PANEL) => tile::<2, PANEL, W>(x, w, k, out, stride),
+                    (3, PANEL) => tile::<3, PANEL, W>(x, w, k, out, stride),
+                    (4, PANEL) => tile::<4, PANEL, W>(x, w, k, out, stride),
+                    (5, PANEL) => tile::<5, PANEL, W>(x, w, k, out, stride),
+                    (_, PANEL) => tile::<TILE, PANEL, W>(x, w, k, out, stride),
+                    (1, _) => per_row::<1, W>(x, w, k, panel, out, stride),
+                    (2, _) => per_row::<2, W>(x, w, k, panel, out, stride),
+                    (3, _) => per_row::<3, W>(x, w, k, panel, out, stride),
+                    (4, _) => per_row::<4, W>(x, w, k, panel, out, stride),
+                    (5, _) => per_row::<5, W>(x, w, k, panel, out, stride),
+                    _ => per_row::<TILE, W>(x, w, k, panel, out, stride),
+                }
+                r += TILE;
+            }
+            j += panel;
+        }
+    }
+
+    /// `M` rows of x times each of `rows` rows of w, one row of w at a time (a panel's last
+    /// few rows).
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn per_row<const M: usize, W: WeightElem>(
+        x: *const f32,
+        w: *const W,
+        k: usize,
+        rows: usize,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        for p in 0..rows {
+            tile::<M, 1, W>(x, w.add(p * k), k, out.add(p), stride);
+        }
+    }
+
+    /// The `[x row][w row]` dot products of `M` rows of x and `R` rows of w (both stride k),
+    /// written to `out[q·stride + p]`: M·R accumulators of 16 lanes over the whole sixteens,
+    /// then the tail in scalars. Each product is summed in the same order whatever M and R
+    /// are, so a row of x gets the same bits alone or beside others.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn tile<const M: usize, const R: usize, W: WeightElem>(
+        x: *const f32,
+        w: *const W,
+        k: usize,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        let whole = k / 16 * 16;
+        let mut acc = [[_mm512_setzero_ps(); R]; M];
+        let mut i = 0;
+        while i < whole {
+            let mut wv = [_mm512_setzero_ps(); R];
+            for (p, v) in wv.iter_mut().enumerate() {
+                *v = W::load16(w.add(p * k + i));
+            }
+            for (q, acc) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(x.add(q * k + i));
+                for p in 0..R {
+                    acc[p] = _mm512_fmadd_ps(xv, wv[p], acc[p]);
+                }
+            }
+            i += 16;
+        }
+        for (q, acc) in acc.iter().enumerate() {
+            for (p, acc) in acc.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*acc);
+                for t in whole..k {
+                    s += *x.add(q * k + t) * (*w.add(p * k + t)).to_f32();
+                }
+                *out.add(q * stride + p) = s;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,10 +422,14 @@ mod tests {
         }
     }
 
-    /// Row counts around the tiles of four (and one), odd numbers of w rows, widths with a
-    /// tail, and weights large enough to be split between tasks.
+    /// Row counts around the tiles (four and six rows of x, one), numbers of w rows around
+    /// the panels (three and four), widths with a tail of each register width, weights large
+    /// enough to be split between tasks, and a server's 64 rows.
     const SHAPES: &[(usize, usize, usize)] = &[
         (1, 16, 3),
+        (13, 35, 6),
+        (64, 40, 67),
+        (7, 47, 9),
         (1, 37, 301),
         (2, 24, 9),
         (3, 13, 70),
@@ -275,37 +451,58 @@ mod tests {
         (x, w)
     }
 
+    /// Every kernel this CPU runs (the AVX2 one also where AVX-512 is there).
+    fn kernels() -> Vec<Kernel> {
+        let mut all: Vec<Kernel> = kernel().into_iter().collect();
+        if all == [Kernel::Avx512] {
+            all.push(Kernel::Avx2);
+        }
+        all
+    }
+
+    fn product<W: WeightElem>(
+        kernel: Kernel,
+        x: &[f32],
+        w: &[W],
+        shape: (usize, usize, usize),
+    ) -> Vec<f32> {
+        let (m, k, n) = shape;
+        let mut y = vec![f32::NAN; m * n];
+        xwt_with(kernel, x, w, m, k, n, &mut y);
+        y
+    }
+
     #[test]
     fn skinny_product_equals_the_f64_product() {
-        if !available() {
-            return;
-        }
-        for &shape in SHAPES {
-            let (m, k, n) = shape;
-            let (x, w) = inputs(shape);
-            check(&xwt(&x, &w, m, k, n), &x, &w, shape);
+        for kernel in kernels() {
+            for &shape in SHAPES {
+                let (x, w) = inputs(shape);
+                check(&product(kernel, &x, &w, shape), &x, &w, shape);
+            }
         }
     }
 
     /// A row's products do not depend on the rows beside it: bit for bit what it gets alone.
     #[test]
     fn a_row_gets_the_same_bits_in_any_batch() {
-        if !available() {
-            return;
-        }
-        for &shape in SHAPES {
-            let (m, k, n) = shape;
-            let (x, w) = inputs(shape);
-            let together = xwt(&x, &w, m, k, n);
-            for r in 0..m {
-                let alone = xwt(&x[r * k..(r + 1) * k], &w, 1, k, n);
-                assert_eq!(alone, &together[r * n..(r + 1) * n], "{shape:?} row {r}");
+        for kernel in kernels() {
+            for &shape in SHAPES {
+                let (m, k, n) = shape;
+                let (x, w) = inputs(shape);
+                let together = product(kernel, &x, &w, shape);
+                for r in 0..m {
+                    let alone = product(kernel, &x[r * k..(r + 1) * k], &w, (1, k, n));
+                    assert_eq!(
+                        alone,
+                        &together[r * n..(r + 1) * n],
+                        "{kernel:?} {shape:?} row {r}"
+                    );
+                }
             }
         }
     }
 
-    /// Into a used buffer, at more rows than a decoding step's: every element is overwritten
-    /// with what [`xwt`] gives, bit for bit.
+    /// Into a used buffer: every element is overwritten with what [`xwt`] gives, bit for bit.
     #[test]
     fn into_a_used_buffer_every_element_is_written() {
         if !available() {
@@ -324,15 +521,13 @@ mod tests {
     /// A bf16 weight is widened exactly: the product equals the f64 product of its values.
     #[test]
     fn bf16_weights_give_the_product_of_their_values() {
-        if !available() {
-            return;
-        }
-        for &shape in SHAPES {
-            let (m, k, n) = shape;
-            let (x, w) = inputs(shape);
-            let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v * 1.37)).collect();
-            let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
-            check(&xwt(&x, &w16, m, k, n), &x, &widened, shape);
+        for kernel in kernels() {
+            for &shape in SHAPES {
+                let (x, w) = inputs(shape);
+                let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v * 1.37)).collect();
+                let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+                check(&product(kernel, &x, &w16, shape), &x, &widened, shape);
+            }
         }
     }
 }

@@ -461,19 +461,16 @@ impl Engine {
     }
 
     /// Vocabulary logits of hidden states (b, 1, d) into `self.logits`, one f32 row per batch
-    /// row; returns the vocabulary size. Past a decoding step's few rows the head is the skinny
-    /// product too, not a GEMM: a GEMM packs all 49,152 rows of the head every step for 64
-    /// rows of use each (it ran at about two thirds of the skinny product's rate), and a row
-    /// gets the bits it gets alone (`skinny` sums each product in one order at any row count).
+    /// row; returns the vocabulary size. At any row count the head is the skinny product, not
+    /// a GEMM: a GEMM packs all 49,152 rows of the head every step for 64 rows of use each, and
+    /// a row gets the bits it gets alone (`skinny` sums each product in one order at any row
+    /// count); the logits go into the buffer kept between steps.
     fn logits(&mut self, last: &Tensor) -> Result<usize> {
         let (rows, d) = (last.dim(0)?, last.dim(2)?);
         let w = self.model.head_weight();
         let vocab = w.dim(0)?;
         self.logits.resize(rows * vocab, 0.0);
-        let skinny = rows > *skinny::ROWS.end()
-            && skinny::available()
-            && last.dtype() == DType::F32
-            && w.dims2()? == (vocab, d);
+        let skinny = skinny::available() && last.dtype() == DType::F32 && w.dims2()? == (vocab, d);
         if skinny {
             let x: Vec<f32> = last.flatten_all()?.to_vec1()?;
             let (storage, layout) = w.storage_and_layout();
