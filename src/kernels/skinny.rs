@@ -121,6 +121,14 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// The pointer `offset` elements on (a method, so that a task's closure takes the whole
+    /// `Out`, which is Send, not its pointer field).
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
 /// `x (m, k) · wᵀ` for `w (n, k)`, both row-major; returns `(m, n)` row-major. Call only when
 /// [`available`].
 pub fn xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -159,10 +167,9 @@ fn xwt_with<W: WeightElem>(
     w.par_chunks(task_rows * k)
         .enumerate()
         .for_each(|(t, rows)| {
-            let out = out;
-            let out = unsafe { out.0.add(t * task_rows) };
             // SAFETY: the CPU has the kernel's features; this task writes columns
             // t·task_rows.. of each row of y, which no other task writes.
+            let out = unsafe { out.at(t * task_rows) };
             match kernel {
                 Kernel::Avx512 => unsafe { avx512::block(x, rows, m, k, out, n) },
                 Kernel::Avx2 => unsafe { avx2::block(x, rows, m, k, out, n) },
