@@ -87,37 +87,81 @@ impl Factors {
         4 * (shared + self.a.len() + self.bt.len())
     }
 
-    /// `y += Δ(x)` for one row.
+    /// `y += Δ(x)` for one row: first the rank vector (each shared rank rolled into place,
+    /// then the unshared ones), then every output once, eight at a time, with all its ranks'
+    /// terms added in registers (not one pass over y per rank).
     #[inline(always)]
     fn add_row(&self, x: &[f32], y: &mut [f32]) {
+        let r = self.shared.as_ref().map_or(0, |s| s.ranks);
+        let u = self.a.len() / self.in_features.max(1);
+        let mut stack = [0f32; 2 * STACK_RANKS];
+        let mut heap = Vec::new();
+        let scratch: &mut [f32] = if 2 * r + u <= stack.len() {
+            &mut stack[..2 * r + u]
+        } else {
+            heap.resize(2 * r + u, 0.0);
+            &mut heap
+        };
+        let (v, rolled) = scratch.split_at_mut(r + u);
+        let (w, wu) = v.split_at_mut(r);
         if let Some(s) = &self.shared {
-            let r = s.ranks;
-            // w = Σ_j roll(x_j A0ᵀ, −j·roll_a), scaled.
-            let mut w = vec![0f32; r];
+            // w = Σ_j roll(x_j A0ᵀ, −j·roll_a).
             for (j, xj) in x.chunks(s.chunk_a).enumerate() {
                 let shift = (j * s.roll_a) % r;
                 for (k, a0k) in s.a0.chunks_exact(s.chunk_a).enumerate() {
                     w[(k + r - shift) % r] += dot(xj, &a0k[..xj.len()]);
                 }
             }
-            w.iter_mut().for_each(|v| *v *= self.scaling);
-            // y_i = B0 roll(w, +i·roll_b).
-            for (i, yi) in y.chunks_mut(s.chunk_b).enumerate() {
+        }
+        for (wu, ak) in wu.iter_mut().zip(self.a.chunks_exact(self.in_features)) {
+            *wu = dot(x, ak);
+        }
+        v.iter_mut().for_each(|c| *c *= self.scaling);
+        let (w, wu) = v.split_at(r);
+        let chunk_b = self.shared.as_ref().map_or(self.out_features, |s| s.chunk_b);
+        let none: &[f32] = &[];
+        let b0t = self.shared.as_ref().map_or(none, |s| &s.b0t);
+        for (i, yi) in y.chunks_mut(chunk_b).enumerate() {
+            // y_i = B0 roll(w, +i·roll_b) + the unshared columns' part of y_i.
+            if let Some(s) = &self.shared {
                 let shift = (i * s.roll_b) % r;
-                for (c, b0c) in s.b0t.chunks_exact(s.chunk_b).enumerate() {
-                    axpy(yi, w[(c + r - shift) % r], &b0c[..yi.len()]);
+                for (c, rc) in rolled.iter_mut().enumerate() {
+                    *rc = w[(c + r - shift) % r];
+                }
+            }
+            let base = i * chunk_b;
+            let done = yi.len() / 8 * 8;
+            for (o, yb) in (0..).step_by(8).zip(yi.chunks_exact_mut(8)) {
+                let mut acc = [0f32; 8];
+                acc.copy_from_slice(yb);
+                for (&k, b0c) in rolled.iter().zip(b0t.chunks_exact(chunk_b)) {
+                    let b = &b0c[o..o + 8];
+                    for l in 0..8 {
+                        acc[l] += k * b[l];
+                    }
+                }
+                for (&k, btq) in wu.iter().zip(self.bt.chunks_exact(self.out_features)) {
+                    let b = &btq[base + o..base + o + 8];
+                    for l in 0..8 {
+                        acc[l] += k * b[l];
+                    }
+                }
+                yb.copy_from_slice(&acc);
+            }
+            for (o, yo) in yi.iter_mut().enumerate().skip(done) {
+                for (&k, b0c) in rolled.iter().zip(b0t.chunks_exact(chunk_b)) {
+                    *yo += k * b0c[o];
+                }
+                for (&k, btq) in wu.iter().zip(self.bt.chunks_exact(self.out_features)) {
+                    *yo += k * btq[base + o];
                 }
             }
         }
-        for (ak, bk) in self
-            .a
-            .chunks_exact(self.in_features)
-            .zip(self.bt.chunks_exact(self.out_features))
-        {
-            axpy(y, dot(x, ak) * self.scaling, bk);
-        }
     }
 }
+
+/// Ranks whose coefficients a row keeps on the stack (more: on the heap).
+const STACK_RANKS: usize = 64;
 
 /// Independent accumulators of a dot product: two AVX registers of f32.
 const LANES: usize = 16;
@@ -138,14 +182,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// y += s · b.
-#[inline(always)]
-fn axpy(y: &mut [f32], s: f32, b: &[f32]) {
-    for (y, b) in y.iter_mut().zip(b) {
-        *y += s * b;
-    }
 }
 
 /// [`deltas`] for the whole rows in `x` and `y`.
