@@ -61,9 +61,15 @@ fn kernel() -> Option<Kernel> {
 pub trait WeightElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Eight elements from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` is valid for eight reads and the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
     /// Sixteen elements from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` is valid for sixteen reads and the CPU has AVX-512F.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
@@ -132,8 +138,16 @@ impl Out {
 /// `x (m, k) · wᵀ` for `w (n, k)`, both row-major; returns `(m, n)` row-major. Call only when
 /// [`available`].
 pub fn xwt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
-    xwt_into(x, w, m, k, n, &mut y);
+    let kernel = kernel().expect("skinny: needs AVX2 and FMA");
+    let mut y = Vec::with_capacity(m * n);
+    // Not zero-filled first: on a server's decoding step that fill ran on the calling thread
+    // alone, for every linear, while the pool waited.
+    let out = y.spare_capacity_mut().as_mut_ptr() as *mut f32;
+    // SAFETY: the product writes every one of the m·n elements.
+    unsafe {
+        product(kernel, x, w, m, k, n, out);
+        y.set_len(m * n);
+    }
     y
 }
 
@@ -154,16 +168,33 @@ fn xwt_with<W: WeightElem>(
     n: usize,
     y: &mut [f32],
 ) {
+    assert_eq!(y.len(), m * n, "skinny: y is (m, n)");
+    // SAFETY: y holds the m·n elements written.
+    unsafe { product(kernel, x, w, m, k, n, y.as_mut_ptr()) }
+}
+
+/// `x · wᵀ` into the `m·n` elements at `y`, every one of them written.
+///
+/// # Safety
+/// `y` is valid for `m·n` writes and the CPU runs `kernel`.
+unsafe fn product<W: WeightElem>(
+    kernel: Kernel,
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    y: *mut f32,
+) {
     assert_eq!(x.len(), m * k, "skinny: x is (m, k)");
     assert_eq!(w.len(), n * k, "skinny: w is (n, k)");
-    assert_eq!(y.len(), m * n, "skinny: y is (m, n)");
     if n == 0 || k == 0 {
-        y.fill(0.0);
+        std::ptr::write_bytes(y, 0, m * n);
         return;
     }
     let tasks = rayon::current_num_threads() * TASKS_PER_THREAD;
     let task_rows = n.div_ceil(tasks).max(MIN_TASK_ROWS);
-    let out = Out(y.as_mut_ptr());
+    let out = Out(y);
     w.par_chunks(task_rows * k)
         .enumerate()
         .for_each(|(t, rows)| {

@@ -7,6 +7,7 @@
 use crate::adapters::RowFactors;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// One adapter's factors on one linear, as f32 rows in the order the kernel reads them.
 pub struct Factors {
@@ -223,21 +224,56 @@ const ROWS_PER_TASK: usize = 4;
 
 /// The deltas (n, out) of `x` (n, in): row r from `factors[r]`'s adapter, zero where None.
 pub fn deltas(x: &[f32], factors: &[Option<&Factors>], d_in: usize, d_out: usize) -> Vec<f32> {
-    added(x, vec![0f32; factors.len() * d_out], factors, d_in, d_out)
+    added(x, Start::Zero, factors, d_in, d_out)
 }
 
-/// `y` (n, out) plus the deltas of `x` (n, in), each row's in one pass of the thread pool.
+/// What a row of the result holds before its delta is added.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    Zero,
+    /// Row r is `all[first + r·stride..][..out]`: a linear's output, or a part of a stacked one.
+    Rows {
+        all: &'a [f32],
+        first: usize,
+        stride: usize,
+    },
+}
+
+/// `start` (n, out) plus the deltas of `x` (n, in), each row's in one pass of the thread pool;
+/// each task also fills its own rows of the result first (done before on the calling thread
+/// alone, it left the pool waiting at every linear of a decoding step).
 fn added(
     x: &[f32],
-    mut y: Vec<f32>,
+    start: Start,
     factors: &[Option<&Factors>],
     d_in: usize,
     d_out: usize,
 ) -> Vec<f32> {
-    y.par_chunks_mut(ROWS_PER_TASK * d_out)
-        .zip(x.par_chunks(ROWS_PER_TASK * d_in))
+    let n = factors.len();
+    let mut y: Vec<f32> = Vec::with_capacity(n * d_out);
+    y.spare_capacity_mut()
+        .par_chunks_mut(ROWS_PER_TASK * d_out.max(1))
+        .zip(x.par_chunks(ROWS_PER_TASK * d_in.max(1)))
         .zip(factors.par_chunks(ROWS_PER_TASK))
-        .for_each(|((y, x), f)| rows(x, y, f, d_in, d_out));
+        .enumerate()
+        .for_each(|(t, ((y, x), f))| {
+            for (i, row) in y.chunks_mut(d_out).enumerate() {
+                match start {
+                    Start::Zero => row.fill(MaybeUninit::new(0.0)),
+                    Start::Rows { all, first, stride } => {
+                        let from = first + (t * ROWS_PER_TASK + i) * stride;
+                        for (to, v) in row.iter_mut().zip(&all[from..from + d_out]) {
+                            to.write(*v);
+                        }
+                    }
+                }
+            }
+            // SAFETY: every element of these rows was written just above.
+            let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            rows(x, y, f, d_in, d_out);
+        });
+    // SAFETY: the tasks wrote all n rows.
+    unsafe { y.set_len(n * d_out) };
     y
 }
 
@@ -260,27 +296,6 @@ fn routed_dims(
         );
     }
     Ok((n, d_in, d_out))
-}
-
-/// The rows of an f32 CPU matrix `t` (n, d) as one row-major vector: one copy, also of a view
-/// whose rows are apart (a part of a stacked product's output).
-fn host_rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    let (n, d) = t.dims2()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(all)) = &*storage else {
-        candle_core::bail!("the per-row adapter kernel adds into f32 rows on the CPU");
-    };
-    let (start, stride) = (layout.start_offset(), layout.stride());
-    if n > 0 && d > 1 && stride[1] != 1 {
-        drop(storage);
-        return t.contiguous()?.flatten_all()?.to_vec1();
-    }
-    let mut rows = Vec::with_capacity(n * d);
-    for r in 0..n {
-        let from = start + r * stride[0];
-        rows.extend_from_slice(&all[from..from + d]);
-    }
-    Ok(rows)
 }
 
 /// [`deltas`] on tensors: `x` (n, in) in any float dtype on the CPU, the result in x's dtype.
@@ -324,7 +339,21 @@ pub fn added_to(
             candle_core::bail!("the per-row adapter kernel runs on the CPU");
         };
         let xs = crate::kernels::ops::slice::<f32>(cpu, layout)?;
-        added(xs, host_rows(base)?, factors, d_in, d_out)
+        let (base_storage, base_layout) = base.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(all)) = &*base_storage else {
+            candle_core::bail!("the per-row adapter kernel adds into f32 rows on the CPU");
+        };
+        let stride = base_layout.stride();
+        if n > 0 && d_out > 1 && stride[1] != 1 {
+            drop(base_storage);
+            return base + deltas_of(x, factors)?;
+        }
+        let start = Start::Rows {
+            all,
+            first: base_layout.start_offset(),
+            stride: stride[0],
+        };
+        added(xs, start, factors, d_in, d_out)
     };
     Tensor::from_vec(y, (n, d_out), &Device::Cpu)
 }
