@@ -234,31 +234,33 @@ def main():
           "time ratio (best / median) | prolora peak RSS (MiB) | peer peak RSS (MiB) | "
           "largest step-loss difference |")
     print("|---|---|---|---|---|---|---|---|")
-    f32_peer = nf4_peer = None
-    f32_runs = []
-    for base in args.bases.split(","):
-        source = gguf if base == "q4_1" else model
-        runs, peer_runs = [], []
-        for _ in range(args.repeat):
-            if base == "nf4" and bnb:
-                p, err = run_peer(args, "nf4", model, adapter, encoded,
-                                  args.nf4_peer_steps or args.steps)
-                peer_name = "PyTorch + PEFT + bitsandbytes NF4"
-            else:
-                if f32_peer is None or len(f32_runs) < args.repeat:
-                    p, err = run_peer(args, "f32", model, adapter, encoded, args.steps)
-                    if p is not None:
-                        f32_runs.append(p)
-                else:
-                    p, err = f32_runs[len(peer_runs)], None
-                peer_name = "PyTorch + PEFT, f32" + (" (no bitsandbytes)" if base == "nf4" else "")
-            if p is None:
-                sys.exit(f"the PyTorch peer failed ({base}): {err}")
-            peer_runs.append(p)
-            runs.append(ours(args, base, source, adapter, work))
-        p, o = fastest(peer_runs), fastest(runs)
-        if peer_name.startswith("PyTorch + PEFT, f32"):
-            f32_peer = p
+    bases = args.bases.split(",")
+    # Rounds: each round runs every base once, each after its peer (the f32 peer once a round,
+    # shared by the rows it serves), so the VM's speed, which moves between minutes, reaches
+    # every row alike; base after base, the last rows ran minutes after the first.
+    ours_runs = {base: [] for base in bases}
+    peer_runs = {"f32": [], "nf4": []}
+    for _ in range(args.repeat):
+        ran = set()
+        for base in bases:
+            peer_base = "nf4" if base == "nf4" and bnb else "f32"
+            if peer_base not in ran:
+                steps = (args.nf4_peer_steps or args.steps) if peer_base == "nf4" else args.steps
+                p, err = run_peer(args, peer_base, model, adapter, encoded, steps)
+                if p is None:
+                    sys.exit(f"the PyTorch peer failed ({base}): {err}")
+                peer_runs[peer_base].append(p)
+                ran.add(peer_base)
+            source = gguf if base == "q4_1" else model
+            ours_runs[base].append(ours(args, base, source, adapter, work))
+    nf4_peer = fastest(peer_runs["nf4"]) if peer_runs["nf4"] else None
+    for base in bases:
+        if base == "nf4" and bnb:
+            p, peer_name = nf4_peer, "PyTorch + PEFT + bitsandbytes NF4"
+        else:
+            p = fastest(peer_runs["f32"])
+            peer_name = "PyTorch + PEFT, f32" + (" (no bitsandbytes)" if base == "nf4" else "")
+        o = fastest(ours_runs[base])
         # The same batches on both sides: step times follow each batch's token count.
         steps = min(len(o["times"]), len(p["times"]))
         warmup = args.warmup if steps > args.warmup else 1
@@ -270,9 +272,7 @@ def main():
               f"{diff:.1e} |", flush=True)
         if not math.isfinite(diff):
             sys.exit("non-finite losses")
-        if base == "nf4" and bnb:
-            nf4_peer = p
-        elif base == "q4_1" and nf4_peer is not None:
+        if base == "q4_1" and nf4_peer is not None:
             # The Python stack's way to train on a 4-bit base (other 4-bit weights than the
             # GGUF's, so the losses are not compared): the peer for 4-bit bases.
             steps = min(len(o["times"]), len(nf4_peer["times"]))
@@ -282,7 +282,7 @@ def main():
             print(f"| {base} | PyTorch + PEFT + bitsandbytes NF4 (4-bit stack, other weights) | "
                   f"{ob:.3f} / {om:.3f} | {pb:.3f} / {pm:.3f} | {ob / pb:.2f} / {om / pm:.2f} | "
                   f"{o['peak_rss_mib']:.0f} | {nf4_peer['peak_rss_mib']:.0f} | – |", flush=True)
-    print(f"\nprolora losses ({args.bases.split(',')[-1]}): "
+    print(f"\nprolora losses ({bases[-1]}): "
           + " ".join(f"{x:.5f}" for x in o["losses"]))
     print("peer losses: " + " ".join(f"{x:.5f}" for x in p["losses"]))
 
