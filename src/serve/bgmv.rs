@@ -119,7 +119,10 @@ impl Factors {
         }
         v.iter_mut().for_each(|c| *c *= self.scaling);
         let (w, wu) = v.split_at(r);
-        let chunk_b = self.shared.as_ref().map_or(self.out_features, |s| s.chunk_b);
+        let chunk_b = self
+            .shared
+            .as_ref()
+            .map_or(self.out_features, |s| s.chunk_b);
         let none: &[f32] = &[];
         let b0t = self.shared.as_ref().map_or(none, |s| &s.b0t);
         for (i, yi) in y.chunks_mut(chunk_b).enumerate() {

@@ -94,7 +94,11 @@ pub fn serve(options: Options, load: Loader) -> Result<()> {
     quiet_elementwise_pool();
     std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || {
+        // The engine runs as a job of rayon's pool, not beside it: a parallel op it starts
+        // then runs its first part on the engine's own thread while a worker takes the
+        // rest, instead of handing all of it to the pool and sleeping until woken (two
+        // context switches per op, hundreds of ops a decoding step).
+        .spawn(move || rayon::scope(move |_| {
             let start = || -> Result<_> {
                 let (model, encoder) = load()?;
                 let positions = model.cfg.max_position_embeddings;
@@ -119,7 +123,7 @@ pub fn serve(options: Options, load: Loader) -> Result<()> {
                     let _ = ready.send(Err(e));
                 }
             }
-        })?;
+        }))?;
     let (encoder, names, vocab_size, max_len) = started
         .recv()
         .context("the engine thread stopped while loading")??;
