@@ -7,6 +7,9 @@
 //!
 //! Each prints one markdown table row per measurement.
 
+mod timing;
+use timing::best;
+
 use candle_core::{DType, Device};
 use prolora::adapters::{AdapterConfig, AdapterSet};
 use prolora::ctx::Ctx;
@@ -77,16 +80,6 @@ fn gemv() {
 }
 
 /// The best of `reps` timings of `f`, in seconds.
-fn best(reps: usize, mut f: impl FnMut()) -> f64 {
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
 /// One 7B MLP weight (11008 × 4096): GB/s of dequantized output written.
 fn dequant() {
     let (o, h) = (11008, 4096);

@@ -10,6 +10,8 @@
 //! quant weights, ~4 GiB) inside one process, so the load, which varies by seconds from run to
 //! run, stays out of the rate.
 
+mod timing;
+
 use candle_core::{DType, Device, Tensor};
 use prolora::ctx::Ctx;
 use prolora::kernels::quant_gemv::{xwt_routed, GgmlBlocks, QuantMatrix};
@@ -78,15 +80,10 @@ fn blocks(kind: GgmlBlocks, n: usize) -> Vec<u8> {
 }
 
 /// The best of `reps` timings of `f`, in seconds (after one untimed call).
+/// [`timing::best`] after one untimed run (first touches, caches).
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
+    timing::best(reps, f)
 }
 
 /// Batch-1 greedy decoding steps of the 7B NF4 preset after an 8-token prefill: each step's

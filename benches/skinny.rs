@@ -4,19 +4,11 @@
 //!
 //!   cargo bench --bench skinny
 
+mod timing;
+use timing::best;
+
 use candle_core::{Device, Tensor};
 use prolora::kernels::skinny;
-use std::time::Instant;
-
-fn best(n: usize, mut f: impl FnMut()) -> f64 {
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::MAX, f64::min)
-}
 
 fn main() -> candle_core::Result<()> {
     if !skinny::available() {

@@ -4,19 +4,11 @@
 //!
 //!   cargo bench --bench tile_dequant
 
+mod timing;
+use timing::best;
+
 use prolora::kernels::quant_gemv::GgmlBlocks;
 use prolora::kernels::tile_dequant::{ggml_with, kernels, nf4_with};
-use std::time::Instant;
-
-fn best(n: usize, mut f: impl FnMut()) -> f64 {
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::MAX, f64::min)
-}
 
 fn main() {
     let cols = 576;
