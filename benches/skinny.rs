@@ -1,6 +1,7 @@
 //! The skinny product against candle's GEMM at a decoding step's row counts, on SmolLM2's
 //! shapes (q/o 576 × 576, k/v 192 × 576, gate/up 1536 × 576, down 576 × 1536, the 49,152-row
-//! head): GFLOP/s of each, both on the same threads.
+//! head): GFLOP/s of each, both on the same threads. Also at a training step's 128 and 256
+//! rows, where the skinny product is not used: whether a faster product is there to take.
 //!
 //!   cargo bench --bench skinny
 
@@ -26,7 +27,7 @@ fn main() -> candle_core::Result<()> {
         "{} threads\n| rows | weight | skinny GFLOP/s | GEMM GFLOP/s |\n|---|---|---|---|",
         rayon::current_num_threads()
     );
-    for m in [1usize, 4, 16, 32, 64] {
+    for m in [1usize, 4, 16, 32, 64, 128, 256] {
         for (n, k) in shapes {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0)
