@@ -488,6 +488,9 @@ mod tests {
         (6, 19, 67),
         (11, 37, 65),
         (16, 256, 200),
+        // A training step's rows (`serves_f32`): past 64, tiles of 6 rows with a remainder.
+        (256, 24, 17),
+        (131, 40, 9),
         (5, 8, 1),
         (1, 40, 1000),
     ];
