@@ -12,21 +12,8 @@ use rayon::prelude::*;
 
 /// Rows of `x` for which the skinny product is used: a decoding step's, up to a server's batch
 /// of 64 (`cargo bench --bench skinny`: at 64 rows it still beats the GEMM, which packs the
-/// whole weight at every call), whatever the dtype.
+/// whole weight at every call; beyond, the GEMM reuses each packed tile enough to be faster).
 pub const ROWS: std::ops::RangeInclusive<usize> = 1..=64;
-
-/// A training step's forward `x · wᵀ` in f32 also goes through the skinny product up to this
-/// many rows of `x`, for rows of at most [`TRAINING_COLS`] values: at SmolLM2's shapes it
-/// matched or beat candle's GEMM at 128 and 256 rows (`cargo bench --bench skinny`), and whole
-/// steps alternated with the GEMM build took 3–7 % less time (median of five rounds). Longer rows
-/// (the 7B shape's 4096) and more rows were not measured and keep the GEMM.
-const TRAINING_ROWS: usize = 256;
-const TRAINING_COLS: usize = 2048;
-
-/// Whether an f32 product of `m` rows of `k` values goes through the skinny product.
-pub fn serves_f32(m: usize, k: usize) -> bool {
-    available() && (ROWS.contains(&m) || (m <= TRAINING_ROWS && k <= TRAINING_COLS))
-}
 
 /// Smallest number of `w` rows per task: enough work to outweigh a task's hand-off.
 const MIN_TASK_ROWS: usize = 64;
@@ -488,7 +475,8 @@ mod tests {
         (6, 19, 67),
         (11, 37, 65),
         (16, 256, 200),
-        // A training step's rows (`serves_f32`): past 64, tiles of 6 rows with a remainder.
+        // Past 64 rows (a server's vocabulary head at any row count): tiles of 6 rows with a
+        // remainder.
         (256, 24, 17),
         (131, 40, 9),
         (5, 8, 1),

@@ -74,19 +74,13 @@ impl CustomOp2 for FrozenMatmul {
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use crate::kernels::skinny;
-        // A decoding step's few rows, or a training step's f32 ones: the skinny product,
-        // which does not pack the weight and reads a bf16 one as bf16 (computing in f32).
+        // A decoding step's few rows: the skinny product, which does not pack the weight and
+        // reads a bf16 one as bf16 (computing in f32).
         let ((n, h), (o, wh)) = (x_layout.shape().dims2()?, w_layout.shape().dims2()?);
         if let (Some((x0, x1)), Some((w0, w1))) =
             (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
         {
-            let dense = matches!((x, w), (CpuStorage::F32(_), CpuStorage::F32(_)));
-            let rows = if dense {
-                skinny::serves_f32(n, h)
-            } else {
-                skinny::ROWS.contains(&n) && skinny::available()
-            };
-            if rows && h == wh {
+            if skinny::ROWS.contains(&n) && h == wh && skinny::available() {
                 let shape = Shape::from((n, o));
                 match (x, w) {
                     (CpuStorage::F32(xs), CpuStorage::F32(ws)) => {
@@ -476,15 +470,6 @@ fn tiled<T: TileBuffer, W: Tiles>(
             match &prepared {
                 None => q.whole_into(tile),
                 Some(p) => q.tile_into(p, rows, cols, tile),
-            }
-            // A training step's forward in f32: the skinny product reads the fresh tile.
-            if let (Product::XWt, CpuStorage::F32(x), Some((x0, x1)), Some(t)) =
-                (product, xs, x_layout.contiguous_offsets(), T::as_f32(tile))
-            {
-                if crate::kernels::skinny::serves_f32(n, shape.1) {
-                    let y = crate::kernels::skinny::xwt(&x[x0..x1], t, n, shape.1, shape.0);
-                    return Ok((CpuStorage::F32(y), Shape::from((n, shape.0))));
-                }
             }
             product.apply(xs, x_layout, w, &Layout::contiguous(shape))
         })?;
