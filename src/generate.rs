@@ -5,6 +5,7 @@
 use crate::ctx::Ctx;
 use crate::data::chat::ChatEncoder;
 use crate::data::chat::Message;
+use crate::kernels::team;
 use crate::model::kv_cache::KvCache;
 use crate::model::Llama;
 use anyhow::{bail, Result};
@@ -183,7 +184,9 @@ pub fn complete_batch(
             }
         }
         let ids = Tensor::from_slice(&next, (next.len(), 1), model.device())?;
-        let logits = last_logits(model, &model.hidden_cached(&ids, &ctx, &mut cache)?)?;
+        // A step's few hundred small products on threads kept awake between them.
+        let logits =
+            team::run(|| last_logits(model, &model.hidden_cached(&ids, &ctx, &mut cache)?))?;
         let mut keep = Vec::new();
         let mut tokens = Vec::new();
         for (r, logits) in logits.iter().enumerate() {

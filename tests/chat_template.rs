@@ -352,6 +352,11 @@ fn a_gguf_tokenizer_written_as_files_reads_back_the_same() {
 /// greedy answers to generation prompts equal transformers' (its GGUF loader, f32).
 #[test]
 fn smollm2_in_its_template_gives_transformers_loss_and_greedy_answers() {
+    // Decoding steps on a team, as the CLI runs them.
+    common::in_a_pool_of_two(smollm2_in_its_template);
+}
+
+fn smollm2_in_its_template() {
     use prolora::generate::{generate, Ended, Settings};
     let g = golden("smollm2_model");
     let conversations = golden("smollm2");

@@ -2,7 +2,7 @@
 //! one row alone, several rows together; f32 weights, and bf16 weights widened in registers)
 //! gives transformers' greedy tokens (scripts/reference/make_smollm2_greedy_golden.py: its
 //! GGUF loader, `generate` with its KV cache, each prompt alone, f32 and bf16), and each
-//! sequence the same tokens alone or in a batch.
+//! sequence the same tokens alone or in a batch; f32 on rayon's pool and on a decoding team.
 
 mod common;
 
@@ -77,6 +77,7 @@ fn check(dtype: DType, golden_key: &str, agree: [usize; 2]) {
 #[test]
 fn f32_decoding_gives_transformers_greedy_tokens() {
     check(DType::F32, "f32", [usize::MAX; 2]);
+    common::in_a_pool_of_two(|| check(DType::F32, "f32", [usize::MAX; 2]));
 }
 
 /// In bf16 the two implementations round different intermediates (ours: the norms and the
@@ -85,5 +86,5 @@ fn f32_decoding_gives_transformers_greedy_tokens() {
 /// continuation of "The capital of France is" holds whole.
 #[test]
 fn bf16_decoding_gives_transformers_greedy_tokens() {
-    check(DType::BF16, "bf16", [2, usize::MAX]);
+    common::in_a_pool_of_two(|| check(DType::BF16, "bf16", [2, usize::MAX]));
 }

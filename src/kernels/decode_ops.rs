@@ -6,7 +6,6 @@
 //! padding allows. No backward: decoding computes no gradient.
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
-use rayon::prelude::*;
 
 /// New positions per row for which the fused pass is used; a long prompt's prefill keeps the
 /// batched products, which reuse each key across many queries.
@@ -59,27 +58,28 @@ pub fn cached_attention(
     let scale = scale as f32;
     let mut y = vec![0f32; b * nh * t * hd];
     // One task per (row, query head): its t queries against one key/value head.
-    y.par_chunks_mut(t * hd)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (rh, out)| {
-            let (r, h) = (rh / nh, rh % nh);
-            let pad = pads.get(r).copied().unwrap_or(0);
-            let (kh, vh) = (keys.at(ks, r, h / group), values.at(vs, r, h / group));
-            for i in 0..t {
-                let column = past + i;
-                let first = if pad <= column { pad } else { column };
-                let query = &qs[(rh * t + i) * hd..][..hd];
-                attend(
-                    query,
-                    kh,
-                    vh,
-                    (first, column + 1),
-                    scale,
-                    scores,
-                    &mut out[i * hd..(i + 1) * hd],
-                );
-            }
-        });
+    let mut heads: Vec<&mut [f32]> = y.chunks_mut(t * hd).collect();
+    super::team::for_each_mut(&mut heads, |rh, out| {
+        let mut scores = Vec::new();
+        let scores = &mut scores;
+        let (r, h) = (rh / nh, rh % nh);
+        let pad = pads.get(r).copied().unwrap_or(0);
+        let (kh, vh) = (keys.at(ks, r, h / group), values.at(vs, r, h / group));
+        for i in 0..t {
+            let column = past + i;
+            let first = if pad <= column { pad } else { column };
+            let query = &qs[(rh * t + i) * hd..][..hd];
+            attend(
+                query,
+                kh,
+                vh,
+                (first, column + 1),
+                scale,
+                scores,
+                &mut out[i * hd..(i + 1) * hd],
+            );
+        }
+    });
     Tensor::from_vec(y, (b, nh, t, hd), q.device()).map(Some)
 }
 

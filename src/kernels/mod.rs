@@ -15,5 +15,6 @@ pub mod ops;
 pub mod quant_dot8;
 pub mod quant_gemv;
 pub mod skinny;
+pub mod team;
 pub mod tile_dequant;
 pub(crate) mod vecmath;

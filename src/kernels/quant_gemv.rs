@@ -8,8 +8,6 @@
 //! rounding of the sums: within [`TOLERANCE`] · Σ |w_i·x_i| (docs/methods.md, "Fused quantized
 //! products").
 
-use rayon::prelude::*;
-
 use super::quant_dot8::{self, Q8Rows};
 
 #[cfg(target_arch = "x86_64")]
@@ -276,7 +274,8 @@ fn xwt_parts(
             tasks.push((p, t * task_rows, out));
         }
     }
-    tasks.into_par_iter().for_each(|(p, first, out)| {
+    super::team::for_each_mut(&mut tasks, |_, (p, first, out)| {
+        let (p, first) = (*p, *first);
         let (w, xs, n) = (&parts[p].0, &prepared[p], out.len() / m);
         let mut i = 0;
         while i < n {

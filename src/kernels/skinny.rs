@@ -8,7 +8,6 @@
 //! f32, as PyTorch's CPU kernels do.
 
 use half::bf16;
-use rayon::prelude::*;
 
 /// Rows of `x` for which the skinny product is used: a decoding step's, up to a server's batch
 /// of 64 (`cargo bench --bench skinny`: at 64 rows it still beats the GEMM, which packs the
@@ -195,17 +194,17 @@ unsafe fn product<W: WeightElem>(
     let tasks = rayon::current_num_threads() * TASKS_PER_THREAD;
     let task_rows = n.div_ceil(tasks).max(MIN_TASK_ROWS);
     let out = Out(y);
-    w.par_chunks(task_rows * k)
-        .enumerate()
-        .for_each(|(t, rows)| {
-            // SAFETY: the CPU has the kernel's features; this task writes columns
-            // t·task_rows.. of each row of y, which no other task writes.
-            let out = unsafe { out.at(t * task_rows) };
-            match kernel {
-                Kernel::Avx512 => unsafe { avx512::block(x, rows, m, k, out, n) },
-                Kernel::Avx2 => unsafe { avx2::block(x, rows, m, k, out, n) },
-            }
-        });
+    let mut tasks: Vec<&[W]> = w.chunks(task_rows * k).collect();
+    super::team::for_each_mut(&mut tasks, |t, rows| {
+        let rows = *rows;
+        // SAFETY: the CPU has the kernel's features; this task writes columns
+        // t·task_rows.. of each row of y, which no other task writes.
+        let out = unsafe { out.at(t * task_rows) };
+        match kernel {
+            Kernel::Avx512 => unsafe { avx512::block(x, rows, m, k, out, n) },
+            Kernel::Avx2 => unsafe { avx2::block(x, rows, m, k, out, n) },
+        }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]

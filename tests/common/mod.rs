@@ -162,6 +162,16 @@ pub fn processes_with(marker: &str) -> Vec<String> {
 }
 
 /// Runs the prolora binary from the repository root, offline.
+/// `f` on a rayon pool of two threads, as `prolora` runs its commands (main.rs): a decoding
+/// step there runs on a team (`kernels::team`), outside a pool on rayon's work stealing.
+pub fn in_a_pool_of_two<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
 pub fn prolora(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_prolora"))
         .args(args)

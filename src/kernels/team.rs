@@ -1,0 +1,320 @@
+//! The threads of one decoding step, kept busy between its products.
+//!
+//! A decoding step is a few hundred small parallel loops (the products of every layer, its
+//! attention) with a little serial work between them. On rayon each loop wakes the other
+//! workers, which have gone to sleep in the gaps: a futex and a context switch per loop, about
+//! as long as a small product itself. Inside [`run`] the other workers stay in the step
+//! instead, spinning on the next loop ([`for_each_mut`]) as llama.cpp's threads do, and every
+//! loop is shared out index by index through an atomic counter. The caller's thread takes
+//! indices too, so a loop finishes even when no helper has started (a worker busy elsewhere, or
+//! the helper's job still queued on the caller's own deque).
+//!
+//! Outside [`run`] the loops are rayon's: training and full forwards keep its work stealing.
+
+use std::any::Any;
+use std::cell::Cell;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+/// Spins of an idle helper between two yields of its core (to a thread that needs it, such as
+/// candle's own pool; a yield with nobody waiting returns at once).
+const SPINS_PER_YIELD: u32 = 64;
+
+/// One parallel loop: `run(i)` for every `i < n`. The indices are cut into one contiguous
+/// share per thread, claimed one by one through the share's counter: each thread works through
+/// its own share first (streaming neighbouring weights, which the hardware prefetchers follow),
+/// then helps with the others'.
+struct Job<'a> {
+    run: &'a (dyn Fn(usize) + Sync),
+    n: usize,
+    next: Vec<AtomicUsize>,
+    done: AtomicUsize,
+    /// Tells a helper that this is not the loop it already finished (the next loop of a step
+    /// often sits at the same stack address).
+    seq: u64,
+}
+
+impl Job<'_> {
+    /// Claims and runs indices until none is left, starting with thread `me`'s share.
+    fn work(&self, me: usize) {
+        let shares = self.next.len();
+        for s in (me..me + shares).map(|s| s % shares) {
+            let (first, end) = (s * self.n / shares, (s + 1) * self.n / shares);
+            loop {
+                let i = first + self.next[s].fetch_add(1, Ordering::Relaxed);
+                if i >= end {
+                    break;
+                }
+                // Counted even if `run` unwinds, so the caller never waits for it forever.
+                let _done = Done(&self.done);
+                (self.run)(i);
+            }
+        }
+    }
+}
+
+struct Done<'a>(&'a AtomicUsize);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// What the step's threads share: the loop now open (null between loops).
+struct Team {
+    job: AtomicPtr<Job<'static>>,
+    /// Helpers inside the open loop; the caller closes a loop only when none is.
+    inside: AtomicUsize,
+    seq: AtomicU64,
+    /// The caller and its helpers.
+    threads: usize,
+    stop: AtomicBool,
+    owner: usize,
+    /// A helper's panic, raised again on the caller's thread when its loop closes.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+impl Team {
+    /// A helper's life: take part in every loop the caller opens until the step ends.
+    fn help(&self, me: usize) {
+        let mut seen = 0;
+        let mut spins = 0u32;
+        while !self.stop.load(Ordering::Acquire) {
+            if self.job.load(Ordering::Acquire).is_null() {
+                spins += 1;
+                if spins % SPINS_PER_YIELD == 0 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            // Announced before the second look, so the caller, having closed the loop, waits
+            // for this helper to leave it before the job goes out of scope.
+            self.inside.fetch_add(1, Ordering::SeqCst);
+            let job = self.job.load(Ordering::SeqCst);
+            // SAFETY: non-null after `inside` was raised, the loop stays open until this
+            // helper lowers it again (see `for_each`'s `Close`).
+            if let Some(job) = unsafe { job.as_ref() } {
+                if job.seq != seen {
+                    seen = job.seq;
+                    if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| job.work(me))) {
+                        *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                    }
+                    spins = 0;
+                }
+            }
+            self.inside.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+thread_local! {
+    /// The team of the step running on this thread, if any.
+    static TEAM: Cell<Option<*const Team>> = const { Cell::new(None) };
+}
+
+/// Runs `body` (one decoding step) on this thread with the pool's other workers spinning
+/// beside it, taking part in every [`for_each_mut`] of `body`; they go back to rayon when it
+/// returns. On a thread outside rayon's pool, in a pool of one, or inside another `run`, just
+/// `body()`.
+pub fn run<R>(body: impl FnOnce() -> R) -> R {
+    let helpers = rayon::current_num_threads().saturating_sub(1);
+    // Only a worker of the pool leads a team: another thread's rayon work would queue behind
+    // helpers that spin until its step ends.
+    let Some(owner) = rayon::current_thread_index() else {
+        return body();
+    };
+    if helpers == 0 || TEAM.with(|t| t.get().is_some()) {
+        return body();
+    }
+    let team = Arc::new(Team {
+        job: AtomicPtr::new(std::ptr::null_mut()),
+        inside: AtomicUsize::new(0),
+        seq: AtomicU64::new(0),
+        threads: helpers + 1,
+        stop: AtomicBool::new(false),
+        owner,
+        panic: Mutex::new(None),
+    });
+    for me in 1..=helpers {
+        let team = Arc::clone(&team);
+        rayon::spawn(move || {
+            // The caller popping its own queued helper while it waits on rayon work: this
+            // thread is the step's, and the step would wait for itself.
+            if rayon::current_thread_index() != Some(team.owner) {
+                team.help(me);
+            }
+        });
+    }
+    struct End<'a>(&'a Team);
+    impl Drop for End<'_> {
+        fn drop(&mut self) {
+            TEAM.with(|t| t.set(None));
+            self.0.stop.store(true, Ordering::Release);
+        }
+    }
+    TEAM.with(|t| t.set(Some(Arc::as_ptr(&team))));
+    let _end = End(&team);
+    body()
+}
+
+/// `f(i, &mut items[i])` for every item, in parallel: on the step's team inside [`run`], on
+/// rayon's pool elsewhere.
+pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync) {
+    let Some(team) = TEAM.with(|t| t.get()) else {
+        items
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(i, item)| f(i, item));
+        return;
+    };
+    let base = Items(items.as_mut_ptr());
+    let n = items.len();
+    // SAFETY: every index below `n` is claimed once (`Job::work`), so each item is borrowed
+    // mutably by one call only, and all calls end before this function returns.
+    let run = move |i: usize| f(i, unsafe { &mut *base.at(i) });
+    // SAFETY: set by `run`, whose `End` clears it before the team can go.
+    let team = unsafe { &*team };
+    for_each(team, n, &run);
+}
+
+/// A mutable slice's items shared out to the team by index.
+struct Items<T>(*mut T);
+
+impl<T> Clone for Items<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Items<T> {}
+
+// SAFETY: the items are `Send` and each is handed to one thread at a time (`for_each_mut`).
+unsafe impl<T: Send> Send for Items<T> {}
+unsafe impl<T: Send> Sync for Items<T> {}
+
+impl<T> Items<T> {
+    /// # Safety
+    /// `i` is within the slice and no other reference to its item is live.
+    unsafe fn at(self, i: usize) -> *mut T {
+        self.0.add(i)
+    }
+}
+
+/// Opens a loop of `n` indices to `team`, works on it, and closes it when every index is done
+/// and no helper is inside.
+fn for_each(team: &Team, n: usize, run: &(dyn Fn(usize) + Sync)) {
+    let job = Job {
+        run,
+        n,
+        next: (0..team.threads).map(|_| AtomicUsize::new(0)).collect(),
+        done: AtomicUsize::new(0),
+        seq: team.seq.fetch_add(1, Ordering::Relaxed) + 1,
+    };
+    /// Closes the loop on every way out, unwinding included: the helpers must not see the
+    /// job after it is gone.
+    struct Close<'a>(&'a Team);
+    impl Drop for Close<'_> {
+        fn drop(&mut self) {
+            self.0.job.store(std::ptr::null_mut(), Ordering::SeqCst);
+            while self.0.inside.load(Ordering::SeqCst) != 0 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    // The lifetime is erased for the shared slot; `Close` ends every use of it.
+    let ptr = &job as *const Job<'_> as *mut Job<'static>;
+    team.job.store(ptr, Ordering::SeqCst);
+    let close = Close(team);
+    job.work(0);
+    while job.done.load(Ordering::Acquire) < n {
+        std::hint::spin_loop();
+    }
+    drop(close);
+    let helper_panic = team.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(p) = helper_panic {
+        panic::resume_unwind(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn squares(n: usize) -> Vec<u64> {
+        let mut out = vec![0u64; n];
+        for_each_mut(&mut out, |i, o| *o = (i as u64) * (i as u64));
+        out
+    }
+
+    #[test]
+    fn every_item_once_on_the_team_and_on_rayon() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let expected: Vec<u64> = (0..1000u64).map(|i| i * i).collect();
+            assert_eq!(squares(1000), expected);
+            let in_team = run(|| (0..50).map(|n| squares(n * 20)).collect::<Vec<_>>());
+            for (n, got) in in_team.iter().enumerate() {
+                assert_eq!(got, &expected[..n * 20], "loop {n} of the step");
+            }
+            // Nested steps run as one; a step on one thread is the plain loop.
+            assert_eq!(run(|| run(|| squares(7))), expected[..7]);
+        });
+        let single = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        assert_eq!(
+            single.install(|| run(|| squares(9))),
+            (0..9u64).map(|i| i * i).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_step_that_also_uses_rayon_finishes() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let sum: u64 = pool.install(|| {
+            run(|| {
+                (0..20)
+                    .map(|n| {
+                        let plain: u64 = (0..1000u64).into_par_iter().sum();
+                        plain + squares(n).iter().sum::<u64>()
+                    })
+                    .sum()
+            })
+        });
+        let expected: u64 = (0..20u64)
+            .map(|n| 499_500 + (0..n).map(|i| i * i).sum::<u64>())
+            .sum();
+        assert_eq!(sum, expected);
+    }
+
+    #[test]
+    fn a_panicking_item_reaches_the_caller() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let caught = pool.install(|| {
+            std::panic::catch_unwind(|| {
+                run(|| {
+                    let mut v = vec![0u8; 64];
+                    for_each_mut(&mut v, |i, _| assert!(i != 40, "item 40"));
+                })
+            })
+        });
+        assert!(caught.is_err());
+        // The pool still works afterwards.
+        assert_eq!(pool.install(|| run(|| squares(5))), vec![0, 1, 4, 9, 16]);
+    }
+}
