@@ -5,8 +5,8 @@
 //! times the rank vector rolled back, so nothing is ever expanded.
 
 use crate::adapters::RowFactors;
-use crate::kernels::team;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// One adapter's factors on one linear, as f32 rows in the order the kernel reads them.
@@ -254,29 +254,27 @@ fn added(
 ) -> Vec<f32> {
     let n = factors.len();
     let mut y: Vec<f32> = Vec::with_capacity(n * d_out);
-    let mut tasks: Vec<_> = y
-        .spare_capacity_mut()
-        .chunks_mut(ROWS_PER_TASK * d_out.max(1))
-        .zip(x.chunks(ROWS_PER_TASK * d_in.max(1)))
-        .zip(factors.chunks(ROWS_PER_TASK))
-        .collect();
-    team::for_each_mut(&mut tasks, |t, ((y, x), f)| {
-        let (x, f) = (*x, *f);
-        for (i, row) in y.chunks_mut(d_out).enumerate() {
-            match start {
-                Start::Zero => row.fill(MaybeUninit::new(0.0)),
-                Start::Rows { all, first, stride } => {
-                    let from = first + (t * ROWS_PER_TASK + i) * stride;
-                    for (to, v) in row.iter_mut().zip(&all[from..from + d_out]) {
-                        to.write(*v);
+    y.spare_capacity_mut()
+        .par_chunks_mut(ROWS_PER_TASK * d_out.max(1))
+        .zip(x.par_chunks(ROWS_PER_TASK * d_in.max(1)))
+        .zip(factors.par_chunks(ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(t, ((y, x), f))| {
+            for (i, row) in y.chunks_mut(d_out).enumerate() {
+                match start {
+                    Start::Zero => row.fill(MaybeUninit::new(0.0)),
+                    Start::Rows { all, first, stride } => {
+                        let from = first + (t * ROWS_PER_TASK + i) * stride;
+                        for (to, v) in row.iter_mut().zip(&all[from..from + d_out]) {
+                            to.write(*v);
+                        }
                     }
                 }
             }
-        }
-        // SAFETY: every element of these rows was written just above.
-        let y = unsafe { &mut *(&mut **y as *mut [MaybeUninit<f32>] as *mut [f32]) };
-        rows(x, y, f, d_in, d_out);
-    });
+            // SAFETY: every element of these rows was written just above.
+            let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            rows(x, y, f, d_in, d_out);
+        });
     // SAFETY: the tasks wrote all n rows.
     unsafe { y.set_len(n * d_out) };
     y

@@ -10,7 +10,7 @@ use super::metrics::Metrics;
 use super::routing::{attach_routers, Routing};
 use crate::ctx::Ctx;
 use crate::generate::choose;
-use crate::kernels::{skinny, team};
+use crate::kernels::skinny;
 use crate::model::kv_cache::KvCache;
 use crate::model::Llama;
 use anyhow::Result;
@@ -410,12 +410,9 @@ impl Engine {
             .set_rows(&per_row, self.model.device())?;
         let next: Vec<u32> = self.rows.iter().map(|r| r.next).collect();
         let ids = Tensor::from_slice(&next, (next.len(), 1), self.model.device())?;
-        // A step's many small products on threads kept awake between them.
-        let vocab = team::run(|| {
-            let cache = self.cache.as_mut().expect("rows run on a cache");
-            let hidden = self.model.hidden_cached(&ids, &Ctx::eval(), cache)?;
-            self.logits(&hidden)
-        })?;
+        let cache = self.cache.as_mut().expect("rows run on a cache");
+        let hidden = self.model.hidden_cached(&ids, &Ctx::eval(), cache)?;
+        let vocab = self.logits(&hidden)?;
         let logits = std::mem::take(&mut self.logits);
         // Each row draws from its own stream: the rows choose in parallel.
         let tokens: Vec<u32> = {
