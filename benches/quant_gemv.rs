@@ -8,20 +8,24 @@
 //! Prints one markdown row per format and shape: GB/s of weight bytes read, each route.
 //! `decode7b` times each batch-1 decoding step of the `llama2-7b` preset (random NF4 + double
 //! quant weights, ~4 GiB) inside one process, so the load, which varies by seconds from run to
-//! run, stays out of the rate.
+//! run, stays out of the rate; the steps run as `prolora generate` runs them (on a team,
+//! `kernels::team`).
 
 mod timing;
 
 use candle_core::{DType, Device, Tensor};
 use prolora::ctx::Ctx;
 use prolora::kernels::quant_gemv::{xwt_routed, GgmlBlocks, QuantMatrix};
+use prolora::kernels::team;
 use prolora::model::nf4::Quantization;
 use prolora::source::ModelSource;
 use std::time::Instant;
 
 fn main() {
     if std::env::args().any(|a| a == "decode7b") {
-        return decode7b();
+        // As `prolora generate` decodes: inside rayon's pool, each step on a team.
+        let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+        return pool.install(decode7b);
     }
     let m: usize = std::env::args()
         .skip(1)
@@ -111,9 +115,11 @@ fn decode7b() {
     let mut steps = Vec::new();
     for _ in 0..33 {
         let t = Instant::now();
-        let h = model.hidden_cached(&input, &ctx, &mut cache).unwrap();
-        let last = h.dim(1).unwrap() - 1;
-        let logits = model.head(&h.narrow(1, last, 1).unwrap()).unwrap();
+        let logits = team::run(|| {
+            let h = model.hidden_cached(&input, &ctx, &mut cache).unwrap();
+            let last = h.dim(1).unwrap() - 1;
+            model.head(&h.narrow(1, last, 1).unwrap()).unwrap()
+        });
         let next: u32 = logits
             .flatten_all()
             .unwrap()
