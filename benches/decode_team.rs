@@ -9,12 +9,11 @@
 //! load). STEPS new tokens (default 256) after a short chat prompt, every other one on the team.
 //! Prints each side's mean and median step and the team's time as a share of the other's.
 
-use candle_core::{DType, Device, Tensor};
-use prolora::ctx::Ctx;
-use prolora::kernels::team;
+mod greedy;
+
+use candle_core::{DType, Device};
 use prolora::model::nf4::Quantization;
 use prolora::source::ModelSource;
-use std::time::Instant;
 
 const PROMPT: &str = "<|im_start|>user\nWrite a short story about a river and a stone in the \
                       mountains.<|im_end|>\n<|im_start|>assistant\n";
@@ -46,38 +45,12 @@ fn bench(path: &str, steps: usize, nf4: bool) {
     .unwrap();
     let tokenizer = source.tokenizer(None).unwrap().tokenizer().clone();
     let prompt = tokenizer.encode(PROMPT, false).unwrap().get_ids().to_vec();
-    let ctx = Ctx::eval();
-    let mut cache = model.new_cache();
-    let mut input = Tensor::new(prompt.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
     let (mut on_team, mut on_rayon) = (Vec::new(), Vec::new());
-    for i in 0..=steps {
-        let mut step = || {
-            let h = model.hidden_cached(&input, &ctx, &mut cache).unwrap();
-            let last = h.dim(1).unwrap() - 1;
-            model.head(&h.narrow(1, last, 1).unwrap()).unwrap()
-        };
-        let t = Instant::now();
-        let logits = if i % 2 == 1 { team::run(step) } else { step() };
-        let took = t.elapsed().as_secs_f64() * 1e3;
-        match i {
-            0 => {} // the prefill
-            _ if i % 2 == 1 => on_team.push(took),
-            _ => on_rayon.push(took),
+    for (teamed, s) in greedy::greedy_steps(&model, &prompt, steps, |i| i % 2 == 1) {
+        match teamed {
+            true => on_team.push(s * 1e3),
+            false => on_rayon.push(s * 1e3),
         }
-        let next: u32 = logits
-            .flatten_all()
-            .unwrap()
-            .argmax(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        input = Tensor::new(&[next], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
     }
     let threads = rayon::current_num_threads();
     let (team_mean, team_median) = summary(&mut on_team);

@@ -11,12 +11,11 @@
 //! run, stays out of the rate; the steps run as `prolora generate` runs them (on a team,
 //! `kernels::team`).
 
+mod greedy;
 mod timing;
 
-use candle_core::{DType, Device, Tensor};
-use prolora::ctx::Ctx;
+use candle_core::{DType, Device};
 use prolora::kernels::quant_gemv::{xwt_routed, GgmlBlocks, QuantMatrix};
-use prolora::kernels::team;
 use prolora::model::nf4::Quantization;
 use prolora::source::ModelSource;
 use std::time::Instant;
@@ -90,8 +89,9 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
     timing::best(reps, f)
 }
 
-/// Batch-1 greedy decoding steps of the 7B NF4 preset after an 8-token prefill: each step's
-/// milliseconds (best and median of 32) and the GB/s of weights that implies.
+/// Batch-1 greedy decoding steps of the 7B NF4 preset after an 8-token prefill, on a team as
+/// `prolora generate` runs them: each step's milliseconds (best and median of 32) and the GB/s
+/// of weights that implies.
 fn decode7b() {
     let source = ModelSource::resolve("llama2-7b", "main").unwrap();
     let t = Instant::now();
@@ -103,37 +103,9 @@ fn decode7b() {
         )
         .unwrap();
     let load_s = t.elapsed().as_secs_f64();
-    let ctx = Ctx::eval();
-    let mut cache = model.new_cache();
-    let mut input = Tensor::new(
-        &[1u32, 450, 4996, 17354, 1701, 432, 17204, 975],
-        &Device::Cpu,
-    )
-    .unwrap()
-    .unsqueeze(0)
-    .unwrap();
-    let mut steps = Vec::new();
-    for _ in 0..33 {
-        let t = Instant::now();
-        let logits = team::run(|| {
-            let h = model.hidden_cached(&input, &ctx, &mut cache).unwrap();
-            let last = h.dim(1).unwrap() - 1;
-            model.head(&h.narrow(1, last, 1).unwrap()).unwrap()
-        });
-        let next: u32 = logits
-            .flatten_all()
-            .unwrap()
-            .argmax(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        steps.push(t.elapsed().as_secs_f64());
-        input = Tensor::new(&[next], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-    }
-    let mut decode = steps[1..].to_vec(); // the first is the prefill
+    let prompt = [1u32, 450, 4996, 17354, 1701, 432, 17204, 975];
+    let steps = greedy::greedy_steps(&model, &prompt, 32, |_| true);
+    let mut decode: Vec<f64> = steps.iter().map(|&(_, s)| s).collect();
     decode.sort_by(f64::total_cmp);
     // NF4 linears (codes, one-byte scales per 64, an f32 per 256 scales) and the f32 head.
     let linear = 32.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0);

@@ -1,27 +1,43 @@
 //! The threads of one decoding step, kept busy between its products.
 //!
-//! A decoding step is a few hundred small parallel loops (the products of every layer, its
-//! attention) with a little serial work between them. On rayon each loop wakes the other
-//! workers, which have gone to sleep in the gaps: a futex and a context switch per loop, about
-//! as long as a small product itself. Inside [`run`] the other workers stay in the step
-//! instead, spinning on the next loop ([`for_each_mut`]) as llama.cpp's threads do, and every
-//! loop is shared out index by index through an atomic counter. The caller's thread takes
-//! indices too, so a loop finishes even when no helper has started (a worker busy elsewhere, or
-//! the helper's job still queued on the caller's own deque).
+//! A decoding step is about a hundred and fifty small parallel loops (the products of every
+//! layer, its attention, the head) with a little serial work between them. On rayon each loop
+//! wakes the other workers, which have gone to sleep in the gaps: a futex and a context switch
+//! per loop, about as long as a small product itself. Inside [`run`] the other workers stay in
+//! the step instead, spinning on the next loop ([`for_each_mut`]) as llama.cpp's threads do.
+//! Each loop is cut into one contiguous share per thread, claimed index by index through the
+//! share's atomic counter; a thread takes its own share first, then helps with the others'.
+//! The caller's thread takes part too, so a loop finishes even when no helper has started (a
+//! worker busy elsewhere, or the helper's job still queued on the caller's own deque).
 //!
-//! Outside [`run`] the loops are rayon's: training and full forwards keep its work stealing.
+//! Spinning costs cores that a busy machine's other processes want, and a helper that loses its
+//! core mid-loop makes the caller wait: after a step whose thread ran less than 80 % of its
+//! time, the next 64 steps run on rayon (whole decodes beside two busy loops of another process
+//! went 1.3–1.6× slower on a team without this).
+//!
+//! Outside [`run`] the loops are rayon's: training, full forwards and serving keep its work
+//! stealing.
 
 use std::any::Any;
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use rayon::prelude::*;
 
 /// Spins of an idle helper between two yields of its core (to a thread that needs it, such as
 /// candle's own pool; a yield with nobody waiting returns at once).
 const SPINS_PER_YIELD: u32 = 64;
+
+/// A step in which the caller's thread ran less than this share of the time lost its core to
+/// other processes: on a busy machine spinning helpers take the cores that the step's own
+/// threads need, so the next [`BACK_OFF`] steps run on rayon's pool, whose sleeping workers
+/// cost nothing when cores are short.
+const RUN_SHARE: f64 = 0.8;
+/// Steps without a team after one on a busy machine.
+const BACK_OFF: u64 = 64;
 
 /// One parallel loop: `run(i)` for every `i < n`. The indices are cut into one contiguous
 /// share per thread, claimed one by one through the share's counter: each thread works through
@@ -86,7 +102,7 @@ impl Team {
         while !self.stop.load(Ordering::Acquire) {
             if self.job.load(Ordering::Acquire).is_null() {
                 spins += 1;
-                if spins % SPINS_PER_YIELD == 0 {
+                if spins.is_multiple_of(SPINS_PER_YIELD) {
                     std::thread::yield_now();
                 } else {
                     std::hint::spin_loop();
@@ -116,6 +132,8 @@ impl Team {
 thread_local! {
     /// The team of the step running on this thread, if any.
     static TEAM: Cell<Option<*const Team>> = const { Cell::new(None) };
+    /// Steps this thread started, and the first that may form a team again ([`BACK_OFF`]).
+    static STEPS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
 /// Runs `body` (one decoding step) on this thread with the pool's other workers spinning
@@ -130,6 +148,11 @@ pub fn run<R>(body: impl FnOnce() -> R) -> R {
         return body();
     };
     if helpers == 0 || TEAM.with(|t| t.get().is_some()) {
+        return body();
+    }
+    let (step, team_from) = STEPS.with(|s| s.get());
+    STEPS.with(|s| s.set((step + 1, team_from)));
+    if step < team_from {
         return body();
     }
     let team = Arc::new(Team {
@@ -159,8 +182,32 @@ pub fn run<R>(body: impl FnOnce() -> R) -> R {
         }
     }
     TEAM.with(|t| t.set(Some(Arc::as_ptr(&team))));
-    let _end = End(&team);
-    body()
+    let end = End(&team);
+    let (started, ran_before) = (Instant::now(), thread_cpu_seconds());
+    let out = body();
+    drop(end);
+    if let (Some(before), Some(after)) = (ran_before, thread_cpu_seconds()) {
+        if after - before < RUN_SHARE * started.elapsed().as_secs_f64() {
+            STEPS.with(|s| s.set((step + 1, step + 1 + BACK_OFF)));
+        }
+    }
+    out
+}
+
+/// The CPU time this thread has run, where the platform tells it.
+fn thread_cpu_seconds() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `t` is a valid timespec for the call to fill.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0 {
+            return Some(t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9);
+        }
+    }
+    None
 }
 
 /// `f(i, &mut items[i])` for every item, in parallel: on the step's team inside [`run`], on
@@ -231,8 +278,15 @@ fn for_each(team: &Team, n: usize, run: &(dyn Fn(usize) + Sync)) {
     team.job.store(ptr, Ordering::SeqCst);
     let close = Close(team);
     job.work(0);
+    let mut spins = 0u32;
     while job.done.load(Ordering::Acquire) < n {
-        std::hint::spin_loop();
+        // A helper that lost its core mid-index may get this one.
+        spins += 1;
+        if spins.is_multiple_of(SPINS_PER_YIELD) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
     drop(close);
     let helper_panic = team.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -297,6 +351,26 @@ mod tests {
             .map(|n| 499_500 + (0..n).map(|i| i * i).sum::<u64>())
             .sum();
         assert_eq!(sum, expected);
+    }
+
+    /// A step whose thread was off its core most of the time (here asleep, as if another
+    /// process had the core) makes the next ones run without a team.
+    #[cfg(unix)]
+    #[test]
+    fn a_step_short_of_its_core_backs_off() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let teamed = run(|| {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                TEAM.with(|t| t.get().is_some())
+            });
+            assert!(teamed, "the step ran on a team");
+            assert!(!run(|| TEAM.with(|t| t.get().is_some())), "backed off");
+            assert_eq!(run(|| squares(6)), vec![0, 1, 4, 9, 16, 25]);
+        });
     }
 
     #[test]
