@@ -1,6 +1,7 @@
 //! Decoding SmolLM2-135M-Instruct from its Q4_1 GGUF (f32 activations, and 8-bit ones), and in
 //! NF4, with the fused few-row products (each step's one row reads the codes in place; the
-//! GGUF's tied head its Q8_0 embedding) gives the greedy tokens of the composed form: the argmax at every position of
+//! GGUF's tied head its Q8_0 embedding; `generate::complete` on a team, as the CLI decodes) gives
+//! the greedy tokens of the composed form: the argmax at every position of
 //! one full-sequence forward over prompt and completion, whose 20+ rows take the tiled
 //! dequantize-then-GEMM path and the dense head.
 
@@ -8,38 +9,10 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use prolora::ctx::Ctx;
+use prolora::generate::{complete, Settings};
 use prolora::model::nf4::Quantization;
 use prolora::model::Llama;
 use prolora::source::ModelSource;
-
-/// Greedy tokens decoded one at a time from the cache, after a prompt prefilled whole.
-fn decode(model: &Llama, prompt: &[u32], new: usize) -> Vec<u32> {
-    let ctx = Ctx::eval();
-    let mut cache = model.new_cache();
-    let mut input = Tensor::new(prompt, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mut out = Vec::new();
-    for _ in 0..new {
-        let h = model.hidden_cached(&input, &ctx, &mut cache).unwrap();
-        let t = h.dim(1).unwrap();
-        let logits = model.head(&h.narrow(1, t - 1, 1).unwrap()).unwrap();
-        let next: u32 = logits
-            .flatten_all()
-            .unwrap()
-            .argmax(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        out.push(next);
-        input = Tensor::new(&[next], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-    }
-    out
-}
 
 /// The composed form's prediction after each prefix of `ids` (one forward, many rows), and
 /// its margin there (top logit − runner-up).
@@ -65,7 +38,13 @@ fn composed_argmax(model: &Llama, ids: &[u32]) -> Vec<(u32, f32)> {
         .collect()
 }
 
+/// Greedy decoding (`generate::complete`: the prompt prefilled whole, then a token a step from
+/// the cache, on a team as the CLI runs it) against the composed form.
 fn check(quant: Quantization) {
+    common::in_a_pool_of_two(|| check_in_pool(quant));
+}
+
+fn check_in_pool(quant: Quantization) {
     let path = common::smollm2::smollm2_gguf();
     let source = ModelSource::resolve(path.to_str().unwrap(), "main").unwrap();
     let model = source
@@ -76,7 +55,12 @@ fn check(quant: Quantization) {
         1u32, 4093, 198, 504, 3575, 282, 4649, 314, 2, 198, 1, 520, 9531, 198,
     ];
     let new = 10;
-    let tokens = decode(&model, &prompt, new);
+    let tokenizer = source.tokenizer(None).unwrap().tokenizer().clone();
+    let tokens = complete(&model, &tokenizer, &prompt, &Settings::greedy(new))
+        .unwrap()
+        .ids;
+    // Up to the answer's end-of-turn token, itself compared.
+    assert!(tokens.len() > 3, "{quant:?}: {tokens:?}");
     let all: Vec<u32> = prompt.iter().chain(&tokens).copied().collect();
     let composed = composed_argmax(&model, &all);
     for (k, &token) in tokens.iter().enumerate() {
