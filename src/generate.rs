@@ -184,7 +184,7 @@ pub fn complete_batch(
             }
         }
         let ids = Tensor::from_slice(&next, (next.len(), 1), model.device())?;
-        // A step's few hundred small products on threads kept awake between them.
+        // A step's many small parallel loops on threads kept awake between them.
         let logits =
             team::run(|| last_logits(model, &model.hidden_cached(&ids, &ctx, &mut cache)?))?;
         let mut keep = Vec::new();

@@ -60,27 +60,33 @@ pub fn cached_attention(
     // One task per (row, query head): its t queries against one key/value head.
     let mut heads: Vec<&mut [f32]> = y.chunks_mut(t * hd).collect();
     super::team::for_each_mut(&mut heads, |rh, out| {
-        let mut scores = Vec::new();
-        let scores = &mut scores;
-        let (r, h) = (rh / nh, rh % nh);
-        let pad = pads.get(r).copied().unwrap_or(0);
-        let (kh, vh) = (keys.at(ks, r, h / group), values.at(vs, r, h / group));
-        for i in 0..t {
-            let column = past + i;
-            let first = if pad <= column { pad } else { column };
-            let query = &qs[(rh * t + i) * hd..][..hd];
-            attend(
-                query,
-                kh,
-                vh,
-                (first, column + 1),
-                scale,
-                scores,
-                &mut out[i * hd..(i + 1) * hd],
-            );
-        }
+        SCORES.with_borrow_mut(|scores| {
+            let (r, h) = (rh / nh, rh % nh);
+            let pad = pads.get(r).copied().unwrap_or(0);
+            let (kh, vh) = (keys.at(ks, r, h / group), values.at(vs, r, h / group));
+            for i in 0..t {
+                let column = past + i;
+                let first = if pad <= column { pad } else { column };
+                let query = &qs[(rh * t + i) * hd..][..hd];
+                attend(
+                    query,
+                    kh,
+                    vh,
+                    (first, column + 1),
+                    scale,
+                    scores,
+                    &mut out[i * hd..(i + 1) * hd],
+                );
+            }
+        })
     });
     Tensor::from_vec(y, (b, nh, t, hd), q.device()).map(Some)
+}
+
+thread_local! {
+    /// A task's scores over the cache, kept per thread across tasks and steps (one allocation
+    /// a thread, not one per head, layer and token).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Where one (row, kv head)'s positions lie in a cache buffer: `hd` contiguous values per

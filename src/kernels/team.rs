@@ -100,31 +100,33 @@ impl Team {
         let mut seen = 0;
         let mut spins = 0u32;
         while !self.stop.load(Ordering::Acquire) {
-            if self.job.load(Ordering::Acquire).is_null() {
-                spins += 1;
-                if spins.is_multiple_of(SPINS_PER_YIELD) {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-                continue;
-            }
-            // Announced before the second look, so the caller, having closed the loop, waits
-            // for this helper to leave it before the job goes out of scope.
-            self.inside.fetch_add(1, Ordering::SeqCst);
-            let job = self.job.load(Ordering::SeqCst);
-            // SAFETY: non-null after `inside` was raised, the loop stays open until this
-            // helper lowers it again (see `for_each`'s `Close`).
-            if let Some(job) = unsafe { job.as_ref() } {
-                if job.seq != seen {
+            if !self.job.load(Ordering::Acquire).is_null() {
+                // Announced before the second look, so the caller, having closed the loop,
+                // waits for this helper to leave it before the job goes out of scope.
+                self.inside.fetch_add(1, Ordering::SeqCst);
+                let job = self.job.load(Ordering::SeqCst);
+                // SAFETY: non-null after `inside` was raised, the loop stays open until this
+                // helper lowers it again (see `for_each`'s `Close`).
+                let fresh = unsafe { job.as_ref() }.filter(|job| job.seq != seen);
+                if let Some(job) = fresh {
                     seen = job.seq;
                     if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| job.work(me))) {
                         *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
                     }
                     spins = 0;
                 }
+                self.inside.fetch_sub(1, Ordering::SeqCst);
+                if fresh.is_some() {
+                    continue;
+                }
             }
-            self.inside.fetch_sub(1, Ordering::SeqCst);
+            // No loop open, or only the one this helper finished: wait for the next.
+            spins += 1;
+            if spins.is_multiple_of(SPINS_PER_YIELD) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
