@@ -157,6 +157,11 @@ impl BlockMatrix {
         self.dequantizer.blocks_into(size, block, bytes, out);
     }
 
+    /// The stored blocks, row after row.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// The matrix as the fused few-row product reads it, for the types it reads.
     pub fn fused(&self) -> Option<QuantMatrix<'_>> {
         let kind = match self.ggml_type {

@@ -164,6 +164,39 @@ pub fn row_dots(kind: GgmlBlocks, blocks: &[u8], xs: &Q8Rows, y: &mut [f32], ker
     }
 }
 
+/// Weight rows taken together by [`four_rows`].
+pub const TOGETHER: usize = 4;
+
+/// [`row_dots`] of [`TOGETHER`] consecutive weight rows (`blocks`, `xs.blocks` blocks of `kind`
+/// each) against the one row of `xs`: `y[k]` for weight row `k`, each with the bits `row_dots`
+/// gives it alone — the same operations in the same order, the rows interleaved, so that four
+/// chains of sums are in flight (a short row alone waits on the latency of its few). `false`
+/// where `kernel` has no such loop (the caller goes row by row).
+pub fn four_rows(
+    kind: GgmlBlocks,
+    blocks: &[u8],
+    xs: &Q8Rows,
+    y: &mut [f32],
+    kernel: Kernel,
+) -> bool {
+    debug_assert_eq!(blocks.len(), TOGETHER * xs.blocks * kind.block_bytes());
+    debug_assert_eq!(xs.codes.len(), xs.blocks * BLOCK);
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable && y.len() >= TOGETHER && xs.codes.len() == xs.blocks * BLOCK {
+        // SAFETY: `kernel` is one `kernels()` found this CPU to run; `blocks` holds four rows
+        // of `xs.blocks` whole blocks and `xs` one row.
+        unsafe {
+            match kernel {
+                Kernel::Vnni => simd::rows_vnni::<TOGETHER>(kind, blocks, xs, y),
+                _ => simd::rows_avx2::<TOGETHER>(kind, blocks, xs, y),
+            }
+        }
+        return true;
+    }
+    let _ = (kind, blocks, y, kernel);
+    false
+}
+
 fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
@@ -247,6 +280,129 @@ mod simd {
         };
         y[..R].copy_from_slice(&out);
     }
+
+    /// `W` weight rows against one row of `xs`, with `maddubs` + `madd` ([`super::four_rows`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_avx2<const W: usize>(
+        kind: GgmlBlocks,
+        blocks: &[u8],
+        xs: &Q8Rows,
+        y: &mut [f32],
+    ) {
+        let out = match kind {
+            GgmlBlocks::Q4_0 => sweep_rows::<W, Q4_0, false>(blocks, xs),
+            GgmlBlocks::Q4_1 => sweep_rows::<W, Q4_1, false>(blocks, xs),
+            GgmlBlocks::Q8_0 => sweep_rows::<W, Q8_0, false>(blocks, xs),
+        };
+        y[..W].copy_from_slice(&out);
+    }
+
+    /// As [`rows_avx2`], the integer sums with `vpdpbusd`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn rows_vnni<const W: usize>(
+        kind: GgmlBlocks,
+        blocks: &[u8],
+        xs: &Q8Rows,
+        y: &mut [f32],
+    ) {
+        let out = match kind {
+            GgmlBlocks::Q4_0 => sweep_rows::<W, Q4_0, true>(blocks, xs),
+            GgmlBlocks::Q4_1 => sweep_rows::<W, Q4_1, true>(blocks, xs),
+            GgmlBlocks::Q8_0 => sweep_rows::<W, Q8_0, true>(blocks, xs),
+        };
+        y[..W].copy_from_slice(&out);
+    }
+
+    /// [`sweep`] with one row of `xs` (`R` = 1) for each of `W` consecutive weight rows, the
+    /// rows interleaved block by block: per row the same operations in the same order.
+    #[inline(always)]
+    unsafe fn sweep_rows<const W: usize, const KIND: u8, const VNNI: bool>(
+        blocks: &[u8],
+        xs: &Q8Rows,
+    ) -> [f32; W] {
+        let size = match KIND {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        };
+        let n = xs.blocks;
+        let base: [*const u8; W] = std::array::from_fn(|k| blocks.as_ptr().add(k * n * size));
+        let x = [xs.codes(0)];
+        let z = _mm256_setzero_ps();
+        let (mut even, mut odd, mut off) = ([[z]; W], [[z]; W], [z; W]);
+        let s = size as i32;
+        let at = _mm256_setr_epi32(0, s, 2 * s, 3 * s, 4 * s, 5 * s, 6 * s, 7 * s);
+        let mut scales = [[[0f32; 8]]; W];
+        let mut b = 0;
+        while b + 8 <= n {
+            let dx = _mm256_loadu_ps(xs.scales.as_ptr().add(b));
+            for k in 0..W {
+                let blk = base[k].add(b * size);
+                // Four rows' streams are more than the hardware prefetcher follows. Past the
+                // row's end this touches the next rows' bytes (or none: a prefetch never
+                // faults).
+                let ahead = blk.wrapping_add(PREFETCH_BYTES);
+                for line in (0..8 * size).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                }
+                let heads = _mm256_i32gather_epi32::<1>(blk as *const i32, at);
+                let sr = _mm256_mul_ps(halves::<0>(heads), dx);
+                _mm256_storeu_ps(scales[k][0].as_mut_ptr(), sr);
+                if KIND != Q8_0 {
+                    let o = _mm256_loadu_ps(xs.offsets.as_ptr().add(b));
+                    let c = if KIND == Q4_0 { sr } else { halves::<2>(heads) };
+                    off[k] = _mm256_fmadd_ps(c, o, off[k]);
+                }
+            }
+            for j in (0..8).step_by(2) {
+                for k in 0..W {
+                    let blk = base[k].add(b * size);
+                    dots::<1, KIND, VNNI>(
+                        blk.add(j * size),
+                        b + j,
+                        &x,
+                        &scales[k],
+                        j,
+                        &mut even[k],
+                    );
+                    dots::<1, KIND, VNNI>(
+                        blk.add((j + 1) * size),
+                        b + j + 1,
+                        &x,
+                        &scales[k],
+                        j + 1,
+                        &mut odd[k],
+                    );
+                }
+            }
+            b += 8;
+        }
+        let mut off_tail = [0f32; W];
+        while b < n {
+            for k in 0..W {
+                let blk = base[k].add(b * size);
+                let d = f16(blk);
+                scales[k][0][0] = d * *xs.scales.get_unchecked(b);
+                if KIND != Q8_0 {
+                    let c = if KIND == Q4_0 {
+                        scales[k][0][0]
+                    } else {
+                        f16(blk.add(2))
+                    };
+                    off_tail[k] += c * *xs.offsets.get_unchecked(b);
+                }
+                dots::<1, KIND, VNNI>(blk, b, &x, &scales[k], 0, &mut even[k]);
+            }
+            b += 1;
+        }
+        std::array::from_fn(|k| {
+            hsum(_mm256_add_ps(_mm256_add_ps(even[k][0], odd[k][0]), off[k])) + off_tail[k]
+        })
+    }
+
+    /// How far ahead of the blocks at hand [`sweep_rows`] prefetches each row, in bytes: about
+    /// a memory latency's worth of streaming, as the NF4 and f32-activation kernels do.
+    const PREFETCH_BYTES: usize = super::super::quant_gemv::PREFETCH_BYTES;
 
     /// `Σ_b d_w·d_x · Σ q_w·q_x` (+ the offset terms) over the row's blocks. Eight blocks per
     /// step: their scales (and Q4_1's mins) gathered into one register and multiplied by the
@@ -434,5 +590,49 @@ mod tests {
         }
         let zeros = Q8Rows::new(&[0.0; 32], 32, GgmlBlocks::Q4_0);
         assert!(zeros.codes.iter().all(|&c| c == 0) && zeros.scales == [0.0]);
+    }
+
+    /// Four weight rows together give each row the bits it gets alone, for every kernel that
+    /// has the loop, with rows of two groups of eight blocks and three alone.
+    #[test]
+    fn four_rows_give_each_row_its_bits_alone() {
+        let n = 19;
+        for kind in [GgmlBlocks::Q4_0, GgmlBlocks::Q4_1, GgmlBlocks::Q8_0] {
+            let size = kind.block_bytes();
+            let mut bytes = Vec::new();
+            for b in 0..TOGETHER * n {
+                let d = half::f16::from_f32(0.01 * (1 + b % 7) as f32).to_le_bytes();
+                let m = half::f16::from_f32(-0.05 * (b % 3) as f32).to_le_bytes();
+                bytes.extend(d);
+                if kind == GgmlBlocks::Q4_1 {
+                    bytes.extend(m);
+                }
+                let codes = size - if kind == GgmlBlocks::Q4_1 { 4 } else { 2 };
+                bytes.extend((0..codes).map(|i| ((b * 37 + i * 11) % 256) as u8));
+            }
+            let x: Vec<f32> = (0..n * BLOCK)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * [1.0, 0.01, 3.0][i / BLOCK % 3])
+                .collect();
+            let xs = Q8Rows::new(&x, n * BLOCK, kind);
+            for kernel in kernels().into_iter().filter(|&k| k != Kernel::Portable) {
+                let mut together = [0f32; TOGETHER];
+                assert!(four_rows(kind, &bytes, &xs, &mut together, kernel));
+                for (k, got) in together.iter().enumerate() {
+                    let mut alone = [0f32];
+                    row_dots(
+                        kind,
+                        &bytes[k * n * size..(k + 1) * n * size],
+                        &xs,
+                        &mut alone,
+                        kernel,
+                    );
+                    assert_eq!(
+                        got.to_bits(),
+                        alone[0].to_bits(),
+                        "{kind:?} {kernel:?} row {k}"
+                    );
+                }
+            }
+        }
     }
 }

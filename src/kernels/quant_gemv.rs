@@ -13,6 +13,14 @@ use super::quant_dot8::{self, Q8Rows};
 #[cfg(target_arch = "x86_64")]
 mod ggml512;
 
+/// How far ahead of the bytes at hand the few-row kernels prefetch each weight row. On this
+/// project's 2-core VM a plain sequential read gets 3–5 GB/s from one core and 17–21 GB/s with
+/// prefetches 4 KiB ahead; NF4 at the 7B shape (`decode7b`, best steps of 4–6 runs): 229 ms a
+/// step without, 201 ms with 4096 (1024: 201–279, 2048: 263–368); ggml blocks at SmolLM2's
+/// shapes, steps alternated in one process: 3–6 % faster than 576 bytes ahead, 10–15 % on the
+/// 8-bit route with four rows together (docs/performance.md).
+pub(crate) const PREFETCH_BYTES: usize = 4096;
+
 /// Rows of `x` the fused product serves (decoding: one per sequence); more rows go to the
 /// tiled GEMM, which reuses each dequantized tile across them.
 pub const ROWS: std::ops::RangeInclusive<usize> = 1..=16;
@@ -394,6 +402,20 @@ fn row_dots(
 ) -> usize {
     if let (QuantMatrix::Ggml { kind, bytes, .. }, Some((q8, int8))) = (*w, &xs.int8) {
         let size = xs.cols / GGML_BLOCK * kind.block_bytes();
+        let together = quant_dot8::TOGETHER;
+        if xs.m == 1
+            && rows_together(1, xs.cols) == together
+            && left >= together
+            && quant_dot8::four_rows(
+                kind,
+                &bytes[row * size..(row + together) * size],
+                q8,
+                &mut y[..together],
+                *int8,
+            )
+        {
+            return together;
+        }
         quant_dot8::row_dots(
             kind,
             &bytes[row * size..(row + 1) * size],
@@ -799,11 +821,6 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// How far ahead of the block at hand NF4 codes are prefetched, in bytes (two rows of the
-    /// 7B shape): `decode7b` on a busy machine, best steps of 4–6 runs, 229 ms without, 201 ms
-    /// with 4096 (1024: 201–279 ms, 2048: 263–368 ms).
-    const NF4_AHEAD: usize = 4096;
-
     /// The NF4 weight rows `row..row + W` against the rows `r0..r0 + R` of `x` (prepared in
     /// groups of 32): `y[k · m + r0 + r]` for weight row `row + k`. Several weight rows share
     /// each load of `x` and keep several chains of sums in flight (as `ggml512`); the table
@@ -838,7 +855,7 @@ mod avx512 {
         for b in 0..n {
             for k in 0..W {
                 // Past the matrix's end a prefetch touches nothing (it never faults).
-                _mm_prefetch::<_MM_HINT_T0>(codes[k].wrapping_add(b * 32 + NF4_AHEAD).cast());
+                _mm_prefetch::<_MM_HINT_T0>(codes[k].wrapping_add(b * 32 + PREFETCH_BYTES).cast());
                 let mut sum = [z; R];
                 for g in 0..NF4_BLOCK / 32 {
                     let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(

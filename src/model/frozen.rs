@@ -763,6 +763,8 @@ impl FrozenLinear {
     /// the weight is dequantized once, to `dtype`.
     pub fn blocks(w: BlockMatrix, dtype: DType, device: &Device) -> Result<Self> {
         if device.is_cpu() {
+            // Decoding streams these blocks every token.
+            super::huge_pages::collapse(w.bytes());
             return Ok(Self {
                 weight: Weight::Blocks(Arc::new(w)),
             });

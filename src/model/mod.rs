@@ -3,6 +3,7 @@
 pub mod bnb;
 pub mod config;
 pub mod frozen;
+mod huge_pages;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora_linear;

@@ -363,35 +363,10 @@ impl Quantization {
 }
 
 /// `bytes` zeroed bytes for NF4 codes, backed by 2 MiB pages where Linux grants them
-/// (see [`advise_huge_pages`]); the caller writes the codes.
+/// ([`super::huge_pages::advise`]: a 7B decoding step streams 3.6 GiB of codes); the caller
+/// writes the codes.
 pub(crate) fn code_buffer(bytes: usize) -> Vec<u8> {
     let mut buf = vec![0u8; bytes];
-    advise_huge_pages(&mut buf);
+    super::huge_pages::advise(&mut buf);
     buf
-}
-
-/// Asks Linux to back a large buffer with 2 MiB pages, before its first write (the page
-/// faults then map huge pages; a fresh zeroed allocation this large is untouched mmap
-/// memory): where transparent huge pages are left to `madvise` (the
-/// default of many distributions), a 7B decoding step streams 3.6 GiB of codes through 4 KiB
-/// pages, missing the TLB every 4 KiB, and the hardware prefetchers stop at every page edge.
-/// Advice only: without THP nothing changes.
-fn advise_huge_pages(buf: &mut [u8]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = buf.as_mut_ptr() as usize;
-        let (first, end) = (
-            start.next_multiple_of(HUGE),
-            (start + buf.len()) / HUGE * HUGE,
-        );
-        if end > first {
-            // SAFETY: the range lies inside `buf`, and the advice changes no contents.
-            unsafe {
-                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
 }

@@ -10,15 +10,11 @@
 //! The sums are those of the AVX2 loop in another order (`s_b · Σ_i q_i·x_i` per block, Q4_1's
 //! `m_b · Σ_i x_i` apart), within [`super::TOLERANCE`].
 
-use super::{GgmlBlocks, Prepared, GGML_BLOCK};
+use super::{GgmlBlocks, Prepared, GGML_BLOCK, PREFETCH_BYTES};
 use std::arch::x86_64::*;
 
 /// Blocks whose scales are converted by one instruction.
 const CHUNK: usize = 16;
-
-/// How far ahead of the chunk at hand each weight row's bytes are prefetched, in chunks: the
-/// hardware's stream prefetcher alone fell behind four interleaved rows.
-const AHEAD: usize = 2;
 
 /// The rows `first..first + W` of `W (rows, cols)` in `kind`'s blocks against the rows
 /// `r0..r0 + R` of `xs`: `y[k · m + r0 + r]` for weight row `first + k` and row `r0 + r`.
@@ -78,10 +74,11 @@ unsafe fn sweep<const W: usize, const R: usize, const KIND: u8>(
         let mut d = [[0f32; CHUNK]; W];
         let mut mins = [[0f32; CHUNK]; W];
         for k in 0..W {
-            // Past the row's end this touches the next rows' bytes (or none: a prefetch
-            // never faults).
-            let ahead = base[k].wrapping_add((c + AHEAD * CHUNK) * size);
-            for line in (0..CHUNK * size).step_by(64) {
+            // The hardware's stream prefetcher alone falls behind four interleaved rows. Past
+            // the row's end this touches the next rows' bytes (or none: a prefetch never
+            // faults).
+            let ahead = base[k].wrapping_add(c * size + PREFETCH_BYTES);
+            for line in (0..len * size).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
             }
             let heads = _mm512_mask_i32gather_epi32::<1>(
