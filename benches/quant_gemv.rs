@@ -4,12 +4,16 @@
 //!
 //!   cargo bench --bench quant_gemv [-- ROWS]   # ROWS of x per product (default 1)
 //!   cargo bench --bench quant_gemv -- decode7b  # the 7B NF4 preset's decoding steps
+//!   cargo bench --bench quant_gemv -- stream    # weights streamed from memory, 1 and 2 threads
 //!
 //! Prints one markdown row per format and shape: GB/s of weight bytes read, each route.
 //! `decode7b` times each batch-1 decoding step of the `llama2-7b` preset (random NF4 + double
 //! quant weights, ~4 GiB) inside one process, so the load, which varies by seconds from run to
 //! run, stays out of the rate; the steps run as `prolora generate` runs them (on a team,
-//! `kernels::team`).
+//! `kernels::team`). `stream` sets the products against the memory: one and two threads reading
+//! 512 MiB in a plain loop and with prefetches 4 KiB ahead (GiB/s), then the one-row products
+//! of 256 MiB of SmolLM2-shaped Q4_0 / Q4_1 / Q8_0 matrices, one after another as a decoding
+//! step reads its layers (GB/s of weights, each route).
 
 mod greedy;
 mod timing;
@@ -21,6 +25,9 @@ use prolora::source::ModelSource;
 use std::time::Instant;
 
 fn main() {
+    if std::env::args().any(|a| a == "stream") {
+        return stream();
+    }
     if std::env::args().any(|a| a == "decode7b") {
         // As `prolora generate` decodes: inside rayon's pool, each step on a team.
         let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
@@ -66,6 +73,88 @@ fn main() {
             );
         }
     }
+}
+
+/// The memory's read rate and the products' rate on weights that do not fit the caches.
+fn stream() {
+    let bytes: Vec<u8> = (0..512usize << 20).map(|i| (i * 131 % 251) as u8).collect();
+    println!(
+        "| threads | plain read GiB/s | read with prefetch 4 KiB ahead GiB/s |\n|---|---|---|"
+    );
+    for threads in [1, 2] {
+        let rate = |prefetch: bool| {
+            let s = best(3, || {
+                std::thread::scope(|scope| {
+                    for part in bytes.chunks(bytes.len() / threads) {
+                        scope.spawn(move || std::hint::black_box(read(part, prefetch)));
+                    }
+                })
+            });
+            bytes.len() as f64 / s / (1u64 << 30) as f64
+        };
+        println!("| {threads} | {:.1} | {:.1} |", rate(false), rate(true));
+    }
+    drop(bytes);
+    println!(
+        "\n| format | threads | f32 activations GB/s | 8-bit activations GB/s |\n|---|---|---|---|"
+    );
+    let (rows, cols) = (1536, 576);
+    for kind in [GgmlBlocks::Q4_0, GgmlBlocks::Q4_1, GgmlBlocks::Q8_0] {
+        let one = blocks(kind, rows * cols / 32);
+        let copies: Vec<Vec<u8>> = (0..(256usize << 20) / one.len())
+            .map(|_| one.clone())
+            .collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+            .collect();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let rate = |int8| {
+                let s = pool.install(|| {
+                    best(3, || {
+                        for bytes in &copies {
+                            let w = QuantMatrix::Ggml {
+                                kind,
+                                bytes,
+                                rows,
+                                cols,
+                            };
+                            std::hint::black_box(xwt_routed(&w, &x, 1, int8).unwrap());
+                        }
+                    })
+                });
+                (copies.len() * one.len()) as f64 / s / 1e9
+            };
+            println!(
+                "| {kind:?} | {threads} | {:.1} | {:.1} |",
+                rate(false),
+                rate(true)
+            );
+        }
+    }
+}
+
+/// Reads `bytes` once (an xor of its 64-byte lines), prefetching 4 KiB ahead or not.
+fn read(bytes: &[u8], prefetch: bool) -> u64 {
+    let mut acc = [0u64; 8];
+    for (i, line) in bytes.chunks_exact(64).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        if prefetch {
+            // SAFETY: a prefetch never faults, wherever it points.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().wrapping_add(i * 64 + 4096).cast());
+            }
+        }
+        let _ = (i, prefetch);
+        for (a, w) in acc.iter_mut().zip(line.chunks_exact(8)) {
+            *a ^= u64::from_le_bytes(w.try_into().unwrap());
+        }
+    }
+    acc.iter().fold(0, |a, b| a ^ b)
 }
 
 /// Blocks of `kind` with varied codes and small finite f16 scales (and mins).

@@ -13,12 +13,12 @@ use super::quant_dot8::{self, Q8Rows};
 #[cfg(target_arch = "x86_64")]
 mod ggml512;
 
-/// How far ahead of the bytes at hand the few-row kernels prefetch each weight row. On this
-/// project's 2-core VM a plain sequential read gets 3–5 GB/s from one core and 17–21 GB/s with
-/// prefetches 4 KiB ahead; NF4 at the 7B shape (`decode7b`, best steps of 4–6 runs): 229 ms a
-/// step without, 201 ms with 4096 (1024: 201–279, 2048: 263–368); ggml blocks at SmolLM2's
-/// shapes, steps alternated in one process: 3–6 % faster than 576 bytes ahead, 10–15 % on the
-/// 8-bit route with four rows together (docs/performance.md).
+/// How far ahead of the bytes at hand the few-row kernels prefetch each weight row: the
+/// hardware prefetcher alone falls behind several interleaved rows. NF4 at the 7B shape
+/// (`decode7b`, best steps of 4–6 runs): 229 ms a step without, 201 ms with 4096 (1024:
+/// 201–279, 2048: 263–368); ggml blocks at SmolLM2's shapes, steps alternated in one process:
+/// 3–6 % faster than 576 bytes ahead, 10–15 % on the 8-bit route with four rows together
+/// (docs/performance.md).
 pub(crate) const PREFETCH_BYTES: usize = 4096;
 
 /// Rows of `x` the fused product serves (decoding: one per sequence); more rows go to the
