@@ -8,6 +8,7 @@
 //! A weight kept in a GGUF file's ggml blocks (Q4_K, Q8_0, …) is the third, dequantized tile by
 //! tile the same way (on the CPU; on a GPU it is loaded dense, see [`FrozenLinear::blocks`]).
 
+use super::huge_pages;
 use super::nf4::{Absmax, Nf4Out, Nf4Tensor, BLOCK};
 use crate::gguf::quants::BlockMatrix;
 use crate::kernels::quant_gemv::{self, QuantMatrix};
@@ -751,6 +752,23 @@ impl FrozenLinear {
         }
     }
 
+    /// Moves a quantized weight's host memory onto 2 MiB pages ([`huge_pages::collapse`]):
+    /// decoding reads every weight once per token. A dense weight stays where it is: an f32
+    /// model's decode reads its weights near the memory's rate already, and moving them cost
+    /// 0.6–1.5 s for SmolLM2's 550 MiB here (docs/performance.md).
+    pub(crate) fn collapse_codes(&self) {
+        match &self.weight {
+            Weight::Dense(_) => {}
+            Weight::Nf4(codes) => {
+                if let Nf4Codes::Host(q) = &**codes {
+                    huge_pages::collapse(&q.packed);
+                }
+            }
+            Weight::Blocks(b) => huge_pages::collapse(b.bytes()),
+            Weight::Stacked(parts) => parts.iter().for_each(Self::collapse_codes),
+        }
+    }
+
     /// A 4-bit layer computing on `device`; `w` has shape (out, in).
     pub fn nf4(w: Nf4Tensor, device: &Device) -> Result<Self> {
         Ok(Self {
@@ -763,8 +781,6 @@ impl FrozenLinear {
     /// the weight is dequantized once, to `dtype`.
     pub fn blocks(w: BlockMatrix, dtype: DType, device: &Device) -> Result<Self> {
         if device.is_cpu() {
-            // Decoding streams these blocks every token.
-            super::huge_pages::collapse(w.bytes());
             return Ok(Self {
                 weight: Weight::Blocks(Arc::new(w)),
             });

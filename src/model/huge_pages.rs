@@ -4,6 +4,8 @@
 //! pages to `madvise` (the default of many distributions) nothing is on huge pages unless
 //! asked. Advice only: where the kernel has no THP, or refuses, nothing changes.
 
+use candle_core::{CpuStorage, Storage, Tensor};
+
 /// Linux's huge page.
 #[cfg(target_os = "linux")]
 const HUGE: usize = 2 << 20;
@@ -50,6 +52,26 @@ pub(crate) fn collapse(buf: &[u8]) {
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = buf;
+}
+
+/// [`collapse`] of a tensor's host memory (nothing for a tensor on another device).
+pub(crate) fn collapse_tensor(t: &Tensor) {
+    let (storage, _) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return;
+    };
+    let (start, bytes) = match cpu {
+        CpuStorage::U8(v) => (v.as_ptr().cast::<u8>(), std::mem::size_of_val(v.as_slice())),
+        CpuStorage::U32(v) => (v.as_ptr().cast(), std::mem::size_of_val(v.as_slice())),
+        CpuStorage::I64(v) => (v.as_ptr().cast(), std::mem::size_of_val(v.as_slice())),
+        CpuStorage::BF16(v) => (v.as_ptr().cast(), std::mem::size_of_val(v.as_slice())),
+        CpuStorage::F16(v) => (v.as_ptr().cast(), std::mem::size_of_val(v.as_slice())),
+        CpuStorage::F32(v) => (v.as_ptr().cast(), std::mem::size_of_val(v.as_slice())),
+        CpuStorage::F64(v) => (v.as_ptr().cast(), std::mem::size_of_val(v.as_slice())),
+        _ => return,
+    };
+    // SAFETY: the storage's initialised elements, viewed as the bytes they are made of.
+    collapse(unsafe { std::slice::from_raw_parts(start, bytes) });
 }
 
 #[cfg(test)]
