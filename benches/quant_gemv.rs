@@ -149,6 +149,7 @@ fn read(bytes: &[u8], prefetch: bool) -> u64 {
                 _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().wrapping_add(i * 64 + 4096).cast());
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
         let _ = (i, prefetch);
         for (a, w) in acc.iter_mut().zip(line.chunks_exact(8)) {
             *a ^= u64::from_le_bytes(w.try_into().unwrap());
