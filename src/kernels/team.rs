@@ -11,9 +11,11 @@
 //! worker busy elsewhere, or the helper's job still queued on the caller's own deque).
 //!
 //! Spinning costs cores that a busy machine's other processes want, and a helper that loses its
-//! core mid-loop makes the caller wait: after a step whose thread ran less than 80 % of its
-//! time, the next 64 steps run on rayon (whole decodes beside two busy loops of another process
-//! went 1.3–1.6× slower on a team without this).
+//! core mid-loop makes the caller wait: when the caller's thread has run less than 80 % of its
+//! steps' time of late, the next 64 steps run on rayon (whole decodes beside two busy loops of
+//! another process went 1.3–1.6× slower on a team without this). "Of late" is a running mean
+//! that halves the weight of older steps at each step: one step cut short by a moment's
+//! descheduling (a virtual machine's host, a page fault) no longer sends 64 steps to rayon.
 //!
 //! Outside [`run`] the loops are rayon's: training, full forwards and serving keep its work
 //! stealing.
@@ -31,11 +33,14 @@ use rayon::prelude::*;
 /// candle's own pool; a yield with nobody waiting returns at once).
 const SPINS_PER_YIELD: u32 = 64;
 
-/// A step in which the caller's thread ran less than this share of the time lost its core to
-/// other processes: on a busy machine spinning helpers take the cores that the step's own
-/// threads need, so the next [`BACK_OFF`] steps run on rayon's pool, whose sleeping workers
-/// cost nothing when cores are short.
+/// The caller's share of its steps' time (a running mean, [`SHARE_WEIGHT`] on the newest step)
+/// below which other processes have its cores: on a busy machine spinning helpers take the
+/// cores that the step's own threads need, so the next [`BACK_OFF`] steps run on rayon's pool,
+/// whose sleeping workers cost nothing when cores are short.
 const RUN_SHARE: f64 = 0.8;
+/// The newest step's weight in the running share: one step backs off below a share of 0.6,
+/// two in a row below 0.73, steady steps below 0.8.
+const SHARE_WEIGHT: f64 = 0.5;
 /// Steps without a team after one on a busy machine.
 const BACK_OFF: u64 = 64;
 
@@ -136,6 +141,9 @@ thread_local! {
     static TEAM: Cell<Option<*const Team>> = const { Cell::new(None) };
     /// Steps this thread started, and the first that may form a team again ([`BACK_OFF`]).
     static STEPS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// The running share of its steps' time this thread ran ([`RUN_SHARE`]); full again after
+    /// a back-off, so the team that follows is judged afresh.
+    static SHARE: Cell<f64> = const { Cell::new(1.0) };
 }
 
 /// Runs `body` (one decoding step) on this thread with the pool's other workers spinning
@@ -189,11 +197,23 @@ pub fn run<R>(body: impl FnOnce() -> R) -> R {
     let out = body();
     drop(end);
     if let (Some(before), Some(after)) = (ran_before, thread_cpu_seconds()) {
-        if after - before < RUN_SHARE * started.elapsed().as_secs_f64() {
-            STEPS.with(|s| s.set((step + 1, step + 1 + BACK_OFF)));
+        let ran = (after - before) / started.elapsed().as_secs_f64().max(f64::MIN_POSITIVE);
+        match running_share(SHARE.with(|s| s.get()), ran) {
+            Some(share) => SHARE.with(|s| s.set(share)),
+            None => {
+                STEPS.with(|s| s.set((step + 1, step + 1 + BACK_OFF)));
+                SHARE.with(|s| s.set(1.0));
+            }
         }
     }
     out
+}
+
+/// The running share after a step whose thread ran `ran` of its time, or None where the team
+/// backs off ([`RUN_SHARE`]).
+fn running_share(share: f64, ran: f64) -> Option<f64> {
+    let share = share * (1.0 - SHARE_WEIGHT) + ran.min(1.0) * SHARE_WEIGHT;
+    (share >= RUN_SHARE).then_some(share)
 }
 
 /// The CPU time this thread has run, where the platform tells it.
@@ -353,6 +373,22 @@ mod tests {
             .map(|n| 499_500 + (0..n).map(|i| i * i).sum::<u64>())
             .sum();
         assert_eq!(sum, expected);
+    }
+
+    #[test]
+    fn one_short_step_keeps_the_team_and_several_do_not() {
+        // A moment's descheduling (the host of a virtual machine): the team stays.
+        assert!(running_share(1.0, 0.64).is_some());
+        // Half the time off the core, even once: another process has it.
+        assert!(running_share(1.0, 0.5).is_none());
+        // Two in a row below 0.73 back off, above it they do not.
+        assert!(running_share(running_share(1.0, 0.72).unwrap(), 0.72).is_none());
+        let two = running_share(running_share(1.0, 0.74).unwrap(), 0.74).unwrap();
+        // Steady steps short of 0.8 back off in the end.
+        assert!((0..5).try_fold(two, |s, _| running_share(s, 0.78)).is_none());
+        // A full step makes up for an earlier short one.
+        let after = running_share(running_share(1.0, 0.65).unwrap(), 1.0).unwrap();
+        assert!(running_share(after, 0.7).is_some());
     }
 
     /// A step whose thread was off its core most of the time (here asleep, as if another
