@@ -263,10 +263,19 @@ fn xwt_parts(
         return None;
     }
     let group = if kernel == Kernel::Avx512 { 32 } else { 16 };
-    let prepared: Vec<Prepared> = parts
-        .iter()
-        .map(|(w, int8)| Prepared::new(w, x, m, group, *int8))
-        .collect();
+    // Parts that read `x` alike (q, k and v of one format, say) share one preparation.
+    let mut prepared: Vec<Prepared> = Vec::new();
+    let mut prepared_for = Vec::with_capacity(parts.len());
+    for (p, (w, int8)) in parts.iter().enumerate() {
+        let alike = (0..p).find(|&q| prepared_alike(&parts[q], &parts[p]));
+        prepared_for.push(match alike {
+            Some(q) => prepared_for[q],
+            None => {
+                prepared.push(Prepared::new(w, x, m, group, *int8));
+                prepared.len() - 1
+            }
+        });
+    }
     // Whole groups of the weight rows a kernel takes together.
     let task_rows = (TASK_WEIGHTS / cols.max(1)).max(1).next_multiple_of(4);
     // Each output row of a W gives m values, stored (rows, m), the parts one after another,
@@ -284,7 +293,7 @@ fn xwt_parts(
     }
     super::team::for_each_mut(&mut tasks, |_, (p, first, out)| {
         let (p, first) = (*p, *first);
-        let (w, xs, n) = (&parts[p].0, &prepared[p], out.len() / m);
+        let (w, xs, n) = (&parts[p].0, &prepared[prepared_for[p]], out.len() / m);
         let mut i = 0;
         while i < n {
             i += row_dots(w, first + i, n - i, xs, &mut out[i * m..], kernel);
@@ -300,6 +309,21 @@ fn xwt_parts(
         }
     }
     Some(y)
+}
+
+/// Whether two parts read `x` prepared alike: both NF4, or ggml blocks of one format on the
+/// same route.
+fn prepared_alike(
+    a: &(QuantMatrix, Option<quant_dot8::Kernel>),
+    b: &(QuantMatrix, Option<quant_dot8::Kernel>),
+) -> bool {
+    match (a.0, b.0) {
+        (QuantMatrix::Nf4 { .. }, QuantMatrix::Nf4 { .. }) => true,
+        (QuantMatrix::Ggml { kind: ka, .. }, QuantMatrix::Ggml { kind: kb, .. }) => {
+            ka == kb && a.1 == b.1
+        }
+        _ => false,
+    }
 }
 
 /// The rows of `x` as the kernels read them, computed once per call: NF4 pairs its codes
@@ -1047,6 +1071,34 @@ mod tests {
                 for r in 0..m {
                     let got = &stacked[r * total + first..r * total + first + rows];
                     assert_eq!(got, &alone[r * rows..(r + 1) * rows], "m {m}, row {r}");
+                }
+                first += rows;
+            }
+            // On the integer route, where parts of one format share their 8-bit activations.
+            let int8 = Some(quant_dot8::fastest());
+            let parts: Vec<_> = ws
+                .iter()
+                .map(|w| {
+                    (
+                        *w,
+                        matches!(w, QuantMatrix::Ggml { .. })
+                            .then_some(int8)
+                            .flatten(),
+                    )
+                })
+                .collect();
+            let stacked = xwt_parts(&parts, &x, m, fastest()).unwrap();
+            let mut first = 0;
+            for (w, route) in &parts {
+                let rows = w.shape().0;
+                let alone = xwt_with(w, &x, m, fastest(), *route).unwrap();
+                for r in 0..m {
+                    let got = &stacked[r * total + first..r * total + first + rows];
+                    assert_eq!(
+                        got,
+                        &alone[r * rows..(r + 1) * rows],
+                        "8-bit, m {m}, row {r}"
+                    );
                 }
                 first += rows;
             }

@@ -385,7 +385,9 @@ mod tests {
         assert!(running_share(running_share(1.0, 0.72).unwrap(), 0.72).is_none());
         let two = running_share(running_share(1.0, 0.74).unwrap(), 0.74).unwrap();
         // Steady steps short of 0.8 back off in the end.
-        assert!((0..5).try_fold(two, |s, _| running_share(s, 0.78)).is_none());
+        assert!((0..5)
+            .try_fold(two, |s, _| running_share(s, 0.78))
+            .is_none());
         // A full step makes up for an earlier short one.
         let after = running_share(running_share(1.0, 0.65).unwrap(), 1.0).unwrap();
         assert!(running_share(after, 0.7).is_some());
