@@ -769,6 +769,21 @@ impl FrozenLinear {
         }
     }
 
+    /// The host memory a quantized weight's products stream (its codes or blocks, the parts
+    /// of a stacked one in order); nothing for a dense weight.
+    pub(crate) fn host_codes<'a>(&'a self, out: &mut Vec<&'a [u8]>) {
+        match &self.weight {
+            Weight::Dense(_) => {}
+            Weight::Nf4(codes) => {
+                if let Nf4Codes::Host(q) = &**codes {
+                    out.push(&q.packed);
+                }
+            }
+            Weight::Blocks(b) => out.push(b.bytes()),
+            Weight::Stacked(parts) => parts.iter().for_each(|p| p.host_codes(out)),
+        }
+    }
+
     /// A 4-bit layer computing on `device`; `w` has shape (out, in).
     pub fn nf4(w: Nf4Tensor, device: &Device) -> Result<Self> {
         Ok(Self {

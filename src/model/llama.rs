@@ -17,6 +17,7 @@ use crate::kernels::attention::{causal_attention, Sequences};
 use crate::kernels::decode_ops::cached_attention;
 use crate::kernels::heads::{merge_heads, split_heads, Rope};
 use crate::kernels::ops::{causal_attention_probs, rms_norm, silu_mul_op};
+use crate::kernels::team;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
@@ -222,6 +223,17 @@ impl Block {
     /// [`Self::project`] of a group of one linear.
     fn project_one(&self, g: usize, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         Ok(self.project(g, x, ctx)?.remove(0))
+    }
+
+    /// Tells a decoding step's idle threads that group `g`'s product comes next
+    /// ([`team::prefetch`]).
+    fn read_ahead(&self, g: usize) {
+        if !team::in_step() {
+            return;
+        }
+        let mut codes = Vec::new();
+        self.bases[g].host_codes(&mut codes);
+        team::prefetch(&codes);
     }
 }
 
@@ -497,8 +509,10 @@ impl Llama {
 
         // A bf16 model decoding on the CPU has f32 activations (`Self::activations`).
         let norm = |w: &Tensor| w.to_dtype(x.dtype());
+        block.read_ahead(0);
         let h = rms_norm(x, &norm(&block.input_norm)?, cfg.rms_norm_eps)?;
         let qkv = block.project(0, &h, ctx)?;
+        block.read_ahead(1);
         // Without a cache (training, full forwards) on the CPU: the whole attention as one op.
         let fused = match cache {
             None => fused_causal_attention(&qkv, packing, (nh, nkv, hd), rope)?,
@@ -509,9 +523,11 @@ impl Llama {
             None => self.attention(l, &qkv, rope, ctx, cache, packing)?,
         };
         let x = (x + block.project_one(1, &attn, ctx)?)?;
+        block.read_ahead(2);
 
         let h = rms_norm(&x, &norm(&block.post_attention_norm)?, cfg.rms_norm_eps)?;
         let gate_up = block.project(2, &h, ctx)?;
+        block.read_ahead(3);
         let mlp = block.project_one(3, &silu_mul_op(&gate_up[0], &gate_up[1])?, ctx)?;
         x + mlp
     }
