@@ -437,6 +437,16 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// The largest |value| of an f64 tensor.
+    fn largest(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     /// RMSNorm and its input gradient equal the composed ops (f64; rows longer and shorter
     /// than the four running sums, and not a multiple of four).
     #[test]
@@ -455,17 +465,7 @@ mod tests {
                 .unwrap()
                 .broadcast_mul(&w)
                 .unwrap();
-            let gap = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            assert!(gap(&fused, &composed) < 1e-12, "d {d}");
+            assert!(largest(&(&fused - &composed).unwrap()) < 1e-12, "d {d}");
             let gf = (fused * &up)
                 .unwrap()
                 .sum_all()
@@ -482,7 +482,7 @@ mod tests {
                 gf.get(x.as_tensor()).unwrap(),
                 gc.get(x.as_tensor()).unwrap(),
             );
-            assert!(gap(gf, gc) < 1e-12, "d {d}: gradient");
+            assert!(largest(&(gf - gc).unwrap()) < 1e-12, "d {d}: gradient");
         }
     }
 
@@ -495,20 +495,12 @@ mod tests {
         let up = Tensor::randn(0f64, 1.0, (3, 40_000), &dev).unwrap();
         let fused = silu_mul_op(g.as_tensor(), u.as_tensor()).unwrap();
         let composed = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        assert!(max((&fused - &composed).unwrap()) < 1e-12);
+        assert!(largest(&(&fused - &composed).unwrap()) < 1e-12);
         let grads = |y: &Tensor| (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let (gf, gc) = (grads(&fused), grads(&composed));
         for v in [&g, &u] {
             let d = (gf.get(v.as_tensor()).unwrap() - gc.get(v.as_tensor()).unwrap()).unwrap();
-            assert!(max(d) < 1e-12);
+            assert!(largest(&d) < 1e-12);
         }
     }
 
