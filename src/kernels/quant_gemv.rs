@@ -1063,44 +1063,29 @@ mod tests {
         let total: usize = ws.iter().map(|w| w.shape().0).sum();
         for m in [1, 2, 3, 16] {
             let x: Vec<f32> = (0..m * cols).map(|i| value(i, 11)).collect();
-            let stacked = xwt_stacked(&ws, &x, m).unwrap();
-            let mut first = 0;
-            for w in &ws {
-                let rows = w.shape().0;
-                let alone = xwt(w, &x, m).unwrap();
-                for r in 0..m {
-                    let got = &stacked[r * total + first..r * total + first + rows];
-                    assert_eq!(got, &alone[r * rows..(r + 1) * rows], "m {m}, row {r}");
+            // The f32 route (as `xwt_stacked` takes it here), then the integer one, where
+            // parts of one format share their 8-bit activations.
+            for int8 in [None, Some(quant_dot8::fastest())] {
+                let parts: Vec<_> = ws
+                    .iter()
+                    .map(|w| (*w, int8.filter(|_| matches!(w, QuantMatrix::Ggml { .. }))))
+                    .collect();
+                let stacked = match int8 {
+                    None => xwt_stacked(&ws, &x, m),
+                    Some(_) => xwt_parts(&parts, &x, m, fastest()),
                 }
-                first += rows;
-            }
-            // On the integer route, where parts of one format share their 8-bit activations.
-            let int8 = Some(quant_dot8::fastest());
-            let parts: Vec<_> = ws
-                .iter()
-                .map(|w| {
-                    (
-                        *w,
-                        matches!(w, QuantMatrix::Ggml { .. })
-                            .then_some(int8)
-                            .flatten(),
-                    )
-                })
-                .collect();
-            let stacked = xwt_parts(&parts, &x, m, fastest()).unwrap();
-            let mut first = 0;
-            for (w, route) in &parts {
-                let rows = w.shape().0;
-                let alone = xwt_with(w, &x, m, fastest(), *route).unwrap();
-                for r in 0..m {
-                    let got = &stacked[r * total + first..r * total + first + rows];
-                    assert_eq!(
-                        got,
-                        &alone[r * rows..(r + 1) * rows],
-                        "8-bit, m {m}, row {r}"
-                    );
+                .unwrap();
+                let mut first = 0;
+                for (w, route) in &parts {
+                    let rows = w.shape().0;
+                    let alone = xwt_with(w, &x, m, fastest(), *route).unwrap();
+                    for r in 0..m {
+                        let got = &stacked[r * total + first..r * total + first + rows];
+                        let want = &alone[r * rows..(r + 1) * rows];
+                        assert_eq!(got, want, "8-bit {}, m {m}, row {r}", int8.is_some());
+                    }
+                    first += rows;
                 }
-                first += rows;
             }
         }
         // Weights of other widths do not stack.
