@@ -195,6 +195,17 @@ pub fn split_heads(x: &Tensor, n: usize, rope: Option<&Rope>) -> Result<Tensor> 
     })
 }
 
+/// [`split_heads`]'s values for one position's row `x` (n·hd) on the CPU: (n, hd), rotated by
+/// `rope`'s first position.
+pub(crate) fn split_row(x: &[f32], n: usize, rope: &Rope) -> Vec<f32> {
+    let heads = Heads {
+        dir: Dir::Split,
+        heads: n,
+        rope: Some((rope.clone(), 1.0)),
+    };
+    heads.run(x, (1, n, x.len() / n.max(1)))
+}
+
 /// Heads (b, n, t, hd) back to (b, t, n·hd).
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, n, t, hd) = x.dims4()?;

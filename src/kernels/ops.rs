@@ -182,6 +182,11 @@ impl CustomOp3 for RmsNormGrad {
     }
 }
 
+/// [`rms_norm`]'s values for rows `x` (…, d) on the CPU, without a tensor around them.
+pub(crate) fn rms_norm_values(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+    forward(x, w, eps)
+}
+
 /// RMSNorm of `x` (…, d) with the frozen weight `w` (d).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op2(w, RmsNorm { eps })
@@ -422,6 +427,11 @@ impl CustomOp3 for SiluMulGrad {
         let out = per_float_dtype!(gs.dtype(), "silu-mul-grad", T => silu_mul_grad(slice::<T>(gs, gl)?, slice(us, ul)?, slice(ds, dl)?, self.of_gate));
         Ok((out, gl.shape().clone()))
     }
+}
+
+/// [`silu_mul_op`]'s values on the CPU, without tensors around them.
+pub(crate) fn silu_mul_values(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    silu_mul(gate, up)
 }
 
 /// `silu(gate) · up`: one parallel pass each way on the CPU, the composed ops elsewhere.

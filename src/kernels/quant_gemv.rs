@@ -428,7 +428,7 @@ fn row_dots(
         let size = xs.cols / GGML_BLOCK * kind.block_bytes();
         let together = quant_dot8::TOGETHER;
         if xs.m == 1
-            && rows_together(1, xs.cols) == together
+            && xs.cols <= quant_dot8::TOGETHER_COLS
             && left >= together
             && quant_dot8::four_rows(
                 kind,

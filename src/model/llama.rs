@@ -23,6 +23,8 @@ use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 use std::rc::Rc;
 
+mod token_step;
+
 /// What an adapter adds to a frozen linear's output.
 pub trait Delta {
     /// The addition for input rows `x` (n, in) → (n, out).
@@ -583,6 +585,9 @@ impl Llama {
         ctx: &Ctx,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
+        if let Some(hidden) = self.token_step(ids, ctx, cache)? {
+            return Ok(hidden);
+        }
         self.hidden_cached_packed(ids, ctx, cache, None)
     }
 
