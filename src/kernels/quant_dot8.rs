@@ -202,13 +202,6 @@ pub fn row_dots(kind: GgmlBlocks, blocks: &[u8], xs: &Q8Rows, y: &mut [f32], ker
 /// Weight rows taken together by [`four_rows`].
 pub const TOGETHER: usize = 4;
 
-/// The longest rows (values) taken [`TOGETHER`]: four short rows keep four chains of sums in
-/// flight, but from memory four interleaved rows of 960 values or more read slower than one
-/// at a time (Q4_0, two threads, 256 MiB of weights: 576 values 23 / 19 / 16 GB/s together
-/// against 16 / 16 / 13 alone at 3072 / 960 / 576 rows; 960 values 14 against 17–19, 1536
-/// values 12–15 against 15–19, 2048 values 11–17 against 23).
-pub const TOGETHER_COLS: usize = 768;
-
 /// [`row_dots`] of [`TOGETHER`] consecutive weight rows (`blocks`, `xs.blocks` blocks of `kind`
 /// each) against the one row of `xs`: `y[k]` for weight row `k`, each with the bits `row_dots`
 /// gives it alone — the same operations in the same order, the rows interleaved, so that four

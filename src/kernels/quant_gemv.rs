@@ -400,19 +400,33 @@ impl Prepared {
 }
 
 /// Weight rows the AVX-512 kernels take together for `m` rows of `x` and rows of `cols`
-/// values: with one or two rows of `x`, several weight rows share each load of `x` and keep
-/// several chains of sums in flight (at most four accumulators a row of `x`, two registers
-/// each). Rows longer than 2048 values go one at a time: at the 7B shape (4096) four
-/// interleaved rows read memory slower than one stream (`cargo bench --bench quant_gemv`:
-/// Q4_0 about 13 against 19 GB/s, busy machine), while at SmolLM2's (576, 1536) the four
-/// rows gain 10–25 %.
-fn rows_together(m: usize, cols: usize) -> usize {
-    match (m, cols <= 2048) {
-        (1, true) => 4,
-        (2, true) => 2,
+/// values of `w`: with one or two rows of `x`, several weight rows share each load of `x` and
+/// keep several chains of sums in flight (at most four accumulators a row of `x`, two
+/// registers each). Rows longer than 2048 values go one at a time: at the 7B shape (4096)
+/// four interleaved rows read memory slower than one stream (`cargo bench --bench
+/// quant_gemv`: Q4_0 about 13 against 19 GB/s, busy machine). With one row of `x`, ggml rows
+/// longer than [`GGML_TOGETHER_COLS`] go one at a time as well.
+fn rows_together(w: &QuantMatrix, m: usize, cols: usize) -> usize {
+    let four = match w {
+        QuantMatrix::Ggml { .. } => cols <= GGML_TOGETHER_COLS,
+        QuantMatrix::Nf4 { .. } => cols <= 2048,
+    };
+    match m {
+        1 if four => 4,
+        2 if cols <= 2048 => 2,
         _ => 1,
     }
 }
+
+/// The longest ggml rows (values) four go together with one row of `x`, on either route:
+/// four short rows keep four chains of sums in flight, but read from memory (two threads
+/// streaming 256 MiB of copies of one SmolLM2-shaped matrix, GB/s together against one at a
+/// time) four interleaved rows of 576 values gain (8-bit route Q4_0
+/// 3072 / 960 / 576 rows: 23 / 19 / 16 against 16 / 16 / 13; f32 route Q8_0: 25 / 20 against
+/// 19–20 / 16–17) while longer ones lose (8-bit route Q4_0, 960 values 14 against 17–19, 1536
+/// values 12–15 against 15–19, 2048 values 11–17 against 23; f32 route at 1536 values, Q8_0
+/// 11–13 against 17–21, Q4_1 10.5–11 against 13–13.5, Q4_0 11–15 against 11–16).
+const GGML_TOGETHER_COLS: usize = 768;
 
 /// `y[k · m + r] = Σ_i x_r[i] · W[row + k, i]` for every prepared row `r` of `x` and the
 /// weight rows `row..row + k` the kernel takes together (at most `left`); returns `k`.
@@ -428,7 +442,7 @@ fn row_dots(
         let size = xs.cols / GGML_BLOCK * kind.block_bytes();
         let together = quant_dot8::TOGETHER;
         if xs.m == 1
-            && xs.cols <= quant_dot8::TOGETHER_COLS
+            && rows_together(w, 1, xs.cols) == together
             && left >= together
             && quant_dot8::four_rows(
                 kind,
@@ -451,7 +465,7 @@ fn row_dots(
     }
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx512 {
-        let group = rows_together(xs.m, xs.cols);
+        let group = rows_together(w, xs.m, xs.cols);
         let k = if left >= group { group } else { 1 };
         let mut r = 0;
         while r < xs.m {
