@@ -578,7 +578,9 @@ impl Llama {
     /// [`Self::hidden`] of `ids` (b, t), the positions after those in `cache`, which it
     /// extends: prefill with the prompt, then one position per step. In a ragged cache each row
     /// goes on from its own position and never sees the padding. A bf16 model on the CPU
-    /// computes (and returns) f32 here, its cache included (see [`Self::activations`]).
+    /// computes (and returns) f32 here, its cache included (see [`Self::activations`]). One
+    /// sequence's one token with no adapter on the CPU runs in plain buffers (`token_step`,
+    /// the same bits).
     pub fn hidden_cached(
         &self,
         ids: &Tensor,
